@@ -1,0 +1,769 @@
+"""Pure-core tests for workers.delay.model: ingress decisions and sender-lane scheduling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from workers.delay.model import (
+    CONTROL_HEADERS,
+    REJECT_REASONS,
+    Assignment,
+    Entry,
+    Reject,
+    Schedule,
+    Scheduler,
+    parse_ingress,
+    strip_control_headers,
+)
+
+NOW = 1_700_000_000_000
+HORIZON = 60_000
+
+# ---------------------------------------------------------------- parse_ingress
+
+T = {"x-target-exchange": "orders"}
+
+PARSE_CASES: list[tuple[str, dict[str, object] | None, str | None, Schedule | str]] = [
+    # valid forms
+    ("int delay", {"x-delay": 5000, **T}, None, Schedule(NOW + 5000, "orders", None)),
+    ("zero delay", {"x-delay": 0, **T}, None, Schedule(NOW, "orders", None)),
+    ("str delay", {"x-delay": "5000", **T}, None, Schedule(NOW + 5000, "orders", None)),
+    ("bytes delay", {"x-delay": b"5000", **T}, None, Schedule(NOW + 5000, "orders", None)),
+    (
+        "deliver-at future",
+        {"x-deliver-at": NOW + 10, **T},
+        None,
+        Schedule(NOW + 10, "orders", None),
+    ),
+    ("deliver-at past", {"x-deliver-at": NOW - 10**9, **T}, None, Schedule(NOW, "orders", None)),
+    ("deliver-at zero", {"x-deliver-at": 0, **T}, None, Schedule(NOW, "orders", None)),
+    (
+        "deliver-at str",
+        {"x-deliver-at": str(NOW + 7), **T},
+        None,
+        Schedule(NOW + 7, "orders", None),
+    ),
+    ("delay at horizon", {"x-delay": HORIZON, **T}, None, Schedule(NOW + HORIZON, "orders", None)),
+    (
+        "deliver-at at horizon",
+        {"x-deliver-at": NOW + HORIZON, **T},
+        None,
+        Schedule(NOW + HORIZON, "orders", None),
+    ),
+    ("default target", {"x-delay": 1}, "fallback", Schedule(NOW + 1, "fallback", None)),
+    ("explicit beats default", {"x-delay": 1, **T}, "fallback", Schedule(NOW + 1, "orders", None)),
+    (
+        "bytes target",
+        {"x-delay": 1, "x-target-exchange": b"orders"},
+        None,
+        Schedule(NOW + 1, "orders", None),
+    ),
+    ("target 255 bytes", {"x-delay": 1, "x-target-exchange": "t" * 255}, None, "ok"),
+    (
+        "str key",
+        {"x-delay": 1, "x-delay-key": "order-7", **T},
+        None,
+        Schedule(NOW + 1, "orders", "order-7"),
+    ),
+    ("bytes key", {"x-delay": 1, "x-delay-key": b"k", **T}, None, Schedule(NOW + 1, "orders", "k")),
+    ("key 255 bytes", {"x-delay": 1, "x-delay-key": "k" * 255, **T}, None, "ok"),
+    # ambiguous / missing
+    ("both delay headers", {"x-delay": 1, "x-deliver-at": NOW, **T}, None, "ambiguous_delay"),
+    ("no delay header", dict(T), None, "missing_delay"),
+    ("no headers at all", None, "fallback", "missing_delay"),
+    ("empty headers", {}, "fallback", "missing_delay"),
+    # invalid delay
+    ("negative delay", {"x-delay": -1, **T}, None, "invalid_delay"),
+    ("negative str delay", {"x-delay": "-1", **T}, None, "invalid_delay"),
+    ("bool delay", {"x-delay": True, **T}, None, "invalid_delay"),
+    ("float delay", {"x-delay": 5000.0, **T}, None, "invalid_delay"),
+    ("nan delay", {"x-delay": math.nan, **T}, None, "invalid_delay"),
+    ("text delay", {"x-delay": "soon", **T}, None, "invalid_delay"),
+    ("float text delay", {"x-delay": "5.5", **T}, None, "invalid_delay"),
+    ("padded text delay", {"x-delay": " 5000", **T}, None, "invalid_delay"),
+    ("underscore text delay", {"x-delay": "5_000", **T}, None, "invalid_delay"),
+    ("arabic-indic digits", {"x-delay": "\u0665", **T}, None, "invalid_delay"),
+    ("empty text delay", {"x-delay": "", **T}, None, "invalid_delay"),
+    ("none delay", {"x-delay": None, **T}, None, "invalid_delay"),
+    ("list delay", {"x-delay": [1], **T}, None, "invalid_delay"),
+    ("non-utf8 bytes delay", {"x-delay": b"\xff", **T}, None, "invalid_delay"),
+    ("huge digit string", {"x-delay": "9" * 5000, **T}, None, "invalid_delay"),
+    ("float deliver-at", {"x-deliver-at": float(NOW), **T}, None, "invalid_delay"),
+    ("bool deliver-at", {"x-deliver-at": False, **T}, None, "invalid_delay"),
+    ("text deliver-at", {"x-deliver-at": "tomorrow", **T}, None, "invalid_delay"),
+    # horizon
+    ("delay horizon + 1", {"x-delay": HORIZON + 1, **T}, None, "beyond_horizon"),
+    ("deliver-at horizon + 1", {"x-deliver-at": NOW + HORIZON + 1, **T}, None, "beyond_horizon"),
+    ("enormous delay", {"x-delay": 10**30, **T}, None, "beyond_horizon"),
+    # target
+    ("no target, no default", {"x-delay": 1}, None, "missing_target"),
+    ("no target, empty default", {"x-delay": 1}, "", "missing_target"),
+    ("empty target", {"x-delay": 1, "x-target-exchange": ""}, "fallback", "missing_target"),
+    ("int target", {"x-delay": 1, "x-target-exchange": 7}, None, "missing_target"),
+    ("none target", {"x-delay": 1, "x-target-exchange": None}, "fallback", "missing_target"),
+    ("target 256 bytes", {"x-delay": 1, "x-target-exchange": "t" * 256}, None, "missing_target"),
+    (
+        "target 256 utf8 bytes",
+        {"x-delay": 1, "x-target-exchange": "é" * 128},
+        None,
+        "missing_target",
+    ),
+    ("non-utf8 target", {"x-delay": 1, "x-target-exchange": b"\xff"}, None, "missing_target"),
+    # key
+    ("empty key", {"x-delay": 1, "x-delay-key": "", **T}, None, "invalid_key"),
+    ("int key", {"x-delay": 1, "x-delay-key": 5, **T}, None, "invalid_key"),
+    ("none key", {"x-delay": 1, "x-delay-key": None, **T}, None, "invalid_key"),
+    ("key 256 bytes", {"x-delay": 1, "x-delay-key": "k" * 256, **T}, None, "invalid_key"),
+    ("non-utf8 key", {"x-delay": 1, "x-delay-key": b"\xfe", **T}, None, "invalid_key"),
+    # first failing check wins: delay, horizon, target, key
+    ("bad delay and target", {"x-delay": "x"}, None, "invalid_delay"),
+    ("far and no target", {"x-delay": HORIZON + 1}, None, "beyond_horizon"),
+    ("no target and bad key", {"x-delay": 1, "x-delay-key": ""}, None, "missing_target"),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "default", "expected"),
+    [c[1:] for c in PARSE_CASES],
+    ids=[c[0] for c in PARSE_CASES],
+)
+def test_parse_ingress(
+    headers: dict[str, object] | None, default: str | None, expected: Schedule | str
+) -> None:
+    got = parse_ingress(headers, NOW, horizon_ms=HORIZON, default_target=default)
+    if isinstance(expected, Schedule):
+        assert got == expected
+    elif expected == "ok":
+        assert isinstance(got, Schedule)
+    else:
+        assert isinstance(got, Reject)
+        assert got.reason == expected
+        assert got.reason in REJECT_REASONS
+        assert got.detail
+
+
+def test_every_reject_reason_is_covered_by_the_table() -> None:
+    covered = {c[3] for c in PARSE_CASES if isinstance(c[3], str)}
+    assert set(REJECT_REASONS) <= covered
+
+
+def test_reject_detail_names_the_value_and_is_truncated() -> None:
+    got = parse_ingress({"x-delay": "soon", **T}, NOW, horizon_ms=HORIZON, default_target=None)
+    assert isinstance(got, Reject) and "'soon'" in got.detail
+    long = "x" * 10_000
+    got = parse_ingress({"x-delay": long, **T}, NOW, horizon_ms=HORIZON, default_target=None)
+    assert isinstance(got, Reject)
+    assert "xxxx" in got.detail and len(got.detail) < 200
+
+
+def test_strip_control_headers() -> None:
+    headers: dict[str, object] = {h: 1 for h in CONTROL_HEADERS}
+    headers.update({"x-trace": "abc", "X-Delay": "case differs, kept"})
+    assert strip_control_headers(headers) == {"x-trace": "abc", "X-Delay": "case differs, kept"}
+    assert strip_control_headers(None) == {}
+    assert "x-delay" in headers, "the input is not modified"
+
+
+# ---------------------------------------------------------------- scheduler tables
+
+
+def _sched(lanes: int = 2, batch: int = 500) -> Scheduler:
+    return Scheduler(lanes=lanes, batch=batch)
+
+
+def _shape(assignments: list[Assignment]) -> list[tuple[int, str, list[int]]]:
+    return [(a.lane, a.topic, [e.mid for e in a.entries]) for a in assignments]
+
+
+def _finish(s: Scheduler, assignments: list[Assignment]) -> None:
+    for a in assignments:
+        s.complete(a.lane, [e.mid for e in a.entries])
+
+
+ASSIGN_CASES: list[
+    tuple[str, int, list[tuple[int, str, int]], int, list[tuple[int, str, list[int]]]]
+] = [
+    # (name, lanes, [(mid, topic, due)], now, expected [(lane, topic, mids)])
+    ("nothing due", 2, [(1, "a", 10)], 9, []),
+    ("due exactly now", 2, [(1, "a", 10)], 10, [(0, "a", [1])]),
+    ("one lane per topic", 2, [(1, "a", 0), (2, "a", 0)], 5, [(0, "a", [1, 2])]),
+    (
+        "earliest due topic first",
+        1,
+        [(1, "a", 5), (2, "b", 3)],
+        5,
+        [(0, "b", [2])],
+    ),
+    ("same due: by name", 1, [(1, "b", 5), (2, "a", 5)], 5, [(0, "a", [2])]),
+    (
+        "two lanes two topics, third waits",
+        2,
+        [(1, "a", 1), (2, "b", 2), (3, "c", 3)],
+        3,
+        [(0, "a", [1]), (1, "b", [2])],
+    ),
+    (
+        "due order then mid within a topic; future left",
+        1,
+        [(1, "a", 9), (2, "a", 4), (3, "a", 4), (4, "a", 11)],
+        10,
+        [(0, "a", [2, 3, 1])],
+    ),
+    ("future topic not assigned", 2, [(1, "a", 1), (2, "b", 100)], 50, [(0, "a", [1])]),
+]
+
+
+@pytest.mark.parametrize(
+    ("lanes", "entries", "now", "expected"),
+    [c[1:] for c in ASSIGN_CASES],
+    ids=[c[0] for c in ASSIGN_CASES],
+)
+def test_assign_table(
+    lanes: int,
+    entries: list[tuple[int, str, int]],
+    now: int,
+    expected: list[tuple[int, str, list[int]]],
+) -> None:
+    s = _sched(lanes=lanes)
+    for mid, topic, due in entries:
+        assert s.add(Entry(mid, topic, due)) is None
+    got = s.assign(now)
+    assert _shape(got) == expected
+    assert s.busy_lanes() == {lane for lane, _, _ in expected}
+    for lane, topic, _ in expected:
+        assert s.lane_of(topic) == lane
+    for a in got:
+        assert all(e.due_ms <= now for e in a.entries)
+
+
+def test_never_early() -> None:
+    s = _sched()
+    s.add(Entry(1, "a", 100))
+    assert s.next_due_ms() == 100
+    for now in (0, 50, 99):
+        assert s.assign(now) == []
+    assert _shape(s.assign(100)) == [(0, "a", [1])]
+    assert s.next_due_ms() is None
+
+
+def test_batch_bound_and_topic_keeps_one_lane() -> None:
+    s = _sched(lanes=3, batch=3)
+    for mid in range(1, 8):
+        s.add(Entry(mid, "a", 0))
+    first = s.assign(0)
+    assert _shape(first) == [(0, "a", [1, 2, 3])]
+    assert s.assign(0) == [], "the topic already holds a lane"
+    assert s.counts() == {"a": (4, 0)}
+    _finish(s, first)
+    second = s.assign(0)
+    assert _shape(second) == [(0, "a", [4, 5, 6])]
+    _finish(s, second)
+    assert _shape(s.assign(0)) == [(0, "a", [7])]
+
+
+def test_round_robin_between_due_topics() -> None:
+    s = _sched(lanes=1, batch=2)
+    mid = 0
+    for topic in ("a", "b", "c"):
+        for _ in range(6):
+            mid += 1
+            s.add(Entry(mid, topic, 0))
+    order = []
+    while True:
+        got = s.assign(1)
+        if not got:
+            break
+        order.append(got[0].topic)
+        _finish(s, got)
+    assert order == ["a", "b", "c"] * 3
+
+
+def test_returned_topic_goes_behind_topics_that_became_due_meanwhile() -> None:
+    s = _sched(lanes=1, batch=1)
+    s.add(Entry(1, "hot", 0))
+    s.add(Entry(2, "hot", 0))
+    s.add(Entry(3, "cold", 10))
+    assert _shape(s.assign(0)) == [(0, "hot", [1])]
+    # cold becomes due while hot holds the only lane, and nobody calls assign() meanwhile:
+    # hot's earlier due must not let it jump the line.
+    s.complete(0, [1])
+    assert s.topics_waiting(20) == ["cold", "hot"]
+    assert _shape(s.assign(20)) == [(0, "cold", [3])]
+    s.complete(0, [3])
+    assert _shape(s.assign(20)) == [(0, "hot", [2])]
+
+
+def test_returned_topic_behind_topic_seen_waiting_during_its_lane() -> None:
+    s = _sched(lanes=1, batch=1)
+    for mid in (1, 2):
+        s.add(Entry(mid, "hot", 0))
+    s.add(Entry(3, "cold", 10))
+    s.assign(0)
+    assert s.assign(10) == [] and s.topics_waiting(10) == ["cold"]
+    s.complete(0, [1])
+    assert [a.topic for a in s.assign(11)] == ["cold"]
+
+
+def test_fairness_hot_topic_with_100k_due_and_ten_cold_topics() -> None:
+    s = _sched(lanes=2)
+    for mid in range(100_000):
+        s.add(Entry(mid, "hot", 0))
+    for i in range(10):
+        s.add(Entry(200_000 + i, f"cold{i}", 1))
+    sequence: list[str] = []  # topics in the order they were given a lane
+    now = 5
+    while sequence.count("hot") < 2:
+        got = s.assign(now)
+        assert all(len(a.entries) <= 500 for a in got)
+        sequence += [a.topic for a in got]
+        _finish(s, got)
+        now += 1
+    # every cold topic had its lane before the hot topic's second batch
+    second_hot = [i for i, topic in enumerate(sequence) if topic == "hot"][1]
+    assert sequence[0] == "hot"
+    assert sorted(sequence[1:second_hot]) == [f"cold{i}" for i in range(10)]
+    assert len(s) == 100_000 - 2 * 500
+
+
+def test_pending_topic_waits_if_its_due_entries_are_cancelled() -> None:
+    s = _sched(lanes=1, batch=1)
+    s.add(Entry(1, "a", 0))
+    s.add(Entry(2, "b", 0))
+    s.add(Entry(3, "b", 50))
+    s.assign(0)
+    assert s.topics_waiting(0) == ["b"]
+    assert s.remove(2) == "removed"
+    s.complete(0, [1])
+    assert s.assign(10) == [] and s.next_due_ms() == 50
+    assert _shape(s.assign(50)) == [(0, "b", [3])]
+
+
+def test_next_due_ignores_topics_holding_a_lane() -> None:
+    s = _sched(lanes=2, batch=1)
+    s.add(Entry(1, "a", 0))
+    s.add(Entry(2, "a", 0))
+    s.add(Entry(3, "b", 30))
+    s.assign(0)
+    assert s.next_due_ms() == 30
+    s.complete(0, [1])
+    assert s.next_due_ms() == 0
+
+
+def test_retry_returns_with_original_due_and_goes_first() -> None:
+    s = _sched(lanes=1, batch=2)
+    for mid, due in ((1, 5), (2, 6), (3, 7)):
+        s.add(Entry(mid, "a", due))
+    s.assign(10)
+    s.complete(0, done=[1], retry=[2])
+    assert s.counts() == {"a": (2, 6)}
+    assert _shape(s.assign(10)) == [(0, "a", [2, 3])]
+
+
+# ---- replacement and cancel
+
+REPLACE_CASES: list[tuple[str, str, bool]] = [
+    # (name, state of the older same-key entry when the newer one arrives, replaced?)
+    ("pending is replaced", "pending", True),
+    ("in flight is not replaced", "in_flight", False),
+    ("completed is gone", "done", False),
+    ("cancelled is gone", "removed", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "replaced"), [c[1:] for c in REPLACE_CASES], ids=[c[0] for c in REPLACE_CASES]
+)
+def test_replacement_by_key(state: str, replaced: bool) -> None:
+    s = _sched()
+    old = Entry(1, "a", 0, key="k")
+    s.add(old)
+    if state in ("in_flight", "done"):
+        s.assign(0)
+    if state == "done":
+        s.complete(0, [1])
+    if state == "removed":
+        assert s.remove(1) == "removed"
+    new = Entry(2, "a", 50, key="k")
+    assert s.add(new) is (old if replaced else None)
+    expected_len = {"pending": 1, "in_flight": 2, "done": 1, "removed": 1}[state]
+    assert len(s) == expected_len
+    assert s.remove_key("k") == ("removed", 2)
+
+
+def test_replacement_across_topics_and_out_of_order() -> None:
+    s = _sched()
+    old = Entry(5, "a", 10, key="k")
+    s.add(old)
+    late = Entry(3, "b", 10, key="k")
+    assert s.add(late) is late, "an older message loses to a newer one already here"
+    assert len(s) == 1
+    newer = Entry(9, "b", 20, key="k")
+    assert s.add(newer) is old
+    assert s.counts() == {"b": (1, 20)}
+    assert _shape(s.assign(20)) == [(0, "b", [9])]
+
+
+def test_in_flight_then_newer_then_retry_keeps_both() -> None:
+    s = _sched(lanes=1)
+    s.add(Entry(1, "a", 0, key="k"))
+    s.assign(0)
+    s.add(Entry(2, "a", 5, key="k"))
+    assert s.remove_key("k") == ("removed", 2)
+    assert s.remove_key("k") == ("in_flight", 1)
+    s.add(Entry(3, "a", 5, key="k"))
+    s.complete(0, done=[], retry=[1])
+    # entry 1 was promised as "being sent"; entry 3 still owns the key
+    assert s.remove_key("k") == ("removed", 3)
+    assert _shape(s.assign(5)) == [(0, "a", [1])]
+
+
+REMOVE_CASES = [
+    ("pending", "removed"),
+    ("in_flight", "in_flight"),
+    ("done", "unknown"),
+    ("never", "unknown"),
+]
+
+
+@pytest.mark.parametrize(("state", "outcome"), REMOVE_CASES)
+def test_remove_and_remove_key(state: str, outcome: str) -> None:
+    for by_key in (False, True):
+        s = _sched()
+        if state != "never":
+            s.add(Entry(1, "a", 0, key="k"))
+        if state in ("in_flight", "done"):
+            s.assign(0)
+        if state == "done":
+            s.complete(0, [1])
+        if by_key:
+            assert s.remove_key("k") == (outcome, None if outcome == "unknown" else 1)
+        else:
+            assert s.remove(1) == outcome
+        assert len(s) == {"pending": 0, "in_flight": 1, "done": 0, "never": 0}[state]
+
+
+# ---- adapter bugs
+
+
+def test_complete_rejects_adapter_bugs_without_changing_state() -> None:
+    s = _sched(lanes=2)
+    s.add(Entry(1, "a", 0))
+    s.add(Entry(2, "a", 0))
+    s.add(Entry(3, "b", 0))
+    s.assign(0)
+    bad: list[tuple[object, list[int], list[int]]] = [
+        (-1, [1, 2], []),
+        (2, [1, 2], []),
+        ("0", [1, 2], []),
+        (None, [1, 2], []),
+        (0, [1], []),  # missing mid 2
+        (0, [1, 2, 3], []),  # 3 is lane 1's
+        (0, [1, 2, 99], []),  # unknown mid
+        (0, [1, 2], [2]),  # named twice
+        (0, [1, 1, 2], []),
+    ]
+    for lane, done, retry in bad:
+        with pytest.raises(ValueError):
+            s.complete(lane, done, retry)  # type: ignore[arg-type]
+    assert len(s) == 3 and s.busy_lanes() == {0, 1}
+    s.complete(0, [1, 2])
+    with pytest.raises(ValueError):
+        s.complete(0, [1, 2])  # lane 0 is idle now
+    s.complete(1, [3])
+    assert len(s) == 0 and s.counts() == {}
+
+
+def test_duplicate_mid_and_bad_config() -> None:
+    s = _sched()
+    s.add(Entry(1, "a", 0))
+    with pytest.raises(ValueError):
+        s.add(Entry(1, "b", 0))
+    with pytest.raises(ValueError):
+        Scheduler(lanes=0)
+    with pytest.raises(ValueError):
+        Scheduler(batch=0)
+
+
+# ---- views and housekeeping
+
+
+def test_pending_pages_by_position() -> None:
+    s = _sched()
+    for mid, due in ((1, 30), (2, 10), (3, 20), (4, 10), (5, 40)):
+        s.add(Entry(mid, "a", due))
+    page = s.pending("a", None, 2)
+    assert [e.mid for e in page] == [2, 4]
+    last = page[-1]
+    assert s.remove(last.mid) == "removed", "the cursor survives its entry leaving"
+    page = s.pending("a", (last.due_ms, last.mid), 2)
+    assert [e.mid for e in page] == [3, 1]
+    assert [e.mid for e in s.pending("a", (30, 1), 10)] == [5]
+    assert s.pending("zzz", None, 10) == [] and s.pending("a", None, 0) == []
+    s.assign(20)
+    assert [e.mid for e in s.pending("a", None, 10)] == [1, 5], "in-flight entries are not listed"
+
+
+def test_counts_and_lane_views() -> None:
+    s = _sched(lanes=2, batch=1)
+    s.add(Entry(1, "a", 0))
+    s.add(Entry(2, "a", 7))
+    s.add(Entry(3, "b", 9))
+    assert s.counts() == {"a": (2, 0), "b": (1, 9)}
+    s.assign(0)
+    assert s.counts() == {"a": (1, 7), "b": (1, 9)}
+    assert s.lane_of("a") == 0 and s.lane_of("b") is None and s.lane_of("nope") is None
+    assert s.busy_lanes() == {0}
+    s.remove(2)
+    assert s.counts() == {"a": (0, None), "b": (1, 9)}, "a holds a lane with nothing pending"
+    s.complete(0, [1])
+    assert s.counts() == {"b": (1, 9)}
+
+
+def test_many_cancels_compact_the_topic_heap() -> None:
+    s = _sched(lanes=1, batch=1000)
+    for mid in range(1000):
+        s.add(Entry(mid, "a", mid % 50))
+    for mid in range(1000):
+        if mid % 100:
+            assert s.remove(mid) == "removed"
+    assert [e.mid for e in s.assign(10**6)[0].entries] == list(range(0, 1000, 100))
+
+
+def test_many_earlier_adds_across_topics_stay_correct() -> None:
+    # Every add lowers its topic's earliest due, leaving stale items in the armed heap.
+    s = _sched(lanes=4, batch=10_000)
+    mid = 0
+    for due in range(500, 0, -1):
+        for topic in ("a", "b", "c"):
+            mid += 1
+            s.add(Entry(mid, topic, due))
+    assert s.next_due_ms() == 1
+    assert s.assign(0) == []
+    got = s.assign(250)
+    assert sorted(a.topic for a in got) == ["a", "b", "c"]
+    assert all(len(a.entries) == 250 for a in got)
+
+
+# ---------------------------------------------------------------- state machine
+
+TOPICS = ("a", "b", "c")
+KEYS = ("k1", "k2", "k3")
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Drives Scheduler against a plain model; the model decides what must come out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_000
+        self.next_mid = 1
+        self.mids: list[int] = []
+        self.entries: dict[int, Entry] = {}  # pending and in flight
+        self.flight: dict[int, int] = {}  # mid -> lane
+        self.lanes: dict[int, tuple[str, list[int]]] = {}  # lane -> (topic, mids)
+        self.keyed: dict[str, int] = {}
+        self.accepted: set[int] = set()
+        self.completed: list[int] = []
+        self.retried: set[int] = set()
+        self.order: dict[str, list[Entry]] = {}
+
+    @initialize(lanes=st.integers(1, 3), batch=st.integers(1, 4))
+    def setup(self, lanes: int, batch: int) -> None:
+        self.n_lanes = lanes
+        self.batch = batch
+        self.s = Scheduler(lanes=lanes, batch=batch)
+
+    def _pending(self, topic: str | None = None) -> list[Entry]:
+        return sorted(
+            (
+                e
+                for m, e in self.entries.items()
+                if m not in self.flight and (topic is None or e.topic == topic)
+            ),
+            key=lambda e: (e.due_ms, e.mid),
+        )
+
+    def _lane_topics(self) -> set[str]:
+        return {topic for topic, _ in self.lanes.values()}
+
+    @rule(
+        topic=st.sampled_from(TOPICS),
+        offset=st.integers(0, 40),
+        key=st.none() | st.sampled_from(KEYS),
+    )
+    def add(self, topic: str, offset: int, key: str | None) -> None:
+        entry = Entry(self.next_mid, topic, self.now + offset, key)
+        self.next_mid += 1
+        self.mids.append(entry.mid)
+        got = self.s.add(entry)
+        if key is not None and key in self.keyed:
+            old = self.keyed[key]
+            assert got is self.entries[old]
+            del self.entries[old]
+            self.accepted.discard(old)
+        else:
+            assert got is None
+        if key is not None:
+            self.keyed[key] = entry.mid
+        self.entries[entry.mid] = entry
+        self.accepted.add(entry.mid)
+
+    def _forget_pending(self, mid: int) -> None:
+        entry = self.entries.pop(mid)
+        self.accepted.discard(mid)
+        if entry.key is not None and self.keyed.get(entry.key) == mid:
+            del self.keyed[entry.key]
+
+    @precondition(lambda self: self.mids)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        mid = data.draw(st.sampled_from(self.mids))
+        got = self.s.remove(mid)
+        if mid not in self.entries:
+            assert got == "unknown"
+        elif mid in self.flight:
+            assert got == "in_flight"
+        else:
+            assert got == "removed"
+            self._forget_pending(mid)
+
+    @rule(key=st.sampled_from((*KEYS, "never-used")))
+    def remove_key(self, key: str) -> None:
+        status, mid = self.s.remove_key(key)
+        if key in self.keyed:
+            assert (status, mid) == ("removed", self.keyed[key])
+            self._forget_pending(self.keyed[key])
+        elif any(self.entries[m].key == key for m in self.flight):
+            assert status == "in_flight"
+            assert mid in self.flight and self.entries[mid].key == key
+        else:
+            assert (status, mid) == ("unknown", None)
+
+    @rule(delta=st.integers(0, 30))
+    def advance(self, delta: int) -> None:
+        self.now += delta
+
+    @rule()
+    def assign(self) -> None:
+        self._check_assign(self.s.assign(self.now))
+
+    def _check_assign(self, got: list[Assignment]) -> None:
+        for a in got:
+            assert a.lane not in self.lanes, "a lane holds two batches"
+            assert a.topic not in self._lane_topics(), "a topic holds two lanes"
+            due = [e for e in self._pending(a.topic) if e.due_ms <= self.now]
+            assert list(a.entries) == due[: self.batch]
+            assert a.entries, "an empty batch wastes a lane"
+            self.lanes[a.lane] = (a.topic, [e.mid for e in a.entries])
+            for e in a.entries:
+                assert e.due_ms <= self.now, "assigned early"
+                self.flight[e.mid] = a.lane
+                if e.key is not None and self.keyed.get(e.key) == e.mid:
+                    del self.keyed[e.key]
+        # work-conserving: no idle lane while a lane-less topic has something due
+        if len(self.lanes) < self.n_lanes:
+            busy = self._lane_topics()
+            assert not [e for e in self._pending() if e.due_ms <= self.now and e.topic not in busy]
+
+    @precondition(lambda self: self.lanes)
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        lane = data.draw(st.sampled_from(sorted(self.lanes)))
+        topic, mids = self.lanes.pop(lane)
+        retry = set(data.draw(st.lists(st.sampled_from(mids), unique=True, max_size=len(mids))))
+        done = [m for m in mids if m not in retry]
+        self.s.complete(lane, done, sorted(retry))
+        for mid in mids:
+            del self.flight[mid]
+        for mid in done:
+            entry = self.entries.pop(mid)
+            assert mid in self.accepted and mid not in self.completed
+            self.completed.append(mid)
+            self.order.setdefault(topic, []).append(entry)
+        for mid in retry:
+            self.retried.add(mid)
+            key = self.entries[mid].key
+            if key is not None:
+                self.keyed.setdefault(key, mid)
+
+    @precondition(lambda self: self.lanes)
+    @rule(data=st.data())
+    def complete_wrongly(self, data: st.DataObject) -> None:
+        lane = data.draw(st.sampled_from(sorted(self.lanes)))
+        _, mids = self.lanes[lane]
+        wrong = data.draw(
+            st.sampled_from(
+                [
+                    (lane, mids[1:], []),
+                    (lane, [*mids, 10**9], []),
+                    (lane, mids, mids[:1]),
+                    (self.n_lanes, mids, []),
+                ]
+            )
+        )
+        try:
+            self.s.complete(*wrong)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"complete{wrong} was accepted")
+
+    @invariant()
+    def views_match_model(self) -> None:
+        if not hasattr(self, "s"):
+            return
+        assert len(self.s) == len(self.entries)
+        assert self.s.busy_lanes() == set(self.lanes)
+        for lane, (topic, _) in self.lanes.items():
+            assert self.s.lane_of(topic) == lane
+        busy = self._lane_topics()
+        free_dues = [e.due_ms for e in self._pending() if e.topic not in busy]
+        assert self.s.next_due_ms() == (min(free_dues) if free_dues else None)
+        expected: dict[str, tuple[int, int | None]] = {t: (0, None) for t in busy}
+        for e in self._pending():
+            count, first = expected.get(e.topic, (0, None))
+            expected[e.topic] = (count + 1, e.due_ms if first is None else first)
+        assert self.s.counts() == expected
+
+    def teardown(self) -> None:
+        if not hasattr(self, "s"):
+            return
+        self.now = 10**15
+        for _ in range(10_000):
+            got = self.s.assign(self.now)
+            self._check_assign(got)
+            if not self.lanes:
+                break
+            for lane, (topic, mids) in list(self.lanes.items()):
+                self.s.complete(lane, mids)
+                del self.lanes[lane]
+                for mid in mids:
+                    del self.flight[mid]
+                    self.completed.append(mid)
+                    self.order.setdefault(topic, []).append(self.entries.pop(mid))
+        assert len(self.s) == 0 and not self.entries
+        assert len(self.completed) == len(set(self.completed)), "completed twice"
+        assert set(self.completed) == self.accepted, "lost or extra entries"
+        for topic, done in self.order.items():
+            firsts = [(e.due_ms, e.mid) for e in done if e.mid not in self.retried]
+            assert firsts == sorted(firsts), f"{topic} completed out of order"
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSchedulerMachine = SchedulerMachine.TestCase

@@ -1,0 +1,569 @@
+"""Pure core of the ``delay`` worker: whether a message is accepted, and which topic sends next.
+
+This module owns two decisions and does no I/O:
+
+* ``parse_ingress`` turns the headers of a message published to ``delay.in`` into a
+  ``Schedule`` (when, and into which exchange, to publish it) or a ``Reject`` whose ``reason``
+  becomes the ``x-dead-reason`` header on ``delay.dead``.
+* ``Scheduler`` holds the near-term window of pending messages and hands out sender lanes.
+  The topic of a message is its target exchange. A topic holds at most one lane at a time, for
+  at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
+  100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
+
+Time comes in as integer epoch milliseconds. The adapter owns the SQLite store and the AMQP
+channels: it feeds events in (``add``, ``remove``, ``complete``) and acts on the decisions that
+come out (``Schedule``/``Reject``, ``Assignment``, replaced entries).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from heapq import heapify, heappop, heappush, nsmallest
+from typing import Literal
+
+X_DELAY = "x-delay"
+X_DELIVER_AT = "x-deliver-at"
+X_TARGET_EXCHANGE = "x-target-exchange"
+X_DELAY_KEY = "x-delay-key"
+CONTROL_HEADERS = (X_DELAY, X_DELIVER_AT, X_TARGET_EXCHANGE, X_DELAY_KEY)
+
+INVALID_DELAY = "invalid_delay"
+AMBIGUOUS_DELAY = "ambiguous_delay"
+MISSING_DELAY = "missing_delay"
+MISSING_TARGET = "missing_target"
+BEYOND_HORIZON = "beyond_horizon"
+INVALID_KEY = "invalid_key"
+# Every value ``Reject.reason`` can take, so metrics can pre-create their label set.
+REJECT_REASONS = (
+    INVALID_DELAY,
+    AMBIGUOUS_DELAY,
+    MISSING_DELAY,
+    MISSING_TARGET,
+    BEYOND_HORIZON,
+    INVALID_KEY,
+)
+
+# AMQP shortstr limit: exchange names, and keys we may echo back in one.
+_MAX_NAME_BYTES = 255
+_MAX_DETAIL_VALUE = 100
+# ASCII digits only: str.isdigit() and int() also accept other scripts' digits, "5_000" and
+# surrounding whitespace, none of which a producer means as a delay.
+_INT_TEXT = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Accepted: publish into exchange ``topic`` at ``due_ms``; ``key`` is for replace/cancel."""
+
+    due_ms: int
+    topic: str
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refused: ``reason`` is the ``x-dead-reason`` header, ``detail`` a sentence for humans."""
+
+    reason: str
+    detail: str
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    if len(text) > _MAX_DETAIL_VALUE:
+        text = text[: _MAX_DETAIL_VALUE - 3] + "..."
+    return text
+
+
+def _as_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    # pamqp hands some header strings over as bytes, depending on the producer's client.
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _as_int(value: object) -> int | None:
+    # bool is an int subclass; True as "1 ms" would be a silent misreading.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = _as_text(value)
+    if text is None or not _INT_TEXT.fullmatch(text):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() agrees to parse
+        return None
+
+
+def _as_name(value: object) -> str | None:
+    text = _as_text(value)
+    if not text or len(text.encode("utf-8")) > _MAX_NAME_BYTES:
+        return None
+    return text
+
+
+def parse_ingress(
+    headers: Mapping[str, object] | None,
+    now_ms: int,
+    *,
+    horizon_ms: int,
+    default_target: str | None,
+) -> Schedule | Reject:
+    """Decide what to do with a message from ``delay.in``.
+
+    Checks run in this order and the first failure is reported: the delay headers, the
+    horizon, the target exchange, the key. An ``x-deliver-at`` in the past is due now: late is
+    better than dead-lettered, and the producer cannot fix a clock race anyway.
+    """
+    h: Mapping[str, object] = headers if headers is not None else {}
+    has_delay = X_DELAY in h
+    has_at = X_DELIVER_AT in h
+    if has_delay and has_at:
+        return Reject(AMBIGUOUS_DELAY, "both x-delay and x-deliver-at are set; send only one")
+    if has_delay:
+        raw = h[X_DELAY]
+        delay = _as_int(raw)
+        if delay is None or delay < 0:
+            return Reject(
+                INVALID_DELAY,
+                f"x-delay must be a whole number of milliseconds >= 0, got {_show(raw)}",
+            )
+        due_ms = now_ms + delay
+    elif has_at:
+        raw = h[X_DELIVER_AT]
+        at = _as_int(raw)
+        if at is None:
+            return Reject(
+                INVALID_DELAY,
+                f"x-deliver-at must be whole epoch milliseconds, got {_show(raw)}",
+            )
+        due_ms = max(at, now_ms)
+    else:
+        return Reject(MISSING_DELAY, "neither x-delay nor x-deliver-at is set")
+
+    if due_ms - now_ms > horizon_ms:
+        return Reject(
+            BEYOND_HORIZON,
+            f"due in {_show(due_ms - now_ms)} ms, beyond the horizon of {horizon_ms} ms",
+        )
+
+    if X_TARGET_EXCHANGE in h:
+        # An explicit but unusable target is refused even with a default configured: the
+        # producer asked for a specific exchange, and the default is not what it meant.
+        raw = h[X_TARGET_EXCHANGE]
+        topic = _as_name(raw)
+        if topic is None:
+            return Reject(
+                MISSING_TARGET,
+                "x-target-exchange must be a non-empty exchange name of at most "
+                f"{_MAX_NAME_BYTES} bytes, got {_show(raw)}",
+            )
+    elif default_target:
+        topic = default_target
+    else:
+        return Reject(
+            MISSING_TARGET, "x-target-exchange is not set and no default target is configured"
+        )
+
+    key: str | None = None
+    if X_DELAY_KEY in h:
+        raw = h[X_DELAY_KEY]
+        key = _as_name(raw)
+        if key is None:
+            return Reject(
+                INVALID_KEY,
+                f"x-delay-key must be a non-empty string of at most {_MAX_NAME_BYTES} bytes, "
+                f"got {_show(raw)}",
+            )
+    return Schedule(due_ms=due_ms, topic=topic, key=key)
+
+
+def strip_control_headers(headers: Mapping[str, object] | None) -> dict[str, object]:
+    """The headers to publish onward: everything the producer sent except ours."""
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items() if k not in CONTROL_HEADERS}
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+@dataclass(slots=True)
+class Entry:
+    """One pending message in the window. ``mid`` is the store rowid, increasing with arrival.
+
+    Once added, an entry belongs to the scheduler: changing its fields would orphan it.
+    """
+
+    mid: int
+    topic: str
+    due_ms: int
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Lane ``lane`` is to publish ``entries`` (all of ``topic``, in order) and then complete()."""
+
+    lane: int
+    topic: str
+    entries: tuple[Entry, ...]
+
+
+# Where a topic is in its cycle. IDLE topics with pending entries sit in the armed heap;
+# WAITING ones are due and queued for a lane; RETURNED ones just gave a lane back and are
+# queued behind everything that became due meanwhile, at the next assign().
+_IDLE, _WAITING, _RETURNED, _LANE, _GONE = range(5)
+
+
+class _Topic:
+    __slots__ = ("armed_due", "heap", "lane", "name", "pending", "state")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # (due_ms, mid) of pending entries. Removal is lazy: a pair whose entry is gone, in
+        # flight, or changed is skipped when it surfaces, so remove() stays O(1).
+        self.heap: list[tuple[int, int]] = []
+        self.pending = 0
+        self.state = _IDLE
+        self.armed_due: int | None = None
+        self.lane: int | None = None
+
+
+class _Lane:
+    __slots__ = ("size", "topic")
+
+    def __init__(self, topic: _Topic, size: int) -> None:
+        self.topic = topic
+        self.size = size
+
+
+class Scheduler:
+    """Per-topic due index and sender-lane assignment for the in-memory window.
+
+    Costs: add, remove and each assigned entry O(log n) in the topic's size; assign's search
+    for due topics is O(log t) per topic, never a scan of entries.
+    """
+
+    def __init__(self, *, lanes: int = 8, batch: int = 500) -> None:
+        if lanes < 1 or batch < 1:
+            raise ValueError(f"lanes and batch must be >= 1, got lanes={lanes} batch={batch}")
+        self._n_lanes = lanes
+        self._batch = batch
+        self._entries: dict[int, Entry] = {}  # pending and in flight
+        self._flight: dict[int, int] = {}  # mid -> lane; at most lanes * batch items
+        self._topics: dict[str, _Topic] = {}
+        # (earliest due, topic name) of IDLE topics; stale items are skipped by armed_due.
+        self._armed: list[tuple[int, str]] = []
+        self._waiting: deque[_Topic] = deque()
+        self._returned: list[_Topic] = []
+        self._lanes: list[_Lane | None] = [None] * lanes
+        self._free: list[int] = list(range(lanes))  # heap: lowest idle lane first
+        # key -> the pending entry a newer message with that key replaces.
+        self._keyed: dict[str, int] = {}
+        # key -> mids in flight, so cancel can answer "already being sent".
+        self._flight_keys: dict[str, set[int]] = {}
+
+    # ---- events
+
+    def add(self, entry: Entry) -> Entry | None:
+        """Take ``entry`` into the window; return the entry the adapter must delete, if any.
+
+        A pending entry with the same key is replaced by the newer message (higher mid), which
+        may be ``entry`` itself losing to a newer one already here. A same-key entry in flight
+        is being sent already, so ``entry`` is simply added.
+        """
+        if entry.mid in self._entries:
+            raise ValueError(f"mid {entry.mid} is already scheduled")
+        replaced: Entry | None = None
+        if entry.key is not None:
+            old_mid = self._keyed.get(entry.key)
+            if old_mid is not None:
+                if old_mid > entry.mid:
+                    return entry
+                replaced = self._entries[old_mid]
+                self._drop_pending(replaced)
+            self._keyed[entry.key] = entry.mid
+        self._entries[entry.mid] = entry
+        topic = self._topics.get(entry.topic)
+        if topic is None:
+            topic = self._topics[entry.topic] = _Topic(entry.topic)
+        self._push(topic, entry)
+        return replaced
+
+    def remove(self, mid: int) -> Literal["removed", "in_flight", "unknown"]:
+        """Cancel by id. In flight means a lane is publishing it; the adapter says so."""
+        entry = self._entries.get(mid)
+        if entry is None:
+            return "unknown"
+        if mid in self._flight:
+            return "in_flight"
+        self._drop_pending(entry)
+        return "removed"
+
+    def remove_key(self, key: str) -> tuple[Literal["removed", "in_flight", "unknown"], int | None]:
+        """Cancel by ``x-delay-key``; returns the outcome and the mid it concerns."""
+        mid = self._keyed.get(key)
+        if mid is not None:
+            self._drop_pending(self._entries[mid])
+            return "removed", mid
+        flying = self._flight_keys.get(key)
+        if flying:
+            return "in_flight", max(flying)
+        return "unknown", None
+
+    def assign(self, now_ms: int) -> list[Assignment]:
+        """Give idle lanes to due topics, round-robin; each gets up to ``batch`` due entries."""
+        self._refresh(now_ms)
+        out: list[Assignment] = []
+        while self._free and self._waiting:
+            topic = self._waiting.popleft()
+            if topic.state != _WAITING:
+                continue
+            head = self._head(topic)
+            if head is None or head > now_ms:
+                # Its due entries were cancelled while it waited (or the clock went back).
+                topic.state = _IDLE
+                if head is not None:
+                    self._arm(topic, head)
+                continue
+            lane = heappop(self._free)
+            batch: list[Entry] = []
+            heap = topic.heap
+            while len(batch) < self._batch:
+                head = self._head(topic)
+                if head is None or head > now_ms:
+                    break
+                entry = self._entries[heappop(heap)[1]]
+                self._flight[entry.mid] = lane
+                key = entry.key
+                if key is not None:
+                    if self._keyed.get(key) == entry.mid:
+                        del self._keyed[key]
+                    self._flight_keys.setdefault(key, set()).add(entry.mid)
+                batch.append(entry)
+            topic.pending -= len(batch)
+            topic.state = _LANE
+            topic.lane = lane
+            self._lanes[lane] = _Lane(topic, len(batch))
+            out.append(Assignment(lane, topic.name, tuple(batch)))
+        return out
+
+    def complete(self, lane: int, done: Iterable[int], retry: Iterable[int] = ()) -> None:
+        """Lane ``lane`` finished its batch: ``done`` mids leave, ``retry`` mids are pending again.
+
+        Together they must name exactly the lane's batch; anything else is an adapter bug and
+        raises ValueError without changing state. Retried entries keep their due time, so they
+        go out first when the topic next gets a lane.
+        """
+        record = self._lanes[lane] if isinstance(lane, int) and 0 <= lane < self._n_lanes else None
+        if record is None:
+            raise ValueError(f"lane {lane!r} holds no batch")
+        done = list(done)
+        retry = list(retry)
+        seen: set[int] = set()
+        for mid in (*done, *retry):
+            if mid in seen or self._flight.get(mid) != lane:
+                raise ValueError(f"mid {mid!r} is not in lane {lane}'s batch or named twice")
+            seen.add(mid)
+        if len(seen) != record.size:
+            raise ValueError(
+                f"lane {lane} sent {record.size} entries, complete() named {len(seen)}"
+            )
+
+        topic = record.topic
+        for mid in done:
+            del self._flight[mid]
+            entry = self._entries.pop(mid)
+            if entry.key is not None:
+                self._unfly_key(entry.key, mid)
+        for mid in retry:
+            del self._flight[mid]
+            entry = self._entries[mid]
+            if entry.key is not None:
+                self._unfly_key(entry.key, mid)
+                # If a newer same-key message arrived while this one was in flight, that one
+                # owns the key now; this one was promised as "being sent" and stays an
+                # obligation rather than becoming replaceable again.
+                self._keyed.setdefault(entry.key, mid)
+            heappush(topic.heap, (entry.due_ms, mid))
+            topic.pending += 1
+
+        self._lanes[lane] = None
+        heappush(self._free, lane)
+        topic.lane = None
+        if topic.pending:
+            topic.state = _RETURNED
+            self._returned.append(topic)
+        else:
+            self._forget(topic)
+
+    # ---- views
+
+    def next_due_ms(self) -> int | None:
+        """Earliest due among pending entries that assign() could hand out.
+
+        Entries of a topic that holds a lane are left out: they wait for that lane's
+        complete(), which wakes the adapter anyway. A value <= now while every lane is busy
+        likewise means "wait for a complete()".
+        """
+        best = self._armed_top()
+        for topic in (*self._waiting, *self._returned):
+            if topic.state in (_WAITING, _RETURNED):
+                head = self._head(topic)
+                if head is not None and (best is None or head < best):
+                    best = head
+        return best
+
+    def counts(self) -> dict[str, tuple[int, int | None]]:
+        """topic -> (entries pending and not in flight, earliest due among them)."""
+        return {name: (t.pending, self._head(t)) for name, t in self._topics.items()}
+
+    def pending(self, topic: str, after: tuple[int, int] | None, limit: int) -> list[Entry]:
+        """One page of ``topic``'s pending entries (not in flight), in (due_ms, mid) order.
+
+        ``after`` is ``(due_ms, mid)`` of the previous page's last entry. It is a position, not
+        an id, so paging keeps working while that entry is sent or cancelled. O(n log limit).
+        """
+        t = self._topics.get(topic)
+        if t is None or limit <= 0:
+            return []
+        # A set, because a mid removed and re-added with the same due can appear twice.
+        pairs = {p for p in t.heap if (after is None or p > after) and self._valid(t, *p)}
+        return [self._entries[mid] for _, mid in nsmallest(limit, pairs)]
+
+    def topics_waiting(self, now_ms: int) -> list[str]:
+        """Topics with entries due at ``now_ms`` and no lane, in the order they will get one."""
+        self._refresh(now_ms)
+        return [t.name for t in self._waiting if t.state == _WAITING]
+
+    def lane_of(self, topic: str) -> int | None:
+        t = self._topics.get(topic)
+        return None if t is None else t.lane
+
+    def busy_lanes(self) -> set[int]:
+        return {i for i, record in enumerate(self._lanes) if record is not None}
+
+    def __len__(self) -> int:
+        """Entries held: pending plus in flight."""
+        return len(self._entries)
+
+    # ---- internals
+
+    def _valid(self, topic: _Topic, due: int, mid: int) -> bool:
+        entry = self._entries.get(mid)
+        return (
+            entry is not None
+            and entry.due_ms == due
+            and entry.topic == topic.name
+            and mid not in self._flight
+        )
+
+    def _head(self, topic: _Topic) -> int | None:
+        """Earliest due of the topic's pending entries, dropping stale pairs on the way."""
+        heap = topic.heap
+        while heap:
+            due, mid = heap[0]
+            if self._valid(topic, due, mid):
+                return due
+            heappop(heap)
+        return None
+
+    def _push(self, topic: _Topic, entry: Entry) -> None:
+        heappush(topic.heap, (entry.due_ms, entry.mid))
+        topic.pending += 1
+        # Only an IDLE topic lives in the armed heap; the others are re-examined when they
+        # leave the waiting line or give their lane back.
+        if topic.state == _IDLE and (topic.armed_due is None or entry.due_ms < topic.armed_due):
+            self._arm(topic, entry.due_ms)
+
+    def _arm(self, topic: _Topic, due: int) -> None:
+        topic.armed_due = due
+        heappush(self._armed, (due, topic.name))
+        # Re-arming leaves the old item behind; rebuild before stale items dominate.
+        if len(self._armed) > 64 and len(self._armed) > 2 * len(self._topics):
+            self._armed = [
+                (t.armed_due, t.name)
+                for t in self._topics.values()
+                if t.state == _IDLE and t.armed_due is not None
+            ]
+            heapify(self._armed)
+
+    def _armed_top(self) -> int | None:
+        """Make the armed heap's top valid and exact; return its due."""
+        # self._armed is re-read each turn: _arm() may rebuild it.
+        while self._armed:
+            due, name = self._armed[0]
+            topic = self._topics.get(name)
+            if topic is None or topic.state != _IDLE or topic.armed_due != due:
+                heappop(self._armed)
+                continue
+            head = self._head(topic)
+            if head == due:
+                return due
+            # Its earliest entry was cancelled: the armed due is too early; re-arm exactly.
+            heappop(self._armed)
+            topic.armed_due = None
+            if head is not None:
+                self._arm(topic, head)
+        return None
+
+    def _refresh(self, now_ms: int) -> None:
+        """Queue topics that became due, then those that gave a lane back, in that order."""
+        while (due := self._armed_top()) is not None and due <= now_ms:
+            topic = self._topics[heappop(self._armed)[1]]
+            topic.armed_due = None
+            topic.state = _WAITING
+            self._waiting.append(topic)
+        # After the loop above, so a topic returning its lane goes behind every topic that
+        # became due while it held the lane: the round-robin the seed's isolation relies on.
+        returned, self._returned = self._returned, []
+        for topic in returned:
+            if topic.state != _RETURNED:
+                continue
+            head = self._head(topic)
+            if head is None:  # unreachable: an empty topic is forgotten
+                continue
+            if head <= now_ms:
+                topic.state = _WAITING
+                self._waiting.append(topic)
+            else:
+                topic.state = _IDLE
+                self._arm(topic, head)
+
+    def _drop_pending(self, entry: Entry) -> None:
+        del self._entries[entry.mid]
+        if entry.key is not None and self._keyed.get(entry.key) == entry.mid:
+            del self._keyed[entry.key]
+        topic = self._topics[entry.topic]
+        topic.pending -= 1
+        if topic.pending == 0:
+            topic.heap.clear()
+            if topic.lane is None:
+                self._forget(topic)
+        elif len(topic.heap) > 64 and len(topic.heap) > 2 * topic.pending:
+            # Lazy removal leaves pairs behind; compact so cancels cannot grow memory.
+            topic.heap = list({p for p in topic.heap if self._valid(topic, *p)})
+            heapify(topic.heap)
+
+    def _forget(self, topic: _Topic) -> None:
+        # Queue and heap items still pointing at it are skipped by their state checks.
+        topic.state = _GONE
+        topic.heap.clear()
+        del self._topics[topic.name]
+
+    def _unfly_key(self, key: str, mid: int) -> None:
+        flying = self._flight_keys[key]
+        flying.discard(mid)
+        if not flying:
+            del self._flight_keys[key]
