@@ -1,0 +1,242 @@
+"""Broker access: a robust connection that reconnects on its own, a confirm-window
+publisher that pipelines publishes, and topology helpers.
+
+Workers never import aiormq exceptions: publish failures become
+:class:`bridge.errors.PublishFailed` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+
+from bridge.errors import BrokerUnavailable, PublishFailed
+from bridge.settings import HostSettings, redact_url
+
+log = logging.getLogger("bridge.amqp")
+
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """One line an operator can act on."""
+    reason = f"{type(exc).__name__}: {exc}".strip()
+    hint = "is RabbitMQ running and reachable? set BRIDGE_AMQP_URL (or its secrets file)"
+    text = str(exc).lower()
+    if "access_refused" in text or "login" in text or "auth" in text:
+        hint = "the broker refused the credentials: check the user and password in BRIDGE_AMQP_URL"
+    elif "vhost" in text or "not_allowed" in text:
+        hint = "the virtual host in BRIDGE_AMQP_URL does not exist or the user has no access to it"
+    return f"broker unreachable at {redact_url(url)} ({reason}); {hint}"
+
+
+async def connect_once(
+    url: str, *, timeout: float = 5.0, heartbeat: int = 30
+) -> AbstractRobustConnection:
+    """Connect once; raise :class:`BrokerUnavailable` with an actionable message on failure."""
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect_robust(url, heartbeat=heartbeat, timeout=timeout), timeout + 1
+        )
+    except (TimeoutError, OSError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        raise BrokerUnavailable(describe_connect_error(url, exc)) from exc
+
+
+class Broker:
+    """The host's connection to RabbitMQ.
+
+    ``connect()`` keeps retrying with capped exponential backoff and logs one clear line per
+    failure instead of crashing (a crash-looping pod hides the cause). After the first
+    success aio-pika's robust connection reconnects by itself and restores channels,
+    declarations and consumers; ``connected`` follows it for /readyz.
+    """
+
+    def __init__(self, settings: HostSettings, *, name: str = "bridge") -> None:
+        self.settings = settings
+        self.name = name
+        self.connection: AbstractRobustConnection | None = None
+        self.reconnects = 0
+        self._on_reconnect: list[Callable[[], Any]] = []
+
+    @property
+    def url(self) -> str:
+        return self.settings.amqp_url
+
+    @property
+    def connected(self) -> bool:
+        conn = self.connection
+        return conn is not None and not conn.is_closed and conn.connected.is_set()
+
+    def on_reconnect(self, callback: Callable[[], Any]) -> None:
+        self._on_reconnect.append(callback)
+
+    async def connect(self, stop: asyncio.Event | None = None) -> AbstractRobustConnection:
+        delay = 0.5
+        while True:
+            try:
+                conn = await connect_once(self.url, heartbeat=self.settings.heartbeat_s)
+                break
+            except BrokerUnavailable as exc:
+                log.error("%s; retrying in %.1fs", exc, delay)
+            if stop is not None:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    raise BrokerUnavailable("stopped while waiting for the broker")
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.connect_retry_max_s)
+        self.connection = conn
+        conn.reconnect_callbacks.add(self._reconnected)
+        conn.close_callbacks.add(self._closed)
+        log.info("connected to broker", extra={"url": redact_url(self.url)})
+        return conn
+
+    def _closed(self, *_: Any) -> None:
+        if self.connection is not None:
+            log.warning("broker connection lost; reconnecting", extra={"url": redact_url(self.url)})
+
+    def _reconnected(self, *_: Any) -> None:
+        self.reconnects += 1
+        log.info("reconnected to broker", extra={"reconnects": self.reconnects})
+        for callback in self._on_reconnect:
+            callback()
+
+    async def channel(
+        self, *, prefetch: int = 0, confirms: bool = True, on_return_raises: bool = False
+    ) -> AbstractChannel:
+        assert self.connection is not None, "connect() first"
+        channel = await self.connection.channel(
+            publisher_confirms=confirms, on_return_raises=on_return_raises and confirms
+        )
+        if prefetch:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def close(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is not None and not conn.is_closed:
+            await conn.close()
+
+
+class ConfirmPublisher:
+    """Publishes with confirms, keeping up to ``window`` publishes in flight.
+
+    Awaiting each confirm before the next publish caps throughput at one round trip per
+    message; here callers start publishes with :meth:`publish` concurrently (gather or
+    tasks) and the semaphore bounds how many are unconfirmed, which is also the
+    backpressure: when the window is full, ``publish`` waits.
+    """
+
+    def __init__(
+        self, channel: AbstractChannel, *, window: int = 256, timeout: float = 30.0
+    ) -> None:
+        self.channel = channel
+        self.window = window
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(window)
+        self.in_flight = 0
+        self.confirm_seconds: Callable[[float], None] | None = None
+
+    async def publish(
+        self,
+        exchange: AbstractExchange | str,
+        message: aio_pika.Message,
+        routing_key: str,
+        *,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish and wait for the broker's confirm; raise :class:`PublishFailed` otherwise."""
+        async with self._slots:
+            self.in_flight += 1
+            started = time.perf_counter()
+            try:
+                target = exchange
+                if isinstance(target, str):
+                    target = (
+                        self.channel.default_exchange
+                        if target == ""
+                        else await self.channel.get_exchange(target, ensure=False)
+                    )
+                result = await target.publish(
+                    message, routing_key, mandatory=mandatory, timeout=self.timeout
+                )
+            except aio_pika.exceptions.DeliveryError as exc:
+                frame = getattr(exc, "frame", None)
+                if frame is not None and getattr(frame, "reply_text", None):
+                    raise PublishFailed("unroutable", str(frame.reply_text)) from exc
+                raise PublishFailed("nacked", str(exc)) from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise PublishFailed("exchange_not_found", str(exc)) from exc
+            except (
+                TimeoutError,
+                aiormq.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                RuntimeError,
+            ) as exc:
+                raise PublishFailed("channel_error", f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self.in_flight -= 1
+                if self.confirm_seconds is not None:
+                    self.confirm_seconds(time.perf_counter() - started)
+            if isinstance(result, aiormq.spec.Basic.Nack):
+                raise PublishFailed("nacked", "broker nacked the publish")
+            if isinstance(result, aiormq.spec.Basic.Return):
+                raise PublishFailed("unroutable", str(result.reply_text))
+
+
+async def declare_exchange(
+    channel: AbstractChannel, name: str, kind: ExchangeType | str, *, durable: bool = True
+) -> AbstractExchange:
+    return await channel.declare_exchange(name, ExchangeType(kind), durable=durable)
+
+
+async def declare_quorum_queue(
+    channel: AbstractChannel,
+    name: str,
+    *,
+    arguments: Mapping[str, Any] | None = None,
+    bind: tuple[AbstractExchange | str, str] | None = None,
+) -> AbstractQueue:
+    args: dict[str, Any] = dict(QUORUM)
+    args.update(arguments or {})
+    queue = await channel.declare_queue(name, durable=True, arguments=args)
+    if bind is not None:
+        await queue.bind(bind[0], routing_key=bind[1])
+    return queue
+
+
+async def declare_dead_letter(
+    channel: AbstractChannel, exchange: str, queue: str
+) -> AbstractExchange:
+    """A fanout dead-letter exchange with a quorum queue holding everything rejected."""
+    ex = await declare_exchange(channel, exchange, ExchangeType.FANOUT)
+    await declare_quorum_queue(channel, queue, bind=(ex, ""))
+    return ex
+
+
+def header_str(value: Any) -> str | None:
+    """A header value as text (AMQP tables deliver long strings as bytes)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str):
+        return value
+    return None

@@ -1,0 +1,169 @@
+"""The ``bridge`` command: run workers, check configuration, and small client helpers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from bridge.errors import BridgeError, BrokerUnavailable, ConfigError
+
+EPILOG = """\
+examples:
+  bridge run all                       run every installed worker in this process
+  bridge run directed                  run one worker (what a Kubernetes pod does)
+  bridge check                         validate settings and reach the broker (exit 0 = ok)
+  bridge directed send --to node-1,node-2 'hello'
+  bridge directed pull node-1          pull (and acknowledge) as target node-1
+  bridge directed status <message_id>
+
+configuration comes from environment variables (BRIDGE_AMQP_URL, BRIDGE_STATE_DIR,
+BRIDGE_HTTP_PORT, BRIDGE_<WORKER>__<SETTING>) and from files in BRIDGE_SECRETS_DIR;
+see README.md for every setting.
+"""
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from bridge.settings import load_host_settings
+
+    try:
+        return load_host_settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from exc
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.host import Host, load_workers
+    from bridge.logs import setup_logging
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format)
+    workers = load_workers(args.workers)
+    _use_uvloop()
+    host = Host(settings, workers)
+    try:
+        asyncio.run(host.run())
+    except KeyboardInterrupt:
+        pass
+    except BrokerUnavailable:
+        pass  # stopped while waiting; the reason was already logged
+    return 0
+
+
+async def _check(settings) -> list[tuple[str, bool, str]]:  # type: ignore[no-untyped-def]
+    from bridge.amqp import connect_once
+    from bridge.settings import redact_url
+
+    results: list[tuple[str, bool, str]] = [
+        ("settings", True, f"broker {redact_url(settings.amqp_url)}")
+    ]
+    try:
+        conn = await connect_once(settings.amqp_url, timeout=5)
+        server = conn.transport.connection.server_properties if conn.transport else {}
+        version = server.get("version", b"?") if isinstance(server, dict) else "?"
+        if isinstance(version, bytes):
+            version = version.decode()
+        await conn.close()
+        results.append(("broker", True, f"reachable (RabbitMQ {version})"))
+    except BrokerUnavailable as exc:
+        results.append(("broker", False, str(exc)))
+    state = settings.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe = state / ".bridge-check"
+        probe.write_text("ok")
+        probe.unlink()
+        results.append(("state_dir", True, f"{state} is writable"))
+    except OSError as exc:
+        results.append(("state_dir", False, f"{state} is not writable: {exc}"))
+    return results
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bridge.host import available_workers
+
+    settings = _settings()
+    results = asyncio.run(_check(settings))
+    results.append(("workers", True, ", ".join(sorted(available_workers())) or "none installed"))
+    ok = all(r[1] for r in results)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": {n: {"ok": o, "detail": d} for n, o, d in results}}))
+    else:
+        for name, good, detail in results:
+            print(f"{'ok ' if good else 'FAIL'} {name:<10} {detail}")
+    return 0 if ok else 1
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from bridge.host import available_workers
+
+    for name, ep in sorted(available_workers().items()):
+        print(f"{name:<12} {ep.value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="Worker processes that run beside RabbitMQ: targeted distribution (directed), "
+        "delayed delivery (delay) and a TCP gateway (gateway).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run one or more workers until SIGTERM",
+        description="Run workers in this process. 'all' runs every installed worker.",
+    )
+    run.add_argument("workers", nargs="+", metavar="WORKER", help="worker names, or 'all'")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser(
+        "check", help="validate settings and reach the broker; exit 1 on failure"
+    )
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(func=cmd_check)
+    lst = sub.add_parser(
+        "workers", help="list installed workers (entry-point group bridge.workers)"
+    )
+    lst.set_defaults(func=cmd_workers)
+    from workers.directed import client as directed_client
+
+    directed_client.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BridgeError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Test harness: find a RabbitMQ, give each test unique names, run workers in-process.
+
+Broker, in order: ``BRIDGE_AMQP_URL`` / ``AMQP_URL``; a testcontainers RabbitMQ when a
+Docker engine answers; the local broker on 127.0.0.1:5672. With none, integration tests
+skip with the reason, unless ``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _reachable(url: str, timeout: float = 1.0) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    if not os.path.exists("/var/run/docker.sock") and not os.environ.get("DOCKER_HOST"):
+        return False
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+    except Exception:
+        return False
+    try:
+        client.ping()
+        return True
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    required = os.environ.get("BRIDGE_REQUIRE_BROKER") == "1"
+    explicit = os.environ.get("BRIDGE_AMQP_URL") or os.environ.get("AMQP_URL")
+    if explicit:
+        if not _reachable(explicit, 5):
+            pytest.fail(
+                f"BRIDGE_AMQP_URL/AMQP_URL is set but {explicit.split('@')[-1]} does not answer"
+            )
+        yield explicit
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13") as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/"
+        return
+    if _reachable(LOCAL_URL):
+        yield LOCAL_URL
+        return
+    reason = (
+        "no RabbitMQ: BRIDGE_AMQP_URL/AMQP_URL unset, no Docker engine answers, "
+        "nothing listens on 127.0.0.1:5672"
+    )
+    if required:
+        pytest.fail(reason + " (BRIDGE_REQUIRE_BROKER=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for exchange and queue names of one test."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def amqp(broker_url: str) -> AsyncIterator[Any]:
+    import aio_pika
+
+    conn = await aio_pika.connect_robust(broker_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def delete_names(url: str, exchanges: list[str], queues: list[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        for q in queues:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(q)
+            with contextlib.suppress(Exception):
+                await ch.close()
+        for e in exchanges:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.exchange_delete(e)
+            with contextlib.suppress(Exception):
+                await ch.close()
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running_host(
+    broker_url: str, state_dir: Path, workers: list[Any], **host: Any
+) -> AsyncIterator[Any]:
+    """Run workers in this event loop, wait until /readyz would say ready, stop after."""
+    from bridge.host import Host
+    from bridge.settings import HostSettings
+
+    settings = HostSettings(
+        amqp_url=broker_url, state_dir=state_dir, http_port=0, drain_seconds=5, **host
+    )
+    h = Host(settings, workers, install_signals=False)
+    task = asyncio.get_running_loop().create_task(h.run())
+    try:
+        for _ in range(300):
+            if task.done():
+                task.result()
+            if h.readiness()[0]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"host not ready: {h.readiness()}")
+        yield h
+    finally:
+        h.request_stop()
+        await asyncio.wait_for(task, 30)

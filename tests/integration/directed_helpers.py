@@ -1,0 +1,107 @@
+"""Shared pieces of the directed integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import delete_names, running_host
+from workers.directed.client import DirectedClient
+from workers.directed.config import DirectedSettings
+from workers.directed.worker import DirectedWorker
+
+
+def directed_settings(unique: str, **overrides: Any) -> DirectedSettings:
+    names = {
+        "requests_exchange": f"{unique}.directed.requests",
+        "requests_queue": f"{unique}.directed.requests",
+        "pull_exchange": f"{unique}.directed.pull",
+        "pull_queue": f"{unique}.directed.pull",
+        "control_exchange": f"{unique}.directed.control",
+        "control_queue": f"{unique}.directed.control",
+        "dead_exchange": f"{unique}.directed.dead",
+        "dead_queue": f"{unique}.directed.dead",
+        "housekeeping_interval_s": 0.1,
+    }
+    names.update(overrides)
+    return DirectedSettings(**names)
+
+
+def env_for(settings: DirectedSettings) -> dict[str, str]:
+    """The same settings as BRIDGE_DIRECTED__* variables, for a worker subprocess."""
+    out = {}
+    for field in (
+        "requests_exchange",
+        "requests_queue",
+        "pull_exchange",
+        "pull_queue",
+        "control_exchange",
+        "control_queue",
+        "dead_exchange",
+        "dead_queue",
+        "queue_limit",
+        "overflow",
+        "housekeeping_interval_s",
+    ):
+        out[f"BRIDGE_DIRECTED__{field.upper()}"] = str(getattr(settings, field))
+    return out
+
+
+async def cleanup(url: str, s: DirectedSettings) -> None:
+    await delete_names(
+        url,
+        [s.requests_exchange, s.pull_exchange, s.control_exchange, s.dead_exchange],
+        [s.requests_queue, s.pull_queue, s.control_queue, s.dead_queue],
+    )
+
+
+@contextlib.asynccontextmanager
+async def directed(
+    broker_url: str, state: Path, settings: DirectedSettings, amqp: Any
+) -> AsyncIterator[tuple[DirectedWorker, DirectedClient]]:
+    worker = DirectedWorker(settings)
+    try:
+        async with running_host(broker_url, state, [worker]):
+            client = await DirectedClient(amqp, settings).open()
+            try:
+                yield worker, client
+            finally:
+                await client.close()
+    finally:
+        await cleanup(broker_url, settings)
+
+
+async def wait_applied(
+    client: DirectedClient, message_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Poll the status query until the worker has applied the request."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await client.status(message_id)
+        if "status" in reply:
+            return reply["status"]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"request {message_id} not applied: {reply}")
+        await asyncio.sleep(0.05)
+
+
+async def dead_letters(
+    amqp: Any, settings: DirectedSettings, count: int, timeout: float = 10.0
+) -> list[Any]:
+    channel = await amqp.channel()
+    queue = await channel.get_queue(settings.dead_queue)
+    out = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(out) < count:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        out.append(message)
+    await channel.close()
+    return out

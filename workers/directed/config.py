@@ -1,0 +1,67 @@
+"""Settings of the directed worker (``BRIDGE_DIRECTED__*``) and the wire names it uses.
+
+Every exchange and queue name is the default of a setting; headers and content types are
+defined here once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from bridge.settings import worker_settings_config
+
+H_TARGETS = "x-targets"
+H_TTL = "x-ttl-ms"
+H_DEAD_REASON = "x-dead-reason"
+H_DEAD_DETAIL = "x-dead-detail"
+ENVELOPE_CONTENT_TYPE = "application/vnd.bridge.directed-envelope+json"
+REPLY_CONTENT_TYPE = "application/json"
+
+
+class DirectedSettings(BaseSettings):
+    model_config = worker_settings_config("directed")
+
+    requests_exchange: str = "directed.requests"
+    requests_queue: str = "directed.requests"
+    pull_exchange: str = "directed.pull"
+    pull_exchange_type: Literal["topic", "direct", "fanout"] = "topic"
+    pull_queue: str = "directed.pull"
+    pull_queue_type: Literal["quorum", "classic"] = Field(
+        default="quorum",
+        description="quorum survives a broker node loss; classic has lower pull latency",
+    )
+    control_exchange: str = "directed.control"
+    control_queue: str = "directed.control"
+    dead_exchange: str = "directed.dead"
+    dead_queue: str = "directed.dead"
+
+    queue_limit: int = Field(default=50, ge=1, le=100_000, description="ids kept per target")
+    overflow: Literal["drop-head", "reject"] = "drop-head"
+    max_batch: int = Field(default=100, ge=1, le=10_000, description="cap on a pull's max")
+    default_max: int = Field(default=10, ge=0, description="max when a pull omits it")
+    max_wait_ms: int = Field(default=30_000, ge=0, description="cap on a pull's wait_ms")
+    default_ttl_ms: int = Field(
+        default=86_400_000, ge=1, description="content TTL without x-ttl-ms"
+    )
+    max_ttl_ms: int = Field(default=30 * 86_400_000, ge=1)
+    max_targets: int = Field(default=100_000, ge=1)
+    max_target_length: int = Field(default=255, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    max_pull_bytes: int = Field(default=64 * 1024, ge=64, description="largest accepted pull body")
+    dedup_retention_ms: int = Field(
+        default=86_400_000, ge=0, description="how long a finished message_id is remembered"
+    )
+    request_prefetch: int = Field(default=512, ge=1)
+    pull_prefetch: int = Field(default=1024, ge=1)
+    cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="content cache in memory")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="SQLite fsync policy; NORMAL survives a process crash, not power loss",
+    )
+    backlog_metric_targets: int = Field(
+        default=50, ge=0, description="per-target backlog gauge keeps only the N largest"
+    )
+    housekeeping_interval_s: float = Field(default=1.0, gt=0)

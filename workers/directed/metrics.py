@@ -1,0 +1,132 @@
+"""Prometheus metrics of the directed worker (names ``bridge_directed_*``)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from workers.directed.worker import DirectedWorker
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+
+class _StateCollector(Collector):
+    """Gauges computed at scrape time from the core, including a bounded per-target backlog."""
+
+    def __init__(self, metrics: DirectedMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        worker = self.metrics.worker
+        core = worker.core
+        if core is None:
+            return
+        yield GaugeMetricFamily(
+            "bridge_directed_messages",
+            "messages whose content is stored",
+            value=core.alive_messages,
+        )
+        yield GaugeMetricFamily(
+            "bridge_directed_targets",
+            "targets with a queue or an ack buffer",
+            value=core.target_count,
+        )
+        backlog = GaugeMetricFamily(
+            "bridge_directed_backlog_messages",
+            "queued ids per target (only the largest N targets, BRIDGE_DIRECTED__BACKLOG_METRIC_TARGETS)",
+            labels=["target"],
+        )
+        for target, count in self.metrics.top_backlog(worker.settings.backlog_metric_targets):
+            backlog.add_metric([target], count)
+        yield backlog
+        yield GaugeMetricFamily(
+            "bridge_directed_cache_bytes", "content cache size", value=worker._cache.bytes
+        )
+
+
+class DirectedMetrics:
+    def __init__(self, registry: CollectorRegistry, worker: DirectedWorker) -> None:
+        self.worker = worker
+        self.requests = Counter(
+            "bridge_directed_requests_total",
+            "requests consumed, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "bridge_directed_dead_letters_total",
+            "messages dead-lettered, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.pulls = Counter(
+            "bridge_directed_pulls_total", "pulls answered, by case", ["kind"], registry=registry
+        )
+        self.redeliveries = Counter(
+            "bridge_directed_redeliveries_total",
+            "batches sent again (record id mismatch)",
+            registry=registry,
+        )
+        self.acks = Counter(
+            "bridge_directed_acknowledgements_total",
+            "message deliveries acknowledged by targets",
+            registry=registry,
+        )
+        self.expired = Counter(
+            "bridge_directed_expirations_total",
+            "target deliveries lost to content TTL",
+            registry=registry,
+        )
+        self.overflow_drops = Counter(
+            "bridge_directed_overflow_drops_total",
+            "ids dropped from full target queues",
+            registry=registry,
+        )
+        self.pull_seconds = Histogram(
+            "bridge_directed_pull_seconds",
+            "pull handling time (long-poll waits included)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "bridge_directed_commit_seconds",
+            "group commit duration",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_StateCollector(self))
+
+    def on_commit(self, items: int, seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
+
+    def top_backlog(self, n: int) -> list[tuple[str, int]]:
+        core = self.worker.core
+        if core is None or n <= 0:
+            return []
+        return heapq.nlargest(
+            n, ((t, core.backlog(t)) for t in core.targets()), key=lambda kv: kv[1]
+        )

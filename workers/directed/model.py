@@ -1,0 +1,602 @@
+"""Pure core of the ``directed`` worker: who still needs which message, and what a pull returns.
+
+Owns, for every accepted request, a :class:`Detail` (counters and expiry, never the content),
+for every target an ordered queue of internal message ids ("mids") and at most one ack buffer
+(the last batch handed out, under a record id). Events come in with the current time as integer
+milliseconds (:meth:`DirectedCore.submit`, :meth:`~DirectedCore.pull`,
+:meth:`~DirectedCore.expire`, :meth:`~DirectedCore.purge`); decisions go out as return values,
+and every state change is recorded as an :data:`Op` in a journal that the SQLite store applies,
+in order, in one transaction (:meth:`~DirectedCore.take_journal`). After a restart
+:meth:`DirectedCore.restore` rebuilds the core from what the store kept. No I/O and no clock.
+
+De-duplication by ``message_id`` lasts while the message is alive plus the retention window of
+its tombstone: once :meth:`~DirectedCore.purge` forgets it, the same id is accepted as new.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, TypeAlias, TypedDict
+
+
+class OverflowPolicy(enum.StrEnum):
+    """What a submit does to a target whose queue already holds ``queue_limit`` live ids."""
+
+    DROP_HEAD = "drop-head"
+    REJECT = "reject"
+
+
+@dataclass(slots=True)
+class Detail:
+    """Bookkeeping of one message; its content lives in the store under ``mid``.
+
+    ``acked + expired + dropped + remaining == total`` at all times.
+    """
+
+    mid: int
+    message_id: str
+    total: int
+    remaining: int
+    acked: int = 0
+    expired: int = 0
+    dropped: int = 0
+    created_ms: int = 0
+    expires_at_ms: int | None = None
+    # Set when the content may go (remaining reached 0, or the TTL passed); the Detail stays
+    # as a tombstone for status queries and de-duplication until purged.
+    done_ms: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.done_ms is None
+
+
+@dataclass(slots=True, frozen=True)
+class Buffer:
+    """The batch last handed to a target, kept until the target echoes ``record_id``."""
+
+    record_id: str
+    mids: tuple[int, ...]
+
+
+# -- journal ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class NewMessage:
+    """A request was accepted; its counters start at ``remaining=total`` and 0 elsewhere."""
+
+    mid: int
+    message_id: str
+    total: int
+    created_ms: int
+    expires_at_ms: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class Enqueue:
+    """``mid`` appended at the tail of ``target``'s queue under ``seq``.
+
+    ``seq`` is the previous tail + 1, or 1 when the queue is empty.
+    """
+
+    target: str
+    seq: int
+    mid: int
+
+
+@dataclass(slots=True, frozen=True)
+class Dequeue:
+    """Every entry of ``target`` with ``seq <= upto_seq`` is removed."""
+
+    target: str
+    upto_seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class SetBuffer:
+    target: str
+    record_id: str
+    mids: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class ClearBuffer:
+    target: str
+
+
+@dataclass(slots=True, frozen=True)
+class Counts:
+    """The new absolute counters of a detail (so replaying twice is harmless)."""
+
+    mid: int
+    remaining: int
+    acked: int
+    expired: int
+    dropped: int
+
+
+@dataclass(slots=True, frozen=True)
+class DeleteContent:
+    """No target needs the content any more; the detail stays as a tombstone."""
+
+    mid: int
+    done_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class Purge:
+    """The tombstone is forgotten; its ``message_id`` may be submitted again."""
+
+    mid: int
+
+
+Op: TypeAlias = (
+    NewMessage | Enqueue | Dequeue | SetBuffer | ClearBuffer | Counts | DeleteContent | Purge
+)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class SubmitResult:
+    status: Literal["accepted", "duplicate", "rejected"]
+    mid: int | None
+    reason: str | None = None
+    # (target, mid) pairs pushed out of full queues by this submit (drop-head policy).
+    dropped: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class PullResult:
+    kind: Literal["fresh", "ack_fresh", "resend", "ack_only", "empty"]
+    record_id: str | None  # None when nothing is buffered for the target after this pull
+    mids: tuple[int, ...]  # alive messages to send; the adapter looks up their content
+    redelivered: bool
+    acked: tuple[int, ...]  # messages this pull acknowledged
+
+
+class MessageStatus(TypedDict):
+    message_id: str
+    total: int
+    acked: int
+    pending: int
+    expired: int
+    dropped: int
+    state: Literal["active", "done", "expired"]
+
+
+class _Target:
+    """One target: its queue and its ack buffer.
+
+    The queue is a deque of mids, not of (seq, mid) pairs: seqs are contiguous, so the head's
+    seq is ``tail_seq - len(mids) + 1`` and 10,000 targets x 50 entries cost one pointer each.
+    Mids are ascending along the queue (mids grow, entries leave only from the head).
+    """
+
+    __slots__ = ("alive", "buffer", "mids", "tail_seq")
+
+    def __init__(self) -> None:
+        self.mids: deque[int] = deque()
+        self.tail_seq = 0  # 0 while empty, so seqs restart at 1 exactly as restore() does
+        # Entries whose content is alive. Kept exact (expiry updates it through _holders) so
+        # the queue-limit check in submit is O(1) per target, even though dead entries stay
+        # in the deque until they reach the head.
+        self.alive = 0
+        self.buffer: Buffer | None = None
+
+
+class DirectedCore:
+    """State machine of targeted distribution with cursor-style acknowledgement.
+
+    Not thread-safe; the adapter calls it from one event loop and commits
+    :meth:`take_journal` before it answers anyone on the strength of a decision.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_limit: int = 50,
+        overflow: OverflowPolicy = OverflowPolicy.DROP_HEAD,
+        max_batch: int = 100,
+    ) -> None:
+        if queue_limit < 1:
+            raise ValueError(f"queue_limit must be >= 1, got {queue_limit}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._limit = queue_limit
+        self._overflow = OverflowPolicy(overflow)
+        self._max_batch = max_batch
+        self._details: dict[int, Detail] = {}
+        self._by_id: dict[str, int] = {}
+        self._targets: dict[str, _Target] = {}
+        # Targets of each alive message that has a TTL, so that expiry can keep
+        # _Target.alive exact without scanning queues. Messages without TTL never need it.
+        self._holders: dict[int, list[str]] = {}
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, mid)
+        self._stale_expiry = 0  # heap entries of messages that finished before their TTL
+        self._graveyard: list[tuple[int, int]] = []  # heap of (done_ms, mid) of tombstones
+        self._next_mid = 1
+        self._alive = 0
+        self._journal: list[Op] = []
+        # Messages whose counters changed during the current call; one Counts each at the
+        # end, so dropping the same old message from 10,000 queues journals one update.
+        self._touched: dict[int, None] = {}
+
+    # -- events ------------------------------------------------------------------------------
+
+    def submit(
+        self, message_id: str, targets: Sequence[str], now_ms: int, ttl_ms: int | None
+    ) -> SubmitResult:
+        """Accept a request for ``targets``; ``ttl_ms`` None means the content never expires.
+
+        Does not expire anything itself: call :meth:`expire` first so that content whose TTL
+        just passed does not count toward a full queue.
+        """
+        known = self._by_id.get(message_id)
+        if known is not None:
+            return SubmitResult("duplicate", known)
+        if isinstance(targets, str):
+            raise TypeError("targets must be a sequence of target names, not one str")
+        keys = list(dict.fromkeys(targets))
+        if not keys:
+            return SubmitResult("rejected", None, "no_targets")
+        queues = self._targets
+        limit = self._limit
+        drop_head = self._overflow is OverflowPolicy.DROP_HEAD
+        if not drop_head:
+            for key in keys:
+                t = queues.get(key)
+                if t is not None and t.alive >= limit:
+                    return SubmitResult("rejected", None, "queue_full")
+
+        mid = self._next_mid
+        self._next_mid = mid + 1
+        expires = None if ttl_ms is None else now_ms + ttl_ms
+        self._details[mid] = Detail(
+            mid, message_id, len(keys), len(keys), created_ms=now_ms, expires_at_ms=expires
+        )
+        self._by_id[message_id] = mid
+        self._alive += 1
+        emit = self._journal.append
+        emit(NewMessage(mid, message_id, len(keys), now_ms, expires))
+        dropped: list[tuple[str, int]] = []
+        for key in keys:
+            t = queues.get(key)
+            if t is None:
+                t = queues[key] = _Target()
+            else:
+                if drop_head and t.alive >= limit:
+                    self._drop_head(key, t, now_ms, dropped)
+                if len(t.mids) - t.alive > limit:
+                    self._compact(key, t)
+            t.mids.append(mid)
+            seq = t.tail_seq = t.tail_seq + 1
+            t.alive += 1
+            emit(Enqueue(key, seq, mid))
+        if expires is not None:
+            self._holders[mid] = keys
+            heapq.heappush(self._expiry, (expires, mid))
+        self._flush()
+        return SubmitResult("accepted", mid, dropped=tuple(dropped))
+
+    def pull(
+        self, target: str, record_id: str | None, max_n: int, now_ms: int, new_record_id: str
+    ) -> PullResult:
+        """One pull of ``target``; ``new_record_id`` names the batch if a new one is made."""
+        self.expire(now_ms)
+        n = min(max_n, self._max_batch)
+        t = self._targets.get(target)
+        if t is None:
+            return PullResult("empty", None, (), False, ())
+        buf = t.buffer
+        if buf is not None and record_id != buf.record_id:
+            return PullResult("resend", buf.record_id, self._alive_only(buf.mids), True, ())
+        acked = () if buf is None else self._acknowledge(target, t, buf, now_ms)
+        mids = self._take(target, t, n, new_record_id) if n > 0 else ()
+        if not t.mids and t.buffer is None:
+            del self._targets[target]
+        self._flush()
+        kind: Literal["fresh", "ack_fresh", "ack_only", "empty"]
+        if buf is None:
+            kind = "fresh" if mids else "empty"
+        else:
+            kind = "ack_fresh" if n > 0 else "ack_only"
+        return PullResult(kind, new_record_id if mids else None, mids, False, acked)
+
+    def expire(self, now_ms: int) -> list[int]:
+        """Finish every alive message whose TTL passed by ``now_ms``; returns their mids.
+
+        Their queue and buffer entries stay where they are and are skipped when reached.
+        """
+        heap = self._expiry
+        details = self._details
+        queues = self._targets
+        expired: list[int] = []
+        while heap and heap[0][0] <= now_ms:
+            _, mid = heapq.heappop(heap)
+            d = details.get(mid)
+            if d is None or d.done_ms is not None:
+                self._stale_expiry -= 1
+                continue
+            for key in self._holders.pop(mid, ()):
+                t = queues.get(key)
+                # Ascending mids + removal only at the head: the entry is still queued iff
+                # the head is not past it (otherwise the target took or dropped it).
+                if t is not None and t.mids and t.mids[0] <= mid:
+                    t.alive -= 1
+            d.expired += d.remaining
+            d.remaining = 0
+            self._touched[mid] = None
+            self._die(d, now_ms, by_ttl=True)
+            expired.append(mid)
+        self._flush()
+        return expired
+
+    def purge(self, now_ms: int, retention_ms: int) -> list[int]:
+        """Forget tombstones with ``done_ms <= now_ms - retention_ms``; returns their mids."""
+        cutoff = now_ms - retention_ms
+        grave = self._graveyard
+        purged: list[int] = []
+        while grave and grave[0][0] <= cutoff:
+            _, mid = heapq.heappop(grave)
+            d = self._details.pop(mid, None)
+            if d is None:
+                continue
+            if self._by_id.get(d.message_id) == mid:
+                del self._by_id[d.message_id]
+            self._journal.append(Purge(mid))
+            purged.append(mid)
+        return purged
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def status(self, message_id: str) -> MessageStatus | None:
+        mid = self._by_id.get(message_id)
+        if mid is None:
+            return None
+        d = self._details[mid]
+        state: Literal["active", "done", "expired"]
+        if d.done_ms is None:
+            state = "active"
+        else:
+            # Expiry takes every remaining target at once, so expired > 0 iff TTL ended it.
+            state = "expired" if d.expired else "done"
+        return MessageStatus(
+            message_id=d.message_id,
+            total=d.total,
+            acked=d.acked,
+            pending=d.remaining,
+            expired=d.expired,
+            dropped=d.dropped,
+            state=state,
+        )
+
+    def backlog(self, target: str) -> int:
+        """Alive entries queued for ``target``, not counting its unacknowledged buffer."""
+        t = self._targets.get(target)
+        return 0 if t is None else t.alive
+
+    def detail(self, mid: int) -> Detail | None:
+        """A copy of the detail of ``mid`` (alive or tombstone), or None once purged."""
+        d = self._details.get(mid)
+        return None if d is None else replace(d)
+
+    def mid_of(self, message_id: str) -> int | None:
+        return self._by_id.get(message_id)
+
+    def targets(self) -> list[str]:
+        """Names of the targets with a queue or a buffer (a copy: safe to iterate anywhere)."""
+        return list(self._targets)
+
+    @property
+    def alive_messages(self) -> int:
+        """Messages whose content is still stored."""
+        return self._alive
+
+    @property
+    def target_count(self) -> int:
+        """Targets with a queue (possibly of dead entries only) or an ack buffer."""
+        return len(self._targets)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._details) - self._alive
+
+    def take_journal(self) -> list[Op]:
+        """The ops recorded since the last call, in the order the store must apply them."""
+        ops, self._journal = self._journal, []
+        return ops
+
+    # -- restart -----------------------------------------------------------------------------
+
+    @classmethod
+    def restore(
+        cls,
+        *,
+        details: Iterable[Detail],
+        queues: Mapping[str, Sequence[tuple[int, int]]],
+        buffers: Mapping[str, Buffer],
+        queue_limit: int = 50,
+        overflow: OverflowPolicy = OverflowPolicy.DROP_HEAD,
+        max_batch: int = 100,
+    ) -> DirectedCore:
+        """Rebuild a core from the store: details, ``target -> [(seq, mid)]`` ascending, buffers.
+
+        The journal starts empty. A smaller ``queue_limit`` than before is honoured lazily:
+        drop-head trims a queue on its next submit, reject refuses until it drains.
+        """
+        core = cls(queue_limit=queue_limit, overflow=overflow, max_batch=max_batch)
+        top = 0
+        for src in details:
+            d = replace(src)  # never share mutable state with the caller
+            core._details[d.mid] = d
+            core._by_id[d.message_id] = d.mid
+            top = max(top, d.mid)
+            if d.done_ms is not None:
+                core._graveyard.append((d.done_ms, d.mid))
+                continue
+            core._alive += 1
+            if d.expires_at_ms is not None:
+                core._expiry.append((d.expires_at_ms, d.mid))
+        for key, entries in queues.items():
+            if not entries:
+                continue
+            first, last = entries[0][0], entries[-1][0]
+            if last - first + 1 != len(entries):
+                raise ValueError(f"queue of {key!r}: seqs {first}..{last} are not contiguous")
+            t = core._targets[key] = _Target()
+            t.tail_seq = last
+            prev = 0
+            for _, mid in entries:
+                if mid <= prev:
+                    raise ValueError(f"queue of {key!r}: mids are not ascending at {mid}")
+                prev = mid
+                t.mids.append(mid)
+                held = core._details.get(mid)
+                if held is not None and held.done_ms is None:
+                    t.alive += 1
+                    if held.expires_at_ms is not None:
+                        core._holders.setdefault(mid, []).append(key)
+            top = max(top, prev)
+        for key, buf in buffers.items():
+            t = core._targets.get(key) or core._targets.setdefault(key, _Target())
+            t.buffer = Buffer(buf.record_id, tuple(buf.mids))
+            top = max(top, *t.buffer.mids, 0)
+        heapq.heapify(core._expiry)
+        heapq.heapify(core._graveyard)
+        # Past every mid still referenced anywhere, so a dead entry can never come back to
+        # life as a new message (tombstones purged since may have had higher mids; reusing
+        # those is harmless because nothing refers to them).
+        core._next_mid = top + 1
+        return core
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _alive_only(self, mids: Iterable[int]) -> tuple[int, ...]:
+        details = self._details
+        out = []
+        for mid in mids:
+            d = details.get(mid)
+            if d is not None and d.done_ms is None:
+                out.append(mid)
+        return tuple(out)
+
+    def _take(self, key: str, t: _Target, n: int, record_id: str) -> tuple[int, ...]:
+        """Move up to ``n`` alive mids from the head of the queue into a new buffer."""
+        mids = t.mids
+        details = self._details
+        taken: list[int] = []
+        popped = False
+        while mids:
+            mid = mids[0]
+            d = details.get(mid)
+            if d is not None and d.done_ms is None:
+                if len(taken) == n:
+                    break
+                taken.append(mid)
+            # Dead entries at the head go with the batch, so the next pull starts on a live one.
+            mids.popleft()
+            popped = True
+        if popped:
+            self._journal.append(Dequeue(key, t.tail_seq - len(mids)))
+            if not mids:
+                t.tail_seq = 0
+        if not taken:
+            return ()
+        t.alive -= len(taken)
+        batch = tuple(taken)
+        t.buffer = Buffer(record_id, batch)
+        self._journal.append(SetBuffer(key, record_id, batch))
+        return batch
+
+    def _acknowledge(self, key: str, t: _Target, buf: Buffer, now_ms: int) -> tuple[int, ...]:
+        details = self._details
+        acked: list[int] = []
+        for mid in buf.mids:
+            d = details.get(mid)
+            if d is None or d.done_ms is not None:
+                continue  # expired while buffered: already counted as expired, not acked
+            d.remaining -= 1
+            d.acked += 1
+            self._touched[mid] = None
+            acked.append(mid)
+            if d.remaining == 0:
+                self._die(d, now_ms)
+        t.buffer = None
+        self._journal.append(ClearBuffer(key))
+        return tuple(acked)
+
+    def _drop_head(self, key: str, t: _Target, now_ms: int, dropped: list[tuple[str, int]]) -> None:
+        """Remove the oldest alive entries (and dead ones before them) until there is room."""
+        mids = t.mids
+        details = self._details
+        limit = self._limit
+        while t.alive >= limit:
+            mid = mids.popleft()
+            d = details.get(mid)
+            if d is None or d.done_ms is not None:
+                continue
+            t.alive -= 1
+            d.remaining -= 1
+            d.dropped += 1
+            self._touched[mid] = None
+            dropped.append((key, mid))
+            if d.remaining == 0:
+                self._die(d, now_ms)
+        self._journal.append(Dequeue(key, t.tail_seq - len(mids)))
+        if not mids:
+            t.tail_seq = 0
+
+    def _compact(self, key: str, t: _Target) -> None:
+        """Rewrite a queue without its dead entries.
+
+        Dead entries behind an alive head (a target that never pulls, receiving messages that
+        expire) would otherwise pile up without bound; the journal can only cut a queue at the
+        head, so the queue is emptied and its alive entries enqueued again, in order. This
+        runs only once more than ``queue_limit`` entries are dead, so it is O(1) amortized.
+        """
+        alive = self._alive_only(t.mids)
+        self._journal.append(Dequeue(key, t.tail_seq))
+        t.mids = deque(alive)
+        t.tail_seq = 0
+        for mid in alive:
+            t.tail_seq += 1
+            self._journal.append(Enqueue(key, t.tail_seq, mid))
+
+    def _die(self, d: Detail, now_ms: int, *, by_ttl: bool = False) -> None:
+        d.done_ms = now_ms
+        self._alive -= 1
+        heapq.heappush(self._graveyard, (now_ms, d.mid))
+        if d.expires_at_ms is None or by_ttl:
+            return
+        self._holders.pop(d.mid, None)
+        self._stale_expiry += 1
+        # Finished before its TTL: its heap entry is now garbage. Rebuild the heap when
+        # garbage is most of it, so a long TTL with fast acknowledgements stays small.
+        if self._stale_expiry > 64 and 2 * self._stale_expiry > len(self._expiry):
+            details = self._details
+            self._expiry = [
+                e for e in self._expiry if (x := details.get(e[1])) is not None and x.alive
+            ]
+            heapq.heapify(self._expiry)
+            self._stale_expiry = 0
+
+    def _flush(self) -> None:
+        """Journal the counters of every message touched by this call (and their deletion)."""
+        if not self._touched:
+            return
+        emit = self._journal.append
+        details = self._details
+        for mid in self._touched:
+            d = details[mid]
+            emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped))
+            # Only alive messages are ever touched, so a done one died during this call.
+            if d.done_ms is not None:
+                emit(DeleteContent(mid, d.done_ms))
+        self._touched.clear()

@@ -1,0 +1,197 @@
+"""SQLite persistence of the directed worker: applies the core's journal, loads it back.
+
+Layout (one file, ``<state_dir>/directed/directed.sqlite3``):
+
+- ``messages``: one detail record per message: counters, expiry, properties and the content
+  (set to NULL once no target needs it; the row stays as a tombstone for status queries and
+  de-duplication until the retention window passes);
+- ``targets``: target name -> small integer, so the per-target rows stay small;
+- ``entries``: the per-target ID-only queues, ``(target, seq) -> message``, WITHOUT ROWID
+  so one extra target of a request costs one short b-tree cell;
+- ``buffers``: the unacknowledged batch per target with its record id.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.store import Database
+from workers.directed import model as m
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        mid INTEGER PRIMARY KEY,
+        message_id TEXT NOT NULL UNIQUE,
+        total INTEGER NOT NULL,
+        remaining INTEGER NOT NULL,
+        acked INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER,
+        done_ms INTEGER,
+        props TEXT,
+        body BLOB)""",
+    "CREATE TABLE IF NOT EXISTS targets (tid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    """CREATE TABLE IF NOT EXISTS entries (
+        tid INTEGER NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,
+        PRIMARY KEY (tid, seq)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS buffers (
+        tid INTEGER PRIMARY KEY, record_id TEXT NOT NULL, mids TEXT NOT NULL)""",
+)
+
+
+@dataclass(slots=True)
+class Content:
+    body: bytes
+    props: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one group commit writes: journal ops plus the content of new messages."""
+
+    ops: list[m.Op]
+    contents: dict[int, Content]
+
+
+class DirectedStore:
+    def __init__(self, directory: Path, *, synchronous: str = "FULL") -> None:
+        self.db = Database(
+            directory / "directed.sqlite3",
+            worker="directed",
+            schema_version=SCHEMA_VERSION,
+            schema=SCHEMA,
+            synchronous=synchronous,
+        )
+        # Owned by the writer thread: every access goes through db.run / run_sync.
+        self._tids: dict[str, int] = {}
+        self.db.run_sync(self._load_tids)
+
+    def _load_tids(self, conn: sqlite3.Connection) -> None:
+        self._tids = {name: tid for tid, name in conn.execute("SELECT tid, name FROM targets")}
+
+    def _tid(self, conn: sqlite3.Connection, name: str) -> int:
+        tid = self._tids.get(name)
+        if tid is None:
+            tid = conn.execute("INSERT INTO targets (name) VALUES (?)", (name,)).lastrowid
+            assert tid is not None
+            self._tids[name] = tid
+        return tid
+
+    def apply(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
+        """Write the journal in order (called inside one transaction)."""
+        enqueue: list[tuple[int, int, int]] = []
+        for batch in batches:
+            for op in batch.ops:
+                if isinstance(op, m.Enqueue):
+                    enqueue.append((self._tid(conn, op.target), op.seq, op.mid))
+                    continue
+                if enqueue:  # keep order: flush the run of enqueues before any other op
+                    conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)
+                    enqueue = []
+                self._apply_one(conn, op, batch.contents)
+        if enqueue:
+            conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)
+
+    def _apply_one(
+        self, conn: sqlite3.Connection, op: m.Op, contents: Mapping[int, Content]
+    ) -> None:
+        if isinstance(op, m.NewMessage):
+            content = contents.get(op.mid)
+            conn.execute(
+                "INSERT INTO messages (mid, message_id, total, remaining, created_ms, expires_ms,"
+                " props, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    op.mid,
+                    op.message_id,
+                    op.total,
+                    op.total,
+                    op.created_ms,
+                    op.expires_at_ms,
+                    json.dumps(content.props, default=str) if content else None,
+                    content.body if content else None,
+                ),
+            )
+        elif isinstance(op, m.Dequeue):
+            conn.execute(
+                "DELETE FROM entries WHERE tid = ? AND seq <= ?",
+                (self._tid(conn, op.target), op.upto_seq),
+            )
+        elif isinstance(op, m.SetBuffer):
+            conn.execute(
+                "INSERT OR REPLACE INTO buffers VALUES (?, ?, ?)",
+                (self._tid(conn, op.target), op.record_id, json.dumps(list(op.mids))),
+            )
+        elif isinstance(op, m.ClearBuffer):
+            conn.execute("DELETE FROM buffers WHERE tid = ?", (self._tid(conn, op.target),))
+        elif isinstance(op, m.Counts):
+            conn.execute(
+                "UPDATE messages SET remaining = ?, acked = ?, expired = ?, dropped = ? WHERE mid = ?",
+                (op.remaining, op.acked, op.expired, op.dropped, op.mid),
+            )
+        elif isinstance(op, m.DeleteContent):
+            conn.execute(
+                "UPDATE messages SET done_ms = ?, body = NULL, props = NULL WHERE mid = ?",
+                (op.done_ms, op.mid),
+            )
+        elif isinstance(op, m.Purge):
+            conn.execute("DELETE FROM messages WHERE mid = ?", (op.mid,))
+        else:  # pragma: no cover - a new op type must be handled here
+            raise TypeError(f"unknown journal op {op!r}")
+
+    # -- reads -------------------------------------------------------------------------
+
+    def load(
+        self, conn: sqlite3.Connection
+    ) -> tuple[list[m.Detail], dict[str, list[tuple[int, int]]], dict[str, m.Buffer]]:
+        details = [
+            m.Detail(
+                mid=row[0],
+                message_id=row[1],
+                total=row[2],
+                remaining=row[3],
+                acked=row[4],
+                expired=row[5],
+                dropped=row[6],
+                created_ms=row[7],
+                expires_at_ms=row[8],
+                done_ms=row[9],
+            )
+            for row in conn.execute(
+                "SELECT mid, message_id, total, remaining, acked, expired, dropped, created_ms,"
+                " expires_ms, done_ms FROM messages ORDER BY mid"
+            )
+        ]
+        names = {tid: name for name, tid in self._tids.items()}
+        queues: dict[str, list[tuple[int, int]]] = {}
+        for tid, seq, mid in conn.execute("SELECT tid, seq, mid FROM entries ORDER BY tid, seq"):
+            queues.setdefault(names[tid], []).append((seq, mid))
+        buffers = {
+            names[tid]: m.Buffer(record_id=record_id, mids=tuple(json.loads(mids)))
+            for tid, record_id, mids in conn.execute("SELECT tid, record_id, mids FROM buffers")
+        }
+        return details, queues, buffers
+
+    @staticmethod
+    def contents(conn: sqlite3.Connection, mids: Iterable[int]) -> dict[int, Content]:
+        wanted = list(mids)
+        out: dict[int, Content] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for mid, props, body in conn.execute(
+                f"SELECT mid, props, body FROM messages WHERE mid IN ({marks}) AND body IS NOT NULL",
+                chunk,
+            ):
+                out[mid] = Content(body=bytes(body), props=json.loads(props) if props else {})
+        return out
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,256 @@
+"""The directed wire contract as pure functions: request, pull and control parsing, replies.
+
+No I/O here, so every malformed input can be tested without a broker. Parsers return a
+value or raise :class:`WireError` carrying the code that goes into the error reply or the
+``x-dead-reason`` header.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
+
+
+class WireError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    message_id: str
+    targets: list[str]
+    ttl_ms: int
+    body: bytes
+    content_type: str | None
+    headers: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    topic: str
+    record_id: str | None
+    max: int
+    wait_ms: int
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _strict_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
+    if raw is None:
+        raise WireError(
+            "missing_targets", f"header {H_TARGETS} (array of target names) is required"
+        )
+    if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
+        raise WireError(
+            "invalid_targets", f"{H_TARGETS} must be an array of strings, got {_short(raw)}"
+        )
+    if not raw:
+        raise WireError("empty_targets", f"{H_TARGETS} is an empty array")
+    if len(raw) > settings.max_targets:
+        raise WireError(
+            "too_many_targets", f"{len(raw)} targets, more than the limit of {settings.max_targets}"
+        )
+    targets: list[str] = []
+    for item in raw:
+        name = _text(item)
+        if name is None:
+            raise WireError("invalid_targets", f"target {_short(item)} is not a string")
+        if not name or len(name.encode()) > settings.max_target_length:
+            raise WireError(
+                "invalid_target_name",
+                f"target names must be 1..{settings.max_target_length} bytes, got {_short(name)}",
+            )
+        targets.append(name)
+    return list(dict.fromkeys(targets))
+
+
+def check_ttl(raw: Any, settings: DirectedSettings) -> int:
+    if raw is None:
+        return settings.default_ttl_ms
+    value = _strict_int(raw)
+    if value is None:
+        text = _text(raw)
+        if text is not None and text.strip().lstrip("-").isdigit():
+            value = int(text)
+    if value is None or value <= 0:
+        raise WireError("invalid_ttl", f"{H_TTL} must be a positive integer, got {_short(raw)}")
+    if value > settings.max_ttl_ms:
+        raise WireError(
+            "invalid_ttl", f"{H_TTL}={value} exceeds the limit of {settings.max_ttl_ms} ms"
+        )
+    return value
+
+
+def content_digest(body: bytes, targets: Sequence[str], headers: Mapping[str, Any]) -> str:
+    """Id of a request published without message_id (content-based de-duplication)."""
+    h = hashlib.sha256()
+    h.update(len(body).to_bytes(8, "big"))
+    h.update(body)
+    h.update(json.dumps(list(targets), ensure_ascii=False).encode())
+    h.update(json.dumps(headers, sort_keys=True, default=str).encode())
+    return "sha256:" + h.hexdigest()[:48]
+
+
+def parse_request(
+    *,
+    body: bytes,
+    headers: Mapping[str, Any] | None,
+    content_type: str | None,
+    message_id: str | None,
+    settings: DirectedSettings,
+) -> Request:
+    headers = dict(headers or {})
+    if len(body) > settings.max_body_bytes:
+        raise WireError("oversized", f"body of {len(body)} bytes exceeds {settings.max_body_bytes}")
+    if content_type == ENVELOPE_CONTENT_TYPE and H_TARGETS not in headers:
+        body, content_type, raw_targets, extra = _parse_envelope(body)
+        headers.update(extra)
+    else:
+        raw_targets = headers.get(H_TARGETS)
+    targets = check_targets(raw_targets, settings)
+    ttl = check_ttl(headers.get(H_TTL), settings)
+    user_headers = {k: v for k, v in headers.items() if k not in (H_TARGETS, H_TTL)}
+    if message_id is not None and not (0 < len(message_id) <= 255):
+        raise WireError("invalid_message_id", "message_id must be 1..255 characters")
+    mid = message_id or content_digest(body, targets, user_headers)
+    return Request(mid, targets, ttl, body, content_type, user_headers)
+
+
+def _parse_envelope(raw: bytes) -> tuple[bytes, str | None, Any, dict[str, Any]]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise WireError("invalid_envelope", f"envelope is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise WireError("invalid_envelope", "envelope must be a JSON object")
+    body_b64 = doc.get("body", "")
+    if not isinstance(body_b64, str):
+        raise WireError("invalid_envelope", "envelope 'body' must be a base64 string")
+    try:
+        body = base64.b64decode(body_b64, validate=True)
+    except ValueError:
+        raise WireError("invalid_envelope", "envelope 'body' is not valid base64") from None
+    ctype = doc.get("content_type")
+    if ctype is not None and not isinstance(ctype, str):
+        raise WireError("invalid_envelope", "envelope 'content_type' must be a string")
+    extra = doc.get("headers") or {}
+    if not isinstance(extra, dict):
+        raise WireError("invalid_envelope", "envelope 'headers' must be an object")
+    if "ttl_ms" in doc:
+        extra[H_TTL] = doc["ttl_ms"]
+    return body, ctype, doc.get("targets"), extra
+
+
+def parse_json_object(body: bytes, settings: DirectedSettings) -> dict[str, Any]:
+    if len(body) > settings.max_pull_bytes:
+        raise WireError("too_large", f"body of {len(body)} bytes exceeds {settings.max_pull_bytes}")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise WireError("bad_json", f"body is not JSON: {str(exc)[:100]}") from None
+    if not isinstance(doc, dict):
+        raise WireError("invalid_pull", "body must be a JSON object")
+    return doc
+
+
+def parse_pull(body: bytes, routing_key: str | None, settings: DirectedSettings) -> Pull:
+    doc = parse_json_object(body, settings)
+    op = doc.get("op", "pull")
+    if op != "pull":
+        raise WireError(
+            "unknown_op", f"op {_short(op)} is not supported on the pull exchange (use 'pull')"
+        )
+    topic = doc.get("topic")
+    if topic is None:
+        raise WireError("invalid_pull", "field 'topic' (the target name) is required")
+    if not isinstance(topic, str) or not topic or len(topic.encode()) > settings.max_target_length:
+        raise WireError("invalid_pull", f"'topic' must be a non-empty string, got {_short(topic)}")
+    if settings.pull_exchange_type != "fanout" and routing_key and routing_key != topic:
+        raise WireError(
+            "topic_mismatch",
+            f"routing key {routing_key!r} differs from topic {topic!r}; use the target name for both",
+        )
+    record_id = doc.get("record_id")
+    if record_id is not None and (not isinstance(record_id, str) or len(record_id) > 128):
+        raise WireError(
+            "invalid_pull", f"'record_id' must be a string or null, got {_short(record_id)}"
+        )
+    max_n = doc.get("max", settings.default_max)
+    if _strict_int(max_n) is None or max_n < 0:
+        raise WireError("invalid_pull", f"'max' must be an integer >= 0, got {_short(max_n)}")
+    wait_ms = doc.get("wait_ms", 0)
+    if _strict_int(wait_ms) is None or wait_ms < 0:
+        raise WireError("invalid_pull", f"'wait_ms' must be an integer >= 0, got {_short(wait_ms)}")
+    return Pull(
+        topic, record_id, min(max_n, settings.max_batch), min(wait_ms, settings.max_wait_ms)
+    )
+
+
+def encode_reply(
+    topic: str, record_id: str | None, redelivered: bool, messages: list[dict[str, Any]]
+) -> bytes:
+    return json.dumps(
+        {"topic": topic, "record_id": record_id, "redelivered": redelivered, "messages": messages},
+        separators=(",", ":"),
+        default=str,
+    ).encode()
+
+
+def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "body": base64.b64encode(body).decode("ascii"),
+        "content_type": props.get("content_type"),
+        "headers": props.get("headers") or {},
+    }
+
+
+def encode_error(code: str, message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}, **extra}, default=str).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """AMQP header values (bytes, datetimes, decimals) as JSON-friendly values."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def json_dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), default=str).encode()

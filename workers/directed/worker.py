@@ -1,0 +1,474 @@
+"""AMQP adapter of the directed worker: consumes requests, pulls and control queries,
+drives the pure core, commits its journal, replies.
+
+Order of effects, which is what makes a ``kill -9`` safe:
+
+- a request is acknowledged to the broker only after the commit that holds its effect;
+  a redelivered request is recognised by its ``message_id`` (or content digest) and not
+  applied twice;
+- a pull is answered only after the commit that holds its buffer/acknowledgement, so a
+  target never sees a record id that a restart could forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+
+from bridge.amqp import ConfirmPublisher, declare_dead_letter, declare_exchange
+from bridge.errors import PublishFailed
+from bridge.host import WorkerContext
+from bridge.store import GroupCommitter
+from workers.directed import wire
+from workers.directed.config import (
+    H_DEAD_DETAIL,
+    H_DEAD_REASON,
+    REPLY_CONTENT_TYPE,
+    DirectedSettings,
+)
+from workers.directed.metrics import DirectedMetrics
+from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
+from workers.directed.store import Batch, Content, DirectedStore
+
+log = logging.getLogger("bridge.directed")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ContentCache:
+    """Recently stored content, bounded by bytes, so most pulls never read the file."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[int, Content] = OrderedDict()
+
+    def put(self, mid: int, content: Content) -> None:
+        size = len(content.body) + 64
+        if size > self.max_bytes:
+            return
+        self._items[mid] = content
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old.body) + 64
+
+    def get(self, mid: int) -> Content | None:
+        item = self._items.get(mid)
+        if item is not None:
+            self._items.move_to_end(mid)
+        return item
+
+    def drop(self, mid: int) -> None:
+        item = self._items.pop(mid, None)
+        if item is not None:
+            self.bytes -= len(item.body) + 64
+
+
+class DirectedWorker:
+    name = "directed"
+
+    def __init__(self, settings: DirectedSettings | None = None) -> None:
+        self.settings = settings or DirectedSettings()
+        self.core: DirectedCore | None = None
+        self.store: DirectedStore | None = None
+        self.committer: GroupCommitter[Batch] | None = None
+        self._consuming = False
+        self._pending_contents: dict[int, Content] = {}
+        self._cache = ContentCache(self.settings.cache_bytes)
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, ctx: WorkerContext) -> None:
+        s = self.settings
+        self.metrics = DirectedMetrics(ctx.registry, self)
+        self.store = DirectedStore(ctx.state_dir(self.name), synchronous=s.synchronous)
+        started = time.perf_counter()
+        details, queues, buffers = await self.store.db.run(self.store.load)
+        self.core = DirectedCore.restore(
+            details=details,
+            queues=queues,
+            buffers=buffers,
+            queue_limit=s.queue_limit,
+            overflow=OverflowPolicy(s.overflow),
+            max_batch=s.max_batch,
+        )
+        log.info(
+            "state restored",
+            extra={
+                "messages": len(details),
+                "targets": len(queues),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        self.committer = GroupCommitter(
+            self.store.db, self._take, self.store.apply, on_commit=self.metrics.on_commit
+        )
+        self.committer.start()
+
+        broker = ctx.broker
+        self._channel = await broker.channel(prefetch=s.request_prefetch, confirms=True)
+        self.publisher = ConfirmPublisher(self._channel)
+        self._dead = await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
+        requests_ex = await declare_exchange(self._channel, s.requests_exchange, "fanout")
+        requests_q = await self._channel.declare_queue(
+            s.requests_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await requests_q.bind(requests_ex, routing_key="")
+
+        self._pull_channel = await broker.channel(prefetch=s.pull_prefetch, confirms=False)
+        pull_ex = await declare_exchange(self._pull_channel, s.pull_exchange, s.pull_exchange_type)
+        pull_args: dict[str, Any] = {"x-queue-type": s.pull_queue_type}
+        pull_q = await self._pull_channel.declare_queue(
+            s.pull_queue, durable=True, arguments=pull_args
+        )
+        await pull_q.bind(pull_ex, routing_key="#" if s.pull_exchange_type == "topic" else "")
+        control_ex = await declare_exchange(self._pull_channel, s.control_exchange, "fanout")
+        control_q = await self._pull_channel.declare_queue(
+            s.control_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await control_q.bind(control_ex, routing_key="")
+        self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
+        self._reply_ex: AbstractExchange = self._reply_channel.default_exchange
+
+        for queue, handler in (
+            (requests_q, self._on_request),
+            (pull_q, self._on_pull),
+            (control_q, self._on_control),
+        ):
+            tag = await queue.consume(self._tracked(handler))
+            self._consumers.append((queue, tag))
+        self._consuming = True
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+
+    def _tracked(self, handler: Any) -> Any:
+        async def run(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._inflight.add(task)
+            try:
+                await handler(message)
+            except Exception:
+                log.exception("handler failed; message will be redelivered")
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+            finally:
+                self._inflight.discard(task)
+
+        return run
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        self._consuming = False
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumers.clear()
+        for waiters in self._waiters.values():  # long polls answer now with what they have
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=max(grace - 1, 0.1))
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self.committer is not None:
+            with contextlib.suppress(Exception):
+                await self.committer.close()
+        for channel in (
+            getattr(self, "_channel", None),
+            getattr(self, "_pull_channel", None),
+            getattr(self, "_reply_channel", None),
+        ):
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        if self.store is not None:
+            self.store.close()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.committer is not None and self.committer.failing:
+            return False, f"state commits failing: {self.committer.failing}"
+        if not self._consuming:
+            return False, "not consuming"
+        return True, "consuming"
+
+    def admin(self, view: str) -> Any:
+        core = self.core
+        if core is None:
+            return {"state": "starting"}
+        if view in ("", "summary"):
+            return {
+                "messages": core.alive_messages,
+                "targets": core.target_count,
+                "commits": self.committer.commits if self.committer else 0,
+                "commit_failing": self.committer.failing if self.committer else None,
+                "cache_bytes": self._cache.bytes,
+            }
+        if view == "backlog":
+            return dict(self.metrics.top_backlog(100))
+        if view.startswith("message/"):
+            return core.status(view[len("message/") :])
+        return None
+
+    # -- journal -----------------------------------------------------------------------
+
+    def _take(self) -> list[Batch]:
+        assert self.core is not None
+        ops = self.core.take_journal()
+        if not ops and not self._pending_contents:
+            return []
+        contents, self._pending_contents = self._pending_contents, {}
+        for op in ops:
+            if isinstance(op, DeleteContent):
+                self._cache.drop(op.mid)
+        return [Batch(ops=ops, contents=contents)]
+
+    async def _committed(self) -> None:
+        assert self.committer is not None
+        await self.committer.barrier()
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+        assert self.core is not None
+        try:
+            req = wire.parse_request(
+                body=message.body,
+                headers=message.headers,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                settings=self.settings,
+            )
+        except wire.WireError as exc:
+            await self._dead_letter(message, exc.code, exc.message)
+            return
+        result = self.core.submit(req.message_id, req.targets, now_ms(), req.ttl_ms)
+        if result.status == "rejected":
+            reason = result.reason or "rejected"
+            await self._dead_letter(message, reason, f"request {req.message_id} refused: {reason}")
+            return
+        if result.status == "accepted":
+            assert result.mid is not None
+            content = Content(
+                body=req.body,
+                props={
+                    "content_type": req.content_type,
+                    "content_encoding": message.content_encoding,
+                    "headers": wire.json_safe(req.headers),
+                },
+            )
+            self._pending_contents[result.mid] = content
+            self._cache.put(result.mid, content)
+            self.metrics.overflow_drops.inc(len(result.dropped))
+            self._wake(req.targets)
+        await self._committed()
+        self.metrics.requests.labels(result.status).inc()
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        # After a reconnect the delivery tag is stale; the broker redelivers and the
+        # message_id makes the second application a no-op.
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, detail: str
+    ) -> None:
+        headers = dict(message.headers or {})
+        headers[H_DEAD_REASON] = reason
+        headers[H_DEAD_DETAIL] = detail[:500]
+        dead = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            timestamp=message.timestamp,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self.publisher.publish(self._dead, dead, message.routing_key or "")
+        except PublishFailed as exc:
+            log.error(
+                "dead-letter publish failed; requeueing",
+                extra={"reason": reason, "error": str(exc)},
+            )
+            await asyncio.sleep(1)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        self.metrics.dead_letters.labels(reason).inc()
+        log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
+        await self._ack(message)
+
+    # -- pulls -------------------------------------------------------------------------
+
+    def _wake(self, targets: list[str]) -> None:
+        if not self._waiters:
+            return
+        if len(targets) < len(self._waiters):
+            hit = [t for t in targets if t in self._waiters]
+        else:
+            hit = [t for t in self._waiters if t in set(targets)]
+        for target in hit:
+            for fut in self._waiters.pop(target, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _wait_for(self, target: str, wait_ms: int) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(target, set()).add(fut)
+        try:
+            await asyncio.wait_for(fut, wait_ms / 1000)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(target)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    self._waiters.pop(target, None)
+
+    async def _reply(self, message: AbstractIncomingMessage, body: bytes) -> None:
+        assert message.reply_to
+        reply = aio_pika.Message(
+            body=body,
+            correlation_id=message.correlation_id,
+            content_type=REPLY_CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self._reply_ex.publish(reply, routing_key=message.reply_to, mandatory=False)
+        except Exception as exc:  # the requester is gone or the channel is reconnecting
+            log.info("reply not sent", extra={"reply_to": message.reply_to, "error": str(exc)})
+
+    async def _on_pull(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        if not message.reply_to:
+            await self._dead_letter(
+                message, "missing_reply_to", "a pull needs reply_to to be answered"
+            )
+            return
+        try:
+            pull = wire.parse_pull(message.body, message.routing_key, self.settings)
+        except wire.WireError as exc:
+            self.metrics.pulls.labels("error").inc()
+            await self._reply(message, wire.encode_error(exc.code, exc.message))
+            await self._ack(message)
+            return
+        body = await self._serve_pull(pull)
+        await self._reply(message, body)
+        await self._ack(message)
+        self.metrics.pull_seconds.observe(time.perf_counter() - started)
+
+    def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
+        assert self.core is not None
+        result = self.core.pull(topic, record_id, max_n, now_ms(), uuid.uuid4().hex)
+        self.metrics.pulls.labels(result.kind).inc()
+        if result.kind == "resend":
+            self.metrics.redeliveries.inc()
+        if result.acked:
+            self.metrics.acks.inc(len(result.acked))
+        return result
+
+    async def _serve_pull(self, pull: wire.Pull) -> bytes:
+        result = self._pull_core(pull.topic, pull.record_id, pull.max)
+        if result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self._stopping:
+            await self._committed()  # the acknowledgement is durable before we wait
+            await self._wait_for(pull.topic, pull.wait_ms)
+            result = self._pull_core(pull.topic, None, pull.max)
+        await self._committed()
+        messages = await self._messages(result.mids)
+        return wire.encode_reply(pull.topic, result.record_id, result.redelivered, messages)
+
+    async def _messages(self, mids: tuple[int, ...]) -> list[dict[str, Any]]:
+        assert self.core is not None and self.store is not None
+        if not mids:
+            return []
+        found: dict[int, Content] = {}
+        missing = []
+        for mid in mids:
+            content = self._cache.get(mid)
+            if content is None:
+                missing.append(mid)
+            else:
+                found[mid] = content
+        if missing:
+            loaded = await self.store.db.run(self.store.contents, missing)
+            for mid, content in loaded.items():
+                self._cache.put(mid, content)
+            found.update(loaded)
+        out = []
+        for mid in mids:
+            detail = self.core.detail(mid)
+            content = found.get(mid)
+            if detail is None or content is None or not detail.alive:
+                continue  # expired or deleted between the decision and the read
+            out.append(wire.encode_message(detail.message_id, content.body, content.props))
+        return out
+
+    # -- control -----------------------------------------------------------------------
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        assert self.core is not None
+        if not message.reply_to:
+            await self._dead_letter(message, "missing_reply_to", "a control query needs reply_to")
+            return
+        try:
+            doc = wire.parse_json_object(message.body, self.settings)
+            op = doc.get("op")
+            if op == "status":
+                message_id = doc.get("message_id")
+                if not isinstance(message_id, str):
+                    raise wire.WireError("invalid_query", "'message_id' (string) is required")
+                status = self.core.status(message_id)
+                if status is None:
+                    raise wire.WireError(
+                        "not_found", f"no message {message_id!r} (never seen, or purged)"
+                    )
+                body = wire.json_dumps({"status": status})
+            elif op == "stats":
+                body = wire.json_dumps({"stats": self.admin("summary")})
+            else:
+                raise wire.WireError("unknown_op", "op must be 'status' or 'stats'")
+        except wire.WireError as exc:
+            body = wire.encode_error(exc.code, exc.message)
+        await self._reply(message, body)
+        await self._ack(message)
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    async def _housekeep(self) -> None:
+        assert self.core is not None
+        while True:
+            await asyncio.sleep(self.settings.housekeeping_interval_s)
+            now = now_ms()
+            expired = self.core.expire(now)
+            for mid in expired:
+                detail = self.core.detail(mid)
+                if detail is not None:
+                    self.metrics.expired.inc(detail.expired)
+                self._cache.drop(mid)
+            purged = self.core.purge(now, self.settings.dedup_retention_ms)
+            if expired or purged:
+                await self._committed()
