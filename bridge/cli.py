@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -26,6 +27,10 @@ configuration comes from environment variables (BRIDGE_AMQP_URL, BRIDGE_STATE_DI
 BRIDGE_HTTP_PORT, BRIDGE_<WORKER>__<SETTING>) and from files in BRIDGE_SECRETS_DIR;
 see README.md for every setting.
 """
+
+
+# Each worker's client helpers: a module with add_commands(subparsers).
+CLIENT_MODULES = ("workers.directed.client", "workers.delay.client", "workers.gateway.client")
 
 
 def _settings():  # type: ignore[no-untyped-def]
@@ -142,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "workers", help="list installed workers (entry-point group bridge.workers)"
     )
     lst.set_defaults(func=cmd_workers)
-    from workers.directed import client as directed_client
-
-    directed_client.add_commands(sub)
+    for module in CLIENT_MODULES:
+        try:
+            client = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        client.add_commands(sub)
     return parser
 
 
