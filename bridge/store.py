@@ -56,25 +56,26 @@ class Database:
         existed = self.path.exists() and self.path.stat().st_size > 0
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Read before any write: a foreign or corrupt file must stay byte-for-byte as is.
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{self.path} is not a usable SQLite database ({exc}); it was left untouched. "
                 "Move it away to start empty, or point BRIDGE_STATE_DIR at the right volume."
             ) from exc
         try:
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.execute("PRAGMA temp_store=MEMORY")
-            conn.execute("PRAGMA cache_size=-65536")
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
             if existed and "bridge_meta" not in tables:
                 raise StoreError(
                     f"{self.path} is a SQLite file that this project did not create "
                     f"(tables: {', '.join(sorted(tables)) or 'none'}); refusing to touch it. "
                     "Point BRIDGE_STATE_DIR elsewhere or move the file away."
                 )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("PRAGMA cache_size=-65536")
             conn.execute(_META)
             meta = dict(conn.execute("SELECT key, value FROM bridge_meta").fetchall())
             if meta.get("worker", self.worker) != self.worker:

@@ -160,7 +160,9 @@ def _parse_envelope(raw: bytes) -> tuple[bytes, str | None, Any, dict[str, Any]]
     ctype = doc.get("content_type")
     if ctype is not None and not isinstance(ctype, str):
         raise WireError("invalid_envelope", "envelope 'content_type' must be a string")
-    extra = doc.get("headers") or {}
+    extra = doc.get("headers")
+    if extra is None:
+        extra = {}
     if not isinstance(extra, dict):
         raise WireError("invalid_envelope", "envelope 'headers' must be an object")
     if "ttl_ms" in doc:

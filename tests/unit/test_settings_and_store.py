@@ -1,0 +1,93 @@
+"""Host settings, secrets directory, URL redaction, and the SQLite file checks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bridge.cli import main
+from bridge.errors import StoreError
+from bridge.settings import HostSettings, load_host_settings, redact_url
+from workers.directed.config import DirectedSettings
+from workers.directed.store import DirectedStore
+
+
+def test_env_prefix_and_nested_worker_settings(monkeypatch):
+    monkeypatch.setenv("BRIDGE_HTTP_PORT", "9200")
+    monkeypatch.setenv("BRIDGE_DIRECTED__QUEUE_LIMIT", "7")
+    monkeypatch.setenv("BRIDGE_DIRECTED__OVERFLOW", "reject")
+    assert HostSettings().http_port == 9200
+    s = DirectedSettings()
+    assert s.queue_limit == 7 and s.overflow == "reject"
+
+
+def test_secrets_directory_supplies_the_amqp_url(monkeypatch, tmp_path):
+    (tmp_path / "bridge_amqp_url").write_text("amqp://app:from-secret@rabbit:5672/prod")
+    monkeypatch.setenv("BRIDGE_SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("BRIDGE_AMQP_URL", raising=False)
+    assert load_host_settings().amqp_url == "amqp://app:from-secret@rabbit:5672/prod"
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://env:pw@other:5672/")
+    assert load_host_settings().amqp_url == "amqp://env:pw@other:5672/"  # env wins over files
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("BRIDGE_AMQP_URL", "http://x"),
+        ("BRIDGE_AMQP_URL", "amqp://"),
+        ("BRIDGE_HTTP_PORT", "70000"),
+        ("BRIDGE_LOG_FORMAT", "xml"),
+    ],
+)
+def test_invalid_settings_are_refused(monkeypatch, env, value):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError):
+        HostSettings()
+
+
+def test_invalid_settings_message_never_shows_the_password(monkeypatch, capsys):
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "http://user:hunter2@host/")
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "BRIDGE_AMQP_URL must start with amqp://" in err
+    assert "hunter2" not in err
+
+
+def test_redact_url():
+    assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
+    assert redact_url("amqp://h/") == "amqp://h/"
+
+
+def test_foreign_sqlite_file_is_refused_and_untouched(tmp_path: Path):
+    path = tmp_path / "directed.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER)")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="did not create"):
+        DirectedStore(tmp_path)
+    assert path.read_bytes() == before
+
+
+def test_corrupt_file_is_refused_and_untouched(tmp_path: Path):
+    path = tmp_path / "directed.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not a usable SQLite database|cannot be opened"):
+        DirectedStore(tmp_path)
+    assert path.read_bytes() == before
+
+
+def test_store_reopens_its_own_file(tmp_path: Path):
+    DirectedStore(tmp_path).close()
+    DirectedStore(tmp_path).close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path):
+    DirectedStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / "directed.sqlite3") as conn:
+        conn.execute("UPDATE bridge_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="newer than this release"):
+        DirectedStore(tmp_path)
