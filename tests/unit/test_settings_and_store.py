@@ -75,7 +75,7 @@ def test_corrupt_file_is_refused_and_untouched(tmp_path: Path):
     path = tmp_path / "directed.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="not a usable SQLite database|cannot be opened"):
+    with pytest.raises(StoreError, match=r"not a usable SQLite database|cannot be opened"):
         DirectedStore(tmp_path)
     assert path.read_bytes() == before
 
