@@ -226,6 +226,25 @@ class Balancer:
         server that still has clients."""
         return {sid: len(s.conns) for sid, s in sorted(self._servers.items())}
 
+    def sticky_record(self, client_id: str) -> tuple[str, int, float] | None:
+        """(server, live connections, released_at) of a known client_id, for persistence;
+        ``released_at`` is meaningful only when live is 0."""
+        record = self._clients.get(client_id)
+        if record is None:
+            return None
+        return record.server, record.live, record.released_at
+
+    def restore_sticky(self, client_id: str, server_id: str, released_at: float) -> None:
+        """Bring back a sticky record saved before a restart (no live connection).
+
+        Call in ascending ``released_at`` order (pruning relies on it); a client_id that is
+        already known is left alone, since what this process saw is newer.
+        """
+        if client_id in self._clients:
+            return
+        self._clients[client_id] = _ClientRecord(server_id, live=0, released_at=released_at)
+        self._idle[client_id] = released_at
+
     def _prune_sticky(self, now: float) -> None:
         idle = self._idle
         while idle:

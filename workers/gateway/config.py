@@ -1,0 +1,172 @@
+"""Settings of the gateway worker (``BRIDGE_GATEWAY__*``) and the wire names it uses.
+
+Every exchange and queue name is the default of a setting; AMQP headers, event names and the
+ERROR codes the gateway adds to those of :mod:`workers.gateway.protocol` are defined here once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode
+
+from bridge.settings import secrets_dir, worker_settings_config
+
+# AMQP headers of the contract (gateway -> server and server -> gateway).
+H_EVENT = "x-event"
+H_SESSION = "x-session"
+H_CLIENT_ID = "x-client-id"
+H_CLIENT_ADDR = "x-client-addr"
+H_GATEWAY = "x-gateway"
+H_CLOSE = "x-close"
+H_DEAD_REASON = "x-dead-reason"
+
+EVENT_CONNECT = "connect"
+EVENT_DATA = "data"
+EVENT_DISCONNECT = "disconnect"
+
+# Registry operations on the servers exchange.
+OP_REGISTER = "register"
+OP_HEARTBEAT = "heartbeat"
+OP_DEREGISTER = "deregister"
+REGISTRY_OPS = (OP_REGISTER, OP_HEARTBEAT, OP_DEREGISTER)
+
+# ERROR codes the adapter sends besides the framing ones (protocol.ErrorCode).
+E_BUSY = "busy"
+E_UNAUTHORIZED = "unauthorized"
+E_NO_SERVER = "no_server"
+E_HELLO_TIMEOUT = "hello_timeout"
+E_IDLE_TIMEOUT = "idle_timeout"
+E_SLOW_CONSUMER = "slow_consumer"
+E_UNAVAILABLE = "unavailable"
+
+# x-dead-reason values on gateway.undeliverable.
+DEAD_SESSION_GONE = "session_gone"
+DEAD_NO_SESSION = "missing_session"
+
+# A server id becomes part of a queue name, so it is held to a safe alphabet and length.
+SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
+
+
+def default_instance() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = worker_settings_config("gateway")
+
+    host: str = Field(default="0.0.0.0", description="bind address of the TCP listener(s)")
+    port: int = Field(
+        default=7000, ge=0, le=65535, description="plain TCP listener; 0 = any free port"
+    )
+    plain_listener: bool = Field(
+        default=True, description="false: only the TLS listener runs (needs tls_cert/tls_key)"
+    )
+    tls_port: int = Field(
+        default=7443, ge=0, le=65535, description="TLS listener, started when tls_cert is set"
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM certificate chain")
+    tls_key: Path | None = Field(default=None, description="PEM private key")
+    backlog: int = Field(default=1024, ge=1, description="listen() backlog")
+
+    servers_exchange: str = "gateway.servers"
+    server_queue_prefix: str = "gateway.server."
+    undeliverable_queue: str = "gateway.undeliverable"
+    reply_queue_prefix: str = "gateway.reply."
+    registry_queue_prefix: str = "gateway.registry."
+    instance: str = Field(
+        default_factory=default_instance,
+        min_length=1,
+        max_length=120,
+        description="this gateway replica's id (x-gateway, reply queue name)",
+    )
+
+    heartbeat_s: float = Field(
+        default=30.0, gt=0, description="PING a connection silent this long (sent in WELCOME)"
+    )
+    idle_timeout_s: float = Field(
+        default=90.0, gt=0, description="close a connection silent this long"
+    )
+    hello_timeout_s: float = Field(default=10.0, gt=0, description="time allowed for HELLO")
+    server_ttl_s: float = Field(
+        default=15.0, gt=0, description="a server missing heartbeats this long takes no clients"
+    )
+    sticky_retention_s: float = Field(
+        default=300.0, ge=0, description="a returning client_id goes back to its server"
+    )
+    no_server_wait_s: float = Field(
+        default=5.0, ge=0, description="wait this long for a server before ERROR no_server"
+    )
+    max_frame: int = Field(default=1024 * 1024, ge=1, description="largest payload after HELLO")
+    max_hello_frame: int = Field(default=4096, ge=16, description="largest HELLO payload")
+    max_connections: int = Field(default=100_000, ge=1, description="beyond: ERROR busy")
+    outbound_buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="unsent bytes per client before ERROR slow_consumer",
+    )
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted HELLO tokens (comma-separated or JSON list); empty = no check",
+    )
+    publish_window: int = Field(
+        default=1024, ge=1, description="unconfirmed publishes of this gateway"
+    )
+    session_in_flight: int = Field(
+        default=32, ge=1, description="unconfirmed publishes per connection before reading stops"
+    )
+    close_flush_s: float = Field(
+        default=2.0, gt=0, description="how long a closing socket may take to flush"
+    )
+    tick_s: float = Field(
+        default=1.0, gt=0, description="housekeeping period (timeouts, pings, expiry)"
+    )
+    state_flush_s: float = Field(
+        default=2.0, gt=0, description="how often sticky records are saved for a restart"
+    )
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [t.strip() for t in text.split(",") if t.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("BRIDGE_GATEWAY__TLS_CERT and __TLS_KEY must be set together")
+        if not self.plain_listener and self.tls_cert is None:
+            raise ValueError("plain_listener=false needs tls_cert and tls_key")
+        if self.max_hello_frame > self.max_frame:
+            raise ValueError("max_hello_frame must not exceed max_frame")
+        return self
+
+    def server_queue(self, server_id: str) -> str:
+        return self.server_queue_prefix + server_id
+
+    @property
+    def reply_queue(self) -> str:
+        return self.reply_queue_prefix + self.instance
+
+    @property
+    def registry_queue(self) -> str:
+        return self.registry_queue_prefix + self.instance
+
+
+def load_gateway_settings(**overrides: Any) -> GatewaySettings:
+    """Gateway settings from the environment and the secrets directory (tokens are secrets)."""
+    directory = secrets_dir()
+    if directory:
+        return GatewaySettings(_secrets_dir=directory, **overrides)  # type: ignore[call-arg]
+    return GatewaySettings(**overrides)

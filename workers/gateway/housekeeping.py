@@ -1,0 +1,146 @@
+"""The gateway's periodic work: server expiry, HELLO and idle timeouts, PINGs, and saving
+the sticky records for a restart.
+
+One sweep over all sessions per tick instead of a timer per connection: a timer handle per
+idle connection costs memory, a sweep of 10,000 sessions costs about a millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from workers.gateway.config import E_HELLO_TIMEOUT, E_IDLE_TIMEOUT
+from workers.gateway.protocol import PING_FRAME
+from workers.gateway.session import HANDSHAKE, JOINING, OPEN
+from workers.gateway.store import GatewayStore
+
+if TYPE_CHECKING:
+    from workers.gateway.worker import GatewayWorker
+
+log = logging.getLogger("bridge.gateway")
+
+
+class Housekeeper:
+    def __init__(self, worker: GatewayWorker, store: GatewayStore) -> None:
+        self.worker = worker
+        self.store = store
+        s = worker.settings
+        # Often enough that every timeout fires within half its length of being due.
+        self.tick = max(
+            0.02, min(s.tick_s, s.hello_timeout_s / 2, s.heartbeat_s / 2, s.server_ttl_s / 3)
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._last_save = self._last_refresh = time.monotonic()
+        self._servers_saved: dict[str, float] = {}
+
+    async def restore(self) -> list[str]:
+        """Load what the previous run saved; return the servers believed alive."""
+        worker = self.worker
+        s = worker.settings
+        wall, mono = time.time(), time.monotonic()
+        saved = await self.store.load(
+            since_sticky=wall - s.sticky_retention_s, since_server=wall - s.server_ttl_s
+        )
+        for server_id, last in saved.servers.items():
+            worker.balancer.register(server_id, mono - (wall - last))
+        for client_id, server_id, released in saved.sticky:
+            worker.balancer.restore_sticky(client_id, server_id, mono - (wall - released))
+        if saved.servers or saved.sticky:
+            log.info(
+                "gateway state restored",
+                extra={"servers": sorted(saved.servers), "sticky": len(saved.sticky)},
+            )
+        return sorted(saved.servers)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-tick")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.save()
+        except Exception as exc:
+            log.warning("gateway state not saved", extra={"error": str(exc)})
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.sweep(time.monotonic())
+                if time.monotonic() - self._last_save >= self.worker.settings.state_flush_s:
+                    self._last_save = time.monotonic()
+                    await self.save()
+            except Exception:
+                log.exception("gateway housekeeping failed")
+
+    def sweep(self, now: float) -> None:
+        worker = self.worker
+        s = worker.settings
+        for server_id in worker.balancer.expire(now):
+            log.warning(
+                "server missed its heartbeats; no new clients go to it",
+                extra={"server": server_id, "ttl_s": s.server_ttl_s},
+            )
+        hello_timeout, heartbeat, idle_timeout = s.hello_timeout_s, s.heartbeat_s, s.idle_timeout_s
+        for session in list(worker.sessions.values()):
+            state = session.state
+            if state == HANDSHAKE:
+                if now - session.accepted_at > hello_timeout:
+                    session.fail(E_HELLO_TIMEOUT, f"no HELLO within {hello_timeout}s")
+            elif state == OPEN and not session.paused:
+                # A paused session is not read, so its silence is ours, not the client's.
+                idle = now - session.last_rx
+                if idle > idle_timeout:
+                    session.fail(E_IDLE_TIMEOUT, f"nothing received for {idle_timeout}s")
+                elif idle > heartbeat and now - session.last_ping > heartbeat:
+                    session.last_ping = now
+                    session.write(PING_FRAME)
+            elif state == JOINING:
+                pass  # bounded by no_server_wait_s
+
+    async def save(self) -> None:
+        worker = self.worker
+        s = worker.settings
+        wall, mono = time.time(), time.monotonic()
+        if mono - self._last_refresh > max(s.sticky_retention_s / 2, s.state_flush_s):
+            # Rows of long-lived connections would age out of the retention window.
+            self._last_refresh = mono
+            worker.sticky_dirty.update(
+                x.client_id for x in worker.sessions.values() if x.client_id is not None
+            )
+        dirty, worker.sticky_dirty = worker.sticky_dirty, set()
+        upserts: list[tuple[str, str, float]] = []
+        deletes: list[str] = []
+        for client_id in dirty:
+            record = worker.balancer.sticky_record(client_id)
+            if record is None:
+                deletes.append(client_id)
+                continue
+            server, live, released = record
+            # A live client counts as released now: if this process dies, that is the last
+            # moment it was known to be connected.
+            upserts.append((client_id, server, wall if live else wall - (mono - released)))
+        snapshot = worker.balancer.snapshot(mono)["servers"]
+        servers = {
+            sid: wall - info["last_heartbeat_age_s"]
+            for sid, info in snapshot.items()
+            if info["alive"]
+        }
+        if not upserts and not deletes and servers.keys() == self._servers_saved.keys():
+            if all(abs(servers[k] - self._servers_saved[k]) < s.server_ttl_s / 3 for k in servers):
+                return
+        try:
+            await self.store.save(
+                upserts, deletes, servers, forget_before=wall - s.sticky_retention_s
+            )
+        except Exception:
+            worker.sticky_dirty |= dirty  # try again next time
+            raise
+        self._servers_saved = servers

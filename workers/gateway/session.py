@@ -1,0 +1,297 @@
+"""One client connection of the gateway: an ``asyncio.Protocol`` driving the framing core.
+
+A session owns its socket, its :class:`~workers.gateway.protocol.FrameDecoder` and the queue
+of events waiting to be published to its server; the :class:`Hub` (the worker) owns the
+broker, the balancer and the publish window. Protocol callbacks instead of a reader task per
+connection keep an idle connection at a few kilobytes.
+
+States: HANDSHAKE (accepted, waiting for HELLO) -> JOINING (HELLO accepted, waiting for a
+server) -> OPEN (WELCOME sent) -> CLOSING (BYE or ERROR written) -> CLOSED (socket gone).
+Publishing outlives the socket: DATA already read and the disconnect event are still
+published after CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections import deque
+from typing import Any, Protocol
+
+from workers.gateway.config import (
+    E_SLOW_CONSUMER,
+    E_UNAUTHORIZED,
+    EVENT_CONNECT,
+    EVENT_DATA,
+    GatewaySettings,
+)
+from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.protocol import (
+    BYE_FRAME,
+    HTTP_400_RESPONSE,
+    PONG_FRAME,
+    FrameDecoder,
+    FrameType,
+    Hello,
+    ProtocolError,
+    encode_data,
+    encode_error,
+    encode_welcome,
+    parse_hello,
+)
+
+HANDSHAKE, JOINING, OPEN, CLOSING, CLOSED = range(5)
+STATE_NAMES = ("handshake", "joining", "open", "closing", "closed")
+
+_DATA = FrameType.DATA
+_HELLO = FrameType.HELLO
+_PING = FrameType.PING
+_BYE = FrameType.BYE
+
+
+class Hub(Protocol):
+    """What a session needs from the worker."""
+
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    sessions: dict[str, Session]
+    tokens: tuple[bytes, ...]
+
+    def join(self, session: Session, hello: Hello) -> None: ...
+
+    def pump(self, session: Session) -> None: ...
+
+    def lost(self, session: Session, previous_state: int) -> None: ...
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer or "?")
+
+
+class Session(asyncio.Protocol):
+    __slots__ = (
+        "accepted_at",
+        "client_id",
+        "close_reason",
+        "decoder",
+        "hub",
+        "in_flight",
+        "last_ping",
+        "last_rx",
+        "paused",
+        "peer",
+        "pending",
+        "server",
+        "sid",
+        "state",
+        "transport",
+        "waiting",
+    )
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.state = HANDSHAKE
+        self.sid = ""
+        self.peer = ""
+        self.client_id: str | None = None
+        self.server: str | None = None
+        self.decoder: FrameDecoder | None = None
+        self.accepted_at = self.last_rx = self.last_ping = 0.0
+        # (event, payload) waiting to be published, in order; created on first use.
+        self.pending: deque[tuple[str, bytes]] | None = None
+        self.in_flight = 0
+        self.paused = False
+        self.waiting = False  # queued in the hub for a free slot in the publish window
+        self.close_reason: str | None = None
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        hub = self.hub
+        s = hub.settings
+        self.transport = transport
+        hub.metrics.wire.accepted += 1
+        if len(hub.sessions) >= s.max_connections:
+            self.state = CLOSED  # never registered: connection_lost has nothing to undo
+            hub.metrics.refused.labels("busy").inc()
+            transport.write(encode_error("busy", "the gateway is at its connection limit"))
+            transport.close()
+            return
+        self.peer = _peer(transport)
+        self.sid = uuid.uuid4().hex
+        self.decoder = FrameDecoder(s.max_frame, s.max_hello_frame)
+        self.accepted_at = self.last_rx = self.last_ping = time.monotonic()
+        hub.sessions[self.sid] = self
+
+    def data_received(self, data: bytes) -> None:
+        if self.state >= CLOSING:
+            return
+        wire = self.hub.metrics.wire
+        wire.bytes_in += len(data)
+        self.last_rx = time.monotonic()
+        assert self.decoder is not None
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        wire.frames_in += len(frames)
+        queued = False
+        for frame in frames:
+            kind = frame.type
+            if kind is _DATA:
+                if self.pending is None:
+                    self.pending = deque()
+                self.pending.append((EVENT_DATA, frame.payload))
+                queued = True
+            elif kind is _PING:
+                self.write(PONG_FRAME)
+            elif kind is _HELLO:
+                self._hello(frame.payload)
+            elif kind is _BYE:
+                self.close_gracefully("client_bye")
+            # PONG only proves the client is alive, which last_rx already recorded.
+            if self.state >= CLOSING:
+                break
+        if queued and self.state == OPEN:
+            self.hub.pump(self)
+
+    def eof_received(self) -> bool:
+        return False  # half-closed is closed: the client cannot read replies it will not ask for
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self.state
+        self.state = CLOSED
+        if previous == CLOSED:
+            return
+        if self.close_reason is None:
+            self.close_reason = "peer_closed" if exc is None else "peer_reset"
+        self.hub.lost(self, previous)
+
+    # -- inbound handling ---------------------------------------------------------------
+
+    def _hello(self, payload: bytes) -> None:
+        try:
+            hello = parse_hello(payload)
+        except ProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        tokens = self.hub.tokens
+        if tokens:
+            given = (hello.token or "").encode()
+            ok = False
+            for token in tokens:  # no early exit: the time taken says nothing about which
+                ok |= hmac.compare_digest(given, token)
+            if not ok:
+                self.fail(E_UNAUTHORIZED, "HELLO token missing or not accepted")
+                return
+        self.client_id = hello.client_id
+        self.state = JOINING
+        self.update_reading()
+        self.hub.join(self, hello)
+
+    def welcome(self, server: str) -> None:
+        """The balancer picked ``server``: answer WELCOME and announce the client to it."""
+        self.server = server
+        self.state = OPEN
+        s = self.hub.settings
+        self.write(encode_welcome(self.sid, server, s.heartbeat_s))
+        if self.pending is None:
+            self.pending = deque()
+        self.pending.appendleft((EVENT_CONNECT, b""))
+        self.hub.pump(self)
+
+    def headers(self, event: str, gateway: str) -> dict[str, Any]:
+        return {
+            "x-event": event,
+            "x-session": self.sid,
+            "x-client-id": self.client_id or "",
+            "x-client-addr": self.peer,
+            "x-gateway": gateway,
+        }
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        transport = self.transport
+        if self.state == CLOSED or transport is None:
+            return
+        transport.write(frame)
+        wire = self.hub.metrics.wire
+        wire.frames_out += 1
+        wire.bytes_out += len(frame)
+        if (
+            self.state == OPEN
+            and transport.get_write_buffer_size() > self.hub.settings.outbound_buffer_bytes
+        ):
+            self.fail(
+                E_SLOW_CONSUMER,
+                f"more than {self.hub.settings.outbound_buffer_bytes} bytes unread; "
+                "the client does not keep up with its replies",
+            )
+
+    def send_data(self, payload: bytes) -> None:
+        self.write(encode_data(payload))
+
+    def update_reading(self) -> None:
+        """Read only while this session may publish: the backpressure from the broker."""
+        transport = self.transport
+        if transport is None or self.state >= CLOSING:
+            return
+        blocked = (
+            self.state == JOINING
+            or bool(self.pending)
+            or self.in_flight >= self.hub.settings.session_in_flight
+        )
+        if blocked and not self.paused:
+            self.paused = True
+            transport.pause_reading()
+        elif not blocked and self.paused:
+            self.paused = False
+            transport.resume_reading()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def protocol_error(self, exc: ProtocolError) -> None:
+        if exc.code == "http_not_supported":
+            self._close(exc.code, HTTP_400_RESPONSE)
+        else:
+            self.fail(exc.code, exc.message)
+
+    def fail(self, code: str, message: str) -> None:
+        """ERROR, then close."""
+        self._close(code, encode_error(code, message))
+
+    def close_gracefully(self, reason: str) -> None:
+        """BYE, then close."""
+        self._close(reason, BYE_FRAME)
+
+    def _close(self, reason: str, last: bytes) -> None:
+        if self.state >= CLOSING:
+            return
+        if self.state < OPEN:
+            self.hub.metrics.refused.labels(reason).inc()
+        self.close_reason = reason
+        self.state = CLOSING  # before the write: a full buffer must not recurse into fail()
+        transport = self.transport
+        if transport is None:
+            return
+        self.write(last)
+        transport.close()  # flushes what is buffered first
+        if transport.get_write_buffer_size():
+            # A peer that does not read would keep the buffer (and this object) forever.
+            asyncio.get_running_loop().call_later(
+                self.hub.settings.close_flush_s, self._abort_if_open
+            )
+
+    def _abort_if_open(self) -> None:
+        if self.state != CLOSED and self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,87 @@
+"""What a gateway replica remembers across a restart: its sticky records and live servers.
+
+The gateway is otherwise stateless, but without these two tables a restart would forget
+which server each ``client_id`` belonged to, and would send the first reconnecting clients
+to whichever server heartbeats first. Both are best effort (a lost write costs a client its
+stickiness, not data), so they are saved every few seconds and at shutdown, with
+``synchronous=NORMAL``. Times are stored as wall-clock epoch seconds, because the balancer's
+monotonic clock does not survive the process.
+
+File: ``<state_dir>/gateway/<instance>.sqlite3`` -- one per replica, since each replica has
+its own connections.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.store import Database, transaction
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sticky (
+        client_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, released_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS servers (
+        server_id TEXT PRIMARY KEY, last_heartbeat REAL NOT NULL)""",
+)
+
+
+@dataclass(slots=True)
+class Saved:
+    sticky: list[tuple[str, str, float]]  # (client_id, server_id, released_at), oldest first
+    servers: dict[str, float]  # server_id -> last heartbeat
+
+
+class GatewayStore:
+    def __init__(self, directory: Path, instance: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", instance)
+        self.db = Database(
+            directory / f"{safe}.sqlite3",
+            worker="gateway",
+            schema_version=SCHEMA_VERSION,
+            schema=SCHEMA,
+            synchronous="NORMAL",
+        )
+
+    async def load(self, *, since_sticky: float, since_server: float) -> Saved:
+        def read(conn: sqlite3.Connection) -> Saved:
+            sticky = conn.execute(
+                "SELECT client_id, server_id, released_at FROM sticky "
+                "WHERE released_at >= ? ORDER BY released_at",
+                (since_sticky,),
+            ).fetchall()
+            servers = dict(
+                conn.execute(
+                    "SELECT server_id, last_heartbeat FROM servers WHERE last_heartbeat >= ?",
+                    (since_server,),
+                ).fetchall()
+            )
+            return Saved(sticky=[tuple(r) for r in sticky], servers=servers)
+
+        return await self.db.run(read)
+
+    async def save(
+        self,
+        upserts: list[tuple[str, str, float]],
+        deletes: list[str],
+        servers: dict[str, float],
+        *,
+        forget_before: float,
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            def body(c: sqlite3.Connection) -> None:
+                c.executemany("INSERT OR REPLACE INTO sticky VALUES (?, ?, ?)", upserts)
+                c.executemany("DELETE FROM sticky WHERE client_id = ?", [(d,) for d in deletes])
+                c.execute("DELETE FROM sticky WHERE released_at < ?", (forget_before,))
+                c.execute("DELETE FROM servers")
+                c.executemany("INSERT INTO servers VALUES (?, ?)", servers.items())
+
+            transaction(conn, body)
+
+        await self.db.run(write)
+
+    def close(self) -> None:
+        self.db.close()

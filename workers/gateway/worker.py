@@ -1,0 +1,478 @@
+"""TCP + AMQP adapter of the gateway worker.
+
+Owns the listeners, the broker side (server registry consumer, publisher to the server
+queues, reply consumer) and the publish window; each connection is a
+:class:`~workers.gateway.session.Session`, and the choice of server is the pure
+:class:`~workers.gateway.balancer.Balancer`'s.
+
+Ordering and backpressure. Everything a session publishes goes through its own FIFO
+(``Session.pending``) and then through one confirm channel; publishes of one session start
+in order and aio-pika's channel lock is FIFO, so a server sees connect, the DATA in the
+order the client sent it, then disconnect. A session publishes at most
+``session_in_flight`` messages ahead of their confirms and the gateway at most
+``publish_window``; a session that cannot publish stops reading its socket, so a slow
+broker slows the clients down instead of filling the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from bridge.amqp import ConfirmPublisher, declare_exchange, declare_quorum_queue, header_str
+from bridge.errors import ConfigError, PublishFailed
+from bridge.host import WorkerContext
+from workers.gateway.balancer import Balancer
+from workers.gateway.config import (
+    DEAD_NO_SESSION,
+    DEAD_SESSION_GONE,
+    E_NO_SERVER,
+    E_UNAVAILABLE,
+    EVENT_DISCONNECT,
+    H_CLOSE,
+    H_DEAD_REASON,
+    H_SESSION,
+    OP_DEREGISTER,
+    REGISTRY_OPS,
+    SERVER_ID_RE,
+    GatewaySettings,
+    load_gateway_settings,
+)
+from workers.gateway.housekeeping import Housekeeper
+from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.protocol import Hello
+from workers.gateway.session import JOINING, OPEN, STATE_NAMES, Session
+from workers.gateway.store import GatewayStore
+
+log = logging.getLogger("bridge.gateway")
+
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value) and value is not None
+
+
+class GatewayWorker:
+    name = "gateway"
+
+    def __init__(self, settings: GatewaySettings | None = None) -> None:
+        self.settings = settings or load_gateway_settings()
+        s = self.settings
+        self.balancer = Balancer(
+            server_ttl_s=s.server_ttl_s, sticky_retention_s=s.sticky_retention_s
+        )
+        self.tokens = tuple(t.encode() for t in s.tokens)
+        self.sessions: dict[str, Session] = {}
+        self.in_flight = 0
+        self.listeners: list[asyncio.Server] = []
+        self.ports: dict[str, int] = {}
+        self.store: GatewayStore | None = None
+        self.housekeeper: Housekeeper | None = None
+        self._waiting: deque[Session] = deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._declared: dict[str, asyncio.Future[None]] = {}
+        self._registry_lock = asyncio.Lock()
+        self._server_up = asyncio.Event()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._channels: list[AbstractChannel] = []
+        self._consuming = False
+        self._stopping = False
+        self.sticky_dirty: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, ctx: WorkerContext) -> None:
+        s = self.settings
+        self.metrics = GatewayMetrics(ctx.registry, lambda: self)
+        ssl_context = self._ssl_context()
+        self.store = GatewayStore(ctx.state_dir(self.name), s.instance)
+        self.housekeeper = Housekeeper(self, self.store)
+        saved_servers = await self.housekeeper.restore()
+
+        broker = ctx.broker
+        self._channel = await broker.channel(confirms=True, on_return_raises=True)
+        self.publisher = ConfirmPublisher(self._channel, window=s.publish_window)
+        self.publisher.confirm_seconds = self.metrics.confirm_seconds.observe
+        self._exchange: AbstractExchange = self._channel.default_exchange
+        self._reply_channel = await broker.channel(confirms=True, prefetch=0)
+        self._dead_publisher = ConfirmPublisher(self._reply_channel, window=256)
+        self._registry_channel = await broker.channel(confirms=False)
+        self._channels = [self._channel, self._reply_channel, self._registry_channel]
+
+        servers_ex = await declare_exchange(self._registry_channel, s.servers_exchange, "fanout")
+        await declare_quorum_queue(self._reply_channel, s.undeliverable_queue)
+        try:
+            reply_q = await self._reply_channel.declare_queue(
+                s.reply_queue, exclusive=True, auto_delete=True
+            )
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise ConfigError(
+                f"queue {s.reply_queue} is held by another connection: two gateway replicas "
+                "share BRIDGE_GATEWAY__INSTANCE; give each its own"
+            ) from exc
+        registry_q = await self._registry_channel.declare_queue(
+            s.registry_queue, exclusive=True, auto_delete=True
+        )
+        await registry_q.bind(servers_ex, routing_key="")
+        for server_id in saved_servers:
+            await self._declare_server_queue(server_id)
+
+        self._consumers.append((reply_q, await reply_q.consume(self._on_reply, no_ack=True)))
+        self._consumers.append(
+            (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
+        )
+        self._consuming = True
+
+        loop = asyncio.get_running_loop()
+        if s.plain_listener:
+            server = await loop.create_server(
+                lambda: Session(self), s.host, s.port, backlog=s.backlog
+            )
+            self.listeners.append(server)
+            self.ports["tcp"] = server.sockets[0].getsockname()[1]
+        if ssl_context is not None:
+            server = await loop.create_server(
+                lambda: Session(self),
+                s.host,
+                s.tls_port,
+                backlog=s.backlog,
+                ssl=ssl_context,
+                ssl_handshake_timeout=s.hello_timeout_s,
+            )
+            self.listeners.append(server)
+            self.ports["tls"] = server.sockets[0].getsockname()[1]
+        self.housekeeper.start()
+        log.info(
+            "gateway listening",
+            extra={"host": s.host, **self.ports, "instance": s.instance},
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {s.tls_cert} / key {s.tls_key}: {exc}"
+            ) from exc
+        return context
+
+    @property
+    def port(self) -> int:
+        return self.ports.get("tcp", 0)
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        deadline = time.monotonic() + max(grace - 1.0, 0.5)
+        for server in self.listeners:
+            server.close()
+        for session in list(self.sessions.values()):
+            session.close_gracefully("shutdown")
+        # Sockets flush their BYE and close; their disconnect events and any DATA read
+        # before are still published. Then whatever is left is cut.
+        while time.monotonic() < deadline:
+            if not (self.sessions or self.in_flight or self._waiting):
+                break
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions.values()):
+            if session.transport is not None:
+                session.transport.abort()
+        for server in self.listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        self._consuming = False
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumers.clear()
+        if self.housekeeper is not None:
+            await self.housekeeper.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for channel in self._channels:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        if self.store is not None:
+            self.store.close()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._consuming:
+            return False, "not consuming"
+        if not self.listeners:
+            return False, "not listening"
+        return True, f"listening {self.ports}, {len(self.sessions)} connections"
+
+    def admin(self, view: str) -> Any:
+        now = time.monotonic()
+        if view in ("", "summary"):
+            states: dict[str, int] = {}
+            for session in self.sessions.values():
+                name = STATE_NAMES[session.state]
+                states[name] = states.get(name, 0) + 1
+            return {
+                "instance": self.settings.instance,
+                "ports": self.ports,
+                "connections": len(self.sessions),
+                "states": states,
+                "publish_in_flight": self.in_flight,
+                "sessions_waiting_for_window": len(self._waiting),
+                "servers_alive": self.balancer.alive(),
+                "reply_queue": self.settings.reply_queue,
+            }
+        if view == "associations":
+            return self.balancer.snapshot(now)
+        if view == "sessions":
+            out = []
+            for session in list(self.sessions.values())[:1000]:
+                out.append(
+                    {
+                        "session": session.sid,
+                        "state": STATE_NAMES[session.state],
+                        "client_id": session.client_id,
+                        "client_addr": session.peer,
+                        "server": session.server,
+                        "age_s": round(now - session.accepted_at, 3),
+                        "idle_s": round(now - session.last_rx, 3),
+                        "in_flight": session.in_flight,
+                    }
+                )
+            return out
+        return None
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def join(self, session: Session, hello: Hello) -> None:
+        """HELLO accepted: pick the server (waiting a little if none is alive)."""
+        if self._assign(session):
+            return
+        if self.settings.no_server_wait_s <= 0 or self._stopping:
+            session.fail(E_NO_SERVER, "no server is registered with the gateway")
+            return
+        self._spawn(self._wait_for_server(session))
+
+    def _assign(self, session: Session) -> bool:
+        server = self.balancer.assign(session.sid, session.client_id, time.monotonic())
+        if server is None:
+            return False
+        if session.client_id is not None:
+            self.sticky_dirty.add(session.client_id)
+        session.welcome(server)
+        return True
+
+    async def _wait_for_server(self, session: Session) -> None:
+        deadline = time.monotonic() + self.settings.no_server_wait_s
+        while session.state == JOINING:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                session.fail(
+                    E_NO_SERVER,
+                    f"no server registered within {self.settings.no_server_wait_s}s",
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server_up.wait(), remaining)
+            if session.state == JOINING and self._assign(session):
+                return
+
+    def lost(self, session: Session, previous_state: int) -> None:
+        self.sessions.pop(session.sid, None)
+        if session.server is not None:
+            self.balancer.release(session.sid, time.monotonic())
+            if session.client_id is not None:
+                self.sticky_dirty.add(session.client_id)
+        if previous_state >= OPEN:
+            self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
+            if session.pending is None:
+                session.pending = deque()
+            session.pending.append((EVENT_DISCONNECT, b""))
+            self.pump(session)
+
+    # -- publishing --------------------------------------------------------------------
+
+    def pump(self, session: Session) -> None:
+        """Start the session's next publishes, as far as both windows allow."""
+        pending = session.pending
+        limit = self.settings.session_in_flight
+        window = self.settings.publish_window
+        while pending and session.in_flight < limit:
+            if self.in_flight >= window:
+                if not session.waiting:
+                    session.waiting = True
+                    self._waiting.append(session)
+                break
+            event, payload = pending.popleft()
+            session.in_flight += 1
+            self.in_flight += 1
+            self._spawn(self._publish(session, event, payload))
+        session.update_reading()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, session: Session, event: str, payload: bytes) -> None:
+        server = session.server
+        assert server is not None
+        try:
+            message = aio_pika.Message(
+                payload,
+                headers=session.headers(event, self.settings.instance),
+                reply_to=self.settings.reply_queue,
+                delivery_mode=PERSISTENT,
+            )
+            routing_key = self.settings.server_queue(server)
+            try:
+                await self.publisher.publish(self._exchange, message, routing_key, mandatory=True)
+            except PublishFailed as exc:
+                if exc.reason != "unroutable":
+                    raise
+                # Someone deleted the server's queue: declare it again and retry once.
+                self._declared.pop(server, None)
+                await self._declare_server_queue(server)
+                await self.publisher.publish(self._exchange, message, routing_key, mandatory=True)
+        except PublishFailed as exc:
+            self.metrics.publish_failures.labels(exc.reason).inc()
+            log.warning(
+                "publish to server queue failed",
+                extra={"server": server, "event": event, "error": str(exc)},
+            )
+            if session.state == OPEN:
+                session.fail(E_UNAVAILABLE, "the broker did not take a message; reconnect")
+        except Exception:
+            self.metrics.publish_failures.labels("error").inc()
+            log.exception("publish to server queue failed", extra={"server": server})
+            if session.state == OPEN:
+                session.fail(E_UNAVAILABLE, "the gateway could not forward a message")
+        finally:
+            session.in_flight -= 1
+            self.in_flight -= 1
+            self.pump(session)
+            waiting = self._waiting
+            while waiting and self.in_flight < self.settings.publish_window:
+                other = waiting.popleft()
+                other.waiting = False
+                self.pump(other)
+
+    # -- server registry ---------------------------------------------------------------
+
+    async def _declare_server_queue(self, server_id: str) -> None:
+        fut = self._declared.get(server_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._declared[server_id] = fut
+            try:
+                await declare_quorum_queue(
+                    self._registry_channel, self.settings.server_queue(server_id)
+                )
+            except BaseException as exc:
+                self._declared.pop(server_id, None)
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: other waiters re-raise it, nobody else must
+                raise
+            fut.set_result(None)
+            return
+        await fut
+
+    async def _on_registry(self, message: AbstractIncomingMessage) -> None:
+        try:
+            doc = json.loads(message.body)
+            op = doc["op"]
+            server_id = doc["server_id"]
+            if op not in REGISTRY_OPS:
+                raise ValueError(f"unknown op {op!r}")
+            if not isinstance(server_id, str) or not SERVER_ID_RE.match(server_id):
+                raise ValueError(f"server_id {server_id!r} is not [A-Za-z0-9._:@-]{{1,200}}")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.metrics.registry_messages.labels("malformed").inc()
+            log.warning(
+                "malformed message on the servers exchange ignored",
+                extra={"error": str(exc)[:200], "body": message.body[:200]},
+            )
+            return
+        self.metrics.registry_messages.labels(op).inc()
+        # One at a time, in delivery order: a deregister must not overtake its register.
+        async with self._registry_lock:
+            if op == OP_DEREGISTER:
+                self.balancer.deregister(server_id, time.monotonic())
+                log.info("server deregistered", extra={"server": server_id})
+                return
+            try:
+                await self._declare_server_queue(server_id)
+            except Exception as exc:
+                log.error(
+                    "cannot declare the server's queue; not taking it into service",
+                    extra={"server": server_id, "error": str(exc)},
+                )
+                return
+            if self.balancer.register(server_id, time.monotonic()):
+                log.info("server alive", extra={"server": server_id, "op": op})
+                self._server_up.set()
+                self._server_up.clear()
+
+    # -- replies -----------------------------------------------------------------------
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        sid = header_str(headers.get(H_SESSION))
+        if not sid:
+            await self._undeliverable(message, DEAD_NO_SESSION)
+            return
+        session = self.sessions.get(sid)
+        if session is None or session.state != OPEN:
+            await self._undeliverable(message, DEAD_SESSION_GONE)
+            return
+        close = _truthy(headers.get(H_CLOSE))
+        if message.body or not close:
+            session.send_data(message.body)
+        if close:
+            session.close_gracefully("server_close")
+
+    async def _undeliverable(self, message: AbstractIncomingMessage, reason: str) -> None:
+        self.metrics.undeliverable.labels(reason).inc()
+        headers = dict(message.headers or {})
+        headers[H_DEAD_REASON] = reason
+        dead = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+            delivery_mode=PERSISTENT,
+        )
+        try:
+            await self._dead_publisher.publish(
+                self._reply_channel.default_exchange, dead, self.settings.undeliverable_queue
+            )
+        except PublishFailed as exc:
+            log.error(
+                "undeliverable reply could not be kept",
+                extra={"reason": reason, "error": str(exc)},
+            )
