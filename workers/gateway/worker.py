@@ -299,16 +299,16 @@ class GatewayWorker:
 
     def lost(self, session: Session, previous_state: int) -> None:
         self.sessions.pop(session.sid, None)
-        if session.server is not None:
-            self.balancer.release(session.sid, time.monotonic())
-            if session.client_id is not None:
-                self.sticky_dirty.add(session.client_id)
-        if previous_state >= OPEN:
-            self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
-            if session.pending is None:
-                session.pending = deque()
-            session.pending.append((EVENT_DISCONNECT, b""))
-            self.pump(session)
+        if session.server is None:  # never welcomed: nothing announced, nothing associated
+            return
+        self.balancer.release(session.sid, time.monotonic())
+        if session.client_id is not None:
+            self.sticky_dirty.add(session.client_id)
+        self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
+        if session.pending is None:
+            session.pending = deque()
+        session.pending.append((EVENT_DISCONNECT, b""))
+        self.pump(session)
 
     # -- publishing --------------------------------------------------------------------
 
@@ -335,8 +335,7 @@ class GatewayWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, session: Session, event: str, payload: bytes) -> None:
-        server = session.server
-        assert server is not None
+        server = session.server or ""
         try:
             message = aio_pika.Message(
                 payload,
