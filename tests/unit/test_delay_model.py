@@ -428,6 +428,27 @@ def test_in_flight_then_newer_then_retry_keeps_both() -> None:
     assert _shape(s.assign(5)) == [(0, "a", [1])]
 
 
+def test_key_mids_spares_in_flight_and_retried_obligations() -> None:
+    s = _sched(lanes=1)
+    assert s.key_mids("k") == frozenset()
+    s.add(Entry(1, "a", 0, key="k"))
+    assert s.key_mids("k") == {1}
+    s.assign(0)
+    s.add(Entry(2, "a", 5, key="k"))
+    assert s.key_mids("k") == {1, 2}
+    assert s.remove_key("k") == ("removed", 2)
+    assert s.key_mids("k") == {1}, "in flight: a newer same-key message must spare it"
+    s.add(Entry(3, "a", 5, key="k"))
+    s.complete(0, done=[], retry=[1])
+    assert s.remove_key("k") == ("removed", 3)
+    assert s.key_mids("k") == {1}, "retried after a newer message: still an obligation"
+    assert 1 in s and s.entry(1) is not None and not s.in_flight(1)
+    s.assign(5)
+    assert s.in_flight(1)
+    s.complete(0, done=[1])
+    assert s.key_mids("k") == frozenset() and 1 not in s and s.entry(1) is None
+
+
 REMOVE_CASES = [
     ("pending", "removed"),
     ("in_flight", "in_flight"),
@@ -735,6 +756,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             count, first = expected.get(e.topic, (0, None))
             expected[e.topic] = (count + 1, e.due_ms if first is None else first)
         assert self.s.counts() == expected
+        for key in KEYS:
+            assert self.s.key_mids(key) == {m for m, e in self.entries.items() if e.key == key}
+        for mid in self.mids[-5:]:
+            assert (mid in self.s) == (mid in self.entries)
+            assert self.s.in_flight(mid) == (mid in self.flight)
+            assert self.s.entry(mid) is self.entries.get(mid)
 
     def teardown(self) -> None:
         if not hasattr(self, "s"):

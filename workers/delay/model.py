@@ -273,6 +273,9 @@ class Scheduler:
         self._keyed: dict[str, int] = {}
         # key -> mids in flight, so cancel can answer "already being sent".
         self._flight_keys: dict[str, set[int]] = {}
+        # key -> every mid held with that key (pending, in flight, or retried after a newer
+        # same-key message took the key), so the adapter knows which stored rows to spare.
+        self._by_key: dict[str, set[int]] = {}
 
     # ---- events
 
@@ -294,6 +297,7 @@ class Scheduler:
                 replaced = self._entries[old_mid]
                 self._drop_pending(replaced)
             self._keyed[entry.key] = entry.mid
+            self._by_key.setdefault(entry.key, set()).add(entry.mid)
         self._entries[entry.mid] = entry
         topic = self._topics.get(entry.topic)
         if topic is None:
@@ -387,6 +391,7 @@ class Scheduler:
             entry = self._entries.pop(mid)
             if entry.key is not None:
                 self._unfly_key(entry.key, mid)
+                self._unkey(entry.key, mid)
         for mid in retry:
             del self._flight[mid]
             entry = self._entries[mid]
@@ -457,6 +462,26 @@ class Scheduler:
     def __len__(self) -> int:
         """Entries held: pending plus in flight."""
         return len(self._entries)
+
+    def __contains__(self, mid: object) -> bool:
+        """Whether ``mid`` is held (pending or in flight)."""
+        return mid in self._entries
+
+    def entry(self, mid: int) -> Entry | None:
+        """The held entry with this mid (pending or in flight), if any."""
+        return self._entries.get(mid)
+
+    def in_flight(self, mid: int) -> bool:
+        return mid in self._flight
+
+    def key_mids(self, key: str) -> frozenset[int]:
+        """Every held mid carrying ``key``: the pending owner, those in flight, and those that
+        went back to pending after a failed publish while a newer same-key message arrived.
+
+        After ``remove_key(key)`` these are the messages a newer same-key message must not
+        replace (they were promised as "being sent"); the adapter spares their stored rows.
+        """
+        return frozenset(self._by_key.get(key, ()))
 
     # ---- internals
 
@@ -543,8 +568,10 @@ class Scheduler:
 
     def _drop_pending(self, entry: Entry) -> None:
         del self._entries[entry.mid]
-        if entry.key is not None and self._keyed.get(entry.key) == entry.mid:
-            del self._keyed[entry.key]
+        if entry.key is not None:
+            if self._keyed.get(entry.key) == entry.mid:
+                del self._keyed[entry.key]
+            self._unkey(entry.key, entry.mid)
         topic = self._topics[entry.topic]
         topic.pending -= 1
         if topic.pending == 0:
@@ -561,6 +588,12 @@ class Scheduler:
         topic.state = _GONE
         topic.heap.clear()
         del self._topics[topic.name]
+
+    def _unkey(self, key: str, mid: int) -> None:
+        held = self._by_key[key]
+        held.discard(mid)
+        if not held:
+            del self._by_key[key]
 
     def _unfly_key(self, key: str, mid: int) -> None:
         flying = self._flight_keys[key]

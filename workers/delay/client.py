@@ -1,0 +1,211 @@
+"""A small client for the delay contract (used by the CLI helpers, tests and benchmarks).
+
+Publishing needs nothing from this module: any AMQP client publishes to ``delay.in`` with
+``x-delay`` (or ``x-deliver-at``) and ``x-target-exchange``. The control RPC replies come
+back through RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from workers.delay.config import DelaySettings
+from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class DelayClient:
+    def __init__(
+        self, connection: AbstractRobustConnection, settings: DelaySettings | None = None
+    ) -> None:
+        self.connection = connection
+        self.settings = settings or DelaySettings()
+        self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._channel: AbstractChannel | None = None
+        self._rpc: AbstractChannel | None = None
+
+    async def open(self) -> DelayClient:
+        self._channel = await self.connection.channel(publisher_confirms=True)
+        self._rpc = await self.connection.channel(publisher_confirms=False)
+        queue = await self._rpc.get_queue(REPLY_TO, ensure=False)
+        await queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def close(self) -> None:
+        for ch in (self._channel, self._rpc):
+            if ch is not None and not ch.is_closed:
+                await ch.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        fut = self._futures.pop(message.correlation_id or "", None)
+        if fut is not None and not fut.done():
+            fut.set_result(json.loads(message.body))
+
+    async def send(
+        self,
+        body: bytes,
+        target: str | None,
+        *,
+        delay_ms: int | None = None,
+        deliver_at_ms: int | None = None,
+        key: str | None = None,
+        routing_key: str = "",
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        **properties: Any,
+    ) -> None:
+        """Publish one delayed message (confirmed by the broker into ``delay.in``)."""
+        assert self._channel is not None
+        hdrs: dict[str, Any] = dict(headers or {})
+        if delay_ms is not None:
+            hdrs[X_DELAY] = delay_ms
+        if deliver_at_ms is not None:
+            hdrs[X_DELIVER_AT] = deliver_at_ms
+        if target is not None:
+            hdrs[X_TARGET_EXCHANGE] = target
+        if key is not None:
+            hdrs[X_DELAY_KEY] = key
+        properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
+        exchange = await self._channel.get_exchange(self.settings.in_exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(body, headers=hdrs, message_id=message_id, **properties),
+            routing_key=routing_key,
+        )
+
+    async def control(self, doc: Any, timeout: float = 10.0) -> dict[str, Any]:
+        assert self._rpc is not None
+        corr = uuid.uuid4().hex
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._futures[corr] = fut
+        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        exchange = await self._rpc.get_exchange(self.settings.control_exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                body, reply_to=REPLY_TO, correlation_id=corr, content_type="application/json"
+            ),
+            routing_key="",
+        )
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._futures.pop(corr, None)
+
+    async def cancel(
+        self, *, message_id: str | None = None, key: str | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        doc: dict[str, Any] = {"op": "cancel"}
+        if message_id is not None:
+            doc["message_id"] = message_id
+        if key is not None:
+            doc["key"] = key
+        return await self.control(doc, timeout)
+
+    async def counts(self, timeout: float = 10.0) -> dict[str, Any]:
+        return await self.control({"op": "counts"}, timeout)
+
+    async def list(
+        self, topic: str, *, limit: int = 100, after: str | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        return await self.control(
+            {"op": "list", "topic": topic, "limit": limit, "after": after}, timeout
+        )
+
+
+# -- CLI helpers --------------------------------------------------------------------------
+
+
+async def _with_client(fn: Any) -> int:
+    from bridge.amqp import connect_once
+    from bridge.settings import load_host_settings
+
+    conn = await connect_once(load_host_settings().amqp_url)
+    try:
+        client = await DelayClient(conn).open()
+        return int(await fn(client) or 0)
+    finally:
+        await conn.close()
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    if (args.delay_ms is None) == (args.at_ms is None):
+        raise SystemExit("bridge delay send: give exactly one of --delay-ms and --at-ms")
+
+    async def go(client: DelayClient) -> int:
+        message_id = args.message_id or uuid.uuid4().hex
+        await client.send(
+            args.body.encode(),
+            args.to,
+            delay_ms=args.delay_ms,
+            deliver_at_ms=args.at_ms,
+            key=args.key,
+            routing_key=args.routing_key,
+            message_id=message_id,
+        )
+        due = args.at_ms if args.at_ms is not None else int(time.time() * 1000) + args.delay_ms
+        print(json.dumps({"sent": True, "message_id": message_id, "due_ms": due}))
+        return 0
+
+    return asyncio.run(_with_client(go))
+
+
+def _print_reply(reply: dict[str, Any]) -> int:
+    print(json.dumps(reply, indent=1))
+    return 1 if "error" in reply else 0
+
+
+def _cmd_counts(args: argparse.Namespace) -> int:
+    async def go(client: DelayClient) -> int:
+        return _print_reply(await client.counts())
+
+    return asyncio.run(_with_client(go))
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    if (args.message_id is None) == (args.key is None):
+        raise SystemExit("bridge delay cancel: give exactly one of --message-id and --key")
+
+    async def go(client: DelayClient) -> int:
+        return _print_reply(await client.cancel(message_id=args.message_id, key=args.key))
+
+    return asyncio.run(_with_client(go))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    async def go(client: DelayClient) -> int:
+        return _print_reply(await client.list(args.topic, limit=args.limit, after=args.after))
+
+    return asyncio.run(_with_client(go))
+
+
+def add_commands(sub: Any) -> None:
+    parser = sub.add_parser("delay", help="client helpers for the delay worker")
+    cmds = parser.add_subparsers(dest="delay_command", metavar="ACTION", required=True)
+    send = cmds.add_parser("send", help="publish one delayed message")
+    send.add_argument("--to", help="target exchange (x-target-exchange)")
+    send.add_argument("--delay-ms", type=int, help="delay in milliseconds (x-delay)")
+    send.add_argument("--at-ms", type=int, help="absolute due time, epoch ms (x-deliver-at)")
+    send.add_argument("--key", help="x-delay-key: replaces a pending message with this key")
+    send.add_argument("--routing-key", default="", help="kept when the message is delivered")
+    send.add_argument("--message-id", help="message id (default: a random one, printed)")
+    send.add_argument("body", help="message body (text)")
+    send.set_defaults(func=_cmd_send)
+    counts = cmds.add_parser("counts", help="pending messages and next due time per topic")
+    counts.set_defaults(func=_cmd_counts)
+    cancel = cmds.add_parser("cancel", help="cancel a pending message by id or key")
+    cancel.add_argument("--message-id")
+    cancel.add_argument("--key")
+    cancel.set_defaults(func=_cmd_cancel)
+    lst = cmds.add_parser("list", help="pending messages of a topic, paged")
+    lst.add_argument("topic", help="target exchange")
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--after", help="cursor ('next' of the previous page)")
+    lst.set_defaults(func=_cmd_list)

@@ -1,0 +1,97 @@
+"""Settings of the delay worker (``BRIDGE_DELAY__*``) and the wire names it uses.
+
+Every exchange and queue name is the default of a setting. The control headers a producer
+sends (``x-delay``, ``x-deliver-at``, ``x-target-exchange``, ``x-delay-key``) are defined
+once in :mod:`workers.delay.model`; the headers and reasons the worker adds are here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+from bridge.settings import worker_settings_config
+from workers.delay.model import REJECT_REASONS
+
+H_DEAD_REASON = "x-dead-reason"
+H_DEAD_DETAIL = "x-dead-detail"
+REPLY_CONTENT_TYPE = "application/json"
+
+# Reasons a due message is dead-lettered instead of delivered (ingress reasons come from the
+# model's REJECT_REASONS).
+UNROUTABLE = "unroutable"
+EXCHANGE_NOT_FOUND = "exchange_not_found"
+MISSING_REPLY_TO = "missing_reply_to"
+DEAD_REASONS = (*REJECT_REASONS, UNROUTABLE, EXCHANGE_NOT_FOUND, MISSING_REPLY_TO)
+
+DAY_MS = 86_400_000
+
+
+class DelaySettings(BaseSettings):
+    model_config = worker_settings_config("delay")
+
+    in_exchange: str = Field(default="delay.in", description="topic exchange producers publish to")
+    in_queue: str = Field(default="delay.in", description="the worker's quorum queue, bound '#'")
+    dead_exchange: str = "delay.dead"
+    dead_queue: str = "delay.dead"
+    control_exchange: str = "delay.control"
+    control_queue: str = "delay.control"
+
+    lanes: int = Field(default=8, ge=1, le=256, description="sender lanes (threads)")
+    batch: int = Field(
+        default=500, ge=1, le=100_000, description="most messages a topic sends per lane turn"
+    )
+    publish_window: int = Field(
+        default=256, ge=1, le=10_000, description="unconfirmed publishes per lane"
+    )
+    publish_timeout_s: float = Field(default=30.0, gt=0)
+    horizon_ms: int = Field(
+        default=365 * DAY_MS, ge=0, description="longest accepted delay; longer is dead-lettered"
+    )
+    default_target: str | None = Field(
+        default=None, description="target exchange when a message has no x-target-exchange"
+    )
+    window_ms: int = Field(
+        default=60_000, ge=1, description="near-term window held in memory (due within it)"
+    )
+    window_max_entries: int = Field(
+        default=200_000,
+        ge=1,
+        description="memory bound: most pending messages held in memory at once",
+    )
+    load_chunk: int = Field(default=20_000, ge=1, description="rows read per loader step")
+    load_interval_s: float = Field(
+        default=0.5, gt=0, description="how often the loader checks whether to refill"
+    )
+    prefetch: int = Field(default=1000, ge=1, description="unacknowledged ingress deliveries")
+    control_prefetch: int = Field(default=32, ge=1)
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="SQLite fsync policy; NORMAL survives a process crash, not power loss",
+    )
+    cache_mb: int = Field(default=16, ge=1, description="SQLite page cache of the writer")
+    list_max: int = Field(default=1000, ge=1, description="cap on a list request's limit")
+    max_control_bytes: int = Field(default=64 * 1024, ge=64)
+    scheduled_metric_topics: int = Field(
+        default=50, ge=0, description="per-topic scheduled gauge keeps only the N largest"
+    )
+    retry_backoff_max_s: float = Field(
+        default=5.0, gt=0, description="longest pause of a lane after a failed publish"
+    )
+    switch_interval_ms: float = Field(
+        default=1.0,
+        ge=0,
+        description="Python thread switch interval the worker sets (0 keeps the default 5 ms); "
+        "shorter lets an idle lane take over from a busy one sooner",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DelaySettings:
+        names = [self.in_exchange, self.dead_exchange, self.control_exchange]
+        if len(set(names)) != len(names):
+            raise ValueError("in_exchange, dead_exchange and control_exchange must differ")
+        if self.default_target is not None and not self.default_target:
+            self.default_target = None
+        return self

@@ -1,0 +1,472 @@
+"""Sender lanes: threads that publish due messages into their target exchanges.
+
+Each lane is a thread with its own event loop, its own AMQP connection and confirm channel
+(aio-pika objects belong to the loop that made them) and its own read-only SQLite
+connection. The worker's scheduler hands a lane one :class:`~workers.delay.model.Assignment`
+at a time (one topic, at most ``batch`` messages in due order); the lane reads the rows,
+publishes them pipelined with ``mandatory`` and confirms, dead-letters what the broker could
+not route, and reports per message what happened. A lane never raises out of a batch: a
+channel the broker closed (404 for a missing exchange) is reopened and the lane goes on.
+
+Two aiormq details shape the publish loop:
+
+- the broker closes the channel on a publish to a missing exchange, and publishes already
+  pipelined behind it on that channel can make it close the whole connection. So the first
+  message to a topic this lane has not yet seen confirmed goes out alone; only after it
+  proved the exchange exists is the rest of the batch pipelined.
+- aiormq matches a ``Basic.Return`` to its publish by ``message_id``. Producers may reuse a
+  message id (and a re-publish after a crash keeps it), so two publishes with the same id
+  are never in flight on one channel at once: the batch is cut into waves of distinct ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from bridge.amqp import Broker, ConfirmPublisher
+from bridge.errors import BrokerUnavailable, PublishFailed
+from bridge.settings import HostSettings
+from workers.delay.config import (
+    EXCHANGE_NOT_FOUND,
+    H_DEAD_DETAIL,
+    H_DEAD_REASON,
+    UNROUTABLE,
+    DelaySettings,
+)
+from workers.delay.model import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE, Assignment, Entry
+from workers.delay.store import StoredMessage, build_properties, fetch_messages, open_reader
+
+log = logging.getLogger("bridge.delay.lane")
+
+OK = "ok"
+RETRY = "retry"
+_VERIFIED_MAX = 10_000
+
+
+class OutgoingMessage(aio_pika.Message):
+    """A message re-published with exactly the stored properties.
+
+    ``aio_pika.Message`` fills in a delivery mode and priority the producer may not have set,
+    and round-trips ``expiration`` through float seconds; the stored pamqp properties avoid
+    both.
+    """
+
+    __slots__ = ("_raw_properties",)
+
+    def __init__(self, body: bytes, properties: Any) -> None:
+        super().__init__(body)
+        self._raw_properties = properties
+
+    @property
+    def properties(self) -> Any:
+        return self._raw_properties
+
+
+@dataclass(slots=True)
+class LaneReport:
+    """What a lane did with one assignment; every mid of the batch is in exactly one list."""
+
+    lane: int
+    topic: str
+    sent: list[int] = field(default_factory=list)
+    dead: list[tuple[int, str]] = field(default_factory=list)  # (mid, reason)
+    gone: list[int] = field(default_factory=list)  # no row: cancelled or replaced meanwhile
+    retry: list[int] = field(default_factory=list)
+    busy_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Item:
+    entry: Entry
+    row: StoredMessage
+
+
+def login_user(url: str) -> str | None:
+    user = urlsplit(url).username
+    return unquote(user) if user else None
+
+
+def carried_properties(
+    props: dict[str, Any], headers: dict[str, Any] | None, user: str | None
+) -> Any:
+    """The stored properties to publish with, minus a ``user_id`` the broker would refuse.
+
+    RabbitMQ closes the channel on a ``user_id`` that is not the publishing connection's
+    user; the producer's claim was checked when it published, and cannot be carried onward
+    by another user.
+    """
+    if "user_id" in props and props["user_id"] != user:
+        props = {k: v for k, v in props.items() if k != "user_id"}
+    return build_properties(props, headers)
+
+
+class Lane:
+    """One sender lane. ``start()`` returns a future resolved once connected; ``submit()``
+    queues an assignment; results come back through ``report`` (called on the lane thread)."""
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        host: HostSettings,
+        settings: DelaySettings,
+        db_path: Path,
+        report: Callable[[LaneReport], None],
+        observe_lateness: Callable[[float], None],
+        add_busy: Callable[[int, float], None],
+    ) -> None:
+        self.index = index
+        self.host = host
+        self.settings = settings
+        self.db_path = db_path
+        self._report = report
+        self._observe_lateness = observe_lateness
+        self._add_busy = add_busy
+        self._user = login_user(host.amqp_url)
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Assignment | None] | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"delay-lane-{index}", daemon=True
+        )
+        self._verified: OrderedDict[str, None] = OrderedDict()
+        self._failures = 0
+        self.broker: Broker | None = None
+        self.channel: AbstractChannel | None = None
+        self.publisher: ConfirmPublisher | None = None
+        self.batches = 0
+
+    # -- control from the worker's thread ---------------------------------------------
+
+    def start(self) -> concurrent.futures.Future[None]:
+        self._thread.start()
+        return self._ready
+
+    def submit(self, assignment: Assignment) -> None:
+        loop, queue = self._loop, self._queue
+        assert loop is not None and queue is not None, "lane not started"
+        loop.call_soon_threadsafe(queue.put_nowait, assignment)
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, then disconnect and end the thread."""
+        loop, queue, stop = self._loop, self._queue, self._stop
+        if loop is None or queue is None or stop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+            loop.call_soon_threadsafe(stop.set)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self.broker is not None and self.broker.connected
+
+    # -- the lane thread --------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:  # pragma: no cover - _main catches everything
+            log.exception("lane crashed", extra={"lane": self.index})
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._stop = asyncio.Event()
+        reader: sqlite3.Connection | None = None
+        try:
+            self.broker = Broker(self.host, name=f"delay-lane-{self.index}")
+            await self.broker.connect(stop=self._stop)
+            await self._open_channel()
+            reader = open_reader(self.db_path)
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            await self._close(reader)
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                assignment = await self._queue.get()
+                if assignment is None:
+                    break
+                report = await self._run(assignment, reader)
+                self.batches += 1
+                self._report(report)
+        finally:
+            await self._close(reader)
+
+    async def _close(self, reader: sqlite3.Connection | None) -> None:
+        if reader is not None:
+            reader.close()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.close()
+
+    async def _open_channel(self) -> None:
+        assert self.broker is not None
+        old = self.channel
+        self.channel = await self.broker.channel(confirms=True, on_return_raises=True)
+        self.publisher = ConfirmPublisher(
+            self.channel,
+            window=self.settings.publish_window,
+            timeout=self.settings.publish_timeout_s,
+        )
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+
+    async def _ensure_channel(self) -> bool:
+        """Wait for the channel to be usable (aio-pika reopens it after a broker close, and
+        the robust connection reconnects); open a fresh one if that does not happen."""
+        assert self._stop is not None
+        deadline = time.monotonic() + 2.0
+        while self.channel is None or self.channel.is_closed:
+            if self._stop.is_set():
+                return False
+            if time.monotonic() > deadline and self.broker is not None and self.broker.connected:
+                try:
+                    await self._open_channel()
+                except Exception as exc:
+                    log.warning(
+                        "lane cannot open a channel", extra={"lane": self.index, "error": str(exc)}
+                    )
+                    deadline = time.monotonic() + 2.0
+                continue
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _run(self, a: Assignment, reader: sqlite3.Connection) -> LaneReport:
+        started = time.perf_counter()
+        report = LaneReport(self.index, a.topic)
+        try:
+            rows = fetch_messages(reader, [e.mid for e in a.entries])
+        except sqlite3.Error as exc:
+            report.retry = [e.mid for e in a.entries]
+            report.error = f"store read failed: {exc}"
+        else:
+            items: list[_Item] = []
+            for entry in a.entries:
+                row = rows.get(entry.mid)
+                if row is None:
+                    report.gone.append(entry.mid)
+                else:
+                    items.append(_Item(entry, row))
+            try:
+                await self._publish_batch(a.topic, items, report)
+            except Exception as exc:  # a bug must not kill the lane: retry the batch
+                log.exception("lane batch failed", extra={"lane": self.index, "topic": a.topic})
+                done = {*report.sent, *(m for m, _ in report.dead), *report.gone}
+                report.retry = [e.mid for e in a.entries if e.mid not in done]
+                report.error = f"{type(exc).__name__}: {exc}"
+        if report.retry:
+            await self._back_off(report)
+        else:
+            self._failures = 0
+        report.busy_s = time.perf_counter() - started
+        self._add_busy(self.index, report.busy_s)
+        return report
+
+    async def _back_off(self, report: LaneReport) -> None:
+        assert self._stop is not None
+        self._failures += 1
+        pause = min(self.settings.retry_backoff_max_s, 0.05 * 2 ** min(self._failures, 10))
+        log.warning(
+            "publishes will be retried",
+            extra={
+                "lane": self.index,
+                "topic": report.topic,
+                "retry": len(report.retry),
+                "error": report.error,
+                "pause_s": pause,
+            },
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), pause)
+        await self._ensure_channel()
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def _publish_batch(self, topic: str, items: list[_Item], report: LaneReport) -> None:
+        if not items:
+            return
+        if not await self._ensure_channel():
+            report.retry.extend(i.entry.mid for i in items)
+            report.error = "stopping"
+            return
+        assert self.channel is not None
+        exchange = await self.channel.get_exchange(topic, ensure=False)
+        outcomes: dict[int, tuple[str, str]] = {}
+        rest = items
+        if topic not in self._verified:
+            first, rest = items[0], items[1:]
+            outcome = await self._publish_one(exchange, first)
+            outcomes[first.entry.mid] = outcome
+            if outcome[0] == EXCHANGE_NOT_FOUND:
+                # Only this publish was in flight: the exchange is missing for all of them.
+                for item in rest:
+                    outcomes[item.entry.mid] = outcome
+                rest = []
+                await self._ensure_channel()
+            elif outcome[0] == RETRY:
+                for item in rest:
+                    outcomes[item.entry.mid] = outcome
+                rest = []
+            else:
+                self._remember(topic)
+        if rest:
+            for item, outcome in zip(rest, await self._pipelined(exchange, rest), strict=True):
+                if outcome[0] == EXCHANGE_NOT_FOUND:
+                    # Pipelined behind other publishes: not proof enough; probe next time.
+                    outcome = (RETRY, outcome[1])
+                outcomes[item.entry.mid] = outcome
+            if any(o[0] == RETRY for o in outcomes.values()):
+                self._verified.pop(topic, None)
+        dead: list[tuple[_Item, str, str]] = []
+        for item in items:
+            kind, detail = outcomes[item.entry.mid]
+            if kind == OK:
+                report.sent.append(item.entry.mid)
+            elif kind == RETRY:
+                report.retry.append(item.entry.mid)
+                report.error = detail
+            else:
+                dead.append((item, kind, detail))
+        if dead:
+            await self._dead_letter(topic, dead, report)
+
+    def _remember(self, topic: str) -> None:
+        self._verified[topic] = None
+        self._verified.move_to_end(topic)
+        while len(self._verified) > _VERIFIED_MAX:
+            self._verified.popitem(last=False)
+
+    async def _pipelined(
+        self, exchange: AbstractExchange, items: Sequence[_Item]
+    ) -> list[tuple[str, str]]:
+        """Publish in order with up to ``publish_window`` in flight, in waves of distinct
+        message ids (see the module docstring)."""
+        results: list[tuple[str, str]] = []
+        wave: list[asyncio.Task[tuple[str, str]]] = []
+        ids: set[str] = set()
+        for item in items:
+            message_id = item.row.message_id
+            if message_id is not None:
+                if message_id in ids:
+                    results.extend(await asyncio.gather(*wave))
+                    wave, ids = [], set()
+                ids.add(message_id)
+            wave.append(asyncio.ensure_future(self._publish_one(exchange, item)))
+        results.extend(await asyncio.gather(*wave))
+        return results
+
+    def _properties(self, row: StoredMessage, headers: dict[str, Any]) -> Any:
+        return carried_properties(row.props, headers, self._user)
+
+    async def _publish_one(self, exchange: AbstractExchange, item: _Item) -> tuple[str, str]:
+        assert self.publisher is not None
+        entry = item.entry
+        wait = entry.due_ms / 1000 - time.time()
+        if wait > 0:  # never early, whatever the clock did since assign()
+            await asyncio.sleep(wait)
+        message = OutgoingMessage(item.row.body, self._properties(item.row, item.row.headers))
+        self._observe_lateness(time.time() - entry.due_ms / 1000)
+        try:
+            await self.publisher.publish(exchange, message, item.row.routing_key, mandatory=True)
+        except PublishFailed as exc:
+            if exc.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND):
+                return exc.reason, exc.detail
+            return RETRY, f"{exc.reason}: {exc.detail}"
+        return OK, ""
+
+    async def _dead_letter(
+        self, topic: str, dead: list[tuple[_Item, str, str]], report: LaneReport
+    ) -> None:
+        if not await self._ensure_channel():
+            report.retry.extend(item.entry.mid for item, _, _ in dead)
+            return
+        assert self.channel is not None and self.publisher is not None
+        exchange = await self.channel.get_exchange(self.settings.dead_exchange, ensure=False)
+        publisher = self.publisher
+
+        async def one(item: _Item, reason: str, detail: str) -> bool:
+            headers = dict(item.row.headers)
+            headers[X_TARGET_EXCHANGE] = topic
+            headers[X_DELIVER_AT] = item.entry.due_ms
+            if item.entry.key is not None:
+                headers[X_DELAY_KEY] = item.entry.key
+            headers[H_DEAD_REASON] = reason
+            headers[H_DEAD_DETAIL] = (detail or reason)[:500]
+            message = OutgoingMessage(item.row.body, self._properties(item.row, headers))
+            try:
+                await publisher.publish(exchange, message, item.row.routing_key)
+            except PublishFailed as exc:
+                report.error = f"dead-letter publish failed: {exc}"
+                return False
+            return True
+
+        # Waves of distinct message ids, as for the main publishes.
+        pending = list(dead)
+        while pending:
+            wave, later, ids = [], [], set()
+            for entry in pending:
+                message_id = entry[0].row.message_id
+                if message_id is not None and message_id in ids:
+                    later.append(entry)
+                    continue
+                if message_id is not None:
+                    ids.add(message_id)
+                wave.append(entry)
+            results = await asyncio.gather(*(one(*d) for d in wave))
+            for (item, reason, _), ok in zip(wave, results, strict=True):
+                if ok:
+                    report.dead.append((item.entry.mid, reason))
+                else:
+                    report.retry.append(item.entry.mid)
+            pending = later
+
+
+async def start_lanes(lanes: list[Lane], stop: asyncio.Event) -> None:
+    """Start every lane and wait until all are connected (or raise the first failure)."""
+    futures: list[asyncio.Future[Any]] = [asyncio.wrap_future(lane.start()) for lane in lanes]
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    try:
+        pending: set[asyncio.Future[Any]] = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(
+                pending | {stopped}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopped in done:
+                raise BrokerUnavailable("stopped while the sender lanes were connecting")
+            pending.discard(stopped)
+            for fut in done:
+                fut.result()
+    finally:
+        stopped.cancel()

@@ -1,0 +1,146 @@
+"""Prometheus metrics of the delay worker (names ``bridge_delay_*``).
+
+Lanes update the lateness histogram and their busy counter from their own threads
+(prometheus_client metrics are thread-safe); everything else is updated on the worker's loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from workers.delay.config import DEAD_REASONS
+
+if TYPE_CHECKING:
+    from workers.delay.worker import DelayWorker
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+
+
+class _StateCollector(Collector):
+    """Gauges computed at scrape time, including the bounded per-topic scheduled count."""
+
+    def __init__(self, metrics: DelayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        worker = self.metrics.worker
+        scheduled = GaugeMetricFamily(
+            "bridge_delay_scheduled_messages",
+            "stored messages not yet confirmed at their target, per topic (only the N largest "
+            "topics, BRIDGE_DELAY__SCHEDULED_METRIC_TOPICS)",
+            labels=["topic"],
+        )
+        for topic, count in self.metrics.top_topics(worker.settings.scheduled_metric_topics):
+            scheduled.add_metric([topic], count)
+        yield scheduled
+        yield GaugeMetricFamily(
+            "bridge_delay_stored_messages",
+            "stored messages not yet confirmed at their target, all topics",
+            value=sum(worker.topic_counts.values()),
+        )
+        yield GaugeMetricFamily(
+            "bridge_delay_window_messages",
+            "messages held in the in-memory window (pending and in flight)",
+            value=len(worker.scheduler) if worker.scheduler is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "bridge_delay_busy_lanes",
+            "sender lanes publishing a batch right now",
+            value=len(worker.scheduler.busy_lanes()) if worker.scheduler is not None else 0,
+        )
+
+
+class DelayMetrics:
+    def __init__(self, registry: CollectorRegistry, worker: DelayWorker) -> None:
+        self.worker = worker
+        self.received = Counter(
+            "bridge_delay_received_total",
+            "messages consumed from the ingress queue, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("accepted", "rejected"):
+            self.received.labels(outcome)
+        self.published = Counter(
+            "bridge_delay_published_total",
+            "messages confirmed by the broker at their target exchange",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "bridge_delay_dead_letters_total",
+            "messages dead-lettered to the dead-letter exchange, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in DEAD_REASONS:
+            self.dead_letters.labels(reason)
+        self.cancelled = Counter(
+            "bridge_delay_cancelled_total",
+            "messages cancelled by the control RPC",
+            registry=registry,
+        )
+        self.replaced = Counter(
+            "bridge_delay_replaced_total",
+            "pending messages replaced by a newer one with the same x-delay-key",
+            registry=registry,
+        )
+        self.retries = Counter(
+            "bridge_delay_publish_retries_total",
+            "publishes that failed transiently and will be retried",
+            registry=registry,
+        )
+        self.lateness = Histogram(
+            "bridge_delay_lateness_seconds",
+            "publish time minus due time",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lane_busy = Counter(
+            "bridge_delay_lane_busy_seconds_total",
+            "time each sender lane spent on batches",
+            ["lane"],
+            registry=registry,
+        )
+        self._busy_children = [self.lane_busy.labels(str(i)) for i in range(worker.settings.lanes)]
+        self.commit_seconds = Histogram(
+            "bridge_delay_commit_seconds",
+            "group commit duration",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_StateCollector(self))
+
+    def add_busy(self, lane: int, seconds: float) -> None:
+        self._busy_children[lane].inc(seconds)
+
+    def top_topics(self, n: int) -> list[tuple[str, int]]:
+        if n <= 0:
+            return []
+        counts = dict(self.worker.topic_counts)
+        return heapq.nlargest(n, counts.items(), key=lambda kv: kv[1])

@@ -1,0 +1,407 @@
+"""SQLite persistence of the delay worker: the pending messages, the journal that changes
+them, and the reads the loader, the lanes and the control RPC need.
+
+One file, ``<state_dir>/delay/delay.sqlite3``, one table ``pending``: a row per message that
+was accepted and not yet confirmed by the broker at its target (or dead-lettered). ``mid`` is
+the arrival order. The row is the truth; the in-memory scheduler holds only a near-term
+window of ``(mid, topic, due, key)`` hints. A lane that finds no row for a hint (cancelled or
+replaced while the hint travelled) skips it.
+
+Writes happen on the :class:`bridge.store.Database` writer thread, grouped by
+:class:`bridge.store.GroupCommitter`. The loader's window reads run on that same thread, so
+"is this new row inside the loaded window?" is decided consistently with what the loader has
+read (see :meth:`DelayStore.apply`). Lanes and the control RPC read through their own
+read-only connections (WAL lets them read while the writer commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pamqp import commands, decode, encode
+
+from bridge.store import Database
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS pending (
+        mid INTEGER PRIMARY KEY,
+        due_ms INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        key TEXT,
+        message_id TEXT,
+        props TEXT NOT NULL,
+        headers BLOB,
+        body BLOB NOT NULL)""",
+    # The rowid is appended to every index entry, so this is the (due_ms, mid) order.
+    "CREATE INDEX IF NOT EXISTS pending_due ON pending (due_ms)",
+    "CREATE INDEX IF NOT EXISTS pending_topic ON pending (topic, due_ms)",
+    "CREATE INDEX IF NOT EXISTS pending_key ON pending (key) WHERE key IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS pending_message_id ON pending (message_id)",
+)
+MAX_MID = (1 << 63) - 1
+FILE_NAME = "delay.sqlite3"
+
+# AMQP basic properties kept per message (pamqp attribute names), headers aside.
+PROP_FIELDS = (
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "message_type",
+    "user_id",
+    "app_id",
+)
+
+
+# ---------------------------------------------------------------- message codec
+
+
+def table_safe(value: Any) -> Any:
+    """A header value pamqp can encode again: it decodes a non-UTF-8 long string to bytes but
+    only encodes bytearray (type 'x'), so binary values travel as byte arrays."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: table_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [table_safe(v) for v in value]
+    return value
+
+
+def encode_headers(headers: Mapping[str, Any] | None) -> bytes | None:
+    if not headers:
+        return None
+    return bytes(encode.field_table(table_safe(dict(headers))))
+
+
+def decode_headers(blob: bytes | None) -> dict[str, Any]:
+    if not blob:
+        return {}
+    return dict(decode.field_table(bytes(blob))[1])
+
+
+def props_of(message: Any) -> dict[str, Any]:
+    """The basic properties of an aio-pika incoming message as a JSON-able dict.
+
+    aio-pika hands ``expiration`` over as float seconds and ``timestamp`` as a datetime; both
+    go back to their wire form (milliseconds string, epoch seconds) so they are re-published
+    exactly as received.
+    """
+    out: dict[str, Any] = {}
+    for name, value in (
+        ("content_type", message.content_type),
+        ("content_encoding", message.content_encoding),
+        ("delivery_mode", _int_mode(message.delivery_mode)),
+        ("priority", message.priority),
+        ("correlation_id", message.correlation_id),
+        ("reply_to", message.reply_to),
+        ("message_id", message.message_id),
+        ("message_type", message.type),
+        ("user_id", message.user_id),
+        ("app_id", message.app_id),
+    ):
+        if value is not None:
+            out[name] = value
+    if message.expiration is not None:
+        out["expiration"] = str(round(float(message.expiration) * 1000))
+    ts = message.timestamp
+    if ts is not None:
+        out["timestamp"] = int(ts.timestamp()) if isinstance(ts, dt.datetime) else int(ts)
+    return out
+
+
+def _int_mode(mode: Any) -> int | None:
+    if mode is None:
+        return None
+    return int(getattr(mode, "value", mode))
+
+
+def build_properties(
+    props: Mapping[str, Any], headers: Mapping[str, Any] | None
+) -> commands.Basic.Properties:
+    kwargs = {k: v for k, v in props.items() if k in PROP_FIELDS}
+    ts = kwargs.get("timestamp")
+    if ts is not None:
+        kwargs["timestamp"] = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return commands.Basic.Properties(
+        headers=table_safe(dict(headers)) if headers else None, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- journal ops
+
+
+@dataclass(slots=True)
+class Insert:
+    """A newly accepted message. ``in_window`` is decided at commit, on the writer thread."""
+
+    mid: int
+    due_ms: int
+    topic: str
+    routing_key: str
+    key: str | None
+    message_id: str | None
+    props: str
+    headers: bytes | None
+    body: bytes
+    in_window: bool = False
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.mid,
+            self.due_ms,
+            self.topic,
+            self.routing_key,
+            self.key,
+            self.message_id,
+            self.props,
+            self.headers,
+            self.body,
+        )
+
+
+@dataclass(slots=True)
+class Delete:
+    """Rows to remove (confirmed, dead-lettered, replaced or cancelled); ``deleted`` after."""
+
+    rows: list[tuple[int, str]]  # (mid, topic)
+    deleted: int = 0
+
+
+@dataclass(slots=True)
+class KeyDelete:
+    """A newer message with ``key`` replaces every older stored row with that key, except the
+    ``protect``ed ones (in flight, or promised as being sent)."""
+
+    key: str
+    below_mid: int
+    protect: frozenset[int]
+    deleted: int = 0
+
+
+Op = Insert | Delete | KeyDelete
+
+
+@dataclass(slots=True)
+class Loaded:
+    mid: int
+    due_ms: int
+    topic: str
+    key: str | None
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    mid: int
+    routing_key: str
+    message_id: str | None
+    props: dict[str, Any]
+    headers: dict[str, Any]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Startup:
+    next_mid: int
+    topic_counts: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
+
+
+# ---------------------------------------------------------------- the store
+
+
+class DelayStore:
+    def __init__(self, directory: Path, *, synchronous: str = "FULL", cache_mb: int = 16) -> None:
+        self.path = Path(directory) / FILE_NAME
+        self.db = Database(
+            self.path,
+            worker="delay",
+            schema_version=SCHEMA_VERSION,
+            schema=SCHEMA,
+            synchronous=synchronous,
+        )
+        self.db.run_sync(lambda c: c.execute(f"PRAGMA cache_size=-{cache_mb * 1024}"))
+        # Owned by the writer thread: everything at or before this (due_ms, mid) position has
+        # been handed to the loader's caller.
+        self.window_end: tuple[int, int] = (-1, -1)
+        # Writer thread asks the worker whether a new row beyond window_end may still go into
+        # memory (a message due now while the window is capped by a backlog).
+        self.admit_extra: Callable[[int], bool] = lambda due_ms: False
+        # Count changes of the last apply(), taken by the worker after the commit succeeded.
+        self.last_deltas: dict[str, int] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delay-reader")
+        self._reader_conn: sqlite3.Connection = self._reader.submit(
+            open_reader, self.path, 8
+        ).result()
+
+    # -- writer thread ---------------------------------------------------------------
+
+    def startup(self, conn: sqlite3.Connection) -> Startup:
+        top = conn.execute("SELECT max(mid) FROM pending").fetchone()[0]
+        counts = {
+            topic: n
+            for topic, n in conn.execute("SELECT topic, count(*) FROM pending GROUP BY topic")
+        }
+        return Startup(next_mid=(top or 0) + 1, topic_counts=counts, pending=sum(counts.values()))
+
+    def apply(self, conn: sqlite3.Connection, ops: list[Op]) -> None:
+        """Write the journal in order (inside one transaction)."""
+        deltas: dict[str, int] = {}
+        run: list[Insert] = []
+        for op in ops:
+            if isinstance(op, Insert):
+                run.append(op)
+                continue
+            if run:
+                self._insert(conn, run, deltas)
+                run = []
+            if isinstance(op, Delete):
+                op.deleted = 0
+                for mid, topic in op.rows:
+                    if conn.execute("DELETE FROM pending WHERE mid = ?", (mid,)).rowcount:
+                        op.deleted += 1
+                        deltas[topic] = deltas.get(topic, 0) - 1
+            elif isinstance(op, KeyDelete):
+                victims = [
+                    (mid, topic)
+                    for mid, topic in conn.execute(
+                        "SELECT mid, topic FROM pending WHERE key = ? AND mid < ?",
+                        (op.key, op.below_mid),
+                    )
+                    if mid not in op.protect
+                ]
+                conn.executemany("DELETE FROM pending WHERE mid = ?", [(m,) for m, _ in victims])
+                op.deleted = len(victims)
+                for _, topic in victims:
+                    deltas[topic] = deltas.get(topic, 0) - 1
+            else:  # pragma: no cover - a new op type must be handled here
+                raise TypeError(f"unknown journal op {op!r}")
+        if run:
+            self._insert(conn, run, deltas)
+        self.last_deltas = deltas
+
+    def _insert(self, conn: sqlite3.Connection, run: list[Insert], deltas: dict[str, int]) -> None:
+        conn.executemany(
+            "INSERT INTO pending (mid, due_ms, topic, routing_key, key, message_id, props,"
+            " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [op.row() for op in run],
+        )
+        end = self.window_end
+        for op in run:
+            op.in_window = (op.due_ms, op.mid) <= end or self.admit_extra(op.due_ms)
+            deltas[op.topic] = deltas.get(op.topic, 0) + 1
+
+    def load(self, conn: sqlite3.Connection, until_due_ms: int, limit: int) -> list[Loaded]:
+        """The next rows after ``window_end`` due by ``until_due_ms``, at most ``limit``;
+        advances ``window_end`` past them (to ``until_due_ms`` if fewer were found)."""
+        if limit <= 0:
+            return []
+        due, mid = self.window_end
+        rows = conn.execute(
+            "SELECT mid, due_ms, topic, key FROM pending"
+            " WHERE (due_ms, mid) > (?, ?) AND due_ms <= ?"
+            " ORDER BY due_ms, mid LIMIT ?",
+            (due, mid, until_due_ms, limit),
+        ).fetchall()
+        if len(rows) < limit:
+            self.window_end = max(self.window_end, (until_due_ms, MAX_MID))
+        else:
+            self.window_end = (rows[-1][1], rows[-1][0])
+        topics: dict[str, str] = {}  # one string object per topic keeps the window small
+        return [Loaded(m, d, topics.setdefault(t, t), k) for m, d, t, k in rows]
+
+    # -- reader thread (read-only connection) ----------------------------------------
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, fn, self._reader_conn, *args)
+
+    @staticmethod
+    def counts(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+        return {
+            topic: (n, first)
+            for topic, n, first in conn.execute(
+                "SELECT topic, count(*), min(due_ms) FROM pending GROUP BY topic"
+            )
+        }
+
+    @staticmethod
+    def page(
+        conn: sqlite3.Connection, topic: str, after: tuple[int, int] | None, limit: int
+    ) -> list[tuple[int, int, str | None, str, str | None, int]]:
+        due, mid = after if after is not None else (-1, -1)
+        return conn.execute(
+            "SELECT mid, due_ms, key, routing_key, message_id, length(body) FROM pending"
+            " WHERE topic = ? AND (due_ms, mid) > (?, ?) ORDER BY due_ms, mid LIMIT ?",
+            (topic, due, mid, limit),
+        ).fetchall()
+
+    @staticmethod
+    def select(conn: sqlite3.Connection, column: str, value: str) -> list[tuple[int, str]]:
+        assert column in ("message_id", "key")
+        return conn.execute(
+            f"SELECT mid, topic FROM pending WHERE {column} = ? ORDER BY mid", (value,)
+        ).fetchall()
+
+    def size_bytes(self) -> int:
+        return self.db.size_bytes()
+
+    def close(self) -> None:
+        def _close(conn: sqlite3.Connection) -> None:
+            conn.close()
+
+        try:
+            self._reader.submit(_close, self._reader_conn).result()
+        finally:
+            self._reader.shutdown(wait=True)
+        self.db.close()
+
+
+# ---------------------------------------------------------------- lane reads
+
+
+def open_reader(path: Path, cache_mb: int = 2) -> sqlite3.Connection:
+    """A read-only connection (lanes and the control RPC read while the writer commits)."""
+    conn = sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
+    conn.execute("PRAGMA query_only=1")
+    return conn
+
+
+def fetch_messages(conn: sqlite3.Connection, mids: Iterable[int]) -> dict[int, StoredMessage]:
+    wanted = list(mids)
+    out: dict[int, StoredMessage] = {}
+    for start in range(0, len(wanted), 900):
+        chunk = wanted[start : start + 900]
+        marks = ",".join("?" * len(chunk))
+        for mid, routing_key, message_id, props, headers, body in conn.execute(
+            "SELECT mid, routing_key, message_id, props, headers, body FROM pending"
+            f" WHERE mid IN ({marks})",
+            chunk,
+        ):
+            out[mid] = StoredMessage(
+                mid=mid,
+                routing_key=routing_key,
+                message_id=message_id,
+                props=json.loads(props),
+                headers=decode_headers(headers),
+                body=bytes(body),
+            )
+    return out
