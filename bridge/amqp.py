@@ -8,9 +8,10 @@ Workers never import aiormq exceptions: publish failures become
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
@@ -18,6 +19,7 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
     ExchangeType,
@@ -240,3 +242,109 @@ def header_str(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     return None
+
+
+async def safe_ack(message: AbstractIncomingMessage) -> None:
+    """Acknowledge, ignoring a stale delivery tag after a reconnect (the broker redelivers
+    the message, and the worker's de-duplication makes the second application a no-op)."""
+    with contextlib.suppress(Exception):
+        await message.ack()
+
+
+def with_reason(
+    message: AbstractIncomingMessage,
+    reason: str,
+    detail: str,
+    *,
+    reason_header: str,
+    detail_header: str,
+) -> aio_pika.Message:
+    """A copy of ``message`` (body, properties, headers) for a dead-letter exchange, with the
+    reason and a human-readable detail added as headers."""
+    headers = dict(message.headers or {})
+    headers[reason_header] = reason
+    headers[detail_header] = detail[:500]
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def send_reply(
+    channel: AbstractChannel, request: AbstractIncomingMessage, body: bytes
+) -> bool:
+    """Answer an RPC request on its ``reply_to`` with its ``correlation_id``.
+
+    Not mandatory (RabbitMQ returns direct reply-to publishes under ``mandatory`` although it
+    delivers them) and not confirmed: a lost reply is recovered by the caller's retry.
+    """
+    if not request.reply_to:
+        return False
+    reply = aio_pika.Message(
+        body=body,
+        correlation_id=request.correlation_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+    )
+    try:
+        await channel.default_exchange.publish(reply, routing_key=request.reply_to, mandatory=False)
+        return True
+    except Exception as exc:  # requester gone, or channel reconnecting
+        log.info("reply not sent", extra={"reply_to": request.reply_to, "error": str(exc)})
+        return False
+
+
+class Consumers:
+    """The consumers of one worker: handler tasks are tracked so a drain can wait for them,
+    and a handler that raises has its message requeued instead of taking the worker down."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self._tags: list[tuple[AbstractQueue, str]] = []
+
+    async def consume(
+        self, queue: AbstractQueue, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> None:
+        async def run(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.inflight.add(task)
+            try:
+                await handler(message)
+            except Exception:
+                log.exception("handler failed; message requeued", extra={"worker": self.name})
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+            finally:
+                self.inflight.discard(task)
+
+        tag = await queue.consume(run)
+        self._tags.append((queue, tag))
+
+    async def cancel(self) -> None:
+        """Stop deliveries (in-flight handlers keep running)."""
+        for queue, tag in self._tags:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._tags.clear()
+
+    async def drain(self, timeout: float) -> None:
+        if self.inflight:
+            await asyncio.wait(list(self.inflight), timeout=max(timeout, 0.1))
+
+
+async def close_channels(*channels: AbstractChannel | None) -> None:
+    for channel in channels:
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await channel.close()

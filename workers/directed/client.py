@@ -10,15 +10,14 @@ import argparse
 import asyncio
 import base64
 import json
-import uuid
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from bridge.rpc import RpcClient
 from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
 
-REPLY_TO = "amq.rabbitmq.reply-to"
 HEADER_TARGET_LIMIT = 2000  # larger lists go in an envelope body (AMQP headers must fit one frame)
 
 
@@ -28,26 +27,18 @@ class DirectedClient:
     ) -> None:
         self.connection = connection
         self.settings = settings or DirectedSettings()
-        self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.rpc = RpcClient(connection)
         self._channel: AbstractChannel | None = None
-        self._rpc: AbstractChannel | None = None
 
     async def open(self) -> DirectedClient:
         self._channel = await self.connection.channel(publisher_confirms=True)
-        self._rpc = await self.connection.channel(publisher_confirms=False)
-        queue = await self._rpc.get_queue(REPLY_TO, ensure=False)
-        await queue.consume(self._on_reply, no_ack=True)
+        await self.rpc.open()
         return self
 
     async def close(self) -> None:
-        for ch in (self._channel, self._rpc):
-            if ch is not None and not ch.is_closed:
-                await ch.close()
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        fut = self._futures.pop(message.correlation_id or "", None)
-        if fut is not None and not fut.done():
-            fut.set_result(json.loads(message.body))
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        await self.rpc.close()
 
     async def send(
         self,
@@ -94,22 +85,7 @@ class DirectedClient:
     async def _call(
         self, exchange_name: str, routing_key: str, doc: Any, timeout: float
     ) -> dict[str, Any]:
-        assert self._rpc is not None
-        corr = uuid.uuid4().hex
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._futures[corr] = fut
-        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        exchange = await self._rpc.get_exchange(exchange_name, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body, reply_to=REPLY_TO, correlation_id=corr, content_type="application/json"
-            ),
-            routing_key=routing_key,
-        )
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._futures.pop(corr, None)
+        return await self.rpc.call(exchange_name, routing_key, doc, timeout)
 
     async def pull(
         self,

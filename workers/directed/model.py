@@ -480,12 +480,7 @@ class DirectedCore:
 
     def _alive_only(self, mids: Iterable[int]) -> tuple[int, ...]:
         details = self._details
-        out = []
-        for mid in mids:
-            d = details.get(mid)
-            if d is not None and d.done_ms is None:
-                out.append(mid)
-        return tuple(out)
+        return tuple(m for m in mids if (d := details.get(m)) is not None and d.done_ms is None)
 
     def _take(self, key: str, t: _Target, n: int, record_id: str) -> tuple[int, ...]:
         """Move up to ``n`` alive mids from the head of the queue into a new buffer."""

@@ -20,10 +20,18 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from bridge.amqp import ConfirmPublisher, declare_dead_letter, declare_exchange
+from bridge.amqp import (
+    ConfirmPublisher,
+    Consumers,
+    close_channels,
+    declare_dead_letter,
+    declare_exchange,
+    safe_ack,
+    send_reply,
+    with_reason,
+)
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
 from bridge.store import GroupCommitter
@@ -31,7 +39,6 @@ from workers.directed import wire
 from workers.directed.config import (
     H_DEAD_DETAIL,
     H_DEAD_REASON,
-    REPLY_CONTENT_TYPE,
     DirectedSettings,
 )
 from workers.directed.metrics import DirectedMetrics
@@ -87,8 +94,7 @@ class DirectedWorker:
         self._pending_contents: dict[int, Content] = {}
         self._cache = ContentCache(self.settings.cache_bytes)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._inflight: set[asyncio.Task[Any]] = set()
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self.consumers = Consumers(self.name)
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -144,47 +150,22 @@ class DirectedWorker:
         )
         await control_q.bind(control_ex, routing_key="")
         self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
-        self._reply_ex: AbstractExchange = self._reply_channel.default_exchange
 
-        for queue, handler in (
-            (requests_q, self._on_request),
-            (pull_q, self._on_pull),
-            (control_q, self._on_control),
-        ):
-            tag = await queue.consume(self._tracked(handler))
-            self._consumers.append((queue, tag))
+        await self.consumers.consume(requests_q, self._on_request)
+        await self.consumers.consume(pull_q, self._on_pull)
+        await self.consumers.consume(control_q, self._on_control)
         self._consuming = True
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
-
-    def _tracked(self, handler: Any) -> Any:
-        async def run(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._inflight.add(task)
-            try:
-                await handler(message)
-            except Exception:
-                log.exception("handler failed; message will be redelivered")
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
-            finally:
-                self._inflight.discard(task)
-
-        return run
 
     async def stop(self, grace: float) -> None:
         self._stopping = True
         self._consuming = False
-        for queue, tag in self._consumers:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consumers.clear()
+        await self.consumers.cancel()
         for waiters in self._waiters.values():  # long polls answer now with what they have
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        if self._inflight:
-            await asyncio.wait(list(self._inflight), timeout=max(grace - 1, 0.1))
+        await self.consumers.drain(grace - 1)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,14 +173,11 @@ class DirectedWorker:
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
-        for channel in (
+        await close_channels(
             getattr(self, "_channel", None),
             getattr(self, "_pull_channel", None),
             getattr(self, "_reply_channel", None),
-        ):
-            if channel is not None:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+        )
         if self.store is not None:
             self.store.close()
 
@@ -260,7 +238,9 @@ class DirectedWorker:
         except wire.WireError as exc:
             await self._dead_letter(message, exc.code, exc.message)
             return
-        result = self.core.submit(req.message_id, req.targets, now_ms(), req.ttl_ms)
+        now = now_ms()
+        self.core.expire(now)  # content past its TTL must not count toward a full queue
+        result = self.core.submit(req.message_id, req.targets, now, req.ttl_ms)
         if result.status == "rejected":
             reason = result.reason or "rejected"
             await self._dead_letter(message, reason, f"request {req.message_id} refused: {reason}")
@@ -281,30 +261,13 @@ class DirectedWorker:
             self._wake(req.targets)
         await self._committed()
         self.metrics.requests.labels(result.status).inc()
-        await self._ack(message)
-
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        # After a reconnect the delivery tag is stale; the broker redelivers and the
-        # message_id makes the second application a no-op.
-        with contextlib.suppress(Exception):
-            await message.ack()
+        await safe_ack(message)
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, detail: str
     ) -> None:
-        headers = dict(message.headers or {})
-        headers[H_DEAD_REASON] = reason
-        headers[H_DEAD_DETAIL] = detail[:500]
-        dead = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            timestamp=message.timestamp,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        dead = with_reason(
+            message, reason, detail, reason_header=H_DEAD_REASON, detail_header=H_DEAD_DETAIL
         )
         try:
             await self.publisher.publish(self._dead, dead, message.routing_key or "")
@@ -319,7 +282,7 @@ class DirectedWorker:
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
-        await self._ack(message)
+        await safe_ack(message)
 
     # -- pulls -------------------------------------------------------------------------
 
@@ -350,17 +313,7 @@ class DirectedWorker:
                     self._waiters.pop(target, None)
 
     async def _reply(self, message: AbstractIncomingMessage, body: bytes) -> None:
-        assert message.reply_to
-        reply = aio_pika.Message(
-            body=body,
-            correlation_id=message.correlation_id,
-            content_type=REPLY_CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-        )
-        try:
-            await self._reply_ex.publish(reply, routing_key=message.reply_to, mandatory=False)
-        except Exception as exc:  # the requester is gone or the channel is reconnecting
-            log.info("reply not sent", extra={"reply_to": message.reply_to, "error": str(exc)})
+        await send_reply(self._reply_channel, message, body)
 
     async def _on_pull(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
@@ -374,11 +327,11 @@ class DirectedWorker:
         except wire.WireError as exc:
             self.metrics.pulls.labels("error").inc()
             await self._reply(message, wire.encode_error(exc.code, exc.message))
-            await self._ack(message)
+            await safe_ack(message)
             return
         body = await self._serve_pull(pull)
         await self._reply(message, body)
-        await self._ack(message)
+        await safe_ack(message)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
 
     def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
@@ -454,7 +407,7 @@ class DirectedWorker:
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
         await self._reply(message, body)
-        await self._ack(message)
+        await safe_ack(message)
 
     # -- housekeeping ------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""Client side of the workers' JSON request/reply calls over RabbitMQ's direct reply-to.
+
+Replies come back on ``amq.rabbitmq.reply-to``, so a caller needs no queue of its own; calls
+are matched to replies by ``correlation_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class RpcClient:
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self.connection = connection
+        self.channel: AbstractChannel | None = None
+        self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def open(self) -> RpcClient:
+        self.channel = await self.connection.channel(publisher_confirms=False)
+        queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+        await queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def close(self) -> None:
+        if self.channel is not None and not self.channel.is_closed:
+            await self.channel.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        fut = self._futures.pop(message.correlation_id or "", None)
+        if fut is not None and not fut.done():
+            try:
+                fut.set_result(json.loads(message.body))
+            except ValueError as exc:
+                fut.set_exception(exc)
+
+    async def call(
+        self, exchange: str, routing_key: str, doc: Any, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Publish ``doc`` (JSON, or raw bytes) and wait for the reply document."""
+        assert self.channel is not None, "open() first"
+        corr = uuid.uuid4().hex
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._futures[corr] = fut
+        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        target = (
+            self.channel.default_exchange
+            if exchange == ""
+            else await self.channel.get_exchange(exchange, ensure=False)
+        )
+        try:
+            await target.publish(
+                aio_pika.Message(
+                    body, reply_to=REPLY_TO, correlation_id=corr, content_type="application/json"
+                ),
+                routing_key=routing_key,
+                mandatory=False,
+            )
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._futures.pop(corr, None)
