@@ -73,6 +73,11 @@ class Housekeeper:
         while True:
             await asyncio.sleep(self.tick)
             try:
+                # After a reconnect the robust channel is new underneath: consume again.
+                await self.worker.reply_consumer.ensure()
+            except Exception as exc:
+                log.warning("reply queue not consumed (yet)", extra={"error": str(exc)})
+            try:
                 self.sweep(time.monotonic())
                 if time.monotonic() - self._last_save >= self.worker.settings.state_flush_s:
                     self._last_save = time.monotonic()

@@ -18,7 +18,7 @@ import hmac
 import time
 import uuid
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from workers.gateway.config import (
     E_SLOW_CONSUMER,
@@ -114,7 +114,8 @@ class Session(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        transport = cast(asyncio.Transport, transport)
         hub = self.hub
         s = hub.settings
         self.transport = transport

@@ -25,18 +25,14 @@ import time
 from collections import deque
 from typing import Any
 
-import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.abc import DeliveredMessage
 
-from bridge.amqp import ConfirmPublisher, declare_exchange, declare_quorum_queue, header_str
+from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
+from workers.gateway.amqp_io import Properties, RawConsumer, RawPublisher
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     DEAD_NO_SESSION,
@@ -60,8 +56,6 @@ from workers.gateway.session import JOINING, OPEN, STATE_NAMES, Session
 from workers.gateway.store import GatewayStore
 
 log = logging.getLogger("bridge.gateway")
-
-PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 
 def _truthy(value: Any) -> bool:
@@ -111,11 +105,11 @@ class GatewayWorker:
 
         broker = ctx.broker
         self._channel = await broker.channel(confirms=True, on_return_raises=True)
-        self.publisher = ConfirmPublisher(self._channel, window=s.publish_window)
-        self.publisher.confirm_seconds = self.metrics.confirm_seconds.observe
-        self._exchange: AbstractExchange = self._channel.default_exchange
-        self._reply_channel = await broker.channel(confirms=True, prefetch=0)
-        self._dead_publisher = ConfirmPublisher(self._reply_channel, window=256)
+        self.publisher = RawPublisher(
+            self._channel, confirm_seconds=self.metrics.confirm_seconds.observe
+        )
+        self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
+        self._dead_publisher = RawPublisher(self._reply_channel)
         self._registry_channel = await broker.channel(confirms=False)
         self._channels = [self._channel, self._reply_channel, self._registry_channel]
 
@@ -137,7 +131,8 @@ class GatewayWorker:
         for server_id in saved_servers:
             await self._declare_server_queue(server_id)
 
-        self._consumers.append((reply_q, await reply_q.consume(self._on_reply, no_ack=True)))
+        self.reply_consumer = RawConsumer(self._reply_channel, reply_q.name, self._on_reply)
+        await self.reply_consumer.ensure()
         self._consumers.append(
             (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
         )
@@ -204,6 +199,8 @@ class GatewayWorker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         self._consuming = False
+        with contextlib.suppress(Exception):
+            await self.reply_consumer.cancel()
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -219,7 +216,7 @@ class GatewayWorker:
             self.store.close()
 
     def ready(self) -> tuple[bool, str]:
-        if not self._consuming:
+        if not self._consuming or not self.reply_consumer.consuming:
             return False, "not consuming"
         if not self.listeners:
             return False, "not listening"
@@ -337,22 +334,21 @@ class GatewayWorker:
     async def _publish(self, session: Session, event: str, payload: bytes) -> None:
         server = session.server or ""
         try:
-            message = aio_pika.Message(
-                payload,
+            properties = Properties(
                 headers=session.headers(event, self.settings.instance),
                 reply_to=self.settings.reply_queue,
-                delivery_mode=PERSISTENT,
+                delivery_mode=2,
             )
             routing_key = self.settings.server_queue(server)
             try:
-                await self.publisher.publish(self._exchange, message, routing_key, mandatory=True)
+                await self.publisher.publish(routing_key, payload, properties)
             except PublishFailed as exc:
                 if exc.reason != "unroutable":
                     raise
                 # Someone deleted the server's queue: declare it again and retry once.
                 self._declared.pop(server, None)
                 await self._declare_server_queue(server)
-                await self.publisher.publish(self._exchange, message, routing_key, mandatory=True)
+                await self.publisher.publish(routing_key, payload, properties)
         except PublishFailed as exc:
             self.metrics.publish_failures.labels(exc.reason).inc()
             log.warning(
@@ -434,8 +430,9 @@ class GatewayWorker:
 
     # -- replies -----------------------------------------------------------------------
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        headers = properties.headers or {}
         sid = header_str(headers.get(H_SESSION))
         if not sid:
             await self._undeliverable(message, DEAD_NO_SESSION)
@@ -445,30 +442,32 @@ class GatewayWorker:
             await self._undeliverable(message, DEAD_SESSION_GONE)
             return
         close = _truthy(headers.get(H_CLOSE))
-        if message.body or not close:
-            session.send_data(message.body)
+        body = message.body
+        if body or not close:
+            session.send_data(body)
         if close:
             session.close_gracefully("server_close")
 
-    async def _undeliverable(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _undeliverable(self, message: DeliveredMessage, reason: str) -> None:
         self.metrics.undeliverable.labels(reason).inc()
-        headers = dict(message.headers or {})
+        original = message.header.properties
+        headers = dict(original.headers or {})
         headers[H_DEAD_REASON] = reason
-        dead = aio_pika.Message(
-            message.body,
+        properties = Properties(
+            content_type=original.content_type,
+            content_encoding=original.content_encoding,
             headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-            delivery_mode=PERSISTENT,
+            delivery_mode=2,
+            priority=original.priority,
+            correlation_id=original.correlation_id,
+            message_id=original.message_id,
+            timestamp=original.timestamp,
+            message_type=original.message_type,
+            app_id=original.app_id,
         )
         try:
             await self._dead_publisher.publish(
-                self._reply_channel.default_exchange, dead, self.settings.undeliverable_queue
+                self.settings.undeliverable_queue, message.body, properties
             )
         except PublishFailed as exc:
             log.error(

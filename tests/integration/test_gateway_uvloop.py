@@ -1,0 +1,48 @@
+"""The gateway on uvloop, as `bridge run` runs it: uvloop's transports are not
+asyncio.Transport subclasses and its flow control differs, so the socket paths run here too."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.integration.gateway_helpers import (
+    error_code,
+    gateway_settings,
+    raw_exchange,
+    running_gateway,
+)
+from workers.gateway.protocol import FrameType, encode_data
+
+uvloop = pytest.importorskip("uvloop")
+
+pytestmark = pytest.mark.integration
+
+
+def test_round_trips_and_rejections_on_uvloop(broker_url, tmp_path, unique):
+    # A plain test with its own runner: pytest-asyncio picks loops per conftest hook, which
+    # would switch every test of the directory.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario(broker_url, tmp_path, unique))
+
+
+async def scenario(broker_url: str, tmp_path: Any, unique: str) -> None:
+    assert "uvloop" in type(asyncio.get_running_loop()).__module__
+    s = gateway_settings(unique, hello_timeout_s=0.3)
+    async with running_gateway(broker_url, tmp_path, s) as gw:
+        clients = [await gw.connect(client_id=f"u{i}") for i in range(6)]
+        assert sorted(c.server for c in clients) == ["s1"] * 3 + ["s2"] * 3
+        for c in clients:
+            for i in range(100):
+                c.writer.write(encode_data(b"%d" % i))
+        for c in clients:
+            assert [await c.recv() for _ in range(100)] == [b"%d" % i for i in range(100)]
+        data, _ = await raw_exchange(gw.port, b"POST /x HTTP/1.1\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 400")
+        _, frames = await raw_exchange(gw.port, b"")
+        assert error_code(frames) == "hello_timeout"
+        for c in clients:
+            await c.bye()
+            assert c.closed_by is None or c.closed_by.type is FrameType.BYE
