@@ -11,7 +11,7 @@ import dataclasses
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import event, settings
@@ -126,7 +126,7 @@ def fill(core: DirectedCore, *requests: tuple[str, list[str]], now: int = 0) -> 
 
 
 @pytest.mark.parametrize("kwargs", [{"queue_limit": 0}, {"max_batch": 0}])
-def test_limits_must_be_positive(kwargs: dict[str, int]) -> None:
+def test_limits_must_be_positive(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DirectedCore(**kwargs)
 
@@ -221,9 +221,12 @@ def test_drop_head_keeps_content_other_targets_still_hold() -> None:
     fill(core, ("a", ["t", "u"]))
     core.take_journal()
     assert core.submit("b", ["t"], 3, None).dropped == (("t", 1),)
-    ops = core.take_journal()
-    assert Counts(1, 1, 0, 0, 1) in ops
-    assert not any(isinstance(op, DeleteContent) for op in ops)
+    assert core.take_journal() == [
+        NewMessage(2, "b", 1, 3, None),
+        Dequeue("t", 1),
+        Enqueue("t", 1, 2),  # the queue was emptied, so seqs restart at 1 (as after restore)
+        Counts(1, 1, 0, 0, 1),
+    ]
     assert core.detail(1) == Detail(1, "a", 2, 1, dropped=1)
 
 
@@ -294,6 +297,7 @@ def test_queues_full_of_dead_entries_are_compacted() -> None:
 
 # ----------------------------------------------------------------------------- pull table
 
+Kind = Literal["fresh", "ack_fresh", "resend", "ack_only", "empty"]
 TAKE_2 = [Dequeue("t", 2), SetBuffer("t", "r2", (2,))]
 ACK_1 = [Counts(1, 0, 1, 0, 0), DeleteContent(1, 5)]
 
@@ -345,7 +349,7 @@ def test_pull_table(
     buffer: str,
     sent: str | None,
     max_n: int,
-    kind: str,
+    kind: Kind,
     record_id: str | None,
     mids: tuple[int, ...],
     redelivered: bool,
@@ -355,7 +359,7 @@ def test_pull_table(
 ) -> None:
     core = table_core(buffered=buffer == "present")
     result = core.pull("t", sent, max_n, 5, "r2")
-    assert result == PullResult(kind, record_id, mids, redelivered, acked)  # type: ignore[arg-type]
+    assert result == PullResult(kind, record_id, mids, redelivered, acked)
     assert core.take_journal() == ops
     assert core.backlog("t") == left
 
@@ -798,9 +802,11 @@ class DirectedMachine(RuleBasedStateMachine):
         )
         for t in wanted:
             self.targeted[t].add(result.mid)
-        event("submit: accepted", len(result.dropped) > 0)
-        if any(isinstance(op, Dequeue) for op in ops) and not result.dropped:
-            event("submit: queue compacted")
+        # Coverage of the rare paths (see pytest --hypothesis-show-statistics).
+        if result.dropped:
+            event("submit dropped queue heads")
+        elif any(isinstance(op, Dequeue) for op in ops):
+            event("submit compacted a queue")
 
     @rule(
         who=st.sampled_from(TARGETS),
@@ -817,7 +823,7 @@ class DirectedMachine(RuleBasedStateMachine):
         }[cursor]
         new_record = f"r{self.records}"
         self.records += 1
-        queued = [m for m in self.store.alive_queue(who)]
+        queued = self.store.alive_queue(who)
         result, ops, twin_result = self.apply(
             lambda c: c.pull(who, sent, max_n, self.now, new_record)
         )
@@ -842,7 +848,7 @@ class DirectedMachine(RuleBasedStateMachine):
             assert result.kind == ("fresh" if result.mids else "empty")
             assert result.acked == ()
         # Only expiry can kill a queued entry, so what is alive now is what had to be taken.
-        assert result.mids == tuple(m for m in queued if m in self.store.content)[: max(n, 0)]
+        assert result.mids == tuple(m for m in queued if m in self.store.content)[:n]
         assert (result.record_id is None) == (not result.mids)
         if result.mids:
             assert result.record_id == new_record
@@ -902,7 +908,7 @@ class RejectMachine(DirectedMachine):
     overflow = OverflowPolicy.REJECT
 
 
-MACHINE_SETTINGS = settings(max_examples=200, stateful_step_count=50, deadline=None)
+MACHINE_SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None)
 TestDropHeadInvariants = DirectedMachine.TestCase
 TestDropHeadInvariants.settings = MACHINE_SETTINGS
 TestRejectInvariants = RejectMachine.TestCase
