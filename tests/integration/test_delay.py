@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import sqlite3
 
 import aio_pika
 import pytest
@@ -289,3 +291,131 @@ async def test_control_without_reply_to_is_dead_lettered(broker_url, amqp, tmp_p
         dead = await dead_letters(amqp, s, 1)
         assert [header(m, "x-dead-reason") for m in dead] == ["missing_reply_to"]
         assert (await client.counts())["total"] == 0
+
+
+async def test_target_exchange_deleted_while_in_use(broker_url, amqp, tmp_path, unique):
+    # The lane knows the exchange (a confirmed publish), then it disappears while a batch is
+    # pipelined to it: the broker closes the channel (possibly the connection); the lane
+    # recovers, proves the exchange missing with a single publish, dead-letters the batch.
+    s = delay_settings(unique, lanes=1, batch=50)
+    sink = await make_sink(amqp, unique, "vanishing")
+    other = await make_sink(amqp, unique, "steady")
+    async with delay_worker(
+        broker_url,
+        tmp_path,
+        s,
+        amqp,
+        exchanges=[sink.exchange, other.exchange],
+        queues=[sink.queue, other.queue],
+    ) as (worker, client):
+        await client.send(b"first", sink.exchange, delay_ms=0, message_id="first")
+        await sink.wait_for(1)
+        ch = await amqp.channel()
+        await ch.exchange_delete(sink.exchange)
+        at = now_ms() + 300
+        for i in range(30):
+            await client.send(b"v", sink.exchange, deliver_at_ms=at, message_id=f"v{i}")
+        await client.send(b"s", other.exchange, deliver_at_ms=at, message_id="steady")
+        dead = await dead_letters(amqp, s, 30, timeout=20)
+        assert sorted(m.message_id for m in dead) == sorted(f"v{i}" for i in range(30))
+        assert {header(m, "x-dead-reason") for m in dead} == {"exchange_not_found"}
+        await other.wait_for(1)
+        await client.send(b"later", other.exchange, delay_ms=0, message_id="later")
+        await other.wait_for(2)
+        assert (await client.counts())["total"] == 0
+        assert worker.ready()[0]
+
+
+async def test_not_ready_while_commits_fail_then_recovers(broker_url, amqp, tmp_path, unique):
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "disk")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        committer = worker.committer
+        assert committer is not None
+        real_apply = committer.apply
+
+        def disk_full(conn, items):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        committer.apply = disk_full
+        await client.send(b"x", sink.exchange, delay_ms=0, message_id="while-failing")
+        for _ in range(100):
+            if not worker.ready()[0]:
+                break
+            await asyncio.sleep(0.02)
+        ok, reason = worker.ready()
+        assert not ok and "disk is full" in reason
+        assert sink.got == [], "nothing is delivered before it is stored"
+        committer.apply = real_apply
+        await sink.wait_for(1, timeout=10)
+        assert worker.ready()[0]
+
+
+async def test_metrics_and_admin_views(broker_url, amqp, tmp_path, unique):
+    from prometheus_client import generate_latest
+
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "metrics")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        await client.send(b"a", sink.exchange, delay_ms=0, message_id="a")
+        await client.send(b"b", sink.exchange, delay_ms=60_000, message_id="b")
+        await client.send(b"c", sink.exchange, delay_ms=60_000, message_id="c", key="k")
+        await client.send(b"d", sink.exchange, delay_ms=60_000, message_id="d", key="k")
+        await client.send(b"e", sink.exchange, message_id="e")  # missing delay
+        await sink.wait_for(1)
+        await wait_stored(client, 2)
+        assert (await client.cancel(message_id="b"))["cancelled"]
+        text = generate_latest(worker.metrics.registry).decode()
+        for line in (
+            'bridge_delay_received_total{outcome="accepted"} 4.0',
+            'bridge_delay_received_total{outcome="rejected"} 1.0',
+            "bridge_delay_published_total 1.0",
+            'bridge_delay_dead_letters_total{reason="missing_delay"} 1.0',
+            "bridge_delay_cancelled_total 1.0",
+            "bridge_delay_replaced_total 1.0",
+            f'bridge_delay_scheduled_messages{{topic="{sink.exchange}"}} 1.0',
+            "bridge_delay_lateness_seconds_count 1.0",
+            'bridge_delay_lateness_seconds_bucket{le="0.0001"}',
+            'bridge_delay_lane_busy_seconds_total{lane="0"}',
+        ):
+            assert line in text, line
+        summary = worker.admin("summary")
+        assert summary["stored"] == 1 and len(summary["lanes"]) == s.lanes
+        assert worker.admin("topics") == {sink.exchange: 1}
+        assert worker.admin("nope") is None
+
+
+async def test_cli_helpers(broker_url, amqp, tmp_path, unique, monkeypatch, capsys):
+    from bridge.cli import main
+
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "cli")
+    monkeypatch.setenv("BRIDGE_AMQP_URL", broker_url)
+    monkeypatch.setenv("BRIDGE_DELAY__IN_EXCHANGE", s.in_exchange)
+    monkeypatch.setenv("BRIDGE_DELAY__CONTROL_EXCHANGE", s.control_exchange)
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (_, client):
+
+        async def run(*argv: str) -> dict:
+            capsys.readouterr()
+            assert await asyncio.to_thread(main, list(argv)) == 0
+            return json.loads(capsys.readouterr().out)
+
+        sent = await run(
+            "delay", "send", "--to", sink.exchange, "--delay-ms", "60000", "--key", "k", "hello"
+        )
+        assert sent["sent"] is True
+        await wait_stored(client, 1)
+        counts = await run("delay", "counts")
+        assert counts["topics"][sink.exchange]["pending"] == 1
+        listed = await run("delay", "list", sink.exchange)
+        assert [m["id"] for m in listed["messages"]] == [sent["message_id"]]
+        assert (await run("delay", "cancel", "--key", "k"))["cancelled"] is True
+        await run("delay", "send", "--to", sink.exchange, "--delay-ms", "0", "now")
+        got = await sink.wait_for(1)
+        assert got[0].message.body == b"now"

@@ -79,6 +79,7 @@ class _StateCollector(Collector):
 class DelayMetrics:
     def __init__(self, registry: CollectorRegistry, worker: DelayWorker) -> None:
         self.worker = worker
+        self.registry = registry
         self.received = Counter(
             "bridge_delay_received_total",
             "messages consumed from the ingress queue, by outcome",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
@@ -260,7 +261,13 @@ class DelayStore:
         return Startup(next_mid=(top or 0) + 1, topic_counts=counts, pending=sum(counts.values()))
 
     def apply(self, conn: sqlite3.Connection, ops: list[Op]) -> None:
-        """Write the journal in order (inside one transaction)."""
+        """Write the journal in order (inside one transaction).
+
+        Rows go in and out with multi-row statements: sqlite3 releases the GIL around every
+        statement step, and on a busy process each re-acquisition can wait a whole thread
+        switch interval, so one statement per row would make a commit of N rows cost N
+        switch intervals.
+        """
         deltas: dict[str, int] = {}
         run: list[Insert] = []
         for op in ops:
@@ -271,11 +278,14 @@ class DelayStore:
                 self._insert(conn, run, deltas)
                 run = []
             if isinstance(op, Delete):
-                op.deleted = 0
+                by_topic: dict[str, list[int]] = {}
                 for mid, topic in op.rows:
-                    if conn.execute("DELETE FROM pending WHERE mid = ?", (mid,)).rowcount:
-                        op.deleted += 1
-                        deltas[topic] = deltas.get(topic, 0) - 1
+                    by_topic.setdefault(topic, []).append(mid)
+                op.deleted = 0
+                for topic, mids in by_topic.items():
+                    n = _delete_mids(conn, mids)
+                    op.deleted += n
+                    deltas[topic] = deltas.get(topic, 0) - n
             elif isinstance(op, KeyDelete):
                 victims = [
                     (mid, topic)
@@ -285,8 +295,7 @@ class DelayStore:
                     )
                     if mid not in op.protect
                 ]
-                conn.executemany("DELETE FROM pending WHERE mid = ?", [(m,) for m, _ in victims])
-                op.deleted = len(victims)
+                op.deleted = _delete_mids(conn, [m for m, _ in victims])
                 for _, topic in victims:
                     deltas[topic] = deltas.get(topic, 0) - 1
             else:  # pragma: no cover - a new op type must be handled here
@@ -296,11 +305,11 @@ class DelayStore:
         self.last_deltas = deltas
 
     def _insert(self, conn: sqlite3.Connection, run: list[Insert], deltas: dict[str, int]) -> None:
-        conn.executemany(
-            "INSERT INTO pending (mid, due_ms, topic, routing_key, key, message_id, props,"
-            " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [op.row() for op in run],
-        )
+        for size, start in _chunks(len(run)):
+            params: list[Any] = []
+            for op in run[start : start + size]:
+                params.extend(op.row())
+            conn.execute(_insert_sql(size), params)
         end = self.window_end
         for op in run:
             op.in_window = (op.due_ms, op.mid) <= end or self.admit_extra(op.due_ms)
@@ -370,6 +379,40 @@ class DelayStore:
         finally:
             self._reader.shutdown(wait=True)
         self.db.close()
+
+
+# Statement sizes for multi-row writes: few distinct statements, so sqlite3's statement
+# cache keeps them compiled. 256 rows x 9 columns stays under SQLite's variable limit.
+_CHUNK_SIZES = (256, 64, 16, 4, 1)
+_COLUMNS = "(mid, due_ms, topic, routing_key, key, message_id, props, headers, body)"
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """(size, start) pieces covering ``n`` items with sizes from _CHUNK_SIZES."""
+    out, start = [], 0
+    for size in _CHUNK_SIZES:
+        while n - start >= size:
+            out.append((size, start))
+            start += size
+    return out
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO pending {_COLUMNS} VALUES {values}"
+
+
+@functools.cache
+def _delete_sql(rows: int) -> str:
+    return f"DELETE FROM pending WHERE mid IN ({','.join('?' * rows)})"
+
+
+def _delete_mids(conn: sqlite3.Connection, mids: list[int]) -> int:
+    deleted = 0
+    for size, start in _chunks(len(mids)):
+        deleted += conn.execute(_delete_sql(size), mids[start : start + size]).rowcount
+    return deleted
 
 
 # ---------------------------------------------------------------- lane reads

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
@@ -75,6 +76,72 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _Line:
+    __slots__ = ("newest", "sending", "slots")
+
+    def __init__(self) -> None:
+        self.slots: deque[list[Any]] = deque()
+        self.newest: AbstractIncomingMessage | None = None
+        self.sending = False
+
+
+class AckLine:
+    """Acknowledges ingress deliveries in delivery order with as few frames as possible.
+
+    A group commit settles many deliveries at once; one ``basic.ack`` with ``multiple`` for
+    the newest of a settled prefix replaces one frame per message (which the broker has to
+    process too). Deliveries settled out of order wait for the ones before them. The frames
+    of one channel go out one at a time, newest last: a ``multiple`` ack overtaken by a newer
+    one would name a tag the broker already forgot, and it closes the channel for that. A
+    channel replaced by a reconnect starts a new line (its old delivery tags are void).
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, _Line] = {}
+
+    def track(self, message: AbstractIncomingMessage) -> list[Any]:
+        try:
+            key = id(message.channel)
+        except Exception:  # channel already closed: the delivery is void
+            key = 0
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _Line()
+        slot = [message, None, key]  # message, outcome ("ack" | "nacked"), line
+        line.slots.append(slot)
+        return slot
+
+    async def settle(self, slot: list[Any], outcome: str = "ack") -> None:
+        slot[1] = outcome
+        key = slot[2]
+        line = self._lines.get(key)
+        if line is None:
+            return
+        slots = line.slots
+        while slots and slots[0][1] is not None:
+            done = slots.popleft()
+            if done[1] == "ack":
+                line.newest = done[0]
+        if line.sending:
+            return  # the task sending now picks up the newest when it is done
+        line.sending = True
+        try:
+            while line.newest is not None:
+                newest, line.newest = line.newest, None
+                # After a reconnect the delivery tag is stale; the broker redelivers, and
+                # the message is stored twice (delivered twice, same message_id).
+                with contextlib.suppress(Exception):
+                    await newest.ack(multiple=True)
+        finally:
+            line.sending = False
+            if not slots and self._lines.get(key) is line:
+                del self._lines[key]
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(line.slots) for line in self._lines.values())
+
+
 def _consume_result(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # retrieved: a failed background commit is logged by the committer
@@ -104,6 +171,7 @@ class DelayWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._lanes_stop = asyncio.Event()
         self._extra_cap = 0
+        self._acks = AckLine()
         self.started_s: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -185,16 +253,25 @@ class DelayWorker:
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)
+            slot = self._acks.track(message)  # first thing: keeps delivery order
             try:
-                await handler(message)
+                await handler(message, slot)
             except Exception:
                 log.exception("handler failed; message will be redelivered")
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                await self._nack(slot)
             finally:
                 self._inflight.discard(task)
 
         return run
+
+    async def _ack(self, slot: list[Any]) -> None:
+        await self._acks.settle(slot, "ack")
+
+    async def _nack(self, slot: list[Any]) -> None:
+        if slot[1] is None:
+            with contextlib.suppress(Exception):
+                await slot[0].nack(requeue=True)
+            await self._acks.settle(slot, "nacked")
 
     async def stop(self, grace: float) -> None:
         deadline = time.monotonic() + max(grace - 1, 0.5)
@@ -319,7 +396,7 @@ class DelayWorker:
 
     # -- ingress -----------------------------------------------------------------------
 
-    async def _on_ingress(self, message: AbstractIncomingMessage) -> None:
+    async def _on_ingress(self, message: AbstractIncomingMessage, slot: list[Any]) -> None:
         s = self.settings
         scheduler = self.scheduler
         assert scheduler is not None and self.committer is not None
@@ -328,7 +405,7 @@ class DelayWorker:
         )
         if isinstance(decision, Reject):
             self.metrics.received.labels("rejected").inc()
-            await self._dead_letter_ingress(message, decision.reason, decision.detail)
+            await self._dead_letter_ingress(message, slot, decision.reason, decision.detail)
             return
         mid = self._next_mid
         self._next_mid += 1
@@ -362,16 +439,10 @@ class DelayWorker:
         if replace is not None and replace.deleted:
             self.metrics.replaced.inc(replace.deleted)
         self.metrics.received.labels("accepted").inc()
-        await self._ack(message)
-
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        # After a reconnect the delivery tag is stale; the broker redelivers, and the
-        # message is stored twice (delivered twice, same message_id): at-least-once.
-        with contextlib.suppress(Exception):
-            await message.ack()
+        await self._ack(slot)
 
     async def _dead_letter_ingress(
-        self, message: AbstractIncomingMessage, reason: str, detail: str
+        self, message: AbstractIncomingMessage, slot: list[Any], reason: str, detail: str
     ) -> None:
         headers = dict(message.headers or {})
         headers[H_DEAD_REASON] = reason
@@ -387,12 +458,11 @@ class DelayWorker:
                 extra={"reason": reason, "error": str(exc)},
             )
             await asyncio.sleep(1)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            await self._nack(slot)
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
-        await self._ack(message)
+        await self._ack(slot)
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -506,11 +576,11 @@ class DelayWorker:
         except Exception as exc:  # the requester is gone or the channel is reconnecting
             log.info("reply not sent", extra={"reply_to": message.reply_to, "error": str(exc)})
 
-    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+    async def _on_control(self, message: AbstractIncomingMessage, slot: list[Any]) -> None:
         s = self.settings
         if not message.reply_to:
             await self._dead_letter_ingress(
-                message, MISSING_REPLY_TO, "a control request needs reply_to to be answered"
+                message, slot, MISSING_REPLY_TO, "a control request needs reply_to to be answered"
             )
             return
         try:
@@ -526,7 +596,7 @@ class DelayWorker:
         except control.ControlError as exc:
             body = control.encode_error(exc.code, exc.message)
         await self._reply(message, body)
-        await self._ack(message)
+        await self._ack(slot)
 
     async def _cancel(self, request: control.Cancel) -> dict[str, Any]:
         store, scheduler, committer = self.store, self.scheduler, self.committer
