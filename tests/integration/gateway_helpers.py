@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 
 from tests.conftest import delete_names, running_host
 from workers.gateway.backend import BackendServer, Handler, echo
@@ -214,12 +215,16 @@ async def get_messages(amqp: Any, queue: str, count: int, timeout: float = 10.0)
 
 
 async def queue_depth(amqp: Any, queue: str) -> int:
+    """Messages ready in ``queue``; -1 if it does not exist."""
     channel = await amqp.channel()
     try:
         q = await channel.declare_queue(queue, passive=True)
         return int(q.declaration_result.message_count or 0)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return -1
     finally:
-        await channel.close()
+        with contextlib.suppress(Exception):
+            await channel.close()
 
 
 # -- TLS ---------------------------------------------------------------------------------

@@ -295,3 +295,26 @@ async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, uniq
     finally:
         await proxy.stop()
         await cleanup(broker_url, s, ["s1"])
+
+
+async def test_deleted_server_queue_is_declared_again(broker_url, amqp, tmp_path, unique):
+    s = gateway_settings(unique)
+    async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
+        client = await gw.connect()
+        await gw.servers.pop("s1").stop(deregister=False)
+        channel = await amqp.channel()
+        await channel.queue_delete(s.server_queue("s1"))
+        await channel.close()
+        # the publish comes back unroutable; the gateway declares the queue and retries
+        await client.send(b"kept")
+        for _ in range(200):
+            if await queue_depth(amqp, s.server_queue("s1")) == 1:
+                break
+            await asyncio.sleep(0.05)
+        [message] = await get_messages(amqp, s.server_queue("s1"), 1)
+        assert message.body == b"kept" and message.headers["x-session"] == client.session
+        assert worker_session_open(gw, client.session)
+
+
+def worker_session_open(gw: Gateway, session: str) -> bool:
+    return gw.worker.sessions[session].state == OPEN

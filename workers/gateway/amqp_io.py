@@ -18,21 +18,28 @@ does for :class:`~bridge.amqp.ConfirmPublisher`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from bridge.errors import PublishFailed
 
 log = logging.getLogger("bridge.gateway")
 
 Properties = Basic.Properties
+# routing key, body, properties, the caller's future, when it was queued (monotonic)
+_Queued = tuple[str, bytes, Properties, "asyncio.Future[None]", float]
 
 
 class RawPublisher:
@@ -86,6 +93,162 @@ class RawPublisher:
             raise PublishFailed("nacked", "broker nacked the publish")
         if isinstance(result, DeliveredMessage):  # returned: no queue by that name
             raise PublishFailed("unroutable", f"no queue {routing_key!r}")
+
+
+class BatchPublisher:
+    """Confirmed publishes to the default exchange, many per socket write.
+
+    ``publish`` queues and returns a future at once; one writer task takes everything
+    queued since its last turn and hands it to the broker as a single frame batch, so a
+    busy gateway makes one ``send()`` for many client messages (and the broker one read),
+    and no task exists per message. The batch goes through the channel the way aiormq's
+    ``basic_publish`` does (under the channel lock: next delivery tag, confirmation future,
+    message id for a possible return), so confirms, nacks, returns and a channel loss
+    resolve the futures as they would resolve ``basic_publish``. That relies on attributes
+    of ``aiormq.Channel`` (``lock``, ``delivery_tag``, ``confirmations``,
+    ``message_id_delivery_tag``, ``write_queue``, ``number``): checked against aiormq 7.
+
+    Publishes are written in the order of the calls; the caller bounds how many are
+    unconfirmed. ``expire`` fails those unconfirmed for longer than ``timeout``.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        timeout: float = 30.0,
+        confirm_seconds: Callable[[float], None] | None = None,
+    ) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self.confirm_seconds = confirm_seconds
+        self.batches = 0
+        self.published = 0
+        self._queue: list[_Queued] = []
+        self._unconfirmed: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-publish")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, _, _, fut, _ in self._queue:
+            if not fut.done():
+                fut.set_exception(PublishFailed("channel_error", "publisher closed"))
+        self._queue.clear()
+
+    def publish(
+        self, routing_key: str, body: bytes, properties: Properties
+    ) -> asyncio.Future[None]:
+        """Queue a mandatory publish; the future resolves at the broker's confirm or fails
+        with :class:`PublishFailed`."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((routing_key, body, properties, fut, time.monotonic()))
+        self._wake.set()
+        return fut
+
+    def expire(self, now: float) -> int:
+        """Fail publishes unconfirmed for longer than the timeout; return how many."""
+        failed = 0
+        unconfirmed = self._unconfirmed
+        while unconfirmed:
+            started, fut = unconfirmed[0]
+            if not fut.done() and now - started <= self.timeout:
+                break
+            unconfirmed.popleft()
+            if not fut.done():
+                fut.set_exception(PublishFailed("timeout", f"no confirm in {self.timeout}s"))
+                failed += 1
+        return failed
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._write(batch)
+                except Exception as exc:
+                    error = PublishFailed("channel_error", f"{type(exc).__name__}: {exc}")
+                    for _, _, _, fut, _ in batch:
+                        if not fut.done():
+                            fut.set_exception(error)
+
+    async def _write(self, batch: list[_Queued]) -> None:
+        # While the connection is down this waits for the reconnect, within the timeout.
+        async with asyncio.timeout(self.timeout):
+            channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+        frames: list[Any] = []
+        async with channel.lock:
+            for routing_key, body, properties, fut, queued_at in batch:
+                if fut.done():
+                    continue
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
+                message_id = properties.message_id
+                if not message_id:  # returns are matched to their publish by message id
+                    message_id = properties.message_id = uuid.uuid4().hex
+                confirmation = channel.create_future()
+                channel.confirmations[tag] = confirmation
+                channel.message_id_delivery_tag[message_id] = tag
+                confirmation.add_done_callback(
+                    functools.partial(
+                        self._settle, fut, channel, tag, message_id, routing_key, queued_at
+                    )
+                )
+                frames.append(Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
+                frames.append(ContentHeader(properties=properties, body_size=len(body)))
+                frames.extend(channel._split_body(body))
+                self._unconfirmed.append((queued_at, fut))
+            if frames:
+                await channel.write_queue.put(
+                    ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+                )
+        self.batches += 1
+        self.published += len(batch)
+
+    def _settle(
+        self,
+        fut: asyncio.Future[None],
+        channel: aiormq.Channel,
+        tag: int,
+        message_id: str,
+        routing_key: str,
+        queued_at: float,
+        confirmation: asyncio.Future[Any],
+    ) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            channel.message_id_delivery_tag.pop(message_id, None)
+        if self.confirm_seconds is not None:
+            self.confirm_seconds(time.monotonic() - queued_at)
+        if fut.done():
+            return
+        error: PublishFailed | None = None
+        if confirmation.cancelled():
+            error = PublishFailed("channel_error", "confirmation cancelled")
+        elif (exc := confirmation.exception()) is not None:
+            if isinstance(exc, aiormq.exceptions.PublishError):
+                error = PublishFailed("unroutable", f"no queue {routing_key!r}")
+            elif isinstance(exc, aiormq.exceptions.DeliveryError):
+                error = PublishFailed("nacked", str(exc))
+            else:
+                error = PublishFailed("channel_error", f"{type(exc).__name__}: {exc}")
+        else:
+            result = confirmation.result()
+            if isinstance(result, Basic.Nack):
+                error = PublishFailed("nacked", "broker nacked the publish")
+            elif isinstance(result, DeliveredMessage):
+                error = PublishFailed("unroutable", f"no queue {routing_key!r}")
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(None)
 
 
 class RawConsumer:

@@ -88,6 +88,7 @@ class Housekeeper:
     def sweep(self, now: float) -> None:
         worker = self.worker
         s = worker.settings
+        worker.publisher.expire(now)
         for server_id in worker.balancer.expire(now):
             log.warning(
                 "server missed its heartbeats; no new clients go to it",

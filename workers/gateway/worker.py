@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import ssl
@@ -32,7 +33,7 @@ from aiormq.abc import DeliveredMessage
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
-from workers.gateway.amqp_io import Properties, RawConsumer, RawPublisher
+from workers.gateway.amqp_io import BatchPublisher, Properties, RawConsumer, RawPublisher
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     DEAD_NO_SESSION,
@@ -105,9 +106,10 @@ class GatewayWorker:
 
         broker = ctx.broker
         self._channel = await broker.channel(confirms=True, on_return_raises=True)
-        self.publisher = RawPublisher(
+        self.publisher = BatchPublisher(
             self._channel, confirm_seconds=self.metrics.confirm_seconds.observe
         )
+        self.publisher.start()
         self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
         self._dead_publisher = RawPublisher(self._reply_channel)
         self._registry_channel = await broker.channel(confirms=False)
@@ -207,6 +209,8 @@ class GatewayWorker:
         self._consumers.clear()
         if self.housekeeper is not None:
             await self.housekeeper.close()
+        if hasattr(self, "publisher"):
+            await self.publisher.close()
         for task in list(self._tasks):
             task.cancel()
         for channel in self._channels:
@@ -235,6 +239,9 @@ class GatewayWorker:
                 "connections": len(self.sessions),
                 "states": states,
                 "publish_in_flight": self.in_flight,
+                "publishes_per_write": round(
+                    self.publisher.published / max(self.publisher.batches, 1), 2
+                ),
                 "sessions_waiting_for_window": len(self._waiting),
                 "servers_alive": self.balancer.alive(),
                 "reply_queue": self.settings.reply_queue,
@@ -323,7 +330,9 @@ class GatewayWorker:
             event, payload = pending.popleft()
             session.in_flight += 1
             self.in_flight += 1
-            self._spawn(self._publish(session, event, payload))
+            self._send(session, event, payload)
+        if not pending:
+            session.pending = None  # an idle connection should not keep a deque block (~600 B)
         session.update_reading()
 
     def _spawn(self, coro: Any) -> None:
@@ -331,46 +340,71 @@ class GatewayWorker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, session: Session, event: str, payload: bytes) -> None:
+    def _send(self, session: Session, event: str, payload: bytes, *, retry: bool = True) -> None:
         server = session.server or ""
-        try:
-            properties = Properties(
-                headers=session.headers(event, self.settings.instance),
-                reply_to=self.settings.reply_queue,
-                delivery_mode=2,
-            )
-            routing_key = self.settings.server_queue(server)
-            try:
-                await self.publisher.publish(routing_key, payload, properties)
-            except PublishFailed as exc:
-                if exc.reason != "unroutable":
-                    raise
-                # Someone deleted the server's queue: declare it again and retry once.
-                self._declared.pop(server, None)
-                await self._declare_server_queue(server)
-                await self.publisher.publish(routing_key, payload, properties)
-        except PublishFailed as exc:
-            self.metrics.publish_failures.labels(exc.reason).inc()
+        properties = Properties(
+            headers=session.headers(event, self.settings.instance),
+            reply_to=self.settings.reply_queue,
+            delivery_mode=2,
+        )
+        fut = self.publisher.publish(self.settings.server_queue(server), payload, properties)
+        fut.add_done_callback(
+            functools.partial(self._published, session, event, payload, server, retry)
+        )
+
+    def _published(
+        self,
+        session: Session,
+        event: str,
+        payload: bytes,
+        server: str,
+        retry: bool,
+        fut: asyncio.Future[None],
+    ) -> None:
+        exc = PublishFailed("cancelled") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            reason = exc.reason if isinstance(exc, PublishFailed) else "error"
+            if reason == "unroutable" and retry:
+                # Someone deleted the server's queue: declare it again and retry once (the
+                # retried message may land after later ones of the session).
+                self._spawn(self._redeclare_and_retry(session, event, payload, server))
+                return
+            self.metrics.publish_failures.labels(reason).inc()
             log.warning(
                 "publish to server queue failed",
                 extra={"server": server, "event": event, "error": str(exc)},
             )
             if session.state == OPEN:
                 session.fail(E_UNAVAILABLE, "the broker did not take a message; reconnect")
-        except Exception:
-            self.metrics.publish_failures.labels("error").inc()
-            log.exception("publish to server queue failed", extra={"server": server})
+        self._release(session)
+
+    async def _redeclare_and_retry(
+        self, session: Session, event: str, payload: bytes, server: str
+    ) -> None:
+        self._declared.pop(server, None)
+        try:
+            await self._declare_server_queue(server)
+        except Exception as exc:
+            self.metrics.publish_failures.labels("unroutable").inc()
+            log.error(
+                "server queue cannot be declared", extra={"server": server, "error": str(exc)}
+            )
             if session.state == OPEN:
-                session.fail(E_UNAVAILABLE, "the gateway could not forward a message")
-        finally:
-            session.in_flight -= 1
-            self.in_flight -= 1
-            self.pump(session)
-            waiting = self._waiting
-            while waiting and self.in_flight < self.settings.publish_window:
-                other = waiting.popleft()
-                other.waiting = False
-                self.pump(other)
+                session.fail(E_UNAVAILABLE, "the server's queue is gone; reconnect")
+            self._release(session)
+            return
+        self._send(session, event, payload, retry=False)
+
+    def _release(self, session: Session) -> None:
+        """One publish of ``session`` is settled: free its slots, let waiting ones go."""
+        session.in_flight -= 1
+        self.in_flight -= 1
+        self.pump(session)
+        waiting = self._waiting
+        while waiting and self.in_flight < self.settings.publish_window:
+            other = waiting.popleft()
+            other.waiting = False
+            self.pump(other)
 
     # -- server registry ---------------------------------------------------------------
 
