@@ -163,6 +163,12 @@ class GatewaySettings(BaseSettings):
     def registry_queue(self) -> str:
         return self.registry_queue_prefix + self.instance
 
+    @property
+    def state_name(self) -> str:
+        """Name of the state file: the instance if it was set, else the host name (the
+        default instance has the pid in it, which changes at every restart)."""
+        return self.instance if "instance" in self.model_fields_set else socket.gethostname()
+
 
 def load_gateway_settings(**overrides: Any) -> GatewaySettings:
     """Gateway settings from the environment and the secrets directory (tokens are secrets)."""

@@ -7,8 +7,8 @@ stickiness, not data), so they are saved every few seconds and at shutdown, with
 ``synchronous=NORMAL``. Times are stored as wall-clock epoch seconds, because the balancer's
 monotonic clock does not survive the process.
 
-File: ``<state_dir>/gateway/<instance>.sqlite3`` -- one per replica, since each replica has
-its own connections.
+File: ``<state_dir>/gateway/<name>.sqlite3``, ``<name>`` being the replica's instance when
+it is set explicitly, else the host name (the default instance ends in the pid).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Saved:
 
 
 class GatewayStore:
-    def __init__(self, directory: Path, instance: str) -> None:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", instance)
+    def __init__(self, directory: Path, name: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
         self.db = Database(
             directory / f"{safe}.sqlite3",
             worker="gateway",

@@ -100,7 +100,7 @@ class GatewayWorker:
         s = self.settings
         self.metrics = GatewayMetrics(ctx.registry, lambda: self)
         ssl_context = self._ssl_context()
-        self.store = GatewayStore(ctx.state_dir(self.name), s.instance)
+        self.store = GatewayStore(ctx.state_dir(self.name), s.state_name)
         self.housekeeper = Housekeeper(self, self.store)
         saved_servers = await self.housekeeper.restore()
 
