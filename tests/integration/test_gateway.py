@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -318,3 +319,25 @@ async def test_deleted_server_queue_is_declared_again(broker_url, amqp, tmp_path
 
 def worker_session_open(gw: Gateway, session: str) -> bool:
     return gw.worker.sessions[session].state == OPEN
+
+
+async def test_cli_connect_sends_lines(broker_url, tmp_path, unique):
+    s = gateway_settings(unique)
+    async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "bridge.cli", "gateway", "connect", "--port", str(gw.port)),
+            *("--client-id", "from-cli", "--linger", "20"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(b"one\ntwo words\n"), 60)
+        assert proc.returncode == 0, err
+        assert out.decode().splitlines() == ["one", "two words"]
+        assert json.loads(err.decode().splitlines()[0])["server"] == "s1"
+        events = await gw.servers["s1"].wait_events(
+            lambda evs: any(e.event == "disconnect" for e in evs)
+        )
+        assert [e.event for e in events] == ["connect", "data", "data", "disconnect"]
+        assert {e.client_id for e in events} == {"from-cli"}

@@ -187,8 +187,11 @@ async def _connect_loop(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(client.welcome), file=sys.stderr)
     loop = asyncio.get_running_loop()
+    sent = received = 0
+    all_in = asyncio.Event()
 
     async def printer() -> None:
+        nonlocal received
         while True:
             frame = await client.next_frame()
             if frame is None:
@@ -196,6 +199,9 @@ async def _connect_loop(args: argparse.Namespace) -> int:
             if frame.type is FrameType.DATA:
                 sys.stdout.write(frame.payload.decode("utf-8", "replace") + "\n")
                 sys.stdout.flush()
+                received += 1
+                if received >= sent:
+                    all_in.set()
             elif frame.type in (FrameType.ERROR, FrameType.BYE):
                 print(f"{frame.type.name} {frame.payload.decode()}", file=sys.stderr)
                 return
@@ -206,9 +212,13 @@ async def _connect_loop(args: argparse.Namespace) -> int:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line:
                 break
+            sent += 1
+            all_in.clear()
             await client.send(line.rstrip("\n").encode())
-        if not reading.done():
-            await asyncio.sleep(args.linger)
+        if not reading.done() and received < sent:
+            # as many replies as lines is what an echo server gives; stop waiting then
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_in.wait(), args.linger)
     finally:
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -245,6 +255,9 @@ def add_commands(sub: Any) -> None:
         "--insecure", action="store_true", help="with --tls: do not verify the certificate"
     )
     connect.add_argument(
-        "--linger", type=float, default=1.0, help="seconds to wait for replies after stdin ends"
+        "--linger",
+        type=float,
+        default=2.0,
+        help="after stdin ends, wait up to this long for as many replies as lines sent",
     )
     connect.set_defaults(func=_cmd_connect)
