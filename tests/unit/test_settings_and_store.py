@@ -91,3 +91,26 @@ def test_newer_schema_is_refused(tmp_path: Path):
         conn.execute("UPDATE bridge_meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="newer than this release"):
         DirectedStore(tmp_path)
+
+
+def test_failed_commit_forgets_new_target_numbers(tmp_path: Path):
+    """A rolled-back transaction must not leave target numbers the file never got."""
+    from bridge.store import transaction
+    from workers.directed import model as m
+    from workers.directed.store import Batch
+
+    store = DirectedStore(tmp_path)
+    ops: list[m.Op] = [m.NewMessage(1, "x", 1, 0, None), m.Enqueue("t1", 1, 1), m.Purge(99)]
+
+    def failing(conn):
+        store.apply(conn, [Batch(ops=ops, contents={})])
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        store.db.run_sync(lambda conn: transaction(conn, failing))
+    store.db.run_sync(
+        lambda conn: transaction(conn, lambda c: store.apply(c, [Batch(ops=ops, contents={})]))
+    )
+    details, queues, _ = store.db.run_sync(store.load)
+    assert queues == {"t1": [(1, 1)]} and [d.message_id for d in details] == ["x"]
+    store.close()

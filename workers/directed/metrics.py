@@ -68,6 +68,11 @@ class DirectedMetrics:
         self.pulls = Counter(
             "bridge_directed_pulls_total", "pulls answered, by case", ["kind"], registry=registry
         )
+        # resolved once: labels() on every pull showed up in profiles
+        self.pull_kind = {
+            k: self.pulls.labels(k)
+            for k in ("fresh", "ack_fresh", "resend", "ack_only", "empty", "error")
+        }
         self.redeliveries = Counter(
             "bridge_directed_redeliveries_total",
             "batches sent again (record id mismatch)",

@@ -390,6 +390,11 @@ class DirectedCore:
     def mid_of(self, message_id: str) -> int | None:
         return self._by_id.get(message_id)
 
+    def alive_message_id(self, mid: int) -> str | None:
+        """The producer's id of ``mid`` while its content is alive (no copy: hot path)."""
+        d = self._details.get(mid)
+        return d.message_id if d is not None and d.done_ms is None else None
+
     def targets(self) -> list[str]:
         """Names of the targets with a queue or a buffer (a copy: safe to iterate anywhere)."""
         return list(self._targets)

@@ -5,7 +5,8 @@ Layout (one file, ``<state_dir>/directed/directed.sqlite3``):
 - ``messages``: one detail record per message: counters, expiry, properties and the content
   (set to NULL once no target needs it; the row stays as a tombstone for status queries and
   de-duplication until the retention window passes);
-- ``targets``: target name -> small integer, so the per-target rows stay small;
+- ``targets``: target name -> small integer, so the per-target rows stay small (the worker
+  keeps the mapping in memory; numbers are allocated by the writer thread);
 - ``entries``: the per-target ID-only queues, ``(target, seq) -> message``, WITHOUT ROWID
   so one extra target of a request costs one short b-tree cell;
 - ``buffers``: the unacknowledged batch per target with its record id.
@@ -38,7 +39,10 @@ SCHEMA = (
         done_ms INTEGER,
         props TEXT,
         body BLOB)""",
-    "CREATE TABLE IF NOT EXISTS targets (tid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    # WITHOUT ROWID keyed by name: the name is stored once (a rowid table plus a UNIQUE
+    # index stores it twice, which was most of the cost of a new target).
+    """CREATE TABLE IF NOT EXISTS targets (
+        name TEXT PRIMARY KEY, tid INTEGER NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS entries (
         tid INTEGER NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,
         PRIMARY KEY (tid, seq)) WITHOUT ROWID""",
@@ -72,26 +76,58 @@ class DirectedStore:
         )
         # Owned by the writer thread: every access goes through db.run / run_sync.
         self._tids: dict[str, int] = {}
+        self._created: list[str] = []
         self.db.run_sync(self._load_tids)
 
     def _load_tids(self, conn: sqlite3.Connection) -> None:
-        self._tids = {name: tid for tid, name in conn.execute("SELECT tid, name FROM targets")}
+        self._tids = dict(conn.execute("SELECT name, tid FROM targets"))
+        self._next_tid = max(self._tids.values(), default=0) + 1
 
     def _tid(self, conn: sqlite3.Connection, name: str) -> int:
         tid = self._tids.get(name)
         if tid is None:
-            tid = conn.execute("INSERT INTO targets (name) VALUES (?)", (name,)).lastrowid
-            assert tid is not None
-            self._tids[name] = tid
+            tid = self._new_tids(conn, [name])[0]
         return tid
+
+    def _new_tids(self, conn: sqlite3.Connection, names: list[str]) -> list[int]:
+        rows = []
+        for name in names:
+            rows.append((name, self._next_tid))
+            self._tids[name] = self._next_tid
+            self._created.append(name)
+            self._next_tid += 1
+        conn.executemany("INSERT INTO targets (name, tid) VALUES (?, ?)", rows)
+        return [tid for _, tid in rows]
 
     def apply(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
         """Write the journal in order (called inside one transaction)."""
+        self._created = []
+        next_tid = self._next_tid
+        try:
+            self._apply(conn, batches)
+        except BaseException:
+            # The transaction rolls back: forget target numbers it would have created, or
+            # the retry would reference targets that were never written.
+            for name in self._created:
+                self._tids.pop(name, None)
+            self._next_tid = next_tid
+            raise
+
+    def _apply(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
+        tids = self._tids
+        fresh = [
+            op.target
+            for batch in batches
+            for op in batch.ops
+            if isinstance(op, m.Enqueue) and op.target not in tids
+        ]
+        if fresh:
+            self._new_tids(conn, list(dict.fromkeys(fresh)))
         enqueue: list[tuple[int, int, int]] = []
         for batch in batches:
             for op in batch.ops:
                 if isinstance(op, m.Enqueue):
-                    enqueue.append((self._tid(conn, op.target), op.seq, op.mid))
+                    enqueue.append((tids[op.target], op.seq, op.mid))
                     continue
                 if enqueue:  # keep order: flush the run of enqueues before any other op
                     conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -50,6 +52,13 @@ log = logging.getLogger("bridge.directed")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def record_ids() -> Iterator[str]:
+    """Record ids unique across restarts: a random per-process prefix and a counter
+    (cheaper per pull than uuid4, which makes a getrandom syscall each time)."""
+    prefix = os.urandom(6).hex()
+    return (f"{prefix}-{n:x}" for n in itertools.count(1))
 
 
 class ContentCache:
@@ -95,6 +104,7 @@ class DirectedWorker:
         self._cache = ContentCache(self.settings.cache_bytes)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.consumers = Consumers(self.name)
+        self._record_ids = record_ids()
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -325,7 +335,7 @@ class DirectedWorker:
         try:
             pull = wire.parse_pull(message.body, message.routing_key, self.settings)
         except wire.WireError as exc:
-            self.metrics.pulls.labels("error").inc()
+            self.metrics.pull_kind["error"].inc()
             await self._reply(message, wire.encode_error(exc.code, exc.message))
             await safe_ack(message)
             return
@@ -336,8 +346,8 @@ class DirectedWorker:
 
     def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
         assert self.core is not None
-        result = self.core.pull(topic, record_id, max_n, now_ms(), uuid.uuid4().hex)
-        self.metrics.pulls.labels(result.kind).inc()
+        result = self.core.pull(topic, record_id, max_n, now_ms(), next(self._record_ids))
+        self.metrics.pull_kind[result.kind].inc()
         if result.kind == "resend":
             self.metrics.redeliveries.inc()
         if result.acked:
@@ -373,11 +383,11 @@ class DirectedWorker:
             found.update(loaded)
         out = []
         for mid in mids:
-            detail = self.core.detail(mid)
+            message_id = self.core.alive_message_id(mid)
             content = found.get(mid)
-            if detail is None or content is None or not detail.alive:
+            if message_id is None or content is None:
                 continue  # expired or deleted between the decision and the read
-            out.append(wire.encode_message(detail.message_id, content.body, content.props))
+            out.append(wire.encode_message(message_id, content.body, content.props))
         return out
 
     # -- control -----------------------------------------------------------------------
