@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from tests.conftest import running_host
@@ -341,3 +342,41 @@ async def test_cli_connect_sends_lines(broker_url, tmp_path, unique):
         )
         assert [e.event for e in events] == ["connect", "data", "data", "disconnect"]
         assert {e.client_id for e in events} == {"from-cli"}
+
+
+async def test_server_queue_with_other_arguments_is_used(broker_url, amqp, tmp_path, unique):
+    s = gateway_settings(unique)
+    # an operator capped this server's queue (offline messages must not grow forever)
+    channel = await amqp.channel()
+    await channel.declare_queue(
+        s.server_queue("capped"),
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-max-length": 1000},
+    )
+    await channel.close()
+    try:
+        async with running_gateway(broker_url, tmp_path, s, ("plain",)) as gw:
+            # a bare registration: the gateway's own declaration of the queue differs
+            registry = await amqp.channel()
+            exchange = await registry.get_exchange(s.servers_exchange)
+            body = json.dumps({"op": "register", "server_id": "capped"}).encode()
+            await exchange.publish(aio_pika.Message(body), routing_key="")
+            await registry.close()
+            await wait_until(lambda: gw.worker.balancer.is_alive("capped"), "capped alive")
+            clients = [await gw.connect() for _ in range(2)]
+            assert sorted(c.server for c in clients) == ["capped", "plain"]
+            capped = next(c for c in clients if c.server == "capped")
+            await capped.send(b"waits in the capped queue")
+            depth = 0
+            for _ in range(100):
+                depth = await queue_depth(amqp, s.server_queue("capped"))
+                if depth == 2:  # connect + data
+                    break
+                await asyncio.sleep(0.05)
+            assert depth == 2
+            # and the registry consumer still works after the refused declaration
+            await gw.servers["plain"].stop_heartbeats()
+            await gw.servers["plain"].announce("deregister")
+            await wait_until(lambda: not gw.worker.balancer.is_alive("plain"), "deregistered")
+    finally:
+        await cleanup(broker_url, s, ["capped"])

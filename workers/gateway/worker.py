@@ -113,7 +113,15 @@ class GatewayWorker:
         self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
         self._dead_publisher = RawPublisher(self._reply_channel)
         self._registry_channel = await broker.channel(confirms=False)
-        self._channels = [self._channel, self._reply_channel, self._registry_channel]
+        # Server queues are declared on a channel of their own: a failed declaration
+        # closes its channel, which must not be the one the registry is consumed on.
+        self._declare_channel = await broker.channel(confirms=False)
+        self._channels = [
+            self._channel,
+            self._reply_channel,
+            self._registry_channel,
+            self._declare_channel,
+        ]
 
         servers_ex = await declare_exchange(self._registry_channel, s.servers_exchange, "fanout")
         await declare_quorum_queue(self._reply_channel, s.undeliverable_queue)
@@ -413,9 +421,15 @@ class GatewayWorker:
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._declared[server_id] = fut
+            name = self.settings.server_queue(server_id)
             try:
-                await declare_quorum_queue(
-                    self._registry_channel, self.settings.server_queue(server_id)
+                await declare_quorum_queue(self._declare_channel, name)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                # The server (or an operator) declared it with other arguments, e.g. a
+                # length limit for offline messages: it exists, which is all we need.
+                log.warning(
+                    "server queue exists with other arguments; using it as it is",
+                    extra={"queue": name, "detail": str(exc)[:200]},
                 )
             except BaseException as exc:
                 self._declared.pop(server_id, None)
