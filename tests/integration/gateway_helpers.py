@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import pytest
 
 from tests.conftest import delete_names, running_host
 from workers.gateway.backend import BackendServer, Handler, echo
@@ -231,7 +233,10 @@ async def queue_depth(amqp: Any, queue: str) -> int:
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 made with the openssl command."""
+    """A throwaway certificate for 127.0.0.1 made with the openssl command (the
+    ``cryptography`` package is not a dependency of this project)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
