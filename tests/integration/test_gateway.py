@@ -93,6 +93,9 @@ async def test_pipelined_data_keeps_order_and_client_pings(broker_url, tmp_path,
         assert got == [b"%d" % i for i in range(300)]
         events = [e for e in gw.servers["s1"].events if e.session == client.session]
         assert [e.body for e in events[1:]] == [b"%d" % i for i in range(300)]
+        # larger than an AMQP frame (128 KiB): split into body frames and joined again
+        big = bytes(range(256)) * 2400
+        assert await client.request(big) == big
         await client.bye()
 
 
