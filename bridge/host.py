@@ -163,7 +163,8 @@ class Host:
     async def shutdown(self) -> None:
         self.ctx.stopping.set()
         grace = self.settings.drain_seconds
-        for worker in reversed(self.started):
+
+        async def stop(worker: Worker) -> None:
             try:
                 await asyncio.wait_for(worker.stop(grace), grace + 1)
             except TimeoutError:
@@ -172,6 +173,9 @@ class Host:
                 )
             except Exception:
                 log.exception("worker failed to stop cleanly", extra={"worker": worker.name})
+
+        # Concurrently: `bridge run all` must drain within one grace period, not one per worker.
+        await asyncio.gather(*(stop(w) for w in self.started))
         self.started.clear()
         await self.broker.close()
         if self.http is not None:

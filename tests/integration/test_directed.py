@@ -188,7 +188,7 @@ BAD_REQUESTS = [
 
 async def test_malformed_requests_are_dead_lettered_with_reason(broker_url, amqp, tmp_path, unique):
     s = directed_settings(unique, max_body_bytes=4096, max_targets=3)
-    async with directed(broker_url, tmp_path, s, amqp) as (_, client):
+    async with directed(broker_url, tmp_path, s, amqp) as (worker, client):
         channel = await amqp.channel()
         exchange = await channel.get_exchange(s.requests_exchange)
         cases = [
@@ -206,6 +206,9 @@ async def test_malformed_requests_are_dead_lettered_with_reason(broker_url, amqp
         assert reasons == {f"bad{i}": c[3] for i, c in enumerate(cases)}
         assert all(m.headers.get("x-dead-detail") for m in dead)
         assert (await wait_applied(client, "good"))["total"] == 1
+        rejected = worker.metrics.requests.labels("rejected")._value.get()
+        dead = {r: worker.metrics.dead_letters.labels(r)._value.get() for r in reasons.values()}
+        assert rejected == len(cases) and sum(dead.values()) == len(cases)
         await channel.close()
 
 

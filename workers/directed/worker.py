@@ -246,12 +246,14 @@ class DirectedWorker:
                 settings=self.settings,
             )
         except wire.WireError as exc:
+            self.metrics.requests.labels("rejected").inc()
             await self._dead_letter(message, exc.code, exc.message)
             return
         now = now_ms()
         self.core.expire(now)  # content past its TTL must not count toward a full queue
         result = self.core.submit(req.message_id, req.targets, now, req.ttl_ms)
         if result.status == "rejected":
+            self.metrics.requests.labels("rejected").inc()
             reason = result.reason or "rejected"
             await self._dead_letter(message, reason, f"request {req.message_id} refused: {reason}")
             return
