@@ -87,6 +87,20 @@ class DelaySettings(BaseSettings):
         "shorter lets an idle lane take over from a busy one sooner",
     )
 
+    delete_commit_delay_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description="how long deletes of confirmed messages may wait to share a commit; a "
+        "crash within this time re-publishes them (at-least-once, same message_id)",
+    )
+    gc_gen2_threshold: int = Field(
+        default=1000,
+        ge=0,
+        description="young-generation collections between full garbage collections (Python's "
+        "default is 10; under load that is a full pass over the in-memory window, tens of ms, "
+        "several times a second); 0 keeps the interpreter's setting",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> DelaySettings:
         names = [self.in_exchange, self.dead_exchange, self.control_exchange]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -172,6 +173,8 @@ class DelayWorker:
         self._lanes_stop = asyncio.Event()
         self._extra_cap = 0
         self._acks = AckLine()
+        self._unflushed: list[int] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.started_s: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -181,6 +184,11 @@ class DelayWorker:
         started = time.perf_counter()
         if s.switch_interval_ms > 0:
             sys.setswitchinterval(s.switch_interval_ms / 1000)
+        if s.gc_gen2_threshold > 0:
+            # A full collection stops every lane; the window's entries are freed by reference
+            # counting, so frequent full passes only cost lateness (see the setting).
+            young, middle, _ = gc.get_threshold()
+            gc.set_threshold(young, middle, s.gc_gen2_threshold)
         self._loop = asyncio.get_running_loop()
         self.metrics = DelayMetrics(ctx.registry, self)
         self.scheduler = Scheduler(lanes=s.lanes, batch=s.batch)
@@ -238,6 +246,7 @@ class DelayWorker:
             self._consumers.append((queue, tag))
         self._consuming = True
         self.started_s = time.perf_counter() - started
+        gc.freeze()  # what start-up built (modules, the first window) stays: skip it in passes
         log.info(
             "delay worker started",
             extra={
@@ -303,6 +312,9 @@ class DelayWorker:
         for lane in self.lanes:
             await asyncio.to_thread(lane.join, max(deadline - time.monotonic(), 0.5))
         await asyncio.sleep(0)  # reports the lanes queued while stopping
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_deletes()
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
@@ -517,6 +529,12 @@ class DelayWorker:
         if r.retry:
             self.metrics.retries.inc(len(r.retry))
         self._kick()
+
+    def _flush_deletes(self) -> None:
+        self._flush_handle = None
+        mids, self._unflushed = self._unflushed, []
+        if mids:
+            self._commit_soon().add_done_callback(lambda _: self._deleting.difference_update(mids))
 
     # -- the window loader -------------------------------------------------------------
 
