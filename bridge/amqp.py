@@ -310,6 +310,49 @@ async def send_reply(
         return False
 
 
+class BatchAcker:
+    """Acknowledges deliveries on receipt, one ``basic.ack(multiple=True)`` per loop turn.
+
+    For idempotent requests (pulls, queries) whose loss in a crash is recovered by the
+    caller's retry: acknowledging each one separately cost a frame each way (and a Raft
+    command on a quorum queue). Deliveries arrive in delivery-tag order and every one is
+    acknowledged on receipt, so acknowledging the highest tag seen covers exactly those.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[Any, int]] = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            channel = message.channel
+        except Exception:  # channel closed: the broker requeues, the caller retries
+            return
+        tag = message.delivery_tag
+        if tag is None:
+            return
+        current = self._pending.get(id(channel))
+        if current is None or tag > current[1]:
+            self._pending[id(channel)] = (channel, tag)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for channel, tag in pending.values():
+            task = asyncio.ensure_future(self._send(channel, tag))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _send(channel: Any, tag: int) -> None:
+        with contextlib.suppress(Exception):
+            await channel.basic_ack(tag, multiple=True)
+
+
 class Consumers:
     """The consumers of one worker: handler tasks are tracked so a drain can wait for them,
     and a handler that raises has its message requeued instead of taking the worker down."""
@@ -320,18 +363,28 @@ class Consumers:
         self._tags: list[tuple[AbstractQueue, str]] = []
 
     async def consume(
-        self, queue: AbstractQueue, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+        self,
+        queue: AbstractQueue,
+        handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        acker: BatchAcker | None = None,
     ) -> None:
+        """Consume ``queue`` with ``handler``. With ``acker`` every delivery is acknowledged
+        on receipt (the handler must never ack or nack); without, the handler acknowledges."""
+
         async def run(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
             self.inflight.add(task)
+            if acker is not None:
+                acker.ack(message)
             try:
                 await handler(message)
             except Exception:
-                log.exception("handler failed; message requeued", extra={"worker": self.name})
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                log.exception("handler failed", extra={"worker": self.name})
+                if acker is None:
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
             finally:
                 self.inflight.discard(task)
 

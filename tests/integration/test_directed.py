@@ -268,3 +268,17 @@ async def test_control_queries(broker_url, amqp, tmp_path, unique):
         }
         stats = (await client.control({"op": "stats"}))["stats"]
         assert stats["messages"] == 1 and stats["targets"] == 3
+
+
+async def test_pulls_beyond_the_inflight_cap_get_overloaded(broker_url, amqp, tmp_path, unique):
+    s = directed_settings(unique, max_inflight_pulls=2)
+    async with directed(broker_url, tmp_path, s, amqp) as (_, client):
+        waiting = [
+            asyncio.create_task(client.pull(f"w{i}", None, max=1, wait_ms=3000)) for i in range(3)
+        ]
+        await asyncio.sleep(0.5)
+        over = await client.pull("late", None, max=1)
+        assert over["error"]["code"] == "overloaded"
+        await client.send(b"x", ["w0", "w1", "w2"], message_id="wake-all")
+        replies = await asyncio.gather(*waiting)
+        assert sum(1 for r in replies if r.get("messages")) >= 2

@@ -56,6 +56,11 @@ class DirectedSettings(BaseSettings):
     )
     request_prefetch: int = Field(default=512, ge=1)
     pull_prefetch: int = Field(default=1024, ge=1)
+    max_inflight_pulls: int = Field(
+        default=20_000,
+        ge=1,
+        description="pulls handled at once (long polls included); beyond, an 'overloaded' error reply",
+    )
     cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="content cache in memory")
     synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",

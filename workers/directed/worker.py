@@ -25,6 +25,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.amqp import (
+    BatchAcker,
     ConfirmPublisher,
     Consumers,
     close_channels,
@@ -162,8 +163,11 @@ class DirectedWorker:
         self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
 
         await self.consumers.consume(requests_q, self._on_request)
-        await self.consumers.consume(pull_q, self._on_pull)
-        await self.consumers.consume(control_q, self._on_control)
+        # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
+        # they are acknowledged on receipt, in batches.
+        acker = BatchAcker()
+        await self.consumers.consume(pull_q, self._on_pull, acker=acker)
+        await self.consumers.consume(control_q, self._on_control, acker=acker)
         self._consuming = True
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
 
@@ -276,8 +280,10 @@ class DirectedWorker:
         await safe_ack(message)
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, detail: str
+        self, message: AbstractIncomingMessage, reason: str, detail: str, *, acked: bool = False
     ) -> None:
+        """Publish to the dead-letter exchange with the reason, then acknowledge (unless the
+        delivery was acknowledged on receipt)."""
         dead = with_reason(
             message, reason, detail, reason_header=H_DEAD_REASON, detail_header=H_DEAD_DETAIL
         )
@@ -288,13 +294,15 @@ class DirectedWorker:
                 "dead-letter publish failed; requeueing",
                 extra={"reason": reason, "error": str(exc)},
             )
-            await asyncio.sleep(1)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            if not acked:
+                await asyncio.sleep(1)
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
-        await safe_ack(message)
+        if not acked:
+            await safe_ack(message)
 
     # -- pulls -------------------------------------------------------------------------
 
@@ -331,7 +339,15 @@ class DirectedWorker:
         started = time.perf_counter()
         if not message.reply_to:
             await self._dead_letter(
-                message, "missing_reply_to", "a pull needs reply_to to be answered"
+                message, "missing_reply_to", "a pull needs reply_to to be answered", acked=True
+            )
+            return
+        if len(self.consumers.inflight) > self.settings.max_inflight_pulls:
+            # Pulls are acknowledged on receipt, so prefetch no longer bounds them: refuse
+            # visibly instead of piling up long polls without limit.
+            self.metrics.pull_kind["error"].inc()
+            await self._reply(
+                message, wire.encode_error("overloaded", "too many pulls in progress; retry later")
             )
             return
         try:
@@ -339,11 +355,9 @@ class DirectedWorker:
         except wire.WireError as exc:
             self.metrics.pull_kind["error"].inc()
             await self._reply(message, wire.encode_error(exc.code, exc.message))
-            await safe_ack(message)
             return
         body = await self._serve_pull(pull)
         await self._reply(message, body)
-        await safe_ack(message)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
 
     def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
@@ -397,7 +411,9 @@ class DirectedWorker:
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         assert self.core is not None
         if not message.reply_to:
-            await self._dead_letter(message, "missing_reply_to", "a control query needs reply_to")
+            await self._dead_letter(
+                message, "missing_reply_to", "a control query needs reply_to", acked=True
+            )
             return
         try:
             doc = wire.parse_json_object(message.body, self.settings)
@@ -419,7 +435,6 @@ class DirectedWorker:
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
         await self._reply(message, body)
-        await safe_ack(message)
 
     # -- housekeeping ------------------------------------------------------------------
 
