@@ -367,7 +367,7 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for i in range(n)
         ]
         baseline_rates, worker_rates = [], []
-        for round_ in range(2):
+        for round_ in range(args.rounds):
             q = f"{tag}.plain{round_}"
             await channel.declare_queue(q, durable=True, arguments={"x-queue-type": "quorum"})
             progress(f"ingest: plain confirmed publish into a quorum queue, round {round_ + 1}")
@@ -405,6 +405,9 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         out["through_worker_stored_msgs_per_s"] = worker_rates
         best_plain, best_worker = max(baseline_rates), max(worker_rates)
         out["ratio_best_worker_to_best_plain"] = round(best_worker / best_plain, 2)
+        out["ratio_per_round"] = [
+            round(w / p, 2) for w, p in zip(worker_rates, baseline_rates, strict=True)
+        ]
         out["goal_ratio_at_least"] = 0.5
     finally:
         await conn.close()
@@ -713,6 +716,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaled down smoke run")
+    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds (alternating)")
     parser.add_argument(
         "--only",
         type=lambda v: [p for p in v.split(",") if p],

@@ -87,6 +87,11 @@ class DelaySettings(BaseSettings):
         "shorter lets an idle lane take over from a busy one sooner",
     )
 
+    ingress_commit_linger_ms: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long an ingress delivery may wait for others to share its commit",
+    )
     delete_commit_delay_ms: float = Field(
         default=20.0,
         ge=0,

@@ -126,6 +126,19 @@ def props_of(message: Any) -> dict[str, Any]:
     return out
 
 
+def raw_props(properties: Any) -> dict[str, Any]:
+    """The basic properties of a raw (pamqp) delivery as a JSON-able dict, exactly as sent."""
+    out: dict[str, Any] = {}
+    for name in PROP_FIELDS:
+        value = getattr(properties, name, None)
+        if value is None:
+            continue
+        if name == "timestamp":
+            value = int(value.timestamp()) if isinstance(value, dt.datetime) else int(value)
+        out[name] = value
+    return out
+
+
 def _int_mode(mode: Any) -> int | None:
     if mode is None:
         return None

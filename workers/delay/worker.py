@@ -22,10 +22,16 @@ import logging
 import sys
 import time
 import uuid
-from collections import deque
-from typing import Any
+from typing import Any, cast
 
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+)
+from aiormq.abc import DeliveredMessage
 
 from bridge.amqp import (
     ConfirmPublisher,
@@ -36,12 +42,10 @@ from bridge.amqp import (
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
 from bridge.store import GroupCommitter
-from workers.delay import control
+from workers.delay.acks import AckLine, Slot
 from workers.delay.config import (
     H_DEAD_DETAIL,
     H_DEAD_REASON,
-    MISSING_REPLY_TO,
-    REPLY_CONTENT_TYPE,
     DelaySettings,
 )
 from workers.delay.lanes import (
@@ -60,6 +64,7 @@ from workers.delay.model import (
     parse_ingress,
     strip_control_headers,
 )
+from workers.delay.rpc import ControlRpc
 from workers.delay.store import (
     DelayStore,
     Delete,
@@ -67,7 +72,7 @@ from workers.delay.store import (
     KeyDelete,
     Op,
     encode_headers,
-    props_of,
+    raw_props,
 )
 
 log = logging.getLogger("bridge.delay")
@@ -75,72 +80,6 @@ log = logging.getLogger("bridge.delay")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class _Line:
-    __slots__ = ("newest", "sending", "slots")
-
-    def __init__(self) -> None:
-        self.slots: deque[list[Any]] = deque()
-        self.newest: AbstractIncomingMessage | None = None
-        self.sending = False
-
-
-class AckLine:
-    """Acknowledges ingress deliveries in delivery order with as few frames as possible.
-
-    A group commit settles many deliveries at once; one ``basic.ack`` with ``multiple`` for
-    the newest of a settled prefix replaces one frame per message (which the broker has to
-    process too). Deliveries settled out of order wait for the ones before them. The frames
-    of one channel go out one at a time, newest last: a ``multiple`` ack overtaken by a newer
-    one would name a tag the broker already forgot, and it closes the channel for that. A
-    channel replaced by a reconnect starts a new line (its old delivery tags are void).
-    """
-
-    def __init__(self) -> None:
-        self._lines: dict[int, _Line] = {}
-
-    def track(self, message: AbstractIncomingMessage) -> list[Any]:
-        try:
-            key = id(message.channel)
-        except Exception:  # channel already closed: the delivery is void
-            key = 0
-        line = self._lines.get(key)
-        if line is None:
-            line = self._lines[key] = _Line()
-        slot = [message, None, key]  # message, outcome ("ack" | "nacked"), line
-        line.slots.append(slot)
-        return slot
-
-    async def settle(self, slot: list[Any], outcome: str = "ack") -> None:
-        slot[1] = outcome
-        key = slot[2]
-        line = self._lines.get(key)
-        if line is None:
-            return
-        slots = line.slots
-        while slots and slots[0][1] is not None:
-            done = slots.popleft()
-            if done[1] == "ack":
-                line.newest = done[0]
-        if line.sending:
-            return  # the task sending now picks up the newest when it is done
-        line.sending = True
-        try:
-            while line.newest is not None:
-                newest, line.newest = line.newest, None
-                # After a reconnect the delivery tag is stale; the broker redelivers, and
-                # the message is stored twice (delivered twice, same message_id).
-                with contextlib.suppress(Exception):
-                    await newest.ack(multiple=True)
-        finally:
-            line.sending = False
-            if not slots and self._lines.get(key) is line:
-                del self._lines[key]
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(line.slots) for line in self._lines.values())
 
 
 def _consume_result(fut: asyncio.Future[Any]) -> None:
@@ -174,6 +113,8 @@ class DelayWorker:
         self._extra_cap = 0
         self._acks = AckLine()
         self._unflushed: list[int] = []
+        self._linger: asyncio.Future[None] | None = None
+        self._ingress: tuple[Any, str] = (None, "")
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started_s: float | None = None
 
@@ -208,20 +149,24 @@ class DelayWorker:
         await self._load_step()
 
         broker = ctx.broker
-        self._channel = await broker.channel(prefetch=s.prefetch, confirms=True)
+        # The host's connection is robust, so its channels are robust channels.
+        self._channel = cast(
+            AbstractRobustChannel, await broker.channel(prefetch=s.prefetch, confirms=True)
+        )
         self.publisher = ConfirmPublisher(self._channel)
         self._dead: AbstractExchange = await declare_dead_letter(
             self._channel, s.dead_exchange, s.dead_queue
         )
         in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
-        in_q = await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
+        await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
         self._control_channel = await broker.channel(prefetch=s.control_prefetch, confirms=False)
         control_ex = await declare_exchange(self._control_channel, s.control_exchange, "fanout")
         control_q = await declare_quorum_queue(
             self._control_channel, s.control_queue, bind=(control_ex, "")
         )
-        self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
+        reply_channel: AbstractChannel = await broker.channel(confirms=False)
         self._user = login_user(ctx.settings.amqp_url)
+        self.rpc = ControlRpc(self, reply_channel)
 
         self.lanes = [
             Lane(
@@ -241,9 +186,13 @@ class DelayWorker:
             self._loop.create_task(self._dispatch_loop(), name="delay-dispatch"),
             self._loop.create_task(self._load_loop(), name="delay-loader"),
         ]
-        for queue, handler in ((control_q, self._on_control), (in_q, self._on_ingress)):
-            tag = await queue.consume(self._tracked(handler))
-            self._consumers.append((queue, tag))
+        tag = await control_q.consume(self._on_control_delivery)
+        self._consumers.append((control_q, tag))
+        # Ingress is consumed with aiormq directly: aio-pika's IncomingMessage costs more
+        # than the rest of the ingress path, and the raw properties are exact (aio-pika
+        # reports an absent priority as 0 and expiration as float seconds).
+        self._channel.reopen_callbacks.add(self._consume_ingress)
+        await self._consume_ingress()
         self._consuming = True
         self.started_s = time.perf_counter() - started
         gc.freeze()  # what start-up built (modules, the first window) stays: skip it in passes
@@ -257,34 +206,43 @@ class DelayWorker:
             },
         )
 
-    def _tracked(self, handler: Any) -> Any:
-        async def run(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._inflight.add(task)
-            slot = self._acks.track(message)  # first thing: keeps delivery order
-            try:
-                await handler(message, slot)
-            except Exception:
-                log.exception("handler failed; message will be redelivered")
-                await self._nack(slot)
-            finally:
-                self._inflight.discard(task)
+    async def _consume_ingress(self, *_: Any) -> None:
+        """(Re)start the ingress consumer; also called when aio-pika reopened the channel."""
+        raw = await self._channel.get_underlay_channel()
+        ok = await raw.basic_consume(self.settings.in_queue, self._on_ingress_delivery)
+        self._ingress = (raw, ok.consumer_tag or "")
 
-        return run
+    async def _on_ingress_delivery(self, delivered: DeliveredMessage) -> None:
+        slot = self._acks.track(delivered.channel, delivered.delivery_tag or 0)
+        await self._guarded(self._on_ingress(delivered, slot), slot)
 
-    async def _ack(self, slot: list[Any]) -> None:
-        await self._acks.settle(slot, "ack")
+    async def _on_control_delivery(self, message: AbstractIncomingMessage) -> None:
+        try:
+            channel = message.channel
+        except Exception:  # closed already: the delivery is void
+            return
+        slot = self._acks.track(channel, message.delivery_tag or 0)
+        await self._guarded(self.rpc.handle(message, slot), slot)
 
-    async def _nack(self, slot: list[Any]) -> None:
-        if slot[1] is None:
-            with contextlib.suppress(Exception):
-                await slot[0].nack(requeue=True)
-            await self._acks.settle(slot, "nacked")
+    async def _guarded(self, handler: Any, slot: Slot) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await handler
+        except Exception:
+            log.exception("handler failed; message will be redelivered")
+            await self._acks.nack(slot)
+        finally:
+            self._inflight.discard(task)
 
     async def stop(self, grace: float) -> None:
         deadline = time.monotonic() + max(grace - 1, 0.5)
         self._consuming = False
+        self._channel.reopen_callbacks.discard(self._consume_ingress)
+        raw, tag = self._ingress
+        with contextlib.suppress(Exception):
+            await raw.basic_cancel(tag)
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -321,7 +279,7 @@ class DelayWorker:
         for channel in (
             getattr(self, "_channel", None),
             getattr(self, "_control_channel", None),
-            getattr(self, "_reply_channel", None),
+            self.rpc.reply_channel if hasattr(self, "rpc") else None,
         ):
             if channel is not None:
                 with contextlib.suppress(Exception):
@@ -408,20 +366,31 @@ class DelayWorker:
 
     # -- ingress -----------------------------------------------------------------------
 
-    async def _on_ingress(self, message: AbstractIncomingMessage, slot: list[Any]) -> None:
+    async def _on_ingress(self, delivered: DeliveredMessage, slot: Slot) -> None:
         s = self.settings
         scheduler = self.scheduler
         assert scheduler is not None and self.committer is not None
+        properties = delivered.header.properties
+        headers = properties.headers
+        routing_key = delivered.routing_key or ""
         decision = parse_ingress(
-            message.headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
+            headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
         )
         if isinstance(decision, Reject):
             self.metrics.received.labels("rejected").inc()
-            await self._dead_letter_ingress(message, slot, decision.reason, decision.detail)
+            await self.dead_letter_delivery(
+                delivered.body,
+                raw_props(properties),
+                headers,
+                routing_key,
+                slot,
+                decision.reason,
+                decision.detail,
+            )
             return
         mid = self._next_mid
         self._next_mid += 1
-        props = props_of(message)
+        props = raw_props(properties)
         message_id = props.get("message_id")
         if not message_id:
             # A stable id: a re-publish after a crash carries the same one.
@@ -436,45 +405,80 @@ class DelayWorker:
             mid=mid,
             due_ms=decision.due_ms,
             topic=decision.topic,
-            routing_key=message.routing_key or "",
+            routing_key=routing_key,
             key=key,
             message_id=message_id,
             props=json.dumps(props, separators=(",", ":")),
-            headers=encode_headers(strip_control_headers(message.headers)),
-            body=message.body,
+            headers=encode_headers(strip_control_headers(headers)),
+            body=delivered.body,
         )
         self._journal.append(op)
-        await self.committer.barrier()
+        await self._stored()
         if op.in_window:
             self._admit(mid, op.due_ms, op.topic, key)
             self._kick()
         if replace is not None and replace.deleted:
             self.metrics.replaced.inc(replace.deleted)
         self.metrics.received.labels("accepted").inc()
-        await self._ack(slot)
+        await self._acks.ack(slot)
 
-    async def _dead_letter_ingress(
-        self, message: AbstractIncomingMessage, slot: list[Any], reason: str, detail: str
+    def _stored(self) -> asyncio.Future[None]:
+        """A future resolved once everything journaled so far is committed.
+
+        Deliveries arriving within ``INGRESS_COMMIT_LINGER_MS`` share one barrier (and one
+        commit): far fewer futures and writer-thread round trips than one per delivery.
+        """
+        fut = self._linger
+        if fut is None:
+            fut = self._linger = self._loop.create_future()
+            self._loop.call_later(self.settings.ingress_commit_linger_ms / 1000, self._seal, fut)
+        return fut
+
+    def _seal(self, fut: asyncio.Future[None]) -> None:
+        if self._linger is fut:
+            self._linger = None
+        assert self.committer is not None
+        barrier = self.committer.barrier()  # covers everything journaled before now
+
+        def done(b: asyncio.Future[None]) -> None:
+            if fut.done():
+                return
+            if b.cancelled():
+                fut.cancel()
+            elif b.exception() is not None:
+                fut.set_exception(b.exception())  # type: ignore[arg-type]
+            else:
+                fut.set_result(None)
+
+        barrier.add_done_callback(done)
+
+    async def dead_letter_delivery(
+        self,
+        body: bytes,
+        props: dict[str, Any],
+        headers: dict[str, Any] | None,
+        routing_key: str,
+        slot: Slot,
+        reason: str,
+        detail: str,
     ) -> None:
-        headers = dict(message.headers or {})
-        headers[H_DEAD_REASON] = reason
-        headers[H_DEAD_DETAIL] = detail[:500]
-        dead = OutgoingMessage(
-            message.body, carried_properties(props_of(message), headers, self._user)
-        )
+        dead_headers = dict(headers or {})
+        dead_headers[H_DEAD_REASON] = reason
+        dead_headers[H_DEAD_DETAIL] = detail[:500]
+        dead = OutgoingMessage(body, carried_properties(props, dead_headers, self._user))
         try:
-            await self.publisher.publish(self._dead, dead, message.routing_key or "")
+            await self.publisher.publish(self._dead, dead, routing_key)
         except PublishFailed as exc:
             log.error(
                 "dead-letter publish failed; requeueing",
                 extra={"reason": reason, "error": str(exc)},
             )
             await asyncio.sleep(1)
-            await self._nack(slot)
+            await self._acks.nack(slot)
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
-        await self._ack(slot)
+        await self._acks.ack(slot)
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -484,6 +488,16 @@ class DelayWorker:
             wake.set_result(None)
 
     async def _dispatch_loop(self) -> None:
+        while self._dispatching:
+            try:
+                await self._dispatch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop delivery for good
+                log.exception("scheduling loop failed; restarting it")
+                await asyncio.sleep(0.1)
+
+    async def _dispatch(self) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
         loop = asyncio.get_running_loop()
@@ -568,109 +582,6 @@ class DelayWorker:
                 await asyncio.sleep(self.settings.load_interval_s)
             else:
                 await asyncio.sleep(0)
-
-    # -- control -----------------------------------------------------------------------
-
-    async def _reply(self, message: AbstractIncomingMessage, body: bytes) -> None:
-        assert message.reply_to
-        reply = OutgoingMessage(
-            body,
-            carried_properties(
-                {
-                    "correlation_id": message.correlation_id,
-                    "content_type": REPLY_CONTENT_TYPE,
-                    "delivery_mode": 1,
-                }
-                if message.correlation_id
-                else {"content_type": REPLY_CONTENT_TYPE, "delivery_mode": 1},
-                None,
-                self._user,
-            ),
-        )
-        try:
-            await self._reply_channel.default_exchange.publish(
-                reply, routing_key=message.reply_to, mandatory=False
-            )
-        except Exception as exc:  # the requester is gone or the channel is reconnecting
-            log.info("reply not sent", extra={"reply_to": message.reply_to, "error": str(exc)})
-
-    async def _on_control(self, message: AbstractIncomingMessage, slot: list[Any]) -> None:
-        s = self.settings
-        if not message.reply_to:
-            await self._dead_letter_ingress(
-                message, slot, MISSING_REPLY_TO, "a control request needs reply_to to be answered"
-            )
-            return
-        try:
-            request = control.parse_request(
-                message.body, max_bytes=s.max_control_bytes, list_max=s.list_max
-            )
-            if isinstance(request, control.Cancel):
-                body = control.dumps(await self._cancel(request))
-            elif isinstance(request, control.Counts):
-                body = control.dumps(await self._counts())
-            else:
-                body = control.dumps(await self._list(request))
-        except control.ControlError as exc:
-            body = control.encode_error(exc.code, exc.message)
-        await self._reply(message, body)
-        await self._ack(slot)
-
-    async def _cancel(self, request: control.Cancel) -> dict[str, Any]:
-        store, scheduler, committer = self.store, self.scheduler, self.committer
-        assert store is not None and scheduler is not None and committer is not None
-        await committer.barrier()  # messages consumed before this request are stored
-        rows = await store.read(DelayStore.select, request.by, request.value)
-        doomed: list[tuple[int, str]] = []
-        in_flight = False
-        for mid, topic in rows:
-            if mid in self._deleting:
-                continue  # confirmed at its target; the delete is being committed
-            if scheduler.remove(mid) == "in_flight":
-                in_flight = True
-                continue
-            doomed.append((mid, topic))  # removed from the window, or beyond it
-        cancelled = 0
-        if doomed:
-            op = Delete(doomed)
-            self._journal.append(op)
-            await committer.barrier()
-            cancelled = op.deleted
-        if cancelled:
-            self.metrics.cancelled.inc(cancelled)
-            return {"cancelled": True, "count": cancelled}
-        return {"cancelled": False, "state": "in_flight" if in_flight else "sent_or_unknown"}
-
-    async def _counts(self) -> dict[str, Any]:
-        assert self.store is not None
-        counts = await self.store.read(DelayStore.counts)
-        return {
-            "topics": {
-                topic: {"pending": n, "next_due_ms": first} for topic, (n, first) in counts.items()
-            },
-            "total": sum(n for n, _ in counts.values()),
-        }
-
-    async def _list(self, request: control.ListPending) -> dict[str, Any]:
-        assert self.store is not None
-        rows = await self.store.read(DelayStore.page, request.topic, request.after, request.limit)
-        messages = [
-            {
-                "id": message_id,
-                "mid": mid,
-                "key": key,
-                "due_ms": due,
-                "routing_key": routing_key,
-                "size": size,
-            }
-            for mid, due, key, routing_key, message_id, size in rows
-        ]
-        last = rows[-1] if len(rows) == request.limit else None
-        return {
-            "topic": request.topic,
-            "messages": messages,
-            "next": control.encode_cursor(last[1], last[0]) if last else None,
-        }
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

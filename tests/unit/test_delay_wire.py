@@ -1,0 +1,214 @@
+"""Pure parts of the delay adapter: control RPC parsing, cursors, the message codec, and the
+store's journal applied to an in-memory SQLite (no broker)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import sqlite3
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from workers.delay import control
+from workers.delay.store import (
+    MAX_MID,
+    SCHEMA,
+    DelayStore,
+    Delete,
+    Insert,
+    KeyDelete,
+    _chunks,
+    build_properties,
+    decode_headers,
+    encode_headers,
+    props_of,
+)
+
+# ---------------------------------------------------------------- control requests
+
+PARSE = [
+    (b'{"op": "counts"}', control.Counts()),
+    (b'{"op": "cancel", "message_id": "m1"}', control.Cancel("message_id", "m1")),
+    (b'{"op": "cancel", "key": "k"}', control.Cancel("key", "k")),
+    (b'{"op": "list", "topic": "t"}', control.ListPending("t", 100, None)),
+    (b'{"op": "list", "topic": "t", "limit": 5000}', control.ListPending("t", 1000, None)),
+    (
+        b'{"op": "list", "topic": "t", "limit": 2, "after": "17:4"}',
+        control.ListPending("t", 2, (17, 4)),
+    ),
+]
+
+ERRORS = [
+    (b"", "bad_json"),
+    (b"nope", "bad_json"),
+    (b"[1]", "bad_json"),
+    (b'{"op": 1}', "unknown_op"),
+    (b'{"op": "status"}', "unknown_op"),
+    (b"{}", "unknown_op"),
+    (b'{"op": "cancel"}', "invalid_request"),
+    (b'{"op": "cancel", "message_id": "a", "key": "b"}', "invalid_request"),
+    (b'{"op": "cancel", "message_id": ""}', "invalid_request"),
+    (b'{"op": "cancel", "key": 5}', "invalid_request"),
+    (b'{"op": "list"}', "invalid_request"),
+    (b'{"op": "list", "topic": "t", "limit": 0}', "invalid_request"),
+    (b'{"op": "list", "topic": "t", "limit": true}', "invalid_request"),
+    (b'{"op": "list", "topic": "t", "after": "x:1"}', "invalid_request"),
+    (b'{"op": "list", "topic": "t", "after": [1, 2]}', "invalid_request"),
+    (b'{"op": "counts", "pad": "' + b"x" * 200 + b'"}', "too_large"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), PARSE)
+def test_parse_request(body: bytes, expected: control.Request) -> None:
+    assert control.parse_request(body, max_bytes=100, list_max=1000) == expected
+
+
+@pytest.mark.parametrize(("body", "code"), ERRORS)
+def test_parse_request_errors(body: bytes, code: str) -> None:
+    with pytest.raises(control.ControlError) as err:
+        control.parse_request(body, max_bytes=100, list_max=1000)
+    assert err.value.code == code
+    assert json.loads(control.encode_error(err.value.code, err.value.message))["error"]["code"]
+
+
+@given(st.integers(-(10**15), 10**15), st.integers(0, MAX_MID))
+def test_cursor_round_trip(due: int, mid: int) -> None:
+    assert control.decode_cursor(control.encode_cursor(due, mid)) == (due, mid)
+
+
+# ---------------------------------------------------------------- message codec
+
+
+def test_headers_round_trip_keeps_types_and_binary_values() -> None:
+    headers = {
+        "s": "text",
+        "n": 42,
+        "big": 2**40,
+        "f": 1.5,
+        "b": True,
+        "none": None,
+        "bin": b"\xff\x00",  # pamqp decodes a non-UTF-8 long string as bytes
+        "list": [1, "two", b"\xfe"],
+        "nested": {"a": {"b": [1]}},
+        "ts": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        "dec": decimal.Decimal("1.25"),
+    }
+    blob = encode_headers(headers)
+    assert blob is not None
+    back = decode_headers(blob)
+    assert back["bin"] == bytearray(b"\xff\x00") and back["list"][2] == bytearray(b"\xfe")
+    assert {k: v for k, v in back.items() if k not in ("bin", "list")} == {
+        k: v for k, v in headers.items() if k not in ("bin", "list")
+    }
+    assert encode_headers({}) is None and decode_headers(None) == {}
+
+
+def test_properties_round_trip_exactly() -> None:
+    incoming = SimpleNamespace(
+        content_type="text/plain",
+        content_encoding="gzip",
+        delivery_mode=2,
+        priority=None,
+        correlation_id="c",
+        reply_to=None,
+        message_id="m",
+        type="t",
+        user_id="guest",
+        app_id="a",
+        expiration=1.001,  # aio-pika hands over float seconds; the wire said "1001"
+        timestamp=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC),
+    )
+    props = props_of(incoming)
+    assert props["expiration"] == "1001" and props["timestamp"] == 1714979289
+    assert "priority" not in props and "reply_to" not in props
+    built = build_properties(json.loads(json.dumps(props)), {"h": 1})
+    assert built.expiration == "1001"
+    assert built.timestamp == incoming.timestamp
+    assert built.delivery_mode == 2 and built.priority is None
+    assert built.message_type == "t" and built.headers == {"h": 1}
+
+
+# ---------------------------------------------------------------- journal in SQL
+
+
+def _store(tmp_path) -> DelayStore:
+    return DelayStore(tmp_path)
+
+
+def _insert(mid: int, due: int, topic: str = "t", key: str | None = None) -> Insert:
+    return Insert(mid, due, topic, "rk", key, f"m{mid}", "{}", None, b"x")
+
+
+def test_apply_inserts_deletes_and_key_replacement(tmp_path) -> None:
+    store = _store(tmp_path)
+    try:
+        db = store.db
+        ops = [
+            _insert(i, 1000 + i, "a" if i % 2 else "b", key="k" if i < 4 else None)
+            for i in range(1, 301)
+        ]
+        db.run_sync(lambda c: _apply(store, c, ops))
+        assert store.last_deltas == {"a": 150, "b": 150}
+        assert not any(op.in_window for op in ops), "nothing is loaded yet"
+        # a newer key holder replaces older rows, except the protected (in flight) one
+        kd = KeyDelete("k", 400, frozenset({2}))
+        db.run_sync(lambda c: _apply(store, c, [kd, _insert(400, 5, key="k")]))
+        assert kd.deleted == 2
+        assert store.last_deltas == {"a": -2, "t": 1}
+        d = Delete([(mid, "a" if mid % 2 else "b") for mid in range(5, 300)] + [(10**6, "zz")])
+        db.run_sync(lambda c: _apply(store, c, [d]))
+        assert d.deleted == 295
+        left = db.run_sync(
+            lambda c: [r[0] for r in c.execute("SELECT mid FROM pending ORDER BY mid")]
+        )
+        assert left == [2, 4, 300, 400]
+    finally:
+        store.close()
+
+
+def _apply(store: DelayStore, conn: sqlite3.Connection, ops: list) -> None:
+    conn.execute("BEGIN")
+    store.apply(conn, ops)
+    conn.execute("COMMIT")
+
+
+def test_load_pages_in_due_order_and_marks_new_rows_inside_the_window(tmp_path) -> None:
+    store = _store(tmp_path)
+    try:
+        rows = [_insert(i, (i * 37) % 50) for i in range(1, 101)]
+        store.db.run_sync(lambda c: _apply(store, c, rows))
+        first = store.db.run_sync(store.load, 20, 30)
+        assert [(r.due_ms, r.mid) for r in first] == sorted((r.due_ms, r.mid) for r in first)
+        assert len(first) == 30 and store.window_end == (first[-1].due_ms, first[-1].mid)
+        rest = store.db.run_sync(store.load, 20, 1000)
+        assert store.window_end == (20, MAX_MID)
+        seen = [(r.due_ms, r.mid) for r in first + rest]
+        assert seen == sorted(seen) and all(d <= 20 for d, _ in seen)
+        assert len(seen) == len({(r.due_ms, r.mid) for r in rows if r.due_ms <= 20})
+        new = [_insert(500, 10), _insert(501, 21)]
+        store.db.run_sync(lambda c: _apply(store, c, new))
+        assert [op.in_window for op in new] == [True, False]
+        later = store.db.run_sync(store.load, 30, 1000)
+        assert 501 in [r.mid for r in later] and 500 not in [r.mid for r in later]
+    finally:
+        store.close()
+
+
+@given(st.integers(0, 5000))
+def test_chunks_cover_exactly(n: int) -> None:
+    pieces = _chunks(n)
+    assert sum(size for size, _ in pieces) == n
+    starts = [start for _, start in pieces]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+
+
+def test_schema_statements_are_idempotent() -> None:
+    conn = sqlite3.connect(":memory:")
+    for _ in range(2):
+        for statement in SCHEMA:
+            conn.execute(statement)
+    conn.close()
