@@ -106,7 +106,7 @@ async def cleanup(url: str, s: GatewaySettings, server_ids: list[str]) -> None:
     await delete_names(
         url,
         [s.servers_exchange],
-        [s.undeliverable_queue, *(s.server_queue(i) for i in server_ids)],
+        [s.undeliverable_queue, s.reply_queue, *(s.server_queue(i) for i in server_ids)],
     )
 
 
@@ -321,3 +321,89 @@ def small_rcvbuf_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     return sock
+
+
+class FaultProxy:
+    """TCP proxy to the broker that can drop, stall and slow every connection through it.
+
+    ``cut()`` aborts every connection (with ``accepting = False`` new ones are refused too);
+    ``stall()`` stops forwarding in both directions while keeping the sockets open (a
+    partition that TCP does not notice); ``slow(delay_s)`` delays every chunk in both
+    directions; ``heal()`` lets everything flow at full speed again.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.accepting = True
+        self.delay_s = 0.0
+        self.connections = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    async def start(self) -> FaultProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def slow(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self._flowing.set()
+
+    def heal(self) -> None:
+        self.delay_s = 0.0
+        self.accepting = True
+        self._flowing.set()
+
+    def cut(self) -> None:
+        for pair in list(self._pairs):
+            for w in pair:
+                with contextlib.suppress(Exception):
+                    w.transport.abort()
+        self._pairs.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    await self._flowing.wait()
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._pairs.discard(pair)
+
+    async def stop(self) -> None:
+        self.heal()
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -361,6 +361,11 @@ def test_http_400_response_is_complete() -> None:
         (b'{"v":1,"future":[1,2,3]}', Hello(1, None, None)),
         ('{"v":1,"client_id":"ключ"}'.encode(), Hello(1, "ключ", None)),
         (json.dumps({"v": 1, "client_id": "x" * MAX_CLIENT_ID_CHARS}).encode(), None),
+        # NUL, right-to-left override, astral and combining characters are valid Unicode
+        (b'{"v":1,"client_id":"a\\u0000b"}', Hello(1, "a\x00b", None)),
+        ('{"v":1,"client_id":"\u202egnp.exe"}'.encode(), Hello(1, "\u202egnp.exe", None)),
+        ('{"v":1,"client_id":"\U0001f600e\u0301"}'.encode(), Hello(1, "\U0001f600e\u0301", None)),
+        (b'{"v":1,"client_id":"\\ud83d\\ude00"}', Hello(1, "\U0001f600", None)),  # a pair
     ],
 )
 def test_parse_hello_ok(payload: bytes, expected: Hello | None) -> None:
@@ -400,6 +405,12 @@ def test_parse_hello_ok(payload: bytes, expected: Hello | None) -> None:
         pytest.param(b'{"v":1,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", id="deep-valid"),
         pytest.param(b'{"v":1,"client_id":"\xff\xfe"}', id="invalid-utf8"),
         pytest.param(b"\xef\xbb\xbf" + b'{"v":1}', id="utf8-bom"),
+        pytest.param(b'{"v":1,"client_id":"\xed\xa0\x80"}', id="surrogate-as-utf8"),
+        pytest.param(b'{"v":1,"client_id":"\xc0\x80"}', id="overlong-nul"),
+        # lone surrogates spelled as JSON escapes: valid JSON, not encodable as UTF-8
+        pytest.param(b'{"v":1,"client_id":"\\ud800"}', id="client-id-lone-high-surrogate"),
+        pytest.param(b'{"v":1,"client_id":"x\\udfff"}', id="client-id-lone-low-surrogate"),
+        pytest.param(b'{"v":1,"token":"\\udc00"}', id="token-lone-surrogate"),
     ],
 )
 def test_parse_hello_rejects(payload: bytes) -> None:

@@ -252,7 +252,11 @@ class BatchPublisher:
 
 
 class RawConsumer:
-    """A no-ack consumer whose callback gets aiormq's ``DeliveredMessage``."""
+    """An exclusive no-ack consumer whose callback gets aiormq's ``DeliveredMessage``.
+
+    Exclusive: a second gateway with the same instance name is refused (ACCESS_REFUSED)
+    instead of taking half of this one's replies.
+    """
 
     def __init__(
         self,
@@ -276,7 +280,7 @@ class RawConsumer:
         underlay = await self.channel.get_underlay_channel()
         if underlay is self._underlay and not underlay.is_closed:
             return False
-        ok = await underlay.basic_consume(self.queue, self.callback, no_ack=True)
+        ok = await underlay.basic_consume(self.queue, self.callback, no_ack=True, exclusive=True)
         self._underlay, self._tag = underlay, ok.consumer_tag
         log.info("consuming", extra={"queue": self.queue})
         return True

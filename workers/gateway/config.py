@@ -86,6 +86,13 @@ class GatewaySettings(BaseSettings):
         description="this gateway replica's id (x-gateway, reply queue name)",
     )
 
+    reply_queue_expires_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="the reply queue outlives a lost broker connection; it goes this long after "
+        "its consumer left",
+    )
+
     heartbeat_s: float = Field(
         default=30.0, gt=0, description="PING a connection silent this long (sent in WELCOME)"
     )

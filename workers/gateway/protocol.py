@@ -397,4 +397,10 @@ def _optional_str(obj: dict[str, Any], key: str, max_chars: int) -> str | None:
         raise ProtocolError("bad_hello", f"HELLO {key} must be a non-empty string")
     if len(value) > max_chars:
         raise ProtocolError("bad_hello", f"HELLO {key} is longer than {max_chars} characters")
+    try:
+        # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 encoder takes:
+        # the client id goes into AMQP headers and SQLite, the token is compared as bytes.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_hello", f"HELLO {key} is not valid Unicode") from None
     return value

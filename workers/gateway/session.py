@@ -14,6 +14,7 @@ published after CLOSED.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import time
 import uuid
@@ -57,7 +58,7 @@ class Hub(Protocol):
     settings: GatewaySettings
     metrics: GatewayMetrics
     sessions: dict[str, Session]
-    tokens: tuple[bytes, ...]
+    tokens: tuple[bytes, ...]  # SHA-256 digests of the accepted HELLO tokens
 
     def join(self, session: Session, hello: Hello) -> None: ...
 
@@ -187,7 +188,9 @@ class Session(asyncio.Protocol):
             return
         tokens = self.hub.tokens
         if tokens:
-            given = (hello.token or "").encode()
+            # Digests of equal length: compare_digest's time then depends on neither the
+            # given token nor the accepted ones, not even on their lengths.
+            given = hashlib.sha256((hello.token or "").encode()).digest()
             ok = False
             for token in tokens:  # no early exit: the time taken says nothing about which
                 ok |= hmac.compare_digest(given, token)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import ssl
@@ -76,7 +77,7 @@ class GatewayWorker:
         self.balancer = Balancer(
             server_ttl_s=s.server_ttl_s, sticky_retention_s=s.sticky_retention_s
         )
-        self.tokens = tuple(t.encode() for t in s.tokens)
+        self.tokens = tuple(hashlib.sha256(t.encode()).digest() for t in s.tokens)
         self.sessions: dict[str, Session] = {}
         self.in_flight = 0
         self.listeners: list[asyncio.Server] = []
@@ -125,14 +126,25 @@ class GatewayWorker:
 
         servers_ex = await declare_exchange(self._registry_channel, s.servers_exchange, "fanout")
         await declare_quorum_queue(self._reply_channel, s.undeliverable_queue)
+        # Not exclusive: an exclusive queue dies with the connection, and with it every
+        # reply in it or published while the gateway reconnects, although the sessions
+        # survive. It expires once nobody consumes it; the consumer is exclusive instead.
         try:
             reply_q = await self._reply_channel.declare_queue(
-                s.reply_queue, exclusive=True, auto_delete=True
+                s.reply_queue,
+                durable=False,
+                auto_delete=False,
+                arguments={"x-expires": max(1, round(s.reply_queue_expires_s * 1000))},
             )
         except aiormq.exceptions.ChannelLockedResource as exc:
             raise ConfigError(
                 f"queue {s.reply_queue} is held by another connection: two gateway replicas "
                 "share BRIDGE_GATEWAY__INSTANCE; give each its own"
+            ) from exc
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"queue {s.reply_queue} exists with other arguments (left by another version "
+                "or another reply_queue_expires_s); it expires once unused, or delete it"
             ) from exc
         registry_q = await self._registry_channel.declare_queue(
             s.registry_queue, exclusive=True, auto_delete=True
@@ -142,7 +154,13 @@ class GatewayWorker:
             await self._declare_server_queue(server_id)
 
         self.reply_consumer = RawConsumer(self._reply_channel, reply_q.name, self._on_reply)
-        await self.reply_consumer.ensure()
+        try:
+            await self.reply_consumer.ensure()
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise ConfigError(
+                f"queue {s.reply_queue} is consumed by another gateway: two replicas share "
+                "BRIDGE_GATEWAY__INSTANCE; give each its own"
+            ) from exc
         self._consumers.append(
             (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
         )
