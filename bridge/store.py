@@ -12,6 +12,7 @@ acknowledged meanwhile; the worker reports not-ready with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -142,10 +143,16 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], R])
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
+        # Inside the try: a full or read-only disk usually fails here, when the pages reach
+        # the WAL, and a transaction left open would make every retry's BEGIN fail.
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLITE_FULL and SQLITE_IOERR may have rolled back already; a second ROLLBACK
+        # would raise "no transaction is active" and hide the real error.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 

@@ -76,7 +76,10 @@ class DirectedStore:
         )
         # Owned by the writer thread: every access goes through db.run / run_sync.
         self._tids: dict[str, int] = {}
+        # Names numbered by the last apply() and the first number it handed out: that
+        # transaction may still fail at COMMIT, after apply() returned.
         self._created: list[str] = []
+        self._created_from = 1
         self.db.run_sync(self._load_tids)
 
     def _load_tids(self, conn: sqlite3.Connection) -> None:
@@ -101,17 +104,36 @@ class DirectedStore:
 
     def apply(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
         """Write the journal in order (called inside one transaction)."""
-        self._created = []
-        next_tid = self._next_tid
+        self._forget_unwritten(conn)
+        self._created_from = self._next_tid
         try:
             self._apply(conn, batches)
         except BaseException:
             # The transaction rolls back: forget target numbers it would have created, or
             # the retry would reference targets that were never written.
-            for name in self._created:
-                self._tids.pop(name, None)
-            self._next_tid = next_tid
+            self._forget_created()
             raise
+
+    def _forget_unwritten(self, conn: sqlite3.Connection) -> None:
+        """Forget the numbers of the previous apply() if its transaction did not commit.
+
+        A full or read-only disk usually fails the COMMIT, after apply() returned; the
+        retry would then write queue entries for target numbers the file never got, and
+        the next start could not load them. One transaction is all or nothing, so looking
+        up the last name it numbered tells.
+        """
+        if not self._created:
+            return
+        last = self._created[-1]
+        if conn.execute("SELECT 1 FROM targets WHERE name = ?", (last,)).fetchone() is None:
+            self._forget_created()
+        self._created = []
+
+    def _forget_created(self) -> None:
+        for name in self._created:
+            self._tids.pop(name, None)
+        self._next_tid = self._created_from
+        self._created = []
 
     def _apply(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
         tids = self._tids

@@ -10,11 +10,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
+
+# Header values nested this deep are refused: deeper tables and arrays cost recursion
+# in every encoder and decoder that touches them (JSON, AMQP) and no real header needs them.
+MAX_HEADER_DEPTH = 32
+_ASCII_INT = re.compile(r"\s*-?[0-9]{1,18}\s*")
 
 
 class WireError(Exception):
@@ -62,6 +68,34 @@ def _strict_int(value: Any) -> int | None:
     return value
 
 
+def _utf8_size(text: str) -> int | None:
+    """Length in UTF-8, or None for text that has no UTF-8 form (a lone surrogate from a
+    JSON escape such as ``"\\ud800"``)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return None
+
+
+def check_header_depth(headers: Mapping[str, Any]) -> None:
+    """Refuse header values nested deeper than :data:`MAX_HEADER_DEPTH` (iteratively, so a
+    hostile depth cannot exhaust the recursion limit here)."""
+    stack: list[tuple[Any, int]] = [(v, 1) for v in headers.values()]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth >= MAX_HEADER_DEPTH:
+            raise WireError(
+                "invalid_headers", f"header values nested {MAX_HEADER_DEPTH} levels deep or more"
+            )
+        stack.extend((child, depth + 1) for child in children)
+
+
 def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
     if raw is None:
         raise WireError(
@@ -82,7 +116,12 @@ def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
         name = _text(item)
         if name is None:
             raise WireError("invalid_targets", f"target {_short(item)} is not a string")
-        if not name or len(name.encode()) > settings.max_target_length:
+        size = _utf8_size(name)
+        if size is None:
+            raise WireError(
+                "invalid_target_name", f"target {_short(name)} is not valid Unicode text"
+            )
+        if not name or size > settings.max_target_length:
             raise WireError(
                 "invalid_target_name",
                 f"target names must be 1..{settings.max_target_length} bytes, got {_short(name)}",
@@ -97,7 +136,8 @@ def check_ttl(raw: Any, settings: DirectedSettings) -> int:
     value = _strict_int(raw)
     if value is None:
         text = _text(raw)
-        if text is not None and text.strip().lstrip("-").isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+        if text is not None and _ASCII_INT.fullmatch(text):
             value = int(text)
     if value is None or value <= 0:
         raise WireError("invalid_ttl", f"{H_TTL} must be a positive integer, got {_short(raw)}")
@@ -134,6 +174,7 @@ def parse_request(
         headers.update(extra)
     else:
         raw_targets = headers.get(H_TARGETS)
+    check_header_depth(headers)
     targets = check_targets(raw_targets, settings)
     ttl = check_ttl(headers.get(H_TTL), settings)
     user_headers = {k: v for k, v in headers.items() if k not in (H_TARGETS, H_TTL)}
@@ -192,8 +233,13 @@ def parse_pull(body: bytes, routing_key: str | None, settings: DirectedSettings)
     topic = doc.get("topic")
     if topic is None:
         raise WireError("invalid_pull", "field 'topic' (the target name) is required")
-    if not isinstance(topic, str) or not topic or len(topic.encode()) > settings.max_target_length:
-        raise WireError("invalid_pull", f"'topic' must be a non-empty string, got {_short(topic)}")
+    size = _utf8_size(topic) if isinstance(topic, str) else None
+    if size is None or not topic or size > settings.max_target_length:
+        raise WireError(
+            "invalid_pull",
+            f"'topic' must be a non-empty string of 1..{settings.max_target_length} UTF-8 bytes,"
+            f" got {_short(topic)}",
+        )
     if settings.pull_exchange_type != "fanout" and routing_key and routing_key != topic:
         raise WireError(
             "topic_mismatch",

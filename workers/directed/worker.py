@@ -288,7 +288,17 @@ class DirectedWorker:
             message, reason, detail, reason_header=H_DEAD_REASON, detail_header=H_DEAD_DETAIL
         )
         try:
-            await self.publisher.publish(self._dead, dead, message.routing_key or "")
+            try:
+                await self.publisher.publish(self._dead, dead, message.routing_key or "")
+            except (RecursionError, TypeError, ValueError) as exc:
+                # The original headers cannot be encoded again (nested too deep, a value
+                # pamqp refuses): dead-letter the body with the reason alone, rather than
+                # raising and having the broker redeliver this message forever.
+                dead.headers = {
+                    H_DEAD_REASON: reason,
+                    H_DEAD_DETAIL: f"{detail[:400]} (original headers dropped: {type(exc).__name__})",
+                }
+                await self.publisher.publish(self._dead, dead, message.routing_key or "")
         except PublishFailed as exc:
             log.error(
                 "dead-letter publish failed; requeueing",
@@ -348,6 +358,17 @@ class DirectedWorker:
             self.metrics.pull_kind["error"].inc()
             await self._reply(
                 message, wire.encode_error("overloaded", "too many pulls in progress; retry later")
+            )
+            return
+        if self.committer is not None and self.committer.failing:
+            # The reply would have to wait for a commit that cannot happen: say so now (the
+            # core is not touched, so the target retries with the same record id).
+            self.metrics.pull_kind["error"].inc()
+            await self._reply(
+                message,
+                wire.encode_error(
+                    "unavailable", "the worker cannot commit its state right now; retry later"
+                ),
             )
             return
         try:
