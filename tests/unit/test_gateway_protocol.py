@@ -521,3 +521,45 @@ def test_parse_hello_only_raises_protocol_error(payload: bytes) -> None:
 def test_hello_round_trip(client_id: str | None, token: str | None) -> None:
     (frame,) = FrameDecoder(MAX_FRAME, 1 << 16).feed(encode_hello(client_id, token))
     assert parse_hello(frame.payload) == Hello(1, client_id, token)
+
+
+# ----------------------------------------------------------------------------- feed_until_error
+
+
+def test_frames_before_the_error_are_kept() -> None:
+    dec = gateway_decoder()
+    frames, error = dec.feed_until_error(HELLO + encode_data(b"a") + PING_FRAME + header(0))
+    assert [f.type for f in frames] == [FrameType.HELLO, FrameType.DATA, FrameType.PING]
+    assert error is not None and error.code == "bad_frame"
+    assert dec.buffered == 0
+    assert dec.feed_until_error(PING_FRAME) == ([], error)  # dead, the same error
+    with pytest.raises(ProtocolError) as info:
+        dec.feed(PING_FRAME)
+    assert info.value is error
+
+
+def feed_until_error_chunks(data: bytes, cuts: list[int]) -> tuple[list[Frame], str | None]:
+    dec = FrameDecoder(100, 50)
+    frames: list[Frame] = []
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        got, error = dec.feed_until_error(data[start:cut])
+        frames += got
+        start = cut
+        if error is not None:
+            return frames, error.code
+    return frames, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(plausible_chunk, max_size=12),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+)
+def test_answer_does_not_depend_on_how_the_stream_was_split(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    """The same bytes give the same frames and the same error, however TCP cut them."""
+    data = HELLO + b"".join(chunks)
+    whole = feed_until_error_chunks(data, [])
+    assert feed_until_error_chunks(data, [c for c in cuts if c <= len(data)]) == whole

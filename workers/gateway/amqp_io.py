@@ -184,16 +184,33 @@ class BatchPublisher:
         # While the connection is down this waits for the reconnect, within the timeout.
         async with asyncio.timeout(self.timeout):
             channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-        frames: list[Any] = []
         async with channel.lock:
-            for routing_key, body, properties, fut, queued_at in batch:
+            parts: list[tuple[_Queued, list[Any]]] = []
+            for item in batch:
+                routing_key, body, properties, fut, _ = item
                 if fut.done():
                     continue
+                if not properties.message_id:  # returns are matched to their publish by id
+                    properties.message_id = uuid.uuid4().hex
+                frames: list[Any] = [
+                    Basic.Publish(exchange="", routing_key=routing_key, mandatory=True),
+                    ContentHeader(properties=properties, body_size=len(body)),
+                    *channel._split_body(body),
+                ]
+                parts.append((item, frames))
+            try:
+                payload = ChannelFrame.marshall(
+                    channel_number=channel.number, frames=[f for _, fs in parts for f in fs]
+                )
+            except Exception:
+                parts, payload = self._marshal_each(channel, parts)
+            # Delivery tags only for what is sent: the broker numbers its confirms by the
+            # publishes it receives, so one tag taken for a frame never written would shift
+            # every later confirm onto the wrong message.
+            for (routing_key, _, properties, fut, queued_at), _ in parts:
                 channel.delivery_tag += 1
                 tag = channel.delivery_tag
-                message_id = properties.message_id
-                if not message_id:  # returns are matched to their publish by message id
-                    message_id = properties.message_id = uuid.uuid4().hex
+                message_id = str(properties.message_id)
                 confirmation = channel.create_future()
                 channel.confirmations[tag] = confirmation
                 channel.message_id_delivery_tag[message_id] = tag
@@ -202,16 +219,28 @@ class BatchPublisher:
                         self._settle, fut, channel, tag, message_id, routing_key, queued_at
                     )
                 )
-                frames.append(Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
-                frames.append(ContentHeader(properties=properties, body_size=len(body)))
-                frames.extend(channel._split_body(body))
                 self._unconfirmed.append((queued_at, fut))
-            if frames:
-                await channel.write_queue.put(
-                    ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-                )
+            if parts:
+                await channel.write_queue.put(payload)
         self.batches += 1
         self.published += len(batch)
+
+    @staticmethod
+    def _marshal_each(
+        channel: aiormq.Channel, parts: list[tuple[_Queued, list[Any]]]
+    ) -> tuple[list[tuple[_Queued, list[Any]]], ChannelFrame]:
+        """The batch did not encode: fail the messages that do not, send the others."""
+        good: list[tuple[_Queued, list[Any]]] = []
+        for item, frames in parts:
+            try:
+                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+            except Exception as exc:
+                log.error("message cannot be encoded; not published", extra={"error": str(exc)})
+                item[3].set_exception(PublishFailed("unencodable", f"{type(exc).__name__}: {exc}"))
+            else:
+                good.append((item, frames))
+        frames = [f for _, fs in good for f in fs]
+        return good, ChannelFrame.marshall(channel_number=channel.number, frames=frames)
 
     def _settle(
         self,

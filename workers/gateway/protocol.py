@@ -232,7 +232,8 @@ class FrameDecoder:
     Limits are checked from the 4-byte LENGTH alone, so an oversized frame is refused before
     any of its payload is buffered. After a `ProtocolError` the decoder is dead: every later
     `feed` raises the same error, and frames decoded earlier in the failing call are dropped
-    (the peer broke the contract; the adapter closes the connection).
+    (the peer broke the contract; the adapter closes the connection). `feed_until_error`
+    returns those frames with the error instead, which is what the gateway uses.
     """
 
     __slots__ = ("_accepts", "_buf", "_error", "_greeted", "_max_frame", "_max_hello", "_role")
@@ -269,8 +270,20 @@ class FrameDecoder:
 
     def feed(self, data: _Bytes) -> list[Frame]:
         """Take the next bytes read from the connection; return the frames they completed."""
+        frames, error = self.feed_until_error(data)
+        if error is not None:
+            raise error
+        return frames
+
+    def feed_until_error(self, data: _Bytes) -> tuple[list[Frame], ProtocolError | None]:
+        """Like `feed`, but a broken frame does not cost the good ones before it in the same
+        read: they are returned together with the error (then the decoder is dead).
+
+        What a peer is answered then depends only on the byte stream, never on how TCP
+        happened to split it into reads: the frames before the first violation, then it.
+        """
         if self._error is not None:
-            raise self._error
+            return [], self._error
         if data:
             self._buf += data
         frames: list[Frame] = []
@@ -279,12 +292,12 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._buf = bytearray()  # nothing more will be parsed; give the memory back
-            raise
+            return frames, exc
         if consumed == len(self._buf):
             self._buf.clear()
         elif consumed:
             del self._buf[:consumed]
-        return frames
+        return frames, None
 
     def _parse(self, out: list[Frame]) -> int:
         buf = self._buf

@@ -140,11 +140,9 @@ class Session(asyncio.Protocol):
         wire.bytes_in += len(data)
         self.last_rx = time.monotonic()
         assert self.decoder is not None
-        try:
-            frames = self.decoder.feed(data)
-        except ProtocolError as exc:
-            self.protocol_error(exc)
-            return
+        # The frames before a broken one count (DATA published, PING answered, HELLO
+        # checked), then the error: the answer does not depend on how TCP split the bytes.
+        frames, error = self.decoder.feed_until_error(data)
         wire.frames_in += len(frames)
         queued = False
         for frame in frames:
@@ -163,6 +161,8 @@ class Session(asyncio.Protocol):
             # PONG only proves the client is alive, which last_rx already recorded.
             if self.state >= CLOSING:
                 break
+        if error is not None and self.state < CLOSING:
+            self.protocol_error(error)  # what was queued is published before the disconnect
         if queued and self.state == OPEN:
             self.hub.pump(self)
 
