@@ -478,7 +478,9 @@ async def run_schedule(
         t0 = time.perf_counter()
         await arrivals.wait(len(messages), timeout=(last_due - now_ms()) / 1000 + settle_s)
         cpu = (cpu_seconds(worker.pid) - cpu0) / (time.perf_counter() - t0)
+        busy = worker.metrics().get("bridge_delay_lane_busy_seconds_total", [])
         return {
+            "lanes_that_sent": sum(1 for _, seconds in busy if seconds > 0),
             "machine_noise_10ms_sleep_oversleep": probe.result(),
             "cpu_pressure_some_avg60_pct": cpu_pressure(),
             "arrivals": arrivals,

@@ -35,7 +35,7 @@ async def test_hot_topic_burst_and_cold_topics(broker_url, amqp, tmp_path, uniqu
         amqp,
         exchanges=[k.exchange for k in sinks],
         queues=[k.queue for k in sinks],
-    ) as (_, client):
+    ) as (worker, client):
         n_hot, n_cold = 5000, 15
         instant = now_ms() + 4000
         due: dict[str, int] = {}
@@ -68,6 +68,10 @@ async def test_hot_topic_burst_and_cold_topics(broker_url, amqp, tmp_path, uniqu
             f"p50={percentile(cold_late, 50):.1f} p99={percentile(cold_late, 99):.1f} "
             f"max={max(cold_late):.1f}; hot burst of {n_hot} drained in {hot_done:.0f} ms"
         )
+        # While the hot topic held a lane with full batches, the cold topics got others.
+        busy = worker.metrics.lane_busy.collect()[0].samples
+        sent_by = {x.labels["lane"] for x in busy if x.name.endswith("_total") and x.value > 0}
+        assert len(sent_by) >= 2, sent_by
 
 
 async def test_backlog_due_during_downtime_does_not_starve_new_messages(

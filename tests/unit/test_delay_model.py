@@ -428,6 +428,29 @@ def test_in_flight_then_newer_then_retry_keeps_both() -> None:
     assert _shape(s.assign(5)) == [(0, "a", [1])]
 
 
+def test_active_lanes_limit_new_batches_only() -> None:
+    s = _sched(lanes=3)
+    for t in "abc":
+        s.add(Entry(ord(t), t, 0))
+    s.set_active_lanes(1)
+    assert _shape(s.assign(0)) == [(0, "a", [97])]
+    assert not s.has_idle_lane() and s.topics_waiting(0) == ["b", "c"]
+    s.set_active_lanes(3)
+    assert s.has_idle_lane()
+    assert _shape(s.assign(0)) == [(1, "b", [98]), (2, "c", [99])]
+    s.set_active_lanes(1)  # lanes 1 and 2 finish their batches normally
+    s.complete(2, [99])
+    s.complete(1, [98])
+    s.add(Entry(100, "d", 0))
+    assert not s.has_idle_lane() and s.assign(0) == []
+    s.complete(0, [97])
+    assert _shape(s.assign(0)) == [(0, "d", [100])]
+    with pytest.raises(ValueError):
+        s.set_active_lanes(0)
+    with pytest.raises(ValueError):
+        s.set_active_lanes(4)
+
+
 def test_key_mids_spares_in_flight_and_retried_obligations() -> None:
     s = _sched(lanes=1)
     assert s.key_mids("k") == frozenset()
@@ -602,6 +625,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(lanes=st.integers(1, 3), batch=st.integers(1, 4))
     def setup(self, lanes: int, batch: int) -> None:
         self.n_lanes = lanes
+        self.active = lanes
         self.batch = batch
         self.s = Scheduler(lanes=lanes, batch=batch)
 
@@ -671,6 +695,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             assert (status, mid) == ("unknown", None)
 
+    @rule(data=st.data())
+    def set_active(self, data: st.DataObject) -> None:
+        self.active = data.draw(st.integers(1, self.n_lanes))
+        self.s.set_active_lanes(self.active)
+        assert self.s.active_lanes == self.active
+
     @rule(delta=st.integers(0, 30))
     def advance(self, delta: int) -> None:
         self.now += delta
@@ -682,6 +712,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _check_assign(self, got: list[Assignment]) -> None:
         for a in got:
             assert a.lane not in self.lanes, "a lane holds two batches"
+            assert a.lane < self.active, "an inactive lane got a batch"
             assert a.topic not in self._lane_topics(), "a topic holds two lanes"
             due = [e for e in self._pending(a.topic) if e.due_ms <= self.now]
             assert list(a.entries) == due[: self.batch]
@@ -692,8 +723,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.flight[e.mid] = a.lane
                 if e.key is not None and self.keyed.get(e.key) == e.mid:
                     del self.keyed[e.key]
-        # work-conserving: no idle lane while a lane-less topic has something due
-        if len(self.lanes) < self.n_lanes:
+        # work-conserving: no idle active lane while a lane-less topic has something due
+        idle = [lane for lane in range(self.active) if lane not in self.lanes]
+        assert self.s.has_idle_lane() == bool(idle)
+        if idle:
             busy = self._lane_topics()
             assert not [e for e in self._pending() if e.due_ms <= self.now and e.topic not in busy]
 
@@ -766,6 +799,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not hasattr(self, "s"):
             return
+        self.s.set_active_lanes(self.n_lanes)
+        self.active = self.n_lanes
         self.now = 10**15
         for _ in range(10_000):
             got = self.s.assign(self.now)

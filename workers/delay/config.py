@@ -43,6 +43,15 @@ class DelaySettings(BaseSettings):
     batch: int = Field(
         default=500, ge=1, le=100_000, description="most messages a topic sends per lane turn"
     )
+    lane_grow_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="a due topic that waited this long for a lane makes the worker use one "
+        "more lane (up to LANES); 0 uses every lane from the start",
+    )
+    lane_idle_s: float = Field(
+        default=5.0, gt=0, description="an extra lane unused this long is given up again"
+    )
     publish_window: int = Field(
         default=256, ge=1, le=10_000, description="unconfirmed publishes per lane"
     )

@@ -70,6 +70,11 @@ class _StateCollector(Collector):
             value=len(worker.scheduler) if worker.scheduler is not None else 0,
         )
         yield GaugeMetricFamily(
+            "bridge_delay_active_lanes",
+            "lanes in use (more are started when due topics wait, up to LANES)",
+            value=worker.scheduler.active_lanes if worker.scheduler is not None else 0,
+        )
+        yield GaugeMetricFamily(
             "bridge_delay_busy_lanes",
             "sender lanes publishing a batch right now",
             value=len(worker.scheduler.busy_lanes()) if worker.scheduler is not None else 0,

@@ -269,6 +269,8 @@ class Scheduler:
         self._returned: list[_Topic] = []
         self._lanes: list[_Lane | None] = [None] * lanes
         self._free: list[int] = list(range(lanes))  # heap: lowest idle lane first
+        # Lanes numbered >= this get no new batch (the adapter starts lanes as needed).
+        self._active = lanes
         # key -> the pending entry a newer message with that key replaces.
         self._keyed: dict[str, int] = {}
         # key -> mids in flight, so cancel can answer "already being sent".
@@ -330,7 +332,7 @@ class Scheduler:
         """Give idle lanes to due topics, round-robin; each gets up to ``batch`` due entries."""
         self._refresh(now_ms)
         out: list[Assignment] = []
-        while self._free and self._waiting:
+        while self._free and self._free[0] < self._active and self._waiting:
             topic = self._waiting.popleft()
             if topic.state != _WAITING:
                 continue
@@ -455,6 +457,25 @@ class Scheduler:
     def lane_of(self, topic: str) -> int | None:
         t = self._topics.get(topic)
         return None if t is None else t.lane
+
+    @property
+    def active_lanes(self) -> int:
+        return self._active
+
+    def set_active_lanes(self, n: int) -> None:
+        """Use only lanes ``0..n-1`` for new batches; a higher lane finishes its batch.
+
+        The pool stays ``lanes`` big: the adapter may start with few active lanes and add one
+        when a due topic has waited too long, so a light load spread over many topics does
+        not wake many threads (which costs more than it buys in one Python process).
+        """
+        if not 1 <= n <= self._n_lanes:
+            raise ValueError(f"active lanes must be 1..{self._n_lanes}, got {n}")
+        self._active = n
+
+    def has_idle_lane(self) -> bool:
+        """Whether assign() could hand a batch to some lane now."""
+        return bool(self._free) and self._free[0] < self._active
 
     def busy_lanes(self) -> set[int]:
         return {i for i, record in enumerate(self._lanes) if record is not None}

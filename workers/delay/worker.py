@@ -133,6 +133,12 @@ class DelayWorker:
         self._loop = asyncio.get_running_loop()
         self.metrics = DelayMetrics(ctx.registry, self)
         self.scheduler = Scheduler(lanes=s.lanes, batch=s.batch)
+        if s.lane_grow_ms > 0:
+            self.scheduler.set_active_lanes(1)
+        self._lane_used = [time.monotonic()] * s.lanes
+        self._lane_batch = [0] * s.lanes
+        self._lanes_wanted_at = time.monotonic()
+        self._grown_at = 0.0
         # A message due now may enter a window capped by a backlog, up to this many extra.
         self._extra_cap = s.window_max_entries + max(1000, s.window_max_entries // 10)
         self.store = DelayStore(
@@ -308,6 +314,7 @@ class DelayWorker:
                 "window": len(self.scheduler),
                 "window_end_ms": self.store.window_end[0],
                 "busy_lanes": sorted(self.scheduler.busy_lanes()),
+                "active_lanes": self.scheduler.active_lanes,
                 "lanes": [
                     {"lane": lane.index, "connected": lane.connected, "batches": lane.batches}
                     for lane in self.lanes
@@ -498,27 +505,85 @@ class DelayWorker:
                 await asyncio.sleep(0.1)
 
     async def _dispatch(self) -> None:
+        """Hand due topics to lanes; wake at the next due time or when a lane reports.
+
+        Lanes are started on demand: a light load spread over many topics is sent by few
+        lanes (threads of one process share the GIL, and waking many of them for tiny
+        batches costs more latency than it saves), and a topic that waited ``LANE_GROW_MS``
+        for a lane makes one more lane active, so a hot topic holding a lane cannot make the
+        others wait longer than that.
+        """
         scheduler = self.scheduler
         assert scheduler is not None
         loop = asyncio.get_running_loop()
         n_lanes = len(self.lanes)
+        grow_ms = self.settings.lane_grow_ms
         while self._dispatching:
-            for assignment in scheduler.assign(now_ms()):
+            now = now_ms()
+            for assignment in scheduler.assign(now):
+                self._lane_used[assignment.lane] = time.monotonic()
+                self._lane_batch[assignment.lane] = len(assignment.entries)
                 self.lanes[assignment.lane].submit(assignment)
+            nxt = scheduler.next_due_ms()
+            wake_at: float | None = None
+            if nxt is not None:
+                if scheduler.has_idle_lane() or nxt > now:
+                    wake_at = nxt
+                elif scheduler.active_lanes < n_lanes:
+                    # Due topics wait for a lane. Add one once the oldest waited grow_ms while
+                    # some lane has held its batch that long (a big batch of a hot topic).
+                    # Lanes that are merely busy with short batches would not go faster
+                    # with more threads: they share one interpreter.
+                    if now - nxt >= grow_ms and self._lane_stuck(grow_ms):
+                        self._lanes_wanted_at = mono = time.monotonic()
+                        if mono - self._grown_at >= grow_ms / 1000:  # one lane per grow_ms
+                            self._grown_at = mono
+                            scheduler.set_active_lanes(scheduler.active_lanes + 1)
+                            log.debug(
+                                "one more sender lane in use",
+                                extra={"active": scheduler.active_lanes, "waited_ms": now - nxt},
+                            )
+                            continue
+                    # check again then (or when a lane reports)
+                    wake_at = max(nxt, now) + grow_ms
+                elif now - nxt >= grow_ms and self._lane_stuck(grow_ms):
+                    self._lanes_wanted_at = time.monotonic()
+                # else: every lane is busy; a lane's report wakes us
             wake: asyncio.Future[None] = loop.create_future()
             self._wake = wake
             handle = None
-            nxt = scheduler.next_due_ms()
-            if nxt is not None:
-                delay = nxt / 1000 - time.time()
+            if wake_at is not None:
+                delay = wake_at / 1000 - time.time()
                 if delay > 0:
                     handle = loop.call_later(delay, _set_done, wake)
-                elif len(scheduler.busy_lanes()) < n_lanes:
-                    wake.set_result(None)  # became due meanwhile and a lane is free
-                # else: due but every lane is busy; a lane's report wakes us
+                else:
+                    wake.set_result(None)
             await wake
             if handle is not None:
                 handle.cancel()
+
+    def _lane_stuck(self, ms: float) -> bool:
+        """Whether some lane holds a big batch (a topic with a backlog) for ``ms`` already,
+        or any batch for ten times that (a slow target)."""
+        assert self.scheduler is not None
+        now = time.monotonic()
+        big = max(1, self.settings.batch // 2)
+        for lane in self.scheduler.busy_lanes():
+            held = now - self._lane_used[lane]
+            if held >= 10 * ms / 1000 or (held >= ms / 1000 and self._lane_batch[lane] >= big):
+                return True
+        return False
+
+    def _retire_idle_lanes(self) -> None:
+        """Use one lane fewer once no topic needed an extra lane for ``LANE_IDLE_S``."""
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.active_lanes <= 1:
+            return
+        now = time.monotonic()
+        if now - self._lanes_wanted_at >= self.settings.lane_idle_s:
+            scheduler.set_active_lanes(scheduler.active_lanes - 1)
+            self._lanes_wanted_at = now - self.settings.lane_idle_s / 2  # one step at a time
+            log.debug("one sender lane fewer in use", extra={"active": scheduler.active_lanes})
 
     def _report_from_lane(self, report: LaneReport) -> None:
         """Called on a lane thread."""
@@ -528,6 +593,7 @@ class DelayWorker:
     def _on_report(self, r: LaneReport) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
+        self._lane_used[r.lane] = time.monotonic()
         dead = [mid for mid, _ in r.dead]
         scheduler.complete(r.lane, done=[*r.sent, *dead, *r.gone], retry=r.retry)
         rows = [(mid, r.topic) for mid in (*r.sent, *dead)]
@@ -571,6 +637,7 @@ class DelayWorker:
 
     async def _load_loop(self) -> None:
         while self._dispatching:
+            self._retire_idle_lanes()
             try:
                 loaded = await self._load_step()
             except asyncio.CancelledError:
