@@ -17,6 +17,7 @@ import logging
 import shutil
 import socket
 import sqlite3
+import ssl
 import subprocess
 import uuid
 from typing import Any
@@ -30,12 +31,12 @@ from bridge.errors import PublishFailed
 from tests.conftest import running_host
 from tests.integration.gateway_helpers import (
     SERVER_HEARTBEAT_S,
-    FaultProxy,
     Gateway,
     cleanup,
     gateway_settings,
     queue_depth,
     running_gateway,
+    self_signed_cert,
     small_rcvbuf_socket,
     wait_until,
 )
@@ -48,6 +49,7 @@ from tests.integration.gateway_wire import (
     expected,
 )
 from tests.integration.procs import WorkerProcess
+from tests.proxy import TcpProxy
 from workers.gateway.amqp_io import Properties
 from workers.gateway.backend import BackendServer, Reply, ServerEvent
 from workers.gateway.client import GatewayClient, GatewayError
@@ -427,7 +429,7 @@ async def test_secrets_never_logged(broker_url, tmp_path, unique):
         },
     }
     await asyncio.to_thread(_rabbitmqctl, "add_user", user, password)
-    proxy = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
     log = tmp_path / "gateway.log"
     proc = WorkerProcess(
         ["gateway"], broker_url=proxy.url(user, password), state_dir=tmp_path, env=env, log=log
@@ -448,7 +450,7 @@ async def test_secrets_never_logged(broker_url, tmp_path, unique):
         proxy.accepting = False
         proxy.cut()  # reconnect attempts are logged; with the URL, never its password
         await asyncio.sleep(1.0)
-        proxy.heal()
+        proxy.accepting = True
         await asyncio.to_thread(proc.wait_ready, 30)
         assert await client.request(b"after the reconnect", timeout=30) == b"after the reconnect"
         await client.bye()
@@ -476,6 +478,49 @@ def _alive(proc: WorkerProcess, server: str) -> bool:
     return status == 200 and server in json.loads(body).get("servers_alive", [])
 
 
+async def test_tls_only_listener_under_bad_input(broker_url, tmp_path, unique, caplog):
+    """TLS with a self-signed certificate, no plain listener: clients that do not trust the
+    certificate, never finish the handshake, speak plain text, or send a bad frame inside
+    TLS are refused; a verified client is served throughout."""
+    cert, key = self_signed_cert(tmp_path)
+    s = gateway_settings(
+        unique,
+        plain_listener=False,
+        tls_cert=cert,
+        tls_key=key,
+        tls_port=0,
+        hello_timeout_s=1.0,
+        max_frame=1024,
+        max_hello_frame=512,
+    )
+    async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
+        assert set(gw.worker.ports) == {"tls"}
+        port = gw.worker.ports["tls"]
+        trusted = ssl.create_default_context(cafile=str(cert))
+        client = await GatewayClient.connect(port=port, ssl_context=trusted, client_id="tls")
+        gw.clients.append(client)
+        talker = Talker(client, "tls")
+        # a client that does not trust the self-signed certificate stops at the handshake
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await GatewayClient.connect(port=port, ssl_context=ssl.create_default_context())
+        # TCP without a handshake is cut after hello_timeout_s; plain text gets no answer
+        for opener in (b"", encode_hello("plain"), b"GET / HTTP/1.1\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(opener)
+            with contextlib.suppress(ConnectionError):
+                data = await asyncio.wait_for(reader.read(), 10)
+                assert b"WELCOME" not in data and not data.startswith(b"HTTP/1.1 400")
+            writer.close()
+        # inside TLS the framing rules are the same
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=trusted)
+        writer.write(encode_hello("big") + encode_data(b"x" * 1025))
+        last = await GatewayClient(reader, writer).wait_closed()
+        assert last is not None and json.loads(last.payload)["code"] == "frame_too_large"
+        await talker.finish()
+        await client.bye()
+    assert not errors_logged(caplog)
+
+
 # ----------------------------------------------------------------------------- broker faults
 
 
@@ -501,7 +546,7 @@ def _confirm_ledger(worker: GatewayWorker) -> tuple[list[bytes], list[bytes]]:
 
 async def test_broker_stall_and_slow_link_lose_nothing(broker_url, tmp_path, unique):
     parts = urlsplit(broker_url)
-    proxy = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
     s = gateway_settings(unique, session_in_flight=8)
     worker = GatewayWorker(s)
     url = proxy.url(parts.username or "guest", parts.password or "guest")
@@ -529,14 +574,14 @@ async def test_broker_stall_and_slow_link_lose_nothing(broker_url, tmp_path, uni
                 sessions = [worker.sessions[c.session] for c in clients]
                 await wait_until(lambda: all(x.paused for x in sessions), "sessions paused")
                 assert all(x.in_flight <= s.session_in_flight for x in sessions)
-                proxy.heal()
-                # slow link: every chunk delayed both ways
-                proxy.slow(0.05)
+                proxy.resume()
+                # slow link: every chunk delayed 50 ms both ways
+                proxy.latency = 0.05
                 burst("slow", 10)
                 for c in clients:
                     got = [await c.recv(timeout=60) for _ in sent[c.session]]
                     assert got == sent[c.session]  # all of them, in order, same session
-                proxy.heal()
+                proxy.latency = 0.0
                 assert await talker.finish()
                 assert host.readiness()[0]
                 assert not failed
@@ -560,7 +605,7 @@ async def test_reply_published_while_the_gateway_reconnects_is_delivered(
     """The connection drops after the broker confirmed a client's message and before the
     server answered: the session survives and the answer still reaches it."""
     parts = urlsplit(broker_url)
-    proxy = await FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
     s = gateway_settings(unique)
     worker = GatewayWorker(s)
     url = proxy.url(parts.username or "guest", parts.password or "guest")
@@ -587,7 +632,7 @@ async def test_reply_published_while_the_gateway_reconnects_is_delivered(
                 await wait_until(lambda: not host.readiness()[0], "not ready while cut")
                 answer.set()  # the server answers into the reply queue meanwhile
                 await asyncio.sleep(0.3)
-                proxy.heal()
+                proxy.accepting = True
                 assert await client.recv(timeout=30) == b"answered while the gateway is away"
                 await wait_until(lambda: host.readiness()[0], "ready again", timeout=30)
                 assert await client.request(b"after") == b"after"
