@@ -676,3 +676,49 @@ async def test_a_message_that_cannot_be_encoded_fails_alone(broker_url, tmp_path
         )
         assert b"bad" not in {e.body for e in probes}
         await client.bye()
+
+
+async def test_server_sees_a_prefix_of_a_session_that_failed(broker_url, tmp_path, unique):
+    """The broker connection drops with publishes of a session unconfirmed and more DATA
+    read: the client gets ERROR unavailable, and the server sees a prefix of what the
+    client sent (in order, no hole), then the disconnect."""
+    parts = urlsplit(broker_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    s = gateway_settings(unique, session_in_flight=4)
+    worker = GatewayWorker(s)
+    url = proxy.url(parts.username or "guest", parts.password or "guest")
+    try:
+        async with running_host(url, tmp_path, [worker]) as host:
+            gw = Gateway(worker, host, s, broker_url)
+            try:
+                server = await gw.start_server("s1")
+                client = await gw.connect(client_id="cut-off")
+                assert await client.request(b"m-first") == b"m-first"
+                proxy.stall()  # nothing is confirmed any more
+                sent = [b"m%d" % i for i in range(100)]
+                client.writer.write(b"".join(encode_data(m) for m in sent))
+                session = worker.sessions[client.session]
+                await wait_until(lambda: session.in_flight == 4 and session.paused, "window full")
+                proxy.accepting = False
+                proxy.cut()
+                last = await client.wait_closed()
+                assert last is not None and json.loads(last.payload)["code"] == "unavailable"
+                proxy.resume()
+                proxy.accepting = True
+                await wait_until(lambda: host.readiness()[0], "ready again", timeout=30)
+                events = await server.wait_events(
+                    lambda evs: any(
+                        e.event == "disconnect" and e.session == client.session for e in evs
+                    ),
+                    timeout=30,
+                )
+                got = [e.body for e in events if e.session == client.session and e.event == "data"]
+                assert got[0] == b"m-first"
+                assert got[1:] == sent[: len(got) - 1]
+            finally:
+                for srv in gw.servers.values():
+                    await srv.stop()
+                gw.close_clients()
+    finally:
+        await proxy.stop()
+        await cleanup(broker_url, s, ["s1"])

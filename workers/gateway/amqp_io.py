@@ -42,6 +42,23 @@ Properties = Basic.Properties
 _Queued = tuple[str, bytes, Properties, "asyncio.Future[None]", float]
 
 
+async def usable_channel(channel: AbstractChannel) -> aiormq.Channel:
+    """The robust channel's current aiormq channel, once it can carry a publish.
+
+    Right after a reconnect aio-pika's ``get_underlay_channel`` still returns the old,
+    closed channel until the robust channel is restored; a publish there fails at once,
+    which is not the "wait for the reconnect" the gateway promises.
+    """
+    while True:
+        ready = getattr(channel, "ready", None)  # robust channels: connection + restored
+        if ready is not None:
+            await ready()
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        if not underlay.is_closed:
+            return underlay
+        await asyncio.sleep(0.05)  # closed, and the robust channel does not know yet
+
+
 class RawPublisher:
     """Confirmed publishes to the default exchange without aio-pika's message objects.
 
@@ -66,7 +83,7 @@ class RawPublisher:
         try:
             # While the connection is down this waits for the reconnect, within the timeout.
             async with asyncio.timeout(self.timeout):
-                channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+                channel = await usable_channel(self.channel)
                 result = await channel.basic_publish(
                     body,
                     exchange="",
@@ -183,7 +200,7 @@ class BatchPublisher:
     async def _write(self, batch: list[_Queued]) -> None:
         # While the connection is down this waits for the reconnect, within the timeout.
         async with asyncio.timeout(self.timeout):
-            channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+            channel = await usable_channel(self.channel)
         async with channel.lock:
             parts: list[tuple[_Queued, list[Any]]] = []
             for item in batch:

@@ -41,6 +41,7 @@ from workers.gateway.config import (
     DEAD_SESSION_GONE,
     E_NO_SERVER,
     E_UNAVAILABLE,
+    EVENT_DATA,
     EVENT_DISCONNECT,
     H_CLOSE,
     H_DEAD_REASON,
@@ -402,6 +403,11 @@ class GatewayWorker:
             )
             if session.state == OPEN:
                 session.fail(E_UNAVAILABLE, "the broker did not take a message; reconnect")
+            if session.pending:
+                # The session is over and its client told. Publishing the DATA it sent after
+                # the lost message would leave a hole in what the server sees; without it
+                # the server sees a prefix, then the disconnect.
+                session.pending = deque(e for e in session.pending if e[0] != EVENT_DATA)
         self._release(session)
 
     async def _redeclare_and_retry(
