@@ -25,8 +25,11 @@ from aio_pika.abc import (
     ExchangeType,
 )
 
+from bridge import wirecompat
 from bridge.errors import BrokerUnavailable, PublishFailed
 from bridge.settings import HostSettings, redact_url
+
+wirecompat.install()
 
 log = logging.getLogger("bridge.amqp")
 

@@ -340,13 +340,6 @@ def raw_table_keys():
         pamqp.encode.METHODS["table"] = original
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue: pamqp raises UnicodeDecodeError while decoding a header table key "
-    "that is not UTF-8, inside the connection's frame reader, so the worker's connection "
-    "drops and the broker redelivers the message forever; needs a fix in the host's AMQP "
-    "layer (bridge/amqp.py), not in a worker",
-)
 async def test_header_key_that_is_not_utf8_does_not_drop_the_connection(
     broker_url, amqp, tmp_path, unique
 ):
