@@ -34,6 +34,12 @@ Plugging in a worker (the interface other workers' engineers use)
    an exception is reported as a failure of that worker, not a crash of the suite.
 2. Add one line to :data:`SCENARIOS` below.
 
+A worker whose suite already is its own command (``python -m bench.chaos_<worker> --seed N
+[--quick] [--kills K] [--no-broker-restart]`` printing one JSON object with the counters
+above, ``max_rss_mib`` accepted for ``max_rss_bytes``, and ``ok``) needs only the registry
+line: a module whose ``run`` is not a coroutine function is run as a subprocess with the
+same seed and its summary is merged in.
+
 What ``h`` (:class:`Harness`) offers:
 
 - ``h.name``, ``h.seed``, ``h.rng``, ``h.quick``, ``h.kills`` (kills asked for),
@@ -64,6 +70,8 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
+import json
 import logging
 import os
 import random
@@ -86,6 +94,7 @@ from bench.common import broker_url, emit, free_port, progress, rss_bytes
 # One line per worker: the module whose ``run(h)`` drives that worker's fault scenarios.
 SCENARIOS: dict[str, str] = {
     "directed": "bench.chaos_directed",
+    "gateway": "bench.chaos_gateway",
 }
 
 ALL_WORKERS = ("directed", "delay", "gateway")
@@ -511,9 +520,9 @@ def total(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for r in ran:
         reasons.update(r["duplicated"]["reasons"])
     out["duplicated"] = {
-        "count": sum(r["duplicated"]["count"] for r in ran),
-        "allowed": sum(r["duplicated"]["allowed"] for r in ran),
-        "violations": sum(r["duplicated"]["violations"] for r in ran),
+        "count": sum(r["duplicated"].get("count", 0) for r in ran),
+        "allowed": sum(r["duplicated"].get("allowed", 0) for r in ran),
+        "violations": sum(r["duplicated"].get("violations", 0) for r in ran),
         "reasons": dict(reasons),
     }
     out["max_rss_bytes"] = max((r["max_rss_bytes"] for r in ran), default=0)
@@ -526,6 +535,8 @@ async def run_worker(name: str, args: argparse.Namespace, root: Path) -> dict[st
     if module_name is None:
         return {"skipped": "no scenario module registered in bench/chaos.py SCENARIOS"}
     module = importlib.import_module(module_name)
+    if not inspect.iscoroutinefunction(getattr(module, "run", None)):
+        return await run_standalone(module_name, args)
     h = Harness(name, args, root)
     started = time.monotonic()
     try:
@@ -536,6 +547,32 @@ async def run_worker(name: str, args: argparse.Namespace, root: Path) -> dict[st
     finally:
         await h.close()
     return h.report(time.monotonic() - started)
+
+
+async def run_standalone(module_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run a worker's own suite command with this run's seed and merge its summary."""
+    cmd = [sys.executable, "-m", module_name, "--seed", str(args.seed), "--kills", str(args.kills)]
+    if args.quick:
+        cmd.append("--quick")
+    if "broker_restart" in args.skip:
+        cmd.append("--no-broker-restart")
+    progress("running", " ".join(cmd[1:]))
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    try:
+        report: dict[str, Any] = json.loads(out)
+    except ValueError:
+        return {**empty_report(), "ok": False, "failures": [f"{module_name}: no JSON summary"]}
+    if "max_rss_bytes" not in report:
+        report["max_rss_bytes"] = int(report.get("max_rss_mib", 0) * 2**20)
+    report.setdefault("failures", [] if report.get("ok") else ["see the worker's scenarios"])
+    report["command"] = " ".join(["python", *cmd[1:]])
+    return {**empty_report(), **report}
+
+
+def empty_report() -> dict[str, Any]:
+    dup = {"count": 0, "allowed": 0, "violations": 0, "reasons": {}}
+    return {**dict.fromkeys(COUNTERS, 0), "duplicated": dup, "max_rss_bytes": 0}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

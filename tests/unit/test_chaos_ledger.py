@@ -43,3 +43,33 @@ def test_seed_and_defaults():
     args = parse_args(["--seed", "7", "--quick", "--workers", "directed"])
     assert (args.seed, args.kills, args.workers) == (7, 8, ["directed"])
     assert parse_args([]).kills == 20
+
+
+async def test_a_standalone_suite_is_merged(tmp_path, monkeypatch):
+    """A worker suite that is its own command needs only the registry line."""
+
+    from bench.chaos import run_standalone
+
+    summary = {
+        "ok": True,
+        "sent": 10,
+        "acknowledged": 10,
+        "delivered": 10,
+        "lost": 0,
+        "duplicated": {"count": 2, "reasons": {"client_resend": 2}},
+        "kills": 20,
+        "reconnects": 1,
+        "max_rss_mib": 2.0,
+        "scenarios": {"crash": {}},
+    }
+    (tmp_path / "fake_suite.py").write_text(
+        "import sys, json\n"
+        "assert sys.argv[1:3] == ['--seed', '5'] and '--no-broker-restart' in sys.argv\n"
+        f"print(json.dumps({summary!r}))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    args = parse_args(["--seed", "5", "--skip", "broker_restart"])
+    report = await run_standalone("fake_suite", args)
+    assert report["ok"] and report["kills"] == 20 and report["max_rss_bytes"] == 2 * 2**20
+    assert report["scenarios"] == {"crash": {}} and report["expected"] == 0
+    assert total({"gateway": report})["duplicated"]["count"] == 2
