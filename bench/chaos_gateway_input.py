@@ -260,6 +260,7 @@ async def bad_input(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         return {
             "failures": len(failures),
             "failure_examples": failures[:10],
+            "max_rss_mib": rnd(rss_max / 2**20, 1),
             "corpus_cases": len(cases),
             "mutations": len(fuzz),
             "mutation_answers": dict(answers),

@@ -68,6 +68,9 @@ class ServerEvent:
     body: bytes
     reply_to: str | None
     headers: dict[str, Any] = field(default_factory=dict)
+    # The broker delivered it before and got no ack (the server or the broker restarted):
+    # the server may have answered it already.
+    redelivered: bool = False
 
 
 @dataclass(slots=True)
@@ -184,6 +187,7 @@ class BackendServer:
             body=message.body,
             reply_to=message.reply_to,
             headers=headers,
+            redelivered=bool(message.redelivered),
         )
         if self.keep_events:
             self.events.append(event)

@@ -92,6 +92,7 @@ class Session(asyncio.Protocol):
         "sid",
         "state",
         "transport",
+        "unsettled",
         "waiting",
     )
 
@@ -108,6 +109,8 @@ class Session(asyncio.Protocol):
         # (event, payload) waiting to be published, in order; created on first use.
         self.pending: deque[tuple[str, bytes]] | None = None
         self.in_flight = 0
+        # futures of DATA publishes not yet settled, oldest first; created on first use
+        self.unsettled: deque[asyncio.Future[None]] | None = None
         self.paused = False
         self.waiting = False  # queued in the hub for a free slot in the publish window
         self.close_reason: str | None = None

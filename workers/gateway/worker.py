@@ -129,11 +129,13 @@ class GatewayWorker:
         await declare_quorum_queue(self._reply_channel, s.undeliverable_queue)
         # Not exclusive: an exclusive queue dies with the connection, and with it every
         # reply in it or published while the gateway reconnects, although the sessions
-        # survive. It expires once nobody consumes it; the consumer is exclusive instead.
+        # survive. Durable, so that it is there when the servers come back after a broker
+        # restart, before this gateway does. It expires once nobody consumes it; the
+        # consumer is exclusive instead.
         try:
             reply_q = await self._reply_channel.declare_queue(
                 s.reply_queue,
-                durable=False,
+                durable=True,
                 auto_delete=False,
                 arguments={"x-expires": max(1, round(s.reply_queue_expires_s * 1000))},
             )
@@ -375,6 +377,10 @@ class GatewayWorker:
             delivery_mode=2,
         )
         fut = self.publisher.publish(self.settings.server_queue(server), payload, properties)
+        if event == EVENT_DATA:
+            if session.unsettled is None:
+                session.unsettled = deque()
+            session.unsettled.append(fut)
         fut.add_done_callback(
             functools.partial(self._published, session, event, payload, server, retry)
         )
@@ -388,7 +394,16 @@ class GatewayWorker:
         retry: bool,
         fut: asyncio.Future[None],
     ) -> None:
-        exc = PublishFailed("cancelled") if fut.cancelled() else fut.exception()
+        unsettled = session.unsettled
+        if unsettled is not None and event == EVENT_DATA:
+            with contextlib.suppress(ValueError):
+                unsettled.remove(fut)
+            if not unsettled:
+                session.unsettled = None
+        if fut.cancelled():  # given up below, after an earlier DATA of the session failed
+            self._release(session)
+            return
+        exc = fut.exception()
         if exc is not None:
             reason = exc.reason if isinstance(exc, PublishFailed) else "error"
             if reason == "unroutable" and retry:
@@ -403,12 +418,19 @@ class GatewayWorker:
             )
             if session.state == OPEN:
                 session.fail(E_UNAVAILABLE, "the broker did not take a message; reconnect")
-            if session.pending:
-                # The session is over and its client told. Publishing the DATA it sent after
-                # the lost message would leave a hole in what the server sees; without it
-                # the server sees a prefix, then the disconnect.
-                session.pending = deque(e for e in session.pending if e[0] != EVENT_DATA)
+            if event == EVENT_DATA:
+                self._give_up_data(session)
         self._release(session)
+
+    def _give_up_data(self, session: Session) -> None:
+        """A DATA of the session was not taken: the session is over and its client told.
+        Publishing the DATA it sent after that one would leave a hole in what the server
+        sees; without it the server sees a prefix, then the disconnect. Later DATA still
+        waiting for the publisher's next write (e.g. for a reconnect) is cancelled too."""
+        if session.pending:
+            session.pending = deque(e for e in session.pending if e[0] != EVENT_DATA)
+        for later in list(session.unsettled or ()):
+            later.cancel()  # a no-op for those already settled; unwritten ones are skipped
 
     async def _redeclare_and_retry(
         self, session: Session, event: str, payload: bytes, server: str
