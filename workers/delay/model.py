@@ -421,8 +421,8 @@ class Scheduler:
         """Earliest due among pending entries that assign() could hand out.
 
         Entries of a topic that holds a lane are left out: they wait for that lane's
-        complete(), which wakes the adapter anyway. A value <= now while every lane is busy
-        likewise means "wait for a complete()".
+        complete(), which wakes the adapter anyway. A value <= now while every active lane is
+        busy likewise means "wait for a complete()" (or for the adapter to add a lane).
         """
         best = self._armed_top()
         for topic in (*self._waiting, *self._returned):
