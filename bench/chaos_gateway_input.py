@@ -51,7 +51,15 @@ from bench.common import (
     rss_bytes,
     unique,
 )
-from tests.integration.gateway_wire import Expect, Limits, check, corpus, exchange, expected
+from tests.integration.gateway_wire import (
+    Expect,
+    Limits,
+    check,
+    corpus,
+    exchange,
+    expected,
+    trickle,
+)
 from workers.gateway.protocol import encode_data, encode_hello
 
 TOKEN = "corpus-token"
@@ -104,23 +112,9 @@ def fuzz_sequences(seed: int, count: int) -> list[tuple[bytes, Expect]]:
 
 async def slowloris(port: int, hello: bytes) -> tuple[int, str]:
     """Send a HELLO one byte per second; return the bytes sent and the gateway's answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sent = 0
-    try:
-        for byte in hello:
-            writer.write(bytes([byte]))
-            await writer.drain()
-            sent += 1
-            with contextlib.suppress(TimeoutError):
-                data = await asyncio.wait_for(reader.read(65536), 1.0)
-                data += await asyncio.wait_for(reader.read(), 5)
-                code = json.loads(data[5:]).get("code") if len(data) > 5 else "eof"
-                return sent, str(code)
-    except ConnectionError:
-        return sent, "reset"
-    finally:
-        writer.close()
-    return sent, "complete"
+    sent, data = await trickle(port, hello, 1.0)
+    marker = data.find(b'{"code":')
+    return sent, str(json.loads(data[marker:]).get("code")) if marker >= 0 else "no answer"
 
 
 async def never_reads(gateway: WorkerProcess, port: int) -> str:

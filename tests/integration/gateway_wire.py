@@ -311,3 +311,45 @@ def corpus() -> list[CorpusCase]:
 
 
 CORPUS_LIMITS = Limits(max_hello_frame=4096, max_frame=65536, tokens=("corpus-token",))
+
+
+# ----------------------------------------------------------------------------- slowloris
+
+
+async def trickle(port: int, data: bytes, interval: float) -> tuple[int, bytes]:
+    """Send ``data`` one byte every ``interval`` seconds while reading whatever comes back;
+    stop when the gateway closes. Returns the bytes sent and everything read.
+
+    Reading all the time matters: a byte written after the gateway closed draws a reset,
+    which would discard an ERROR still unread in the socket buffer.
+    """
+    import asyncio
+    import contextlib
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
+    sent = 0
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+
+    reading = asyncio.get_running_loop().create_task(read())
+    try:
+        for byte in data:
+            if reading.done():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            sent += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reading), interval)
+        await asyncio.wait_for(reading, 30)
+    except ConnectionError:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reading, 5)
+    finally:
+        reading.cancel()
+        writer.close()
+    return sent, bytes(received)

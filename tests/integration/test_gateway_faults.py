@@ -47,6 +47,7 @@ from tests.integration.gateway_wire import (
     corpus,
     exchange,
     expected,
+    trickle,
 )
 from tests.integration.procs import WorkerProcess
 from tests.proxy import TcpProxy
@@ -237,25 +238,7 @@ async def test_slowloris_hello_is_cut_at_the_timeout(broker_url, tmp_path, uniqu
         talker = Talker(await gw.connect(client_id="good"), "good")
         hello = encode_hello("slow-client")
 
-        async def trickle() -> tuple[int, bytes]:
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-            sent = 0
-            try:
-                for byte in hello:
-                    writer.write(bytes([byte]))
-                    await writer.drain()
-                    sent += 1
-                    with contextlib.suppress(TimeoutError):
-                        data = await asyncio.wait_for(reader.read(65536), 0.25)
-                        rest = await asyncio.wait_for(reader.read(), 5)
-                        return sent, data + rest
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
-            return sent, b""
-
-        results = await asyncio.gather(*(trickle() for _ in range(10)))
+        results = await asyncio.gather(*(trickle(gw.port, hello, 0.2) for _ in range(10)))
         for sent, answer in results:
             assert sent < len(hello), "the HELLO was never complete"
             assert b'"code":"hello_timeout"' in answer
