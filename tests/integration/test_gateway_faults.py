@@ -589,7 +589,7 @@ async def test_reply_published_while_the_gateway_reconnects_is_delivered(
     server answered: the session survives and the answer still reaches it."""
     parts = urlsplit(broker_url)
     proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    s = gateway_settings(unique)
+    s = gateway_settings(unique, hello_timeout_s=0.5)
     worker = GatewayWorker(s)
     url = proxy.url(parts.username or "guest", parts.password or "guest")
     answer = asyncio.Event()
@@ -614,7 +614,11 @@ async def test_reply_published_while_the_gateway_reconnects_is_delivered(
                 proxy.cut()
                 await wait_until(lambda: not host.readiness()[0], "not ready while cut")
                 answer.set()  # the server answers into the reply queue meanwhile
-                await asyncio.sleep(0.3)
+                # timeouts hold while the broker is away: a silent connection is cut
+                silent = expected(b"", Limits())
+                seen = await asyncio.to_thread(exchange, gw.port, b"", silent)
+                assert seen.terminal == "error:hello_timeout"
+                assert not host.readiness()[0]  # the proxy still refuses the gateway
                 proxy.accepting = True
                 assert await client.recv(timeout=30) == b"answered while the gateway is away"
                 await wait_until(lambda: host.readiness()[0], "ready again", timeout=30)
