@@ -100,7 +100,7 @@ async def test_pipelined_data_keeps_order_and_client_pings(broker_url, tmp_path,
 
 
 async def test_idle_client_is_pinged_and_dead_one_closed(broker_url, tmp_path, unique):
-    s = gateway_settings(unique, heartbeat_s=0.2, idle_timeout_s=0.8)
+    s = gateway_settings(unique, heartbeat_s=0.3, idle_timeout_s=2.5)
     async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
         alive = await gw.connect()
         # answers PINGs (GatewayClient does) and so outlives the idle timeout
