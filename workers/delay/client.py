@@ -15,12 +15,11 @@ import uuid
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from bridge.rpc import RpcClient
 from workers.delay.config import DelaySettings
 from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
-
-REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class DelayClient:
@@ -29,26 +28,18 @@ class DelayClient:
     ) -> None:
         self.connection = connection
         self.settings = settings or DelaySettings()
-        self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.rpc = RpcClient(connection)
         self._channel: AbstractChannel | None = None
-        self._rpc: AbstractChannel | None = None
 
     async def open(self) -> DelayClient:
         self._channel = await self.connection.channel(publisher_confirms=True)
-        self._rpc = await self.connection.channel(publisher_confirms=False)
-        queue = await self._rpc.get_queue(REPLY_TO, ensure=False)
-        await queue.consume(self._on_reply, no_ack=True)
+        await self.rpc.open()
         return self
 
     async def close(self) -> None:
-        for ch in (self._channel, self._rpc):
-            if ch is not None and not ch.is_closed:
-                await ch.close()
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        fut = self._futures.pop(message.correlation_id or "", None)
-        if fut is not None and not fut.done():
-            fut.set_result(json.loads(message.body))
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        await self.rpc.close()
 
     async def send(
         self,
@@ -82,22 +73,7 @@ class DelayClient:
         )
 
     async def control(self, doc: Any, timeout: float = 10.0) -> dict[str, Any]:
-        assert self._rpc is not None
-        corr = uuid.uuid4().hex
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._futures[corr] = fut
-        body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        exchange = await self._rpc.get_exchange(self.settings.control_exchange, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body, reply_to=REPLY_TO, correlation_id=corr, content_type="application/json"
-            ),
-            routing_key="",
-        )
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._futures.pop(corr, None)
+        return await self.rpc.call(self.settings.control_exchange, "", doc, timeout)
 
     async def cancel(
         self, *, message_id: str | None = None, key: str | None = None, timeout: float = 10.0
