@@ -326,6 +326,12 @@ class BatchAcker:
         self._pending: dict[int, tuple[Any, int]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # One sender per channel at a time. Two concurrent basic_ack calls can overtake each
+        # other (when the connection's write queue is full, asyncio.Queue lets a new put()
+        # pass one that is waiting), and acknowledging a tag below one already acknowledged
+        # with multiple=True is a channel error (406 unknown delivery tag) that closed the
+        # channel the pulls arrive on, under load.
+        self._sending: dict[int, tuple[Any, int] | None] = {}
 
     def ack(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -345,15 +351,32 @@ class BatchAcker:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, {}
-        for channel, tag in pending.values():
-            task = asyncio.ensure_future(self._send(channel, tag))
+        for key, (channel, tag) in pending.items():
+            if key in self._sending:  # the running sender takes the highest tag next
+                queued = self._sending[key]
+                if queued is None or tag > queued[1]:
+                    self._sending[key] = (channel, tag)
+                continue
+            self._sending[key] = None
+            task = asyncio.ensure_future(self._send(key, channel, tag))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _send(channel: Any, tag: int) -> None:
-        with contextlib.suppress(Exception):
-            await channel.basic_ack(tag, multiple=True)
+    async def _send(self, key: int, channel: Any, tag: int) -> None:
+        sent = 0
+        try:
+            while True:
+                if tag > sent:
+                    with contextlib.suppress(Exception):
+                        await channel.basic_ack(tag, multiple=True)
+                    sent = tag
+                queued = self._sending.get(key)
+                if queued is None:
+                    return
+                self._sending[key] = None
+                channel, tag = queued
+        finally:
+            self._sending.pop(key, None)
 
 
 class Consumers:
