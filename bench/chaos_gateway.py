@@ -220,8 +220,8 @@ class ChaosClient:
                     if now < self._next_at:
                         break
                     self._next_at += 1.0 / self.rate
-                self._send(client, sends, self.next_seq, "first")
-                self.next_seq += 1
+                self.next_seq += 1  # first: a write that raises must not reuse the number
+                self._send(client, sends, self.next_seq - 1, "first")
             for seq, (_, sent_at) in list(self.unanswered.items()):
                 if now - sent_at > self.resend_after_s:
                     self.timeout_resends += 1
