@@ -17,8 +17,8 @@ Counters (every worker reports the same ones): ``sent`` (publishes attempted),
 for the acknowledged ones: a message times its destinations), ``delivered`` (distinct
 deliveries seen), ``lost`` (expected but never seen; must be 0), ``duplicated`` ({"count",
 "allowed", "violations", "reasons": {reason: n}}), ``kills`` (kill -9 sent), ``reconnects``
-(broker connections the workers lost and re-established by themselves, from their
-"broker connection lost" log lines), ``max_rss_bytes`` (largest RSS of any worker process).
+(times a worker watched with ``h.watch`` went not-ready and came back by itself, without a
+restart), ``max_rss_bytes`` (largest RSS of any worker process).
 
 Timings (when to kill, how long a stall lasts, which targets a message goes to) come from
 ``random.Random(f"{seed}:{worker}")``: the printed seed replays a run, and adding a worker
@@ -54,7 +54,7 @@ What ``h`` (:class:`Harness`) offers:
 - ``await h.kill_loop(p, n, gap=(lo, hi))``: n kill -9 at drawn moments, each followed by a
   restart (some land during start-up), counted in ``kills``; returns per-kill figures;
 - ``h.watch(p)`` -> :class:`Readiness`: /readyz polled every 100 ms (``went_down``,
-  ``came_back``, ``not_ready_s``, ``transitions``);
+  ``came_back``, ``not_ready_s``, ``transitions``); its recoveries are the ``reconnects``;
 - ``await h.broker_restart(down_s)``: ``rabbitmqctl stop_app`` / ``start_app`` (the only place
   the suite restarts the broker; tests never do, since they share it);
 - ``h.ledger`` (:class:`Ledger`): ``sent(key)``, ``acknowledged(key, destinations)``,
@@ -326,6 +326,12 @@ class Readiness:
                 total, down_at = total + t - down_at, None
         return round(total, 2)
 
+    @property
+    def recoveries(self) -> int:
+        """Times it went not-ready and came back (in one process: not a restart)."""
+        pairs = zip(self.transitions, self.transitions[1:], strict=False)
+        return sum(1 for a, b in pairs if b[1] and not a[1])
+
     def since(self, index: int) -> list[tuple[float, bool]]:
         return self.transitions[index:]
 
@@ -351,6 +357,7 @@ class Harness:
         self._proxies: list[Any] = []
         self._cleanups: list[Callable[[], Awaitable[Any]]] = []
         self._sampler: asyncio.Task[None] | None = None
+        self._watches: list[Readiness] = []
 
     def progress(self, *parts: Any) -> None:
         progress(f"[{self.name}]", *parts)
@@ -407,7 +414,9 @@ class Harness:
         return proxy
 
     def watch(self, proc: ChaosProcess) -> Readiness:
-        return Readiness(proc).start()
+        watch = Readiness(proc).start()
+        self._watches.append(watch)
+        return watch
 
     async def _sample(self) -> None:
         while True:
@@ -499,16 +508,27 @@ class Harness:
         if out["lost"]:
             out["lost_examples"] = [f"{k} at {d}" for k, d in self.ledger.missing()[:10]]
         out["kills"] = self.kills_done
-        # Connection losses the workers rode out (a kill -9 restart is not one); that each
-        # came back is checked by the scenarios through /readyz.
-        out["reconnects"] = sum(p.log_count("broker connection lost") for p in self.processes)
+        # Not-ready periods a watched worker came back from without a restart.
+        out["reconnects"] = sum(w.recoveries for w in self._watches)
         out["max_rss_bytes"] = max((p.max_rss for p in self.processes), default=0)
+        out["worker_log"] = {
+            name: sum(p.log_count(marker) for p in self.processes)
+            for name, marker in LOG_MARKERS.items()
+        }
         out["elapsed_s"] = round(elapsed, 1)
         out["scenarios"] = self.scenarios
         out["failures"] = self.failures
         out["ok"] = not self.failures and out["lost"] == 0 and out["duplicated"]["violations"] == 0
         return out
 
+
+# Lines in the workers' logs worth a look even when nothing was lost.
+LOG_MARKERS = {
+    "handler_failed": "handler failed",
+    "channel_errors": "PRECONDITION_FAILED",
+    "frames_for_closed_channels": "Got frame for closed channel",
+    "tracebacks": "Traceback",
+}
 
 COUNTERS = ("sent", "acknowledged", "expected", "delivered", "lost", "kills", "reconnects")
 

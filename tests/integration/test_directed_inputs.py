@@ -340,9 +340,49 @@ def raw_table_keys():
         pamqp.encode.METHODS["table"] = original
 
 
-async def test_header_key_that_is_not_utf8_does_not_drop_the_connection(
-    broker_url, amqp, tmp_path, unique
+@contextlib.contextmanager
+def recursion_limit(limit: int):
+    """Room for pamqp to encode a very deep header in this process (the worker has not)."""
+    import sys
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def _deep(depth: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"k": value}
+    return {"x-targets": ["a"], "deep": value}
+
+
+POISON = [
+    pytest.param(raw_table_keys, {"x-targets": ["a"], b"\xff\xfe": 1}, id="key-not-utf8"),
+    pytest.param(
+        lambda: recursion_limit(20_000),
+        _deep(2000),
+        id="nested-2000",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="known issue: pamqp decodes header tables recursively inside the "
+            "connection's frame reader; a table nested ~300+ levels raises RecursionError "
+            "there, the worker's connection drops and the broker redelivers the message "
+            "forever. Needs a fix in the host's AMQP layer (bridge/wirecompat.py).",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("encoder", "headers"), POISON)
+async def test_header_the_decoder_chokes_on_does_not_drop_the_connection(
+    broker_url, amqp, tmp_path, unique, encoder, headers
 ):
+    """A header RabbitMQ accepts from other clients but pamqp cannot decode strictly must
+    reach the worker (and get an answer) instead of dropping its connection in a loop."""
     from tests.integration.directed_helpers import cleanup, env_for
     from tests.integration.procs import WorkerProcess
 
@@ -359,13 +399,8 @@ async def test_header_key_that_is_not_utf8_does_not_drop_the_connection(
         client = await DirectedClient(amqp, s).open()
         channel = await amqp.channel()
         exchange = await channel.get_exchange(s.requests_exchange)
-        with raw_table_keys():
-            await exchange.publish(
-                aio_pika.Message(
-                    b"x", headers={"x-targets": ["a"], b"\xff\xfe": 1}, message_id="poison"
-                ),
-                "",
-            )
+        with encoder():
+            await exchange.publish(aio_pika.Message(b"x", headers=headers, message_id="poison"), "")
         await client.send(b"after", ["a"], message_id="after")
         applied = False
         for _ in range(50):
@@ -375,7 +410,8 @@ async def test_header_key_that_is_not_utf8_does_not_drop_the_connection(
                 applied = "status" in await client.status("after", 0.5)
             if applied:
                 break
-        assert applied and "connection lost" not in proc.log.read_text()
+        log = proc.log.read_text()
+        assert applied and "connection lost" not in log, log[-1500:]
         await channel.close()
         await client.close()
     finally:
