@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import PublishFailed
@@ -216,6 +216,11 @@ async def test_generated_frame_sequences_over_real_sockets(broker_url, tmp_path,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(data=_sequences())
+        # one of each kind of answer whatever the generator draws this time
+        @example(data=_frame(3, b"data first"))
+        @example(data=_frame(1, b'{"v":1,"token":"tok-a"}') + _frame(3, b"x") + _frame(4, b""))
+        @example(data=_frame(1, b'{"v":1,"token":"tok-c"}'))
+        @example(data=_frame(1, b'{"v":1,"token":"tok-a"'))
         def one_sequence(data: bytes) -> None:
             want = expected(data, limits)
             assume(want.terminal != "partial")
