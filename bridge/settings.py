@@ -68,7 +68,9 @@ class HostSettings(BaseSettings):
         default=30.0, gt=0, description="Longest pause between broker connection attempts."
     )
     heartbeat_s: int = Field(
-        default=30, ge=0, description="AMQP heartbeat negotiated with the broker."
+        default=10,
+        ge=0,
+        description="AMQP heartbeat; a silent broker is noticed after about 3 heartbeats.",
     )
 
     @field_validator("amqp_url")
