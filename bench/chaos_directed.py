@@ -102,6 +102,37 @@ async def metric(proc: ChaosProcess, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+class QueueDepth:
+    """Ready messages in a queue, from a passive declare on a plain (not robust) connection,
+    because a robust channel answers a passive declare from its cache. Reconnects when the
+    broker restarts (other suites share it)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def __call__(self, queue: str) -> int:
+        for _ in range(120):
+            try:
+                if self._channel is None or self._channel.is_closed:
+                    await self.close()
+                    self._conn = await aio_pika.connect(self.url)
+                    self._channel = await self._conn.channel()
+                q = await self._channel.declare_queue(queue, passive=True)
+                return q.declaration_result.message_count or 0
+            except Exception:
+                self._channel = None
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"cannot read the depth of {queue}")
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
+
+
 class Load:
     """Producers and pullers for one scenario, recording into the harness ledger."""
 
@@ -448,8 +479,7 @@ async def overload(h: Harness) -> None:
     targets = [f"o{i:02d}" for i in range(50)]
     async with deployment(h, "overload", queue_limit=50, dedup_retention_ms=10_000) as (s, proc):
         conn = await aio_pika.connect_robust(h.broker_url)
-        # not robust: a robust channel answers a passive declare from its cache
-        probe_conn = await aio_pika.connect(h.broker_url)
+        depth_of = QueueDepth(h.broker_url)
         figures = h.scenario("overload")
         stop = asyncio.Event()
         probe_samples: list[tuple[float, float]] = []
@@ -458,11 +488,9 @@ async def overload(h: Harness) -> None:
         t0 = time.monotonic()
         try:
             client = await DirectedClient(conn, s).open()
-            channel = await probe_conn.channel()
 
             async def backlog() -> int:
-                q = await channel.declare_queue(s.requests_queue, passive=True)
-                return q.declaration_result.message_count or 0
+                return await depth_of(s.requests_queue)
 
             async def applied() -> float:
                 return sum(
@@ -482,6 +510,9 @@ async def overload(h: Harness) -> None:
                         probe_samples.append((started - t0, time.monotonic() - started))
                     except Exception:
                         probe_samples.append((started - t0, 30.0))
+                        with contextlib.suppress(Exception):  # see Load._reopen_rpc
+                            await client.rpc.close()
+                            await client.rpc.open()
                     await asyncio.sleep(0.2)
 
             async def sample() -> None:
@@ -553,7 +584,7 @@ async def overload(h: Harness) -> None:
         finally:
             stop.set()
             await conn.close()
-            await probe_conn.close()
+            await depth_of.close()
 
     def lat(lo: float, hi: float) -> dict[str, float]:
         xs = [v for t, v in probe_samples if lo <= t < hi]
