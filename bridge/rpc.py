@@ -25,7 +25,9 @@ class RpcClient:
 
     async def open(self) -> RpcClient:
         self.channel = await self.connection.channel(publisher_confirms=False)
-        queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+        # declared (passively), not just looked up: a robust channel re-consumes only the
+        # queues it declared, and the replies must keep flowing after a reconnect
+        queue = await self.channel.declare_queue(REPLY_TO, passive=True)
         await queue.consume(self._on_reply, no_ack=True)
         return self
 
