@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -68,3 +68,23 @@ class RpcClient:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._futures.pop(corr, None)
+
+
+class WorkerClient:
+    """Base of the workers' client helpers: a confirm channel for publishing requests and an
+    :class:`RpcClient` for queries. Subclasses add the worker's own calls."""
+
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self.connection = connection
+        self.rpc = RpcClient(connection)
+        self._channel: AbstractChannel | None = None
+
+    async def open(self) -> Self:
+        self._channel = await self.connection.channel(publisher_confirms=True)
+        await self.rpc.open()
+        return self
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        await self.rpc.close()

@@ -15,31 +15,19 @@ import uuid
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from bridge.rpc import RpcClient
+from bridge.rpc import WorkerClient
 from workers.delay.config import DelaySettings
 from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 
-class DelayClient:
+class DelayClient(WorkerClient):
     def __init__(
         self, connection: AbstractRobustConnection, settings: DelaySettings | None = None
     ) -> None:
-        self.connection = connection
+        super().__init__(connection)
         self.settings = settings or DelaySettings()
-        self.rpc = RpcClient(connection)
-        self._channel: AbstractChannel | None = None
-
-    async def open(self) -> DelayClient:
-        self._channel = await self.connection.channel(publisher_confirms=True)
-        await self.rpc.open()
-        return self
-
-    async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        await self.rpc.close()
 
     async def send(
         self,

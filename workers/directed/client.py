@@ -13,32 +13,20 @@ import json
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from bridge.rpc import RpcClient
+from bridge.rpc import WorkerClient
 from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
 
 HEADER_TARGET_LIMIT = 2000  # larger lists go in an envelope body (AMQP headers must fit one frame)
 
 
-class DirectedClient:
+class DirectedClient(WorkerClient):
     def __init__(
         self, connection: AbstractRobustConnection, settings: DirectedSettings | None = None
     ) -> None:
-        self.connection = connection
+        super().__init__(connection)
         self.settings = settings or DirectedSettings()
-        self.rpc = RpcClient(connection)
-        self._channel: AbstractChannel | None = None
-
-    async def open(self) -> DirectedClient:
-        self._channel = await self.connection.channel(publisher_confirms=True)
-        await self.rpc.open()
-        return self
-
-    async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        await self.rpc.close()
 
     async def send(
         self,
