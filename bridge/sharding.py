@@ -1,0 +1,231 @@
+"""Shards of a stateful worker behind RabbitMQ's consistent-hash exchange.
+
+A sharded worker runs as N processes (one per StatefulSet ordinal), each owning the keys the
+consistent-hash exchange (plugin ``rabbitmq_consistent_hash_exchange``, shipped with
+RabbitMQ) routes to its queue. The worker must know which keys it owns without asking the
+broker, for example to keep only its own targets of a request that names many. So this module
+computes the exchange's routing exactly as the plugin does (RabbitMQ 3.8 to 3.13):
+
+- the hashed value is the routing key, as a binary;
+- ``K = erlang:phash2(Key)`` (Bob Jenkins' lookup2 over the bytes, 27 bits);
+- the bucket is Jump Consistent Hash of ``K`` over the number of buckets, drawing its
+  uniform floats from ``rand:seed_s(exs1024, {K, K, K})``;
+- bucket ``i`` belongs to the ``i``-th binding made (a binding of weight ``w`` takes ``w``
+  consecutive buckets).
+
+Shard queues are bound with weight 1 in shard order, so bucket ``i`` is shard ``i``. The tests
+check this function against the broker's real routing and against ``erl`` when installed.
+
+The binding order is the fragile part: RabbitMQ rebuilds the ring when it restarts, and a
+binding deleted and re-created moves to the end. A sharded worker therefore never trusts the
+routing for correctness: a shard that receives a key it does not own forwards it to the
+owner's queue (one extra hop, counted in a metric and logged), so a message reaches its
+owning shard whatever the ring looks like; the exchange only makes that hop rare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from bridge.errors import ConfigError
+
+CHX_TYPE = "x-consistent-hash"
+CHX_PLUGIN = "rabbitmq_consistent_hash_exchange"
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+_HCONST = 0x9E3779B9  # the golden ratio, lookup2's initial a and b
+_HCONST_13 = (_HCONST * 13) & _M32  # erts make_hash2's constant for binaries
+_PHASH2_RANGE = (1 << 27) - 1
+
+
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    a = (a - b - c) & _M32
+    a ^= c >> 13
+    b = (b - c - a) & _M32
+    b ^= (a << 8) & _M32
+    c = (c - a - b) & _M32
+    c ^= b >> 13
+    a = (a - b - c) & _M32
+    a ^= c >> 12
+    b = (b - c - a) & _M32
+    b ^= (a << 16) & _M32
+    c = (c - a - b) & _M32
+    c ^= b >> 5
+    a = (a - b - c) & _M32
+    a ^= c >> 3
+    b = (b - c - a) & _M32
+    b ^= (a << 10) & _M32
+    c = (c - a - b) & _M32
+    c ^= b >> 15
+    return a, b, c
+
+
+def phash2_binary(data: bytes) -> int:
+    """``erlang:phash2(Data)`` for a binary ``Data`` (a stable function, documented as such)."""
+    if not data:
+        return _HCONST_13 & _PHASH2_RANGE
+    a = b = _HCONST
+    c = _HCONST_13
+    n = len(data)
+    i = 0
+    while n - i >= 12:
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & _M32
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & _M32
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & _M32
+        a, b, c = _mix(a, b, c)
+        i += 12
+    c = (c + n) & _M32
+    rest = data[i:]
+    if len(rest) > 8:  # the lowest byte of c is the length's
+        c = (c + (int.from_bytes(rest[8:], "little") << 8)) & _M32
+    if len(rest) > 4:
+        b = (b + int.from_bytes(rest[4:8], "little")) & _M32
+    if rest:
+        a = (a + int.from_bytes(rest[:4], "little")) & _M32
+    return _mix(a, b, c)[2] & _PHASH2_RANGE
+
+
+def _xorshift64star(r: int) -> tuple[int, int]:
+    r ^= r >> 12
+    r ^= (r << 25) & _M64
+    r ^= r >> 27
+    return (r * 2685821657736338717) & _M64, r
+
+
+class _Exs1024:
+    """``rand``'s exs1024 (xorshift1024*) seeded from an integer triple, as OTP does."""
+
+    __slots__ = ("p", "s")
+
+    def __init__(self, k: int) -> None:
+        m21 = (1 << 21) - 1
+        b1 = (((k & m21) + 1) * 2097131) & m21
+        b2 = (((k & m21) + 1) * 2097133) & m21
+        b3 = (((k & m21) + 1) * 2097143) & m21
+        r = (b1 << 43) | (b2 << 22) | (b3 << 1) | 1
+        state = []
+        for _ in range(16):
+            x, r = _xorshift64star(r)
+            state.append(x)
+        state.reverse()
+        self.s = state
+        self.p = 0
+
+    def uniform(self) -> float:
+        s = self.s
+        s0 = s[self.p]
+        self.p = (self.p + 1) & 15
+        s1 = s[self.p]
+        s1 ^= (s1 << 31) & _M64
+        s1 ^= s1 >> 11
+        s0 ^= s0 >> 30
+        ns1 = s0 ^ s1
+        s[self.p] = ns1
+        return ((ns1 * 1181783497276652981) & _M64) / 18446744073709551616
+
+
+def jump_consistent_hash(key: int, buckets: int) -> int:
+    """The plugin's ``jump_consistent_hash/2`` for an integer key."""
+    if buckets < 1:
+        raise ValueError("buckets must be >= 1")
+    if buckets == 1:
+        return 0
+    rng = _Exs1024(key)
+    b, j = -1, 0
+    while j < buckets:
+        b = j
+        r = rng.uniform()
+        if r == 0.0:  # Erlang would crash routing this key; no 64-bit state gives it
+            return b
+        j = int((b + 1) / r)
+    return b
+
+
+def chx_bucket(routing_key: str | bytes, buckets: int) -> int:
+    """The bucket the consistent-hash exchange picks for ``routing_key``."""
+    data = routing_key.encode() if isinstance(routing_key, str) else routing_key
+    return jump_consistent_hash(phash2_binary(data), buckets)
+
+
+class ShardFields(BaseModel):
+    """Settings every sharded worker has (``BRIDGE_<WORKER>__SHARD_COUNT`` / ``__SHARD_INDEX``)."""
+
+    shard_count: int = Field(
+        default=1, ge=1, le=1024, description="number of shards (replicas) of this worker"
+    )
+    shard_index: int | None = Field(
+        default=None,
+        ge=0,
+        description="this replica's shard; default: the ordinal at the end of the host name "
+        "(StatefulSet pod 'directed-2' is shard 2)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    index: int
+    count: int
+
+    @property
+    def sharded(self) -> bool:
+        return self.count > 1
+
+    def owner(self, key: str) -> int:
+        return chx_bucket(key, self.count)
+
+    def owns(self, key: str) -> bool:
+        return self.count == 1 or chx_bucket(key, self.count) == self.index
+
+    def identity(self) -> dict[str, str]:
+        return {"shard_count": str(self.count), "shard_index": str(self.index)}
+
+
+def resolve_shard(worker: str, count: int, index: int | None, hostname: str | None = None) -> Shard:
+    """The shard this process is, from the settings or else the StatefulSet ordinal."""
+    var = f"BRIDGE_{worker.upper()}__SHARD_INDEX"
+    if index is None:
+        if count == 1:
+            index = 0
+        else:
+            host = hostname if hostname is not None else os.environ.get("HOSTNAME", "")
+            match = re.search(r"-(\d+)$", host)
+            if match is None:
+                raise ConfigError(
+                    f"{worker}: shard_count is {count} but no shard index: set {var}, or run as "
+                    f"a StatefulSet pod whose name ends in its ordinal (host name {host!r})"
+                )
+            index = int(match.group(1))
+    if not 0 <= index < count:
+        raise ConfigError(
+            f"{worker}: shard index {index} is outside 0..{count - 1} "
+            f"(BRIDGE_{worker.upper()}__SHARD_COUNT={count}); scale the StatefulSet to at most "
+            f"{count} replicas or raise the shard count (docs/operations.md, 'Changing the "
+            "shard count')"
+        )
+    return Shard(index=index, count=count)
+
+
+SHARD_COUNT_HINT = (
+    "a state directory belongs to one shard of one shard count: to change the shard count, "
+    "drain and re-create the shards as described in docs/operations.md ('Changing the shard "
+    "count'); never point a shard at another shard's volume"
+)
+
+
+def exchange_type_missing(exc: BaseException) -> bool:
+    """Whether a declare failed because the broker does not know the exchange type."""
+    text = str(exc).lower()
+    return "invalid exchange type" in text or ("exchange type" in text and CHX_TYPE in text)
+
+
+def missing_plugin_error(worker: str) -> ConfigError:
+    return ConfigError(
+        f"{worker}: sharding needs the exchange type {CHX_TYPE!r}, which this broker does not "
+        f"have: enable the plugin that ships with RabbitMQ with `rabbitmq-plugins enable "
+        f"{CHX_PLUGIN}` (the worker enables nothing inside the broker itself)"
+    )
