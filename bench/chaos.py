@@ -2,7 +2,7 @@
 processes, checked against ledgers kept by the suite's producers and consumers.
 
     python -m bench.chaos [--seed N] [--workers directed,delay,gateway] [--kills 20] [--quick]
-                          [--skip broker_restart,...]
+                          [--skip broker_restart,...] [--overload-seconds 180]
 
 Prints ONE JSON object on stdout (progress on stderr) and exits 1 if anything was lost or a
 duplicate broke a worker's contract:
@@ -38,11 +38,12 @@ A worker whose suite already is its own command (``python -m bench.chaos_<worker
 [--quick] [--kills K] [--no-broker-restart]`` printing one JSON object with the counters
 above, ``max_rss_mib`` accepted for ``max_rss_bytes``, and ``ok``) needs only the registry
 line: a module whose ``run`` is not a coroutine function is run as a subprocess with the
-same seed and its summary is merged in.
+same seed (and ``--overload-s``) and its summary is merged in.
 
 What ``h`` (:class:`Harness`) offers:
 
 - ``h.name``, ``h.seed``, ``h.rng``, ``h.quick``, ``h.kills`` (kills asked for),
+  ``h.overload_seconds`` (how long an overload scenario floods: 180 s full, 10 s quick),
   ``h.broker_url``, ``h.workdir`` (a fresh directory), ``h.skip`` (scenario names to skip),
   ``h.progress(...)``, ``h.unique(prefix)`` (a name for exchanges and queues);
 - ``h.process(workers, env=..., proxy=None, name=...)`` -> :class:`ChaosProcess`: ``python -m
@@ -53,6 +54,7 @@ What ``h`` (:class:`Harness`) offers:
   ``resume()``, ``latency``, ``accepting``), stopped at the end;
 - ``await h.kill_loop(p, n, gap=(lo, hi))``: n kill -9 at drawn moments, each followed by a
   restart (some land during start-up), counted in ``kills``; returns per-kill figures;
+  ``h.kill_times`` holds the wall-clock time (``time.time()``) of every kill;
 - ``h.watch(p)`` -> :class:`Readiness`: /readyz polled every 100 ms (``went_down``,
   ``came_back``, ``not_ready_s``, ``transitions``); its recoveries are the ``reconnects``;
 - ``await h.broker_restart(down_s)``: ``rabbitmqctl stop_app`` / ``start_app`` (the only place
@@ -95,6 +97,7 @@ from bench.common import broker_url, emit, free_port, progress, rss_bytes
 SCENARIOS: dict[str, str] = {
     "directed": "bench.chaos_directed",
     "gateway": "bench.chaos_gateway",
+    "delay": "bench.chaos_delay",
 }
 
 ALL_WORKERS = ("directed", "delay", "gateway")
@@ -345,12 +348,14 @@ class Harness:
         self.rng = random.Random(f"{args.seed}:{name}")
         self.quick: bool = args.quick
         self.kills: int = args.kills
+        self.overload_seconds: float = args.overload_seconds
         self.skip: set[str] = set(args.skip)
         self.broker_url = broker_url()
         self.workdir = root / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger()
         self.kills_done = 0
+        self.kill_times: list[float] = []
         self.processes: list[ChaosProcess] = []
         self.scenarios: dict[str, dict[str, Any]] = {}
         self.failures: list[str] = []
@@ -449,6 +454,7 @@ class Harness:
                 pause, phase = self.rng.uniform(*gap), "running"
             await asyncio.sleep(pause)
             proc.kill9()
+            self.kill_times.append(time.time())
             self.kills_done += 1
             down = self.rng.uniform(0.0, 0.3)
             await asyncio.sleep(down)
@@ -576,6 +582,7 @@ async def run_standalone(module_name: str, args: argparse.Namespace) -> dict[str
         cmd.append("--quick")
     if "broker_restart" in args.skip:
         cmd.append("--no-broker-restart")
+    cmd += ["--overload-s", str(args.overload_seconds)]
     progress("running", " ".join(cmd[1:]))
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
@@ -627,11 +634,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="shorter phases, fewer kills")
     parser.add_argument("--skip", default="", help="scenario names to skip, comma-separated")
     parser.add_argument("--keep", action="store_true", help="keep logs and state directories")
+    parser.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=None,
+        help="how long each overload scenario floods the worker (180; 10 quick)",
+    )
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
     if args.kills is None:
         args.kills = 8 if args.quick else 20
+    if args.overload_seconds is None:
+        args.overload_seconds = 10.0 if args.quick else 180.0
     args.workers = [w for w in args.workers.split(",") if w]
     unknown = [w for w in args.workers if w not in ALL_WORKERS and w not in SCENARIOS]
     if unknown:

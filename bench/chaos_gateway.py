@@ -828,7 +828,10 @@ async def overload(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     "before": rss.max_mib(0, baseline_end),
                     "max_during": rss.max_mib(baseline_end, load_end),
                     "max_after": rss.max_mib(load_end),
+                    "end": rnd(rss.samples[-1][1] / 2**20, 1) if rss.samples else None,
+                    "every_10s_of_load": _every(rss.samples, baseline_end, drained, 2**20),
                 },
+                "backlog_every_10s_of_load": _every(depth_samples, baseline_end, drained),
                 "probe_rtt_ms": {
                     "before_p50": rnd(base_p50 * 1000, 1),
                     "during_max": rnd(max(rtts(baseline_end, load_end), default=0) * 1000, 1),
@@ -848,6 +851,19 @@ async def overload(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for server in servers:
             await server.stop()
         await cleanup(prefix)
+
+
+def _every(
+    samples: list[tuple[float, int]], since: float, until: float, unit: int = 1
+) -> list[float]:
+    """The first sample of each 10 s step from ``since`` to ``until`` (RSS, queue depth)."""
+    out: list[float] = []
+    step = since
+    for t, value in samples:
+        if since <= t <= until and t >= step:
+            out.append(rnd(value / unit, 1))
+            step += 10.0
+    return out
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -941,7 +957,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--kills", type=int, help="kill -9 count (at least 20 in a full run)")
     parser.add_argument("--clients", type=int, help="load clients per scenario")
-    parser.add_argument("--overload-s", type=float, help="seconds of overload")
+    parser.add_argument(
+        "--overload-s",
+        "--overload-seconds",
+        dest="overload_s",
+        type=float,
+        help="seconds of overload (180; 10 with --quick)",
+    )
     parser.add_argument(
         "--overload-factor", type=float, help="offered load / backend capacity (default 2)"
     )
@@ -960,7 +982,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown scenarios: {sorted(unknown)}")
     args.kills = args.kills if args.kills is not None else (5 if args.quick else 20)
     args.clients = args.clients or (8 if args.quick else 16)
-    args.overload_s = args.overload_s or (10.0 if args.quick else 30.0)
+    args.overload_s = args.overload_s or (10.0 if args.quick else 180.0)
     args.overload_factor = args.overload_factor or 2.0
     args.fuzz = args.fuzz if args.fuzz is not None else (150 if args.quick else 600)
     return args
