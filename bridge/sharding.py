@@ -218,9 +218,28 @@ SHARD_COUNT_HINT = (
 
 
 def exchange_type_missing(exc: BaseException) -> bool:
-    """Whether a declare failed because the broker does not know the exchange type."""
+    """Whether a declare failed because the broker does not know the exchange type
+    (RabbitMQ closes the whole connection: 503 "unknown exchange type")."""
     text = str(exc).lower()
-    return "invalid exchange type" in text or ("exchange type" in text and CHX_TYPE in text)
+    return "unknown exchange type" in text or "invalid exchange type" in text
+
+
+async def ensure_chx_exchange(url: str, worker: str, name: str, kind: str = CHX_TYPE) -> None:
+    """Declare the consistent-hash exchange ``name`` on a throw-away connection: an unknown
+    exchange type makes the broker close the connection, which must not be the worker's."""
+    import aio_pika  # local: this module's hash functions need no AMQP client
+
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel()
+        await channel.declare_exchange(name, kind, durable=True)
+    except Exception as exc:
+        if exchange_type_missing(exc):
+            raise missing_plugin_error(worker) from exc
+        raise
+    finally:
+        if not conn.is_closed:
+            await conn.close()
 
 
 def missing_plugin_error(worker: str) -> ConfigError:

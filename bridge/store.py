@@ -43,9 +43,16 @@ class Database:
         schema: Sequence[str],
         synchronous: str = "FULL",
         identity: dict[str, str] | None = None,
+        identity_defaults: dict[str, str] | None = None,
+        identity_hint: str = "see docs on changing it safely",
     ) -> None:
+        """``identity``: values the file must have been created with (a shard's index and
+        count); ``identity_defaults``: what an existing file that predates a key is assumed to
+        have; ``identity_hint``: what the refusal tells the operator to do."""
         self.path = Path(path)
         self.worker = worker
+        self._identity_defaults = identity_defaults or {}
+        self._identity_hint = identity_hint
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{worker}-store")
         self.conn = self._executor.submit(
             self._open, schema_version, list(schema), synchronous, identity or {}
@@ -90,10 +97,11 @@ class Database:
                     "run the newer release or restore a backup"
                 )
             for key, expected in identity.items():
-                if key in meta and meta[key] != expected:
+                found_value = meta.get(key, self._identity_defaults.get(key) if existed else None)
+                if found_value is not None and found_value != expected:
                     raise StoreError(
-                        f"{self.path} was created with {key}={meta[key]}, but this process runs with "
-                        f"{key}={expected}; see docs on changing it safely"
+                        f"{self.path} was created with {key}={found_value}, but this process runs "
+                        f"with {key}={expected}; {self._identity_hint}"
                     )
             conn.execute("BEGIN IMMEDIATE")
             for statement in schema:

@@ -12,16 +12,23 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from bridge.settings import worker_settings_config
+from bridge.sharding import ShardFields
 
 H_TARGETS = "x-targets"
 H_TTL = "x-ttl-ms"
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"
+H_SHARD = "x-shard"
+H_FORWARDED_FROM = "x-forwarded-from"
+H_ORIGINAL_ROUTING_KEY = "x-routing-key"
 ENVELOPE_CONTENT_TYPE = "application/vnd.bridge.directed-envelope+json"
 REPLY_CONTENT_TYPE = "application/json"
 
 
-class DirectedSettings(BaseSettings):
+class DirectedSettings(ShardFields, BaseSettings):
+    """Settings of the directed worker. With ``shard_count`` > 1 each replica keeps only the
+    targets the consistent-hash exchange ``pull_shards_exchange`` routes to it."""
+
     model_config = worker_settings_config("directed")
 
     requests_exchange: str = "directed.requests"
@@ -29,6 +36,16 @@ class DirectedSettings(BaseSettings):
     pull_exchange: str = "directed.pull"
     pull_exchange_type: Literal["topic", "direct", "fanout"] = "topic"
     pull_queue: str = "directed.pull"
+    pull_shards_exchange: str = Field(
+        default="directed.pull.shards",
+        description="sharded mode: consistent-hash exchange between the pull exchange and the "
+        "shards' pull queues",
+    )
+    shard_query_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="sharded mode: how long a status query waits for the other shards",
+    )
     pull_queue_type: Literal["quorum", "classic"] = Field(
         default="quorum",
         description="quorum survives a broker node loss; classic has lower pull latency",
@@ -70,3 +87,8 @@ class DirectedSettings(BaseSettings):
         default=50, ge=0, description="per-target backlog gauge keeps only the N largest"
     )
     housekeeping_interval_s: float = Field(default=1.0, gt=0)
+
+
+def shard_queue(base: str, index: int) -> str:
+    """The name of shard ``index``'s own queue next to the shared queue ``base``."""
+    return f"{base}.shard-{index}"

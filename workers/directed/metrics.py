@@ -93,6 +93,12 @@ class DirectedMetrics:
             "ids dropped from full target queues",
             registry=registry,
         )
+        self.pulls_forwarded = Counter(
+            "bridge_directed_pulls_forwarded_total",
+            "sharded mode: pulls that reached a shard not owning their target and were handed "
+            "to the owner (should stay 0; see docs/operations.md)",
+            registry=registry,
+        )
         self.pull_seconds = Histogram(
             "bridge_directed_pull_seconds",
             "pull handling time (long-poll waits included)",

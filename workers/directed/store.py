@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge.sharding import SHARD_COUNT_HINT
 from bridge.store import Database
 from workers.directed import model as m
 
@@ -66,13 +67,22 @@ class Batch:
 
 
 class DirectedStore:
-    def __init__(self, directory: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        synchronous: str = "FULL",
+        identity: dict[str, str] | None = None,
+    ) -> None:
         self.db = Database(
             directory / "directed.sqlite3",
             worker="directed",
             schema_version=SCHEMA_VERSION,
             schema=SCHEMA,
             synchronous=synchronous,
+            identity=identity,
+            identity_defaults={"shard_count": "1", "shard_index": "0"},
+            identity_hint=SHARD_COUNT_HINT,
         )
         # Owned by the writer thread: every access goes through db.run / run_sync.
         self._tids: dict[str, int] = {}

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.amqp import (
@@ -37,12 +38,23 @@ from bridge.amqp import (
 )
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
+from bridge.rpc import RpcClient
+from bridge.sharding import (
+    CHX_TYPE,
+    Shard,
+    ensure_chx_exchange,
+    resolve_shard,
+)
 from bridge.store import GroupCommitter
 from workers.directed import wire
 from workers.directed.config import (
     H_DEAD_DETAIL,
     H_DEAD_REASON,
+    H_FORWARDED_FROM,
+    H_ORIGINAL_ROUTING_KEY,
+    H_SHARD,
     DirectedSettings,
+    shard_queue,
 )
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
@@ -108,13 +120,19 @@ class DirectedWorker:
         self._record_ids = record_ids()
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
+        s = self.settings
+        self.shard: Shard = resolve_shard(self.name, s.shard_count, s.shard_index)
+        self._rpc: RpcClient | None = None
+        self._forward_warned = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, ctx: WorkerContext) -> None:
         s = self.settings
         self.metrics = DirectedMetrics(ctx.registry, self)
-        self.store = DirectedStore(ctx.state_dir(self.name), synchronous=s.synchronous)
+        self.store = DirectedStore(
+            ctx.state_dir(self.name), synchronous=s.synchronous, identity=self.shard.identity()
+        )
         started = time.perf_counter()
         details, queues, buffers = await self.store.db.run(self.store.load)
         self.core = DirectedCore.restore(
@@ -141,35 +159,81 @@ class DirectedWorker:
         broker = ctx.broker
         self._channel = await broker.channel(prefetch=s.request_prefetch, confirms=True)
         self.publisher = ConfirmPublisher(self._channel)
-        self._dead = await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
-        requests_ex = await declare_exchange(self._channel, s.requests_exchange, "fanout")
-        requests_q = await self._channel.declare_queue(
-            s.requests_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await requests_q.bind(requests_ex, routing_key="")
-
         self._pull_channel = await broker.channel(prefetch=s.pull_prefetch, confirms=False)
-        pull_ex = await declare_exchange(self._pull_channel, s.pull_exchange, s.pull_exchange_type)
-        pull_args: dict[str, Any] = {"x-queue-type": s.pull_queue_type}
-        pull_q = await self._pull_channel.declare_queue(
-            s.pull_queue, durable=True, arguments=pull_args
-        )
-        await pull_q.bind(pull_ex, routing_key="#" if s.pull_exchange_type == "topic" else "")
-        control_ex = await declare_exchange(self._pull_channel, s.control_exchange, "fanout")
-        control_q = await self._pull_channel.declare_queue(
-            s.control_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await control_q.bind(control_ex, routing_key="")
         self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
+        requests_q, pull_q, control_qs = await self._declare_topology(broker)
+        if self.shard.sharded:
+            assert broker.connection is not None
+            self._rpc = await RpcClient(broker.connection).open()
 
         await self.consumers.consume(requests_q, self._on_request)
         # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
         # they are acknowledged on receipt, in batches.
         acker = BatchAcker()
         await self.consumers.consume(pull_q, self._on_pull, acker=acker)
-        await self.consumers.consume(control_q, self._on_control, acker=acker)
+        for control_q in control_qs:
+            await self.consumers.consume(control_q, self._on_control, acker=acker)
         self._consuming = True
+        if self.shard.sharded:
+            log.info(
+                "sharded",
+                extra={"shard": self.shard.index, "shards": self.shard.count},
+            )
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+
+    async def _declare_topology(self, broker: Any) -> tuple[Any, Any, list[Any]]:
+        """Declare exchanges and queues; returns the request queue, the pull queue and the
+        control queues this process consumes.
+
+        One shard: the shared queues of the README. ``shard_count`` N > 1: every shard gets
+        every request on its own queue ``<requests_queue>.shard-<i>`` (and keeps only its own
+        targets); pulls go from the pull exchange through the consistent-hash exchange
+        ``pull_shards_exchange`` to ``<pull_queue>.shard-<i>``, bound with weight 1 in shard
+        order so that bucket i is shard i; status queries on the shared control queue are
+        answered by any shard, which asks the others on ``<control_queue>.shard-<i>``."""
+        s = self.settings
+        shard = self.shard
+        self._dead = await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
+        quorum: dict[str, Any] = {"x-queue-type": "quorum"}
+        requests_ex = await declare_exchange(self._channel, s.requests_exchange, "fanout")
+        requests_name = (
+            shard_queue(s.requests_queue, shard.index) if shard.sharded else s.requests_queue
+        )
+        requests_q = await self._channel.declare_queue(
+            requests_name, durable=True, arguments=quorum
+        )
+        await requests_q.bind(requests_ex, routing_key="")
+
+        ch = self._pull_channel
+        pull_ex = await declare_exchange(ch, s.pull_exchange, s.pull_exchange_type)
+        pull_args: dict[str, Any] = {"x-queue-type": s.pull_queue_type}
+        pull_key = "#" if s.pull_exchange_type == "topic" else ""
+        if not shard.sharded:
+            pull_q = await ch.declare_queue(s.pull_queue, durable=True, arguments=pull_args)
+            await pull_q.bind(pull_ex, routing_key=pull_key)
+        else:
+            await ensure_chx_exchange(broker.url, self.name, s.pull_shards_exchange)
+            shards_ex = await ch.declare_exchange(s.pull_shards_exchange, CHX_TYPE, durable=True)
+            await shards_ex.bind(pull_ex, routing_key=pull_key)
+            pull_q = None
+            for i in range(shard.count):  # in shard order: bucket i is shard i
+                q = await ch.declare_queue(
+                    shard_queue(s.pull_queue, i), durable=True, arguments=pull_args
+                )
+                await q.bind(shards_ex, routing_key="1")
+                if i == shard.index:
+                    pull_q = q
+            assert pull_q is not None
+        control_ex = await declare_exchange(ch, s.control_exchange, "fanout")
+        control_q = await ch.declare_queue(s.control_queue, durable=True, arguments=quorum)
+        await control_q.bind(control_ex, routing_key="")
+        control_qs = [control_q]
+        if shard.sharded:
+            own = await ch.declare_queue(
+                shard_queue(s.control_queue, shard.index), durable=True, arguments=quorum
+            )
+            control_qs.append(own)
+        return requests_q, pull_q, control_qs
 
     async def stop(self, grace: float) -> None:
         self._stopping = True
@@ -187,6 +251,9 @@ class DirectedWorker:
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
+        if self._rpc is not None:
+            with contextlib.suppress(Exception):
+                await self._rpc.close()
         await close_channels(
             getattr(self, "_channel", None),
             getattr(self, "_pull_channel", None),
@@ -250,16 +317,37 @@ class DirectedWorker:
                 settings=self.settings,
             )
         except wire.WireError as exc:
+            if self.shard.index != 0:
+                # Every shard sees every request and finds the same fault: shard 0 alone
+                # dead-letters it, so it is reported once.
+                self.metrics.requests.labels("rejected_by_shard_0").inc()
+                await safe_ack(message)
+                return
             self.metrics.requests.labels("rejected").inc()
             await self._dead_letter(message, exc.code, exc.message)
             return
+        targets = req.targets
+        if self.shard.sharded:
+            targets = [t for t in targets if self.shard.owns(t)]
+            if not targets:
+                self.metrics.requests.labels("no_local_targets").inc()
+                await safe_ack(message)
+                return
         now = now_ms()
         self.core.expire(now)  # content past its TTL must not count toward a full queue
-        result = self.core.submit(req.message_id, req.targets, now, req.ttl_ms)
+        result = self.core.submit(req.message_id, targets, now, req.ttl_ms)
         if result.status == "rejected":
             self.metrics.requests.labels("rejected").inc()
             reason = result.reason or "rejected"
-            await self._dead_letter(message, reason, f"request {req.message_id} refused: {reason}")
+            where = (
+                f" by shard {self.shard.index} of {self.shard.count} (its {len(targets)} "
+                "targets; the other shards decide for theirs)"
+                if self.shard.sharded
+                else ""
+            )
+            await self._dead_letter(
+                message, reason, f"request {req.message_id} refused{where}: {reason}"
+            )
             return
         if result.status == "accepted":
             assert result.mid is not None
@@ -274,7 +362,7 @@ class DirectedWorker:
             self._pending_contents[result.mid] = content
             self._cache.put(result.mid, content)
             self.metrics.overflow_drops.inc(len(result.dropped))
-            self._wake(req.targets)
+            self._wake(targets)
         await self._committed()
         self.metrics.requests.labels(result.status).inc()
         await safe_ack(message)
@@ -287,6 +375,8 @@ class DirectedWorker:
         dead = with_reason(
             message, reason, detail, reason_header=H_DEAD_REASON, detail_header=H_DEAD_DETAIL
         )
+        if self.shard.sharded and isinstance(dead.headers, dict):
+            dead.headers[H_SHARD] = self.shard.index
         try:
             try:
                 await self.publisher.publish(self._dead, dead, message.routing_key or "")
@@ -371,15 +461,70 @@ class DirectedWorker:
                 ),
             )
             return
+        forwarded = self.shard.sharded and H_FORWARDED_FROM in (message.headers or {})
+        routing_key = message.routing_key
+        if forwarded:
+            original = (message.headers or {}).get(H_ORIGINAL_ROUTING_KEY)
+            routing_key = original if isinstance(original, str) else None
         try:
-            pull = wire.parse_pull(message.body, message.routing_key, self.settings)
+            pull = wire.parse_pull(message.body, routing_key, self.settings)
         except wire.WireError as exc:
             self.metrics.pull_kind["error"].inc()
             await self._reply(message, wire.encode_error(exc.code, exc.message))
             return
+        if self.shard.sharded and not self.shard.owns(pull.topic):
+            await self._forward_pull(message, pull.topic, forwarded)
+            return
         body = await self._serve_pull(pull)
         await self._reply(message, body)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
+
+    async def _forward_pull(
+        self, message: AbstractIncomingMessage, topic: str, forwarded: bool
+    ) -> None:
+        """A pull for another shard's target: hand it to the owner's queue (the ring of the
+        consistent-hash exchange no longer matches shard order; see bridge.sharding)."""
+        owner = self.shard.owner(topic)
+        if forwarded:  # forwarded twice means the shards disagree on the shard count
+            self.metrics.pull_kind["error"].inc()
+            await self._reply(
+                message,
+                wire.encode_error(
+                    "wrong_shard",
+                    f"shard {self.shard.index} of {self.shard.count} got a forwarded pull for "
+                    f"{topic!r}, which it does not own: shards disagree on SHARD_COUNT",
+                ),
+            )
+            return
+        if not self._forward_warned:
+            self._forward_warned = True
+            log.warning(
+                "pull forwarded to its owning shard: the consistent-hash exchange's bucket order "
+                "no longer matches shard order (broker restart or bindings re-created); pulls "
+                "still reach their shard, with one extra hop. To restore direct routing, delete "
+                "the exchange and restart the shards (docs/operations.md)",
+                extra={"exchange": self.settings.pull_shards_exchange, "owner": owner},
+            )
+        self.metrics.pulls_forwarded.inc()
+        headers = dict(message.headers or {})
+        headers[H_FORWARDED_FROM] = self.shard.index
+        headers[H_ORIGINAL_ROUTING_KEY] = message.routing_key or ""
+        try:
+            underlay = await self._reply_channel.get_underlay_channel()
+            await underlay.basic_publish(
+                message.body,
+                exchange="",
+                routing_key=shard_queue(self.settings.pull_queue, owner),
+                properties=aiormq.spec.Basic.Properties(
+                    correlation_id=message.correlation_id,
+                    reply_to=message.reply_to,
+                    content_type=message.content_type,
+                    headers=headers,
+                    delivery_mode=1,
+                ),
+            )
+        except Exception as exc:  # channel reconnecting: the puller retries, as for a lost reply
+            log.info("pull not forwarded", extra={"owner": owner, "error": str(exc)})
 
     def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
         assert self.core is not None
@@ -439,23 +584,85 @@ class DirectedWorker:
         try:
             doc = wire.parse_json_object(message.body, self.settings)
             op = doc.get("op")
+            local = doc.get("local") is True or not self.shard.sharded
             if op == "status":
                 message_id = doc.get("message_id")
                 if not isinstance(message_id, str):
                     raise wire.WireError("invalid_query", "'message_id' (string) is required")
-                status = self.core.status(message_id)
+                own = self.core.status(message_id)
+                status = dict(own) if own is not None else None
+                if not local:
+                    status = await self._gather_status(doc, status)
                 if status is None:
                     raise wire.WireError(
                         "not_found", f"no message {message_id!r} (never seen, or purged)"
                     )
                 body = wire.json_dumps({"status": status})
             elif op == "stats":
-                body = wire.json_dumps({"stats": self.admin("summary")})
+                stats = self.admin("summary")
+                if not local:
+                    stats = await self._gather_stats(doc, stats)
+                body = wire.json_dumps({"stats": stats})
             else:
                 raise wire.WireError("unknown_op", "op must be 'status' or 'stats'")
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
         await self._reply(message, body)
+
+    async def _ask_shards(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Ask every other shard the same query (``local``); their replies and who was silent."""
+        assert self._rpc is not None
+        others = [i for i in range(self.shard.count) if i != self.shard.index]
+        query = {**doc, "local": True}
+        timeout = self.settings.shard_query_timeout_s
+        answers = await asyncio.gather(
+            *(
+                self._rpc.call("", shard_queue(self.settings.control_queue, i), query, timeout)
+                for i in others
+            ),
+            return_exceptions=True,
+        )
+        replies, missing = [], []
+        for i, answer in zip(others, answers, strict=True):
+            if isinstance(answer, dict):
+                replies.append(answer)
+            else:
+                missing.append(i)
+        return replies, missing
+
+    async def _gather_status(
+        self, doc: dict[str, Any], own: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        replies, missing = await self._ask_shards(doc)
+        parts = [own] if own is not None else []
+        parts += [r["status"] for r in replies if isinstance(r.get("status"), dict)]
+        if not parts:
+            if missing:
+                raise wire.WireError(
+                    "shards_unavailable",
+                    f"not found on the shards that answered; shards {missing} did not answer "
+                    "in time: retry later",
+                )
+            return None
+        total: dict[str, Any] = {"message_id": parts[0].get("message_id")}
+        for key in ("total", "acked", "pending", "expired", "dropped"):
+            total[key] = sum(int(p.get(key, 0)) for p in parts)
+        states = {p.get("state") for p in parts}
+        total["state"] = (
+            "active" if "active" in states else "expired" if states == {"expired"} else "done"
+        )
+        total["shards"] = {"holding": len(parts), "unanswered": missing}
+        return total
+
+    async def _gather_stats(self, doc: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+        replies, missing = await self._ask_shards(doc)
+        parts = [own] + [r["stats"] for r in replies if isinstance(r.get("stats"), dict)]
+        total: dict[str, Any] = {
+            key: sum(int(p.get(key, 0) or 0) for p in parts)
+            for key in ("messages", "targets", "commits")
+        }
+        total["shards"] = {"answered": len(parts), "unanswered": missing}
+        return total
 
     # -- housekeeping ------------------------------------------------------------------
 
