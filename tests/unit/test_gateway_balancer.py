@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -23,8 +24,16 @@ TTL = 10.0
 RETENTION = 30.0
 
 
-def make(*servers: str, now: float = 0.0) -> Balancer:
-    b = Balancer(server_ttl_s=TTL, sticky_retention_s=RETENTION)
+class FirstChoice(random.Random):
+    """Breaks the remaining ties by id, so expected picks can be written down."""
+
+    def choice(self, seq):  # type: ignore[no-untyped-def, override]
+        return seq[0]
+
+
+def make(*servers: str, now: float = 0.0, **kwargs: object) -> Balancer:
+    kwargs.setdefault("rng", FirstChoice())
+    b = Balancer(server_ttl_s=TTL, sticky_retention_s=RETENTION, **kwargs)  # type: ignore[arg-type]
     for server in servers:
         assert b.register(server, now)
     return b
@@ -293,29 +302,127 @@ def test_no_client_id_is_never_sticky() -> None:
 
 
 def test_remote_counts_steer_choice() -> None:
-    b = make("a", "b")
+    b = make("a", "b", herd_estimate=False)
     b.set_remote_counts("gw-2", {"a": 5, "b": 1, "gone": 3}, 0)
     assert [b.assign(f"c{i}", None, 1) for i in range(5)] == ["b", "b", "b", "b", "a"]
     assert b.counts() == {"a": 1, "b": 4}  # counts() is this replica's own clients only
+    assert b.global_counts(1) == {"a": 6, "b": 5, "gone": 3}
 
 
-def test_remote_counts_replaced_and_expired() -> None:
+def test_herd_estimate_counts_own_assignments_once_per_other_replica() -> None:
+    b = make("a", "b")
+    b.set_remote_counts("gw-2", {"a": 5, "b": 1}, 0)
+    b.set_remote_counts("gw-3", {"a": 5, "b": 1}, 0)
+    # Each assignment here is assumed to be mirrored by both other replicas until they report.
+    assert b.assign("c0", None, 1) == "b"
+    assert b.global_counts(1) == {"a": 10, "b": 5}
+    assert b.assign("c1", None, 1) == "b"
+    assert b.global_counts(1) == {"a": 10, "b": 8}
+    assert b.assign("c2", None, 1) == "b"
+    assert b.global_counts(1) == {"a": 10, "b": 11}
+    assert b.assign("c3", None, 1) == "a"
+    # gw-2 reports what it really did: its estimate is replaced by the report.
+    b.set_remote_counts("gw-2", {"a": 5, "b": 1}, 2)
+    assert b.global_counts(2) == {"a": 5 + 5 + 1 + 1, "b": 1 + 1 + 3 + 3}
+    assert b.snapshot(2)["replicas"]["gw-3"]["assigned_here_since"] == 4
+    assert b.snapshot(2)["replicas"]["gw-2"]["assigned_here_since"] == 0
+
+
+def test_forget_replica() -> None:
     b = make("a", "b")
     b.set_remote_counts("gw-2", {"a": 5}, 0)
-    b.set_remote_counts("gw-2", {"b": 5}, 1)  # a newer report replaces the old one
-    assert b.assign("c1", None, 1) == "a"
-    b.set_remote_counts("gw-3", {"a": 9}, 1)
-    for s in ("a", "b"):
-        b.heartbeat(s, 12)
-    # Both replicas silent for longer than the TTL: their counts no longer matter.
-    assert b.assign("c2", None, 12) == "b"
-    assert b.snapshot(12)["replicas"] == {}
+    assert b.replicas(0) == ["gw-2"]
+    b.forget_replica("gw-2")
+    b.forget_replica("never-heard-of")
+    assert b.replicas(0) == []
+    assert b.global_counts(0) == {"a": 0, "b": 0}
 
 
-def test_remote_counts_never_negative() -> None:
-    b = make("a", "b")
-    b.set_remote_counts("gw-2", {"a": -50}, 0)
-    assert b.snapshot(0)["servers"]["a"]["remote_clients"] == 0
+def test_replica_ttl_separate_from_server_ttl() -> None:
+    b = make("a", "b", replica_ttl_s=2.0)
+    b.set_remote_counts("gw-2", {"a": 5}, 0)
+    assert b.replicas(2.0) == ["gw-2"]
+    assert b.replicas(2.5) == []  # killed -9: its clients leave the global view
+    assert b.global_counts(2.5) == {"a": 0, "b": 0}
+
+
+def test_first_ties_are_random_across_replicas() -> None:
+    # Fresh replicas (default rng) must not all send their first client to the same server.
+    firsts: Counter[str | None] = Counter()
+    for _ in range(300):
+        b = Balancer(server_ttl_s=TTL, sticky_retention_s=RETENTION)
+        for server in ("a", "b", "c"):
+            b.register(server, 0)
+        firsts[b.assign("c0", None, 0)] += 1
+    assert set(firsts) == {"a", "b", "c"}
+
+
+def simulate(
+    *, replicas: int, delay: int, report_every: int, herd_estimate: bool, steps: int = 300
+) -> tuple[dict[str, int], int]:
+    """Replicas behind a round-robin load balancer, one new client per step. Servers "a" and
+    "b" hold 100 older clients each (reported by a replica "old"); "n" has just joined.
+    Each replica reports every ``report_every`` steps and a report arrives ``delay`` steps
+    after it was sent ("old", which takes no new clients, reports at every step). Returns the final totals and the worst overshoot of "n" above the
+    busier of the other two at any step (a herd shows as a large overshoot)."""
+    names = [f"gw-{i}" for i in range(replicas)]
+    bal = {
+        r: Balancer(
+            server_ttl_s=1e9,
+            sticky_retention_s=0,
+            replica_ttl_s=1e9,
+            herd_estimate=herd_estimate,
+            rng=random.Random(i),
+        )
+        for i, r in enumerate(names)
+    }
+    base = {"a": 100, "b": 100}
+    for b in bal.values():
+        for server in ("a", "b", "n"):
+            b.register(server, 0)
+        b.set_remote_counts("old", base, 0)
+    in_transit: list[tuple[int, str, dict[str, int], int]] = []
+    worst = 0
+    total: Counter[str] = Counter()
+    for step in range(1, steps + 1):
+        for b in bal.values():
+            b.set_remote_counts("old", base, step)
+        for message in [m for m in in_transit if m[0] <= step]:
+            in_transit.remove(message)
+            _, sender, counts, sent = message
+            for r in names:
+                if r != sender:
+                    bal[r].set_remote_counts(sender, counts, step, sent_at=sent)
+        bal[names[step % replicas]].assign(f"c{step}", None, step)
+        if step % report_every == 0:
+            for name in names:
+                in_transit.append((step + delay, name, bal[name].counts(), step))
+        total = Counter(base)
+        for b in bal.values():
+            total.update(b.counts())
+        worst = max(worst, total["n"] - max(total["a"], total["b"]))
+    return dict(total), worst
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4])
+@pytest.mark.parametrize(("delay", "report_every"), [(10, 1), (30, 1), (3, 20), (10, 10)])
+def test_herd_estimate_limits_overshoot_on_a_new_server(
+    replicas: int, delay: int, report_every: int
+) -> None:
+    damped, damped_worst = simulate(
+        replicas=replicas, delay=delay, report_every=report_every, herd_estimate=True
+    )
+    herd, herd_worst = simulate(
+        replicas=replicas, delay=delay, report_every=report_every, herd_estimate=False
+    )
+    assert sum(damped.values()) == sum(herd.values()) == 500
+    # 500 clients over 3 servers: 166-167 each; the new server never runs more than 3
+    # ahead, however stale the reports; without the estimate it overshoots further.
+    assert max(damped.values()) - min(damped.values()) <= 3, damped
+    assert damped_worst <= 3
+    assert damped_worst <= herd_worst
+    if delay * replicas >= 30:
+        assert herd_worst > damped_worst + 3, (herd_worst, damped_worst)
 
 
 # ----------------------------------------------------------------------------- snapshot
@@ -338,13 +445,15 @@ def test_snapshot_is_json() -> None:
     assert snap["servers"]["b"]["alive"] is True
     assert snap["associations"] == 1
     assert snap["sticky_entries"] == 1
-    assert snap["replicas"] == {"gw-2": {"age_s": 2.5, "clients": 2}}
+    assert snap["replicas"] == {"gw-2": {"age_s": 2.5, "clients": 2, "assigned_here_since": 0}}
+    assert snap["global_clients"] == {"a": 3, "b": 0}
 
 
 # ----------------------------------------------------------------------------- state machine
 
 SERVERS = ["s0", "s1", "s2", "s3"]
 CLIENT_IDS = [None, "k0", "k1", "k2"]
+REPLICAS = ["gw-2", "gw-3"]
 
 
 class BalancerMachine(RuleBasedStateMachine):
@@ -364,8 +473,10 @@ class BalancerMachine(RuleBasedStateMachine):
         self.conn_client: dict[str, str | None] = {}
         self.last_server: dict[str, str] = {}  # client_id -> latest assignment
         self.released_at: dict[str, float] = {}
-        self.remote: dict[str, int] = {}
-        self.remote_seen = 0.0
+        self.updated: dict[str, float] = {}  # client_id -> when its server was chosen
+        # Other replicas: name -> (reported counts, when received, own assignments since).
+        self.remotes: dict[str, tuple[dict[str, int], float, Counter[str]]] = {}
+        self.assign_log: list[tuple[float, str]] = []
 
     def eligible(self) -> list[str]:
         return [
@@ -402,28 +513,75 @@ class BalancerMachine(RuleBasedStateMachine):
     def advance(self, dt: float) -> None:
         self.now += dt
 
-    @rule(counts=st.dictionaries(st.sampled_from(SERVERS), st.integers(0, 5), max_size=4))
-    def remote_counts(self, counts: dict[str, int]) -> None:
-        self.b.set_remote_counts("gw-2", counts, self.now)
-        self.remote = dict(counts)
-        self.remote_seen = self.now
+    def fresh_remotes(self) -> dict[str, tuple[dict[str, int], float, Counter[str]]]:
+        self.remotes = {r: v for r, v in self.remotes.items() if self.now - v[1] <= TTL}
+        return self.remotes
+
+    @rule(
+        replica=st.sampled_from(REPLICAS),
+        counts=st.dictionaries(st.sampled_from(SERVERS), st.integers(0, 5), max_size=4),
+        lag=st.sampled_from([0.0, 0.5, 3.0]),
+    )
+    def remote_counts(self, replica: str, counts: dict[str, int], lag: float) -> None:
+        sent = self.now - lag
+        self.b.set_remote_counts(replica, counts, self.now, sent_at=sent)
+        since = Counter(s for t, s in self.assign_log if t > sent and self.now - t <= TTL)
+        self.remotes[replica] = (dict(counts), self.now, since)
+
+    @rule(replica=st.sampled_from(REPLICAS))
+    def forget_replica(self, replica: str) -> None:
+        self.b.forget_replica(replica)
+        self.remotes.pop(replica, None)
+
+    def sticky_known(self, client_id: str) -> bool:
+        if client_id not in self.last_server:
+            return False
+        return (
+            self.live_of_client(client_id) > 0
+            or self.now - self.released_at[client_id] <= RETENTION
+        )
+
+    @rule(
+        client_id=st.sampled_from(CLIENT_IDS[1:]),
+        server=st.sampled_from(SERVERS),
+        age=st.sampled_from([0.0, 1.0, 3.0, RETENTION + 1]),
+    )
+    def learn_sticky(self, client_id: str, server: str, age: float) -> None:
+        at = self.now - age
+        applied = self.b.learn_sticky(client_id, server, at, self.now)
+        if age > RETENTION:
+            assert not applied
+            return
+        if not self.sticky_known(client_id):
+            assert applied
+            self.last_server[client_id] = server
+            self.updated[client_id] = self.released_at[client_id] = at
+            return
+        if at < self.updated[client_id]:
+            assert not applied
+            return
+        assert applied
+        self.last_server[client_id] = server
+        self.updated[client_id] = at
+        if self.live_of_client(client_id) == 0:
+            self.released_at[client_id] = max(self.released_at[client_id], at)
 
     @rule(target=conns, client_id=st.sampled_from(CLIENT_IDS))
     def assign(self, client_id: str | None) -> str:
         conn = f"c{self.next_conn}"
         self.next_conn += 1
         eligible = self.eligible()
-        remote = self.remote if self.now - self.remote_seen <= TTL else {}
+        remotes = self.fresh_remotes()
+        # The global view: own live clients + each fresh replica's report + own
+        # assignments made after that report was sent.
         load = {
-            s: sum(1 for o in self.owner.values() if o == s) + remote.get(s, 0) for s in eligible
+            s: sum(1 for o in self.owner.values() if o == s)
+            + sum(counts.get(s, 0) + since[s] for counts, _, since in remotes.values())
+            for s in eligible
         }
         sticky: str | None = None
-        if client_id is not None and client_id in self.last_server:
-            recent = (
-                self.live_of_client(client_id) > 0
-                or self.now - self.released_at[client_id] <= RETENTION
-            )
-            if recent and self.last_server[client_id] in eligible:
+        if client_id is not None and self.sticky_known(client_id):
+            if self.last_server[client_id] in eligible:
                 sticky = self.last_server[client_id]
 
         chosen = self.b.assign(conn, client_id, self.now)
@@ -439,8 +597,12 @@ class BalancerMachine(RuleBasedStateMachine):
             assert load[chosen] == min(load.values())
         self.owner[conn] = chosen
         self.conn_client[conn] = client_id
+        self.assign_log.append((self.now, chosen))
+        for _, _, since in remotes.values():
+            since[chosen] += 1
         if client_id is not None:
             self.last_server[client_id] = chosen
+            self.updated[client_id] = self.now
         return conn
 
     @rule(conn=consumes(conns))
@@ -484,6 +646,18 @@ class BalancerMachine(RuleBasedStateMachine):
         assert self.b.snapshot(self.now)["associations"] == len(self.owner)
 
     @invariant()
+    def global_view_matches(self) -> None:
+        remotes = self.fresh_remotes()
+        expected = Counter(self.owner.values())
+        for counts, _, since in remotes.values():
+            expected.update(counts)
+            expected.update(since)
+        got = self.b.global_counts(self.now)
+        assert all(n >= 0 for n in got.values())
+        assert {s: n for s, n in got.items() if n} == {s: n for s, n in expected.items() if n}
+        assert self.b.replicas(self.now) == sorted(remotes)
+
+    @invariant()
     def registry_matches(self) -> None:
         assert self.b.alive() == sorted(s for s, st_ in self.state.items() if st_ == "alive")
 
@@ -492,3 +666,18 @@ BalancerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 test_balancer_state_machine = BalancerMachine.TestCase
+
+
+def test_sticky_learnt_from_another_replica() -> None:
+    b = make("a", "b")
+    b.assign("c0", None, 0)  # "a" is busier, so least-loaded alone would pick "b"
+    assert b.learn_sticky("k", "a", at=1, now=2)
+    assert b.assign("c1", "k", 3) == "a"
+    b.release("c1", 4)
+    # An older report does not undo a newer choice; a newer one does.
+    assert not b.learn_sticky("k", "b", at=2, now=5)
+    assert b.learn_sticky("k", "b", at=4.5, now=5)
+    assert b.assign("c2", "k", 6) == "b"
+    # Too old to matter.
+    assert not b.learn_sticky("other", "a", at=0, now=RETENTION + 1)
+    assert b.sticky_record("other") is None
