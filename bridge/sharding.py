@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -224,7 +225,13 @@ def exchange_type_missing(exc: BaseException) -> bool:
     return "unknown exchange type" in text or "invalid exchange type" in text
 
 
-async def ensure_chx_exchange(url: str, worker: str, name: str, kind: str = CHX_TYPE) -> None:
+async def ensure_chx_exchange(
+    url: str,
+    worker: str,
+    name: str,
+    kind: str = CHX_TYPE,
+    arguments: dict[str, Any] | None = None,
+) -> None:
     """Declare the consistent-hash exchange ``name`` on a throw-away connection: an unknown
     exchange type makes the broker close the connection, which must not be the worker's."""
     import aio_pika  # local: this module's hash functions need no AMQP client
@@ -232,7 +239,7 @@ async def ensure_chx_exchange(url: str, worker: str, name: str, kind: str = CHX_
     conn = await aio_pika.connect(url)
     try:
         channel = await conn.channel()
-        await channel.declare_exchange(name, kind, durable=True)
+        await channel.declare_exchange(name, kind, durable=True, arguments=arguments)
     except Exception as exc:
         if exchange_type_missing(exc):
             raise missing_plugin_error(worker) from exc

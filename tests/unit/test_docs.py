@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bridge.settings import HostSettings
+from workers.delay.config import DelaySettings
 from workers.directed.config import DirectedSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +22,16 @@ def test_every_setting_is_in_the_readme():
         f"BRIDGE_DIRECTED__{n.upper()}"
         for n in DirectedSettings.model_fields
         if f"`BRIDGE_DIRECTED__{n.upper()}`" not in readme
+    ]
+    assert not missing, f"undocumented settings: {missing}"
+
+
+def test_every_delay_setting_is_documented():
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "delay.md").read_text()
+    missing = [
+        f"BRIDGE_DELAY__{n.upper()}"
+        for n in DelaySettings.model_fields
+        if f"`BRIDGE_DELAY__{n.upper()}`" not in text
     ]
     assert not missing, f"undocumented settings: {missing}"
 

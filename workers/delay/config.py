@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 from bridge.settings import worker_settings_config
+from bridge.sharding import ShardFields
 from workers.delay.model import REJECT_REASONS
 
 H_DEAD_REASON = "x-dead-reason"
@@ -29,7 +30,7 @@ DEAD_REASONS = (*REJECT_REASONS, UNROUTABLE, EXCHANGE_NOT_FOUND, MISSING_REPLY_T
 DAY_MS = 86_400_000
 
 
-class DelaySettings(BaseSettings):
+class DelaySettings(ShardFields, BaseSettings):
     model_config = worker_settings_config("delay")
 
     in_exchange: str = Field(default="delay.in", description="topic exchange producers publish to")
@@ -38,6 +39,16 @@ class DelaySettings(BaseSettings):
     dead_queue: str = "delay.dead"
     control_exchange: str = "delay.control"
     control_queue: str = "delay.control"
+    shards_exchange: str = Field(
+        default="delay.in.shards",
+        description="sharded mode: consistent-hash exchange between in_exchange and the shards' "
+        "queues",
+    )
+    shard_query_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="sharded mode: how long a control call waits for the other shards",
+    )
 
     lanes: int = Field(default=8, ge=1, le=256, description="sender lanes (threads)")
     batch: int = Field(

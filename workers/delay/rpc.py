@@ -7,12 +7,14 @@ lists are read from SQLite (read-only connection), not from the in-memory window
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from workers.delay import control
+from workers.delay import shards as sharding
 from workers.delay.acks import Slot
 from workers.delay.config import MISSING_REPLY_TO, REPLY_CONTENT_TYPE
 from workers.delay.lanes import OutgoingMessage
@@ -57,6 +59,11 @@ class ControlRpc:
             )
             return
         try:
+            if w.shards is not None and not _is_local(message.body, s.max_control_bytes):
+                body = control.dumps(await self._sharded(message.body))
+                await self._reply(message, body)
+                await w._acks.ack(slot)
+                return
             request = control.parse_request(
                 message.body, max_bytes=s.max_control_bytes, list_max=s.list_max
             )
@@ -70,6 +77,45 @@ class ControlRpc:
             body = control.encode_error(exc.code, exc.message)
         await self._reply(message, body)
         await w._acks.ack(slot)
+
+    async def _sharded(self, raw: bytes) -> dict[str, Any]:
+        """A request on the shared control queue: this shard's answer merged with the other
+        shards' (see workers.delay.shards)."""
+        w = self.worker
+        s = w.settings
+        shards = w.shards
+        assert shards is not None
+        cursor = None
+        doc: Any = None
+        if len(raw) <= s.max_control_bytes:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, RecursionError):
+                doc = None
+        if isinstance(doc, dict) and doc.get("op") == "list" and doc.get("after") is not None:
+            cursor = sharding.decode_cursor(doc["after"])
+            doc = {**doc, "after": None}
+            raw = control.dumps(doc)
+        request = control.parse_request(raw, max_bytes=s.max_control_bytes, list_max=s.list_max)
+        me = shards.shard.index
+        if isinstance(request, control.Cancel):
+            own = await self._cancel(request)
+            replies, missing = await shards.gather(lambda i: doc, own)
+            return sharding.DelayShards.merge_cancel(replies, missing)
+        if isinstance(request, control.Counts):
+            own = await self._counts()
+            replies, missing = await shards.gather(lambda i: doc, own)
+            return sharding.DelayShards.merge_counts(replies, missing)
+        mine = control.ListPending(
+            request.topic,
+            request.limit,
+            control.decode_cursor(sharding.local_after(cursor, me)),
+        )
+        own = await self._list(mine)
+        replies, missing = await shards.gather(
+            lambda i: {**doc, "after": sharding.local_after(cursor, i)}, own
+        )
+        return sharding.DelayShards.merge_list(request.topic, request.limit, replies, missing)
 
     async def _cancel(self, request: control.Cancel) -> dict[str, Any]:
         w = self.worker
@@ -129,3 +175,14 @@ class ControlRpc:
             "messages": messages,
             "next": control.encode_cursor(last[1], last[0]) if last else None,
         }
+
+
+def _is_local(raw: bytes, max_bytes: int) -> bool:
+    """A shard's own question to another shard (``"local": true``), answered alone."""
+    if len(raw) > max_bytes or b'"local"' not in raw:
+        return False
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("local") is True

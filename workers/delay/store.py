@@ -29,6 +29,7 @@ from typing import Any
 
 from pamqp import commands, decode, encode
 
+from bridge.sharding import SHARD_COUNT_HINT
 from bridge.store import Database
 
 SCHEMA_VERSION = 1
@@ -240,7 +241,14 @@ class Startup:
 
 
 class DelayStore:
-    def __init__(self, directory: Path, *, synchronous: str = "FULL", cache_mb: int = 16) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        synchronous: str = "FULL",
+        cache_mb: int = 16,
+        identity: dict[str, str] | None = None,
+    ) -> None:
         self.path = Path(directory) / FILE_NAME
         self.db = Database(
             self.path,
@@ -248,6 +256,9 @@ class DelayStore:
             schema_version=SCHEMA_VERSION,
             schema=SCHEMA,
             synchronous=synchronous,
+            identity=identity,
+            identity_defaults={"shard_count": "1", "shard_index": "0"},
+            identity_hint=SHARD_COUNT_HINT,
         )
         self.db.run_sync(lambda c: c.execute(f"PRAGMA cache_size=-{cache_mb * 1024}"))
         # Owned by the writer thread: everything at or before this (due_ms, mid) position has

@@ -41,6 +41,7 @@ from bridge.amqp import (
 )
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
+from bridge.sharding import CHX_TYPE, Shard, ensure_chx_exchange, resolve_shard
 from bridge.store import GroupCommitter
 from workers.delay.acks import AckLine, Slot
 from workers.delay.config import (
@@ -65,6 +66,14 @@ from workers.delay.model import (
     strip_control_headers,
 )
 from workers.delay.rpc import ControlRpc
+from workers.delay.shards import (
+    H_FORWARDED_FROM,
+    DelayShards,
+    chx_arguments,
+    digest_id,
+    forwarded_headers,
+    shard_queue,
+)
 from workers.delay.store import (
     DelayStore,
     Delete,
@@ -117,6 +126,12 @@ class DelayWorker:
         self._ingress: tuple[Any, str] = (None, "")
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started_s: float | None = None
+        s = self.settings
+        self.shard: Shard = resolve_shard(self.name, s.shard_count, s.shard_index)
+        self.shards: DelayShards | None = None
+        self._in_queue = (
+            shard_queue(s.in_queue, self.shard.index) if self.shard.sharded else s.in_queue
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -142,7 +157,10 @@ class DelayWorker:
         # A message due now may enter a window capped by a backlog, up to this many extra.
         self._extra_cap = s.window_max_entries + max(1000, s.window_max_entries // 10)
         self.store = DelayStore(
-            ctx.state_dir(self.name), synchronous=s.synchronous, cache_mb=s.cache_mb
+            ctx.state_dir(self.name),
+            synchronous=s.synchronous,
+            cache_mb=s.cache_mb,
+            identity=self.shard.identity(),
         )
         boot = await self.store.db.run(self.store.startup)
         self._next_mid = boot.next_mid
@@ -163,13 +181,8 @@ class DelayWorker:
         self._dead: AbstractExchange = await declare_dead_letter(
             self._channel, s.dead_exchange, s.dead_queue
         )
-        in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
-        await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
         self._control_channel = await broker.channel(prefetch=s.control_prefetch, confirms=False)
-        control_ex = await declare_exchange(self._control_channel, s.control_exchange, "fanout")
-        control_q = await declare_quorum_queue(
-            self._control_channel, s.control_queue, bind=(control_ex, "")
-        )
+        control_qs = await self._declare_topology(broker)
         reply_channel: AbstractChannel = await broker.channel(confirms=False)
         self._user = login_user(ctx.settings.amqp_url)
         self.rpc = ControlRpc(self, reply_channel)
@@ -192,8 +205,9 @@ class DelayWorker:
             self._loop.create_task(self._dispatch_loop(), name="delay-dispatch"),
             self._loop.create_task(self._load_loop(), name="delay-loader"),
         ]
-        tag = await control_q.consume(self._on_control_delivery)
-        self._consumers.append((control_q, tag))
+        for control_q in control_qs:
+            tag = await control_q.consume(self._on_control_delivery)
+            self._consumers.append((control_q, tag))
         # Ingress is consumed with aiormq directly: aio-pika's IncomingMessage costs more
         # than the rest of the ingress path, and the raw properties are exact (aio-pika
         # reports an absent priority as 0 and expiration as float seconds).
@@ -212,10 +226,92 @@ class DelayWorker:
             },
         )
 
+    async def _declare_topology(self, broker: Any) -> list[AbstractQueue]:
+        """Ingress and control topology; returns the control queues to consume.
+
+        One shard: ``in_exchange`` (topic) -> ``in_queue`` bound '#'. ``shard_count`` N > 1:
+        ``in_exchange`` -> consistent-hash ``shards_exchange`` -> ``<in_queue>.shard-<i>``
+        bound with weight 1 in shard order (bucket i is shard i), and each shard also
+        consumes ``<control_queue>.shard-<i>`` for the other shards' questions (see
+        workers.delay.shards)."""
+        s = self.settings
+        in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
+        if not self.shard.sharded:
+            await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
+        else:
+            args = chx_arguments()
+            await ensure_chx_exchange(broker.url, self.name, s.shards_exchange, arguments=args)
+            shards_ex = await self._channel.declare_exchange(
+                s.shards_exchange, CHX_TYPE, durable=True, arguments=args
+            )
+            await shards_ex.bind(in_ex, routing_key="#")
+            for i in range(self.shard.count):  # in shard order: bucket i is shard i
+                await declare_quorum_queue(
+                    self._channel, shard_queue(s.in_queue, i), bind=(shards_ex, "1")
+                )
+        control_ex = await declare_exchange(self._control_channel, s.control_exchange, "fanout")
+        queues = [
+            await declare_quorum_queue(
+                self._control_channel, s.control_queue, bind=(control_ex, "")
+            )
+        ]
+        if self.shard.sharded:
+            queues.append(
+                await declare_quorum_queue(
+                    self._control_channel, shard_queue(s.control_queue, self.shard.index)
+                )
+            )
+            self.shards = DelayShards(self.shard, s)
+            assert broker.connection is not None
+            await self.shards.open(broker.connection)
+        return queues
+
+    def _owner(self, delivered: DeliveredMessage, key: str | None) -> tuple[int, str | None]:
+        """The shard that owns a message (by key, else by message_id) and, for a keyless
+        message without an id, the stable id it is forwarded with."""
+        if key is not None:
+            return self.shard.owner(key), None
+        props = delivered.header.properties
+        message_id = props.message_id
+        if not message_id:
+            message_id = digest_id(delivered.routing_key or "", props.headers, delivered.body)
+            return self.shard.owner(message_id), message_id
+        return self.shard.owner(message_id), None
+
+    async def _forward(
+        self,
+        delivered: DeliveredMessage,
+        slot: Slot,
+        due_ms: int,
+        owner: int,
+        new_id: str | None,
+    ) -> None:
+        """A message that belongs to another shard: hand it to the owner's queue (confirmed)
+        before acknowledging it here."""
+        props = raw_props(delivered.header.properties)
+        if new_id is not None:
+            props["message_id"] = new_id
+        headers = forwarded_headers(delivered.header.properties.headers, due_ms, self.shard)
+        message = OutgoingMessage(delivered.body, carried_properties(props, headers, self._user))
+        try:
+            await self.publisher.publish(
+                "", message, shard_queue(self.settings.in_queue, owner), mandatory=True
+            )
+        except PublishFailed as exc:
+            log.error(
+                "forward to the key's shard failed; requeueing",
+                extra={"owner": owner, "error": str(exc)},
+            )
+            await asyncio.sleep(1)
+            await self._acks.nack(slot)
+            return
+        self.metrics.received.labels("forwarded").inc()
+        await self._acks.ack(slot)
+
     async def _consume_ingress(self, *_: Any) -> None:
         """(Re)start the ingress consumer; also called when aio-pika reopened the channel."""
         raw = await self._channel.get_underlay_channel()
-        ok = await raw.basic_consume(self.settings.in_queue, self._on_ingress_delivery)
+        ok = await raw.basic_consume(self._in_queue, self._on_ingress_delivery)
         self._ingress = (raw, ok.consumer_tag or "")
 
     async def _on_ingress_delivery(self, delivered: DeliveredMessage) -> None:
@@ -282,6 +378,9 @@ class DelayWorker:
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
+        if self.shards is not None:
+            with contextlib.suppress(Exception):
+                await self.shards.close()
         for channel in (
             getattr(self, "_channel", None),
             getattr(self, "_control_channel", None),
@@ -395,6 +494,18 @@ class DelayWorker:
                 decision.detail,
             )
             return
+        if self.shard.sharded:
+            owner, new_id = self._owner(delivered, decision.key)
+            if owner != self.shard.index:
+                if not headers or H_FORWARDED_FROM not in headers:
+                    await self._forward(delivered, slot, decision.due_ms, owner, new_id)
+                    return
+                # forwarded here by a shard that thinks this one owns it: keep it (never
+                # forward twice) and say that the shards disagree on the shard count
+                log.error(
+                    "forwarded message not owned by this shard: check SHARD_COUNT on every shard",
+                    extra={"owner": owner, "shard": self.shard.index},
+                )
         mid = self._next_mid
         self._next_mid += 1
         props = raw_props(properties)
