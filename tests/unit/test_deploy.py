@@ -105,6 +105,20 @@ def test_pods_are_locked_down_and_drain_in_time(overlay):
             assert doc["spec"]["volumeClaimTemplates"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shard_count_matches_replicas(overlay):
+    """A StatefulSet of a sharded worker runs exactly SHARD_COUNT replicas (ordinal = shard)."""
+    sets = [d for d in render(overlay) if d["kind"] == "StatefulSet"]
+    assert {d["metadata"]["name"] for d in sets} >= {"bridge-directed", "bridge-delay"}
+    for doc in sets:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        counts = [v for k, v in env.items() if k.endswith("__SHARD_COUNT")]
+        assert counts == [str(doc["spec"]["replicas"])], doc["metadata"]["name"]
+    if overlay == "prod":
+        assert all(d["spec"]["replicas"] == 3 for d in sets)
+
+
 def test_prod_overlay_has_disruption_budgets_and_anti_affinity():
     docs = render("prod")
     assert sum(d["kind"] == "PodDisruptionBudget" for d in docs) == 3
