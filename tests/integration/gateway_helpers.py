@@ -105,8 +105,13 @@ async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0)
 async def cleanup(url: str, s: GatewaySettings, server_ids: list[str]) -> None:
     await delete_names(
         url,
-        [s.servers_exchange],
-        [s.undeliverable_queue, s.reply_queue, *(s.server_queue(i) for i in server_ids)],
+        [s.servers_exchange, s.peers_exchange_name],
+        [
+            s.undeliverable_queue,
+            s.reply_queue,
+            s.sticky_stream_name,
+            *(s.server_queue(i) for i in server_ids),
+        ],
     )
 
 

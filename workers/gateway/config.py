@@ -86,6 +86,46 @@ class GatewaySettings(BaseSettings):
         description="this gateway replica's id (x-gateway, reply queue name)",
     )
 
+    peers: bool = Field(
+        default=True,
+        description="share per-server counts and sticky records with the other replicas of "
+        "the same servers exchange; false: each replica balances alone",
+    )
+    peers_exchange: str = Field(
+        default="",
+        description="fanout exchange of the replicas' count reports; empty = "
+        "<servers_exchange>.peers",
+    )
+    sticky_stream: str = Field(
+        default="",
+        description="stream of client_id -> server records shared by the replicas; empty = "
+        "<servers_exchange>.sticky",
+    )
+    peer_report_s: float = Field(
+        default=1.0, gt=0, description="a replica reports its counts at least this often"
+    )
+    peer_debounce_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=5,
+        description="a change of counts or sticky records is reported within about this long",
+    )
+    peer_ttl_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a replica not heard from this long is dropped from the global view",
+    )
+    peer_catchup_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="at start, wait up to this long to read the shared sticky records",
+    )
+    sticky_stream_max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="size cap of the sticky stream (x-max-length-bytes), fixed at its creation",
+    )
+
     reply_queue_expires_s: float = Field(
         default=60.0,
         gt=0,
@@ -157,6 +197,11 @@ class GatewaySettings(BaseSettings):
             raise ValueError("plain_listener=false needs tls_cert and tls_key")
         if self.max_hello_frame > self.max_frame:
             raise ValueError("max_hello_frame must not exceed max_frame")
+        if self.peer_ttl_s <= self.peer_report_s:
+            raise ValueError(
+                "peer_ttl_s must be longer than peer_report_s (a few reports), or every "
+                "replica would keep dropping the others"
+            )
         return self
 
     def server_queue(self, server_id: str) -> str:
@@ -169,6 +214,25 @@ class GatewaySettings(BaseSettings):
     @property
     def registry_queue(self) -> str:
         return self.registry_queue_prefix + self.instance
+
+    @property
+    def peers_exchange_name(self) -> str:
+        """Replicas that share a servers exchange share counts, so the default follows it."""
+        return self.peers_exchange or f"{self.servers_exchange}.peers"
+
+    @property
+    def peers_queue(self) -> str:
+        return f"{self.peers_exchange_name}.{self.instance}"
+
+    @property
+    def sticky_stream_name(self) -> str:
+        return self.sticky_stream or f"{self.servers_exchange}.sticky"
+
+    @property
+    def sticky_stream_max_age_s(self) -> int:
+        """Records older than the retention are useless; twice it leaves room for a segment
+        that is only partly expired (streams drop whole segments)."""
+        return max(60, int(self.sticky_retention_s * 2))
 
     @property
     def state_name(self) -> str:

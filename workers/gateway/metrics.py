@@ -6,6 +6,7 @@ a lock on every ``inc``, which on the DATA path costs more than the rest of the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,21 @@ class _StateCollector(Collector):
         for server, count in balancer.counts().items():
             per_server.add_metric([server], count)
         yield per_server
+        now = time.monotonic()
+        global_view = GaugeMetricFamily(
+            "bridge_gateway_global_server_clients",
+            "clients of all replicas per server, as this replica sees them (own live clients + "
+            "other replicas' last reports + own assignments since)",
+            labels=["server"],
+        )
+        for server, count in balancer.global_counts(now).items():
+            global_view.add_metric([server], count)
+        yield global_view
+        yield GaugeMetricFamily(
+            "bridge_gateway_peer_replicas",
+            "other gateway replicas heard from within peer_ttl_s",
+            value=len(balancer.replicas(now)),
+        )
 
 
 class GatewayMetrics:
@@ -109,6 +125,12 @@ class GatewayMetrics:
             "bridge_gateway_registry_messages_total",
             "messages on the servers exchange, by op (malformed included)",
             ["op"],
+            registry=registry,
+        )
+        self.peer_messages = Counter(
+            "bridge_gateway_peer_messages_total",
+            "messages from other replicas: counts, leave, sticky, stale, malformed",
+            ["kind"],
             registry=registry,
         )
         registry.register(_StateCollector(self.wire, worker))

@@ -24,6 +24,7 @@ import json
 import logging
 import ssl
 import time
+import urllib.parse
 from collections import deque
 from typing import Any
 
@@ -54,6 +55,7 @@ from workers.gateway.config import (
 )
 from workers.gateway.housekeeping import Housekeeper
 from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.peers import Peers
 from workers.gateway.protocol import Hello
 from workers.gateway.session import JOINING, OPEN, STATE_NAMES, Session
 from workers.gateway.store import GatewayStore
@@ -76,7 +78,9 @@ class GatewayWorker:
         self.settings = settings or load_gateway_settings()
         s = self.settings
         self.balancer = Balancer(
-            server_ttl_s=s.server_ttl_s, sticky_retention_s=s.sticky_retention_s
+            server_ttl_s=s.server_ttl_s,
+            sticky_retention_s=s.sticky_retention_s,
+            replica_ttl_s=s.peer_ttl_s,
         )
         self.tokens = tuple(hashlib.sha256(t.encode()).digest() for t in s.tokens)
         self.sessions: dict[str, Session] = {}
@@ -85,6 +89,7 @@ class GatewayWorker:
         self.ports: dict[str, int] = {}
         self.store: GatewayStore | None = None
         self.housekeeper: Housekeeper | None = None
+        self.peers: Peers | None = None
         self._waiting: deque[Session] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._declared: dict[str, asyncio.Future[None]] = {}
@@ -167,6 +172,11 @@ class GatewayWorker:
         self._consumers.append(
             (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
         )
+        if s.peers:
+            # Before listening: the first clients are placed on the global view, and a
+            # returning client_id finds the server another replica gave it.
+            self.peers = Peers(self)
+            await self.peers.start(broker)
         self._consuming = True
 
         loop = asyncio.get_running_loop()
@@ -238,6 +248,8 @@ class GatewayWorker:
         self._consumers.clear()
         if self.housekeeper is not None:
             await self.housekeeper.close()
+        if self.peers is not None:
+            await self.peers.close()  # the last sticky records, then "leave"
         if hasattr(self, "publisher"):
             await self.publisher.close()
         for task in list(self._tasks):
@@ -274,9 +286,32 @@ class GatewayWorker:
                 "sessions_waiting_for_window": len(self._waiting),
                 "servers_alive": self.balancer.alive(),
                 "reply_queue": self.settings.reply_queue,
+                "peers": None
+                if self.peers is None
+                else {
+                    "boot": self.peers.boot,
+                    "replicas": self.balancer.replicas(now),
+                    "sticky_stream": self.peers.stream_ok,
+                    "sticky_read_at_start": self.peers.caught_up.is_set(),
+                    "sticky_pending": len(self.peers.pending),
+                    "sticky_dropped": self.peers.dropped,
+                },
             }
         if view == "associations":
             return self.balancer.snapshot(now)
+        if view.startswith("sticky/"):
+            # Where a returning client_id would go: /admin/gateway/sticky/<client_id>
+            client_id = urllib.parse.unquote(view[len("sticky/") :])
+            record = self.balancer.sticky_record(client_id)
+            if record is None:
+                return None
+            server, live, released = record
+            return {
+                "client_id": client_id,
+                "server": server,
+                "live_here": live,
+                "released_age_s": None if live else round(now - released, 3),
+            }
         if view == "sessions":
             out = []
             for session in list(self.sessions.values())[:1000]:
@@ -312,6 +347,10 @@ class GatewayWorker:
             return False
         if session.client_id is not None:
             self.sticky_dirty.add(session.client_id)
+        if self.peers is not None:
+            self.peers.changed()
+            if session.client_id is not None:
+                self.peers.note(session.client_id, server)
         session.welcome(server)
         return True
 
@@ -337,6 +376,10 @@ class GatewayWorker:
         self.balancer.release(session.sid, time.monotonic())
         if session.client_id is not None:
             self.sticky_dirty.add(session.client_id)
+        if self.peers is not None:
+            self.peers.changed()
+            if session.client_id is not None:
+                self.peers.note(session.client_id, session.server)
         self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
         if session.pending is None:
             session.pending = deque()
