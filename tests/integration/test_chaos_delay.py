@@ -14,12 +14,24 @@ stall long enough for the heartbeat to notice is in the full suite.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+from urllib.parse import urlsplit
 
 import pytest
 
 from bench.chaos import parse_args, run_worker
+from tests.integration.delay_helpers import (
+    cleanup,
+    delay_settings,
+    env_for,
+    make_sink,
+    wait_stored,
+)
+from tests.integration.procs import WorkerProcess
+from tests.proxy import TcpProxy
+from workers.delay.client import DelayClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,3 +73,43 @@ async def test_delay_fault_subset(broker_url, tmp_path, monkeypatch):
     assert cut["went_down"] and cut["came_back"], cut
     assert report["reconnects"] >= 1
     assert report["ok"] is True
+
+
+async def test_lane_survives_its_connection_dropped_as_stuck(broker_url, amqp, tmp_path, unique):
+    """Found by the fault suite: when missed heartbeats make aiormq drop a lane's connection,
+    the publishes waiting for a confirm fail with the reader's CancelledError. That ended the
+    lane's thread ("lane crashed"), and the topics whose batch it held were never sent again
+    until a restart. Now the batch is retried once the lane has reconnected."""
+    s = delay_settings(unique, lanes=2, batch=20)
+    parts = urlsplit(broker_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    proc = WorkerProcess(
+        ["delay"],
+        broker_url=proxy.url(parts.username or "guest", parts.password or "guest"),
+        state_dir=tmp_path / "state",
+        env={**env_for(s), "BRIDGE_HEARTBEAT_S": "1"},
+        log=tmp_path / "worker.log",
+    )
+    sink = await make_sink(amqp, unique, "stuck")
+    try:
+        await asyncio.to_thread(proc.start().wait_ready)  # the proxy runs on this loop
+        client = await DelayClient(amqp, s).open()
+        ids = [f"s{i}" for i in range(40)]
+        for mid in ids:  # due while the link is stalled: the lanes publish into the stall
+            await client.send(mid.encode(), sink.exchange, delay_ms=1500, message_id=mid)
+        await wait_stored(client, len(ids))
+        proxy.stall()
+        await asyncio.sleep(9)  # heartbeat 1 s: aiormq gives up after about 6 s
+        proxy.resume()
+        await sink.wait_for(len(ids), timeout=60)
+        assert set(sink.ids()) == set(ids)
+        log = proc.log.read_text()
+        assert "was stuck" in log, "the stall must have dropped the connections"
+        assert "lane crashed" not in log, log[-3000:]
+        await wait_stored(client, 0, timeout=20)
+        await client.close()
+    finally:
+        if proc.proc and proc.proc.poll() is None:
+            await asyncio.to_thread(proc.terminate)  # it drains through the proxy
+        await proxy.stop()
+        await cleanup(broker_url, s, [sink.exchange], [sink.queue])

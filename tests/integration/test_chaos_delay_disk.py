@@ -13,16 +13,21 @@ cannot be made writable again in place (the kernel refuses ``remount,rw`` until 
 unmounted and checked), so there the worker has to be restarted on the repaired volume:
 ``tests/integration/test_directed_faults.py::test_read_only_volume_leaves_requests_in_the_broker``.
 
-These need root and mount (tmpfs, loop devices); they skip with the reason otherwise.
+These need root and mount (tmpfs, loop devices); they skip with the reason otherwise. A
+corrupt or foreign state file is refused at start (no mount needed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import re
 import shutil
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +229,51 @@ async def test_directed_read_only_state_file_recovers_without_restart(
         if proc.proc and proc.proc.poll() is None:
             proc.terminate()
         await directed_cleanup(broker_url, s)
+
+
+def _foreign(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        db.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    db.close()
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(_corrupt, "is not a usable SQLite database"), (_foreign, "did not create")],
+    ids=["corrupt", "foreign"],
+)
+def test_delay_refuses_a_corrupt_or_foreign_state_file(broker_url, tmp_path, unique, make, message):
+    """Not a mount: runs anywhere. The file is left byte for byte as it was."""
+    s = delay_settings(unique)
+    state = tmp_path / "state"
+    (state / "delay").mkdir(parents=True)
+    path = state / "delay" / "delay.sqlite3"
+    make(path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    env = {
+        **os.environ,
+        **env_for(s),
+        "BRIDGE_AMQP_URL": broker_url,
+        "BRIDGE_STATE_DIR": str(state),
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_LOG_FORMAT": "text",
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge.cli", "run", "delay"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        asyncio.run(cleanup(broker_url, s, [], []))
+    assert done.returncode != 0
+    assert message in done.stderr and str(path) in done.stderr, done.stderr[-2000:]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the file must stay as is"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["delay.sqlite3"]

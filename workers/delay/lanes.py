@@ -281,7 +281,12 @@ class Lane:
                     items.append(_Item(entry, row))
             try:
                 await self._publish_batch(a.topic, items, report)
-            except Exception as exc:  # a bug must not kill the lane: retry the batch
+            except (Exception, asyncio.CancelledError) as exc:  # never kill the lane: retry
+                # aiormq fails the pending confirms of a connection it drops as stuck (missed
+                # heartbeats) with its reader's CancelledError: a lost confirm, not a stop.
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise
                 log.exception("lane batch failed", extra={"lane": self.index, "topic": a.topic})
                 done = {*report.sent, *(m for m, _ in report.dead), *report.gone}
                 report.retry = [e.mid for e in a.entries if e.mid not in done]
