@@ -61,7 +61,9 @@ def settings_for(prefix: str, **overrides: Any) -> DirectedSettings:
 
 def env_for(s: DirectedSettings, **host: str) -> dict[str, str]:
     fields = DirectedSettings.model_fields
-    out = {f"BRIDGE_DIRECTED__{f.upper()}": str(getattr(s, f)) for f in fields}
+    # unset optional settings stay unset (str(None) would be the text "None")
+    values = {f: getattr(s, f) for f in fields}
+    out = {f"BRIDGE_DIRECTED__{f.upper()}": str(v) for f, v in values.items() if v is not None}
     out.update({f"BRIDGE_{k.upper()}": v for k, v in host.items()})
     return out
 

@@ -73,3 +73,131 @@ async def test_a_standalone_suite_is_merged(tmp_path, monkeypatch):
     assert report["ok"] and report["kills"] == 20 and report["max_rss_bytes"] == 2 * 2**20
     assert report["scenarios"] == {"crash": {}} and report["expected"] == 0
     assert total({"gateway": report})["duplicated"]["count"] == 2
+
+
+def test_overload_seconds_default_and_option():
+    assert parse_args([]).overload_seconds == 180.0
+    assert parse_args(["--quick"]).overload_seconds == 10.0
+    assert parse_args(["--overload-seconds", "300"]).overload_seconds == 300.0
+
+
+# -- the delay scenarios' check (bench/chaos_delay.py), without a broker ---------------------
+
+
+def _delay_load(tmp_path):
+    from bench.chaos import Harness
+    from bench.chaos_delay import Load, Sinks, settings_for
+
+    h = Harness("delay", parse_args(["--seed", "1", "--workers", "delay"]), tmp_path)
+    sinks = Sinks(["t0", "t1"])
+    return h, Load(h, settings_for("x"), sinks, "unit"), sinks
+
+
+def _msg(load, mid, topic="t0", kind="delay", published=1000.0, due=2000, key=None):
+    from bench.chaos_delay import Msg
+
+    m = Msg(mid, topic, kind, published, due, key=key, attempts=1, confirmed=True)
+    load.msgs[mid] = m
+    load.h.ledger.acknowledged(mid, [topic])
+    return m
+
+
+def _arrive(sinks, m, at, body=None, topic=None):
+    from bench.chaos_delay import Arrival
+
+    sinks.arrivals[m.id].append(Arrival(at, topic or m.topic, body or m.body))
+
+
+def _pair(load, old_due, new_due=1600, published=1000.0):
+    from bench.chaos_delay import Pair
+
+    old = _msg(load, "old", kind="keyed_old", published=published, due=old_due, key="k")
+    new = _msg(load, "new", "t1", "keyed_new", published + 100, new_due, key="k")
+    load.pairs.append(Pair(old.id, new.id))
+    load.replaces[new.id] = old.id
+    load.h.ledger.acknowledged(old.id, [])
+    return old, new
+
+
+def test_delay_check_flags_an_early_arrival_and_counts_lateness(tmp_path):
+    h, load, sinks = _delay_load(tmp_path)
+    on_time = _msg(load, "a", due=2000)
+    early = _msg(load, "b", due=2000)
+    _arrive(sinks, on_time, 2000.5)
+    _arrive(sinks, early, 1999.0)
+    load._check()
+    figures = h.scenario("unit")
+    assert figures["early"] == 1 and any("early" in f for f in h.failures)
+    assert figures["lateness_ms"]["delay"]["n"] == 2
+
+
+def test_delay_check_replacement_rule(tmp_path):
+    # the old message was due after the new one arrived: it was not in flight: violation
+    h, load, sinks = _delay_load(tmp_path)
+    old, new = _pair(load, old_due=5000)
+    _arrive(sinks, new, 1700.0)
+    _arrive(sinks, old, 5001.0)
+    load._check()
+    assert h.scenario("unit")["violation_replaced_delivered"] == 1 and h.failures
+    assert h.ledger.counters()["lost"] == 0
+
+    # due before the new one arrived: may have been in flight: allowed
+    h, load, sinks = _delay_load(tmp_path)
+    old, new = _pair(load, old_due=1500)
+    _arrive(sinks, old, 1501.0)
+    _arrive(sinks, new, 1700.0)
+    load._check()
+    assert h.scenario("unit")["replaced_delivered_in_flight"] == 1 and not h.failures
+
+    # a fault that may have reordered them in the broker: allowed and counted apart
+    h, load, sinks = _delay_load(tmp_path)
+    old, new = _pair(load, old_due=5000)
+    load.fault(1200.0, 1200.0, "kill")
+    _arrive(sinks, new, 1700.0)
+    _arrive(sinks, old, 5001.0)
+    load._check()
+    assert h.scenario("unit")["replaced_delivered_after_fault"] == 1 and not h.failures
+
+
+def test_delay_check_old_winning_a_pair_needs_a_fault(tmp_path):
+    h, load, sinks = _delay_load(tmp_path)
+    old, _ = _pair(load, old_due=5000)
+    _arrive(sinks, old, 5001.0)
+    load._check()
+    assert h.scenario("unit")["violation_old_delivered_new_never"] == 1
+    assert h.ledger.counters()["lost"] == 1  # the new one was owed
+
+    h, load, sinks = _delay_load(tmp_path)
+    old, _ = _pair(load, old_due=5000)
+    load.fault(1050.0, 1300.0, "link")
+    _arrive(sinks, old, 5001.0)
+    assert load.missing() == 0  # not waited for: the old one may have won
+    load._check()
+    assert h.scenario("unit")["pairs_old_won_after_fault"] == 1 and not h.failures
+    counters = h.ledger.counters()
+    assert counters["lost"] == 0 and counters["delivered"] == 1
+
+
+def test_delay_check_classifies_duplicates(tmp_path):
+    from bench.chaos_delay import KILLED, PRODUCER
+
+    h, load, sinks = _delay_load(tmp_path)
+    plain = _msg(load, "plain")
+    killed = _msg(load, "killed")
+    retried = _msg(load, "retried")
+    retried.attempts = 2
+    forged = _msg(load, "forged")
+    forged.attempts = 2
+    load.fault(2500.0, 2500.0, "kill")
+    for m in (plain, killed, retried):
+        _arrive(sinks, m, 2100.0)
+    _arrive(sinks, plain, 2200.0)  # before the kill, nothing explains it
+    _arrive(sinks, killed, 2600.0)
+    _arrive(sinks, retried, 2300.0)
+    _arrive(sinks, forged, 2100.0)
+    _arrive(sinks, forged, 2200.0, body=b"another body")
+    load._check()
+    dup = h.ledger.counters()["duplicated"]
+    assert dup["violations"] == 1 and dup["reasons"][KILLED] == 1
+    assert dup["reasons"][PRODUCER] == 2  # retried, forged (counted, but its body is wrong)
+    assert any("another body" in f for f in h.failures)
