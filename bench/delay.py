@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -98,6 +99,36 @@ def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the worker and its lane processes, if any)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes sharing them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
@@ -207,6 +238,22 @@ class Worker:
             out[f"p{q}_ms_at_most"] = None if bound is None else round(bound * 1000, 2)
         return out
 
+    def rss_mb(self) -> float:
+        """RSS of the worker and its lane processes, added up (shared pages counted in each)."""
+        return sum(rss_bytes(p) for p in process_tree(self.pid)) / 2**20
+
+    def memory(self) -> dict[str, Any]:
+        tree = process_tree(self.pid)
+        return {
+            "processes": len(tree),
+            "worker_rss_mb": round(self.rss_mb(), 1),
+            "main_process_rss_mb": round(rss_bytes(self.pid) / 2**20, 1),
+            "worker_pss_mb": round(sum(pss_bytes(p) for p in tree) / 2**20, 1),
+        }
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p) for p in process_tree(self.pid))
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -297,48 +344,111 @@ async def publish_all(
     return len(messages) / (time.perf_counter() - started)
 
 
+CONSUMER_CHILD = "--consumer-child"
+
+
 class Arrivals:
-    """A queue bound to the given exchanges; records (arrival - due) per message id."""
+    """What the consumers of the target queues saw: (arrival - due) per message id."""
 
     def __init__(self) -> None:
         self.late: dict[str, float] = {}
         self.duplicates = 0
         self.early = 0
-        self.event = asyncio.Event()
 
-    async def attach(self, conn: Any, queue_name: str, exchange: str) -> Any:
-        """One queue per topic, as each topic's consumers would have: a burst on one topic
-        must not queue up in front of another topic's messages at the consumer."""
+    def merge(self, doc: dict[str, Any]) -> None:
+        for mid, lateness in doc["late"].items():
+            if mid in self.late:
+                self.duplicates += 1
+            else:
+                self.late[mid] = lateness
+        self.duplicates += doc["duplicates"]
+        self.early += doc["early"]
+
+
+async def consume_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Body of a consumer process: one connection and queue per topic (each topic's consumers
+    would have their own), records (arrival - due) per message id until ``expected``
+    messages arrived or ``deadline`` (epoch s) passed."""
+    late: dict[str, float] = {}
+    counts = {"duplicates": 0, "early": 0}
+    done = asyncio.Event()
+    expected = spec["expected"]
+    conns = []
+
+    def on_message(message: AbstractIncomingMessage) -> None:
+        arrived = time.time() * 1000
+        due = (message.headers or {}).get("bench-due")
+        mid = message.message_id or ""
+        if mid in late:
+            counts["duplicates"] += 1
+        elif isinstance(due, int):
+            lateness = arrived - due
+            if lateness < -1:  # allow for the 1 ms resolution of due times
+                counts["early"] += 1
+            late[mid] = round(lateness, 3)
+            if len(late) >= expected:
+                done.set()
+
+    async def on_message_async(message: AbstractIncomingMessage) -> None:
+        on_message(message)
+
+    for queue_name, exchange in spec["queues"]:
+        conn = await aio_pika.connect_robust(spec["url"])
+        conns.append(conn)
         channel = await conn.channel()
         await channel.set_qos(prefetch_count=2000)
         queue = await channel.declare_queue(queue_name, durable=True)
         ex = await channel.declare_exchange(exchange, "topic", durable=True)
         await queue.bind(ex, "#")
+        await queue.consume(on_message_async, no_ack=True)
+    print("ready", flush=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), max(0.0, spec["deadline"] - time.time()))
+    for conn in conns:
+        await conn.close()
+    return {"late": late, **counts}
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            arrived = time.time() * 1000
-            due = (message.headers or {}).get("bench-due")
-            mid = message.message_id or ""
-            if mid in self.late:
-                self.duplicates += 1
-            elif isinstance(due, int):
-                lateness = arrived - due
-                if lateness < -1:  # allow for the 1 ms resolution of due times
-                    self.early += 1
-                self.late[mid] = lateness
-            self.event.set()
 
-        await queue.consume(on_message, no_ack=True)
-        return channel
+class ConsumerGroup:
+    """Consumers of some target topics in a process of their own.
 
-    async def wait(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.late) < count and time.monotonic() < deadline:
-            self.event.clear()
-            try:
-                await asyncio.wait_for(self.event.wait(), 1.0)
-            except TimeoutError:
-                pass
+    A topic's consumers are an application of their own: in the isolation part the hot
+    topic's consumer must not share an interpreter (and its event loop) with the cold
+    topics' consumers, or the measurement would include the time the cold messages wait
+    behind the hot ones inside this benchmark.
+    """
+
+    def __init__(self, queues: list[tuple[str, str]], expected: int) -> None:
+        self.queues = queues
+        self.expected = expected
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, deadline: float) -> None:
+        spec = {"url": url(), "queues": self.queues, "expected": self.expected}
+        spec["deadline"] = deadline
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "bench" / "delay.py"),
+            CONSUMER_CHILD,
+            json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE,
+            limit=2**28,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"consumer process failed to start: {line!r}")
+
+    async def result(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = await self.proc.stdout.read()
+        await self.proc.wait()
+        return dict(json.loads(out))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
 
 async def stored(worker: Worker, total: int, timeout: float) -> float:
@@ -377,7 +487,7 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             worker = Worker(f"{tag}.w{round_}", tmp / f"ingest{round_}", lanes=8).start()
             try:
                 progress(f"ingest: through the worker, round {round_ + 1}")
-                cpu0 = cpu_seconds(worker.pid)
+                cpu0 = worker.cpu_seconds()
                 started = time.perf_counter()
                 publish_rate = await publish_all(channel, worker.names["in_exchange"], messages)
                 done = await stored(worker, n, 300)
@@ -385,7 +495,7 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 worker_rates.append(round(n / elapsed, 0))
                 out.setdefault("worker_publish_side_msgs_per_s", []).append(round(publish_rate, 0))
                 out.setdefault("worker_cpu_cores", []).append(
-                    round((cpu_seconds(worker.pid) - cpu0) / elapsed, 2)
+                    round((worker.cpu_seconds() - cpu0) / elapsed, 2)
                 )
             finally:
                 worker.stop()
@@ -441,21 +551,33 @@ async def run_schedule(
     schedule: list[tuple[str, int]],  # (topic suffix, due ms offset from the start)
     lead_ms: int,
     settle_s: float,
+    groups: list[list[str]] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Store ``schedule`` in a fresh worker, let it fall due, and measure arrivals."""
+    """Store ``schedule`` in a fresh worker, let it fall due, and measure arrivals.
+
+    ``groups`` splits the topics over consumer processes (default: one process for all).
+    """
     worker = Worker(tag, state, lanes=lanes, **settings).start()
     conn = await aio_pika.connect_robust(url())
     topics = sorted({t for t, _ in schedule})
     exchanges = [f"{tag}.{t}" for t in topics]
+    per_topic: dict[str, int] = {}
+    for topic, _ in schedule:
+        per_topic[topic] = per_topic.get(topic, 0) + 1
+    consumers = [
+        ConsumerGroup(
+            [(f"{tag}.{t}.q", f"{tag}.{t}") for t in group], sum(per_topic[t] for t in group)
+        )
+        for group in (groups or [topics])
+    ]
     arrivals = Arrivals()
-    # A connection per topic's consumer: one TCP stream would serialize them again.
-    consumers = [await aio_pika.connect_robust(url()) for _ in topics]
     try:
-        for topic, consumer in zip(topics, consumers, strict=True):
-            await arrivals.attach(consumer, f"{tag}.{topic}.q", f"{tag}.{topic}")
         channel = await conn.channel(publisher_confirms=True)
         start = now_ms() + lead_ms
+        last_due = start + max(o for _, o in schedule)
+        for group in consumers:
+            await group.start(deadline=last_due / 1000 + settle_s)
         messages = []
         for i, (topic, offset) in enumerate(schedule):
             due = start + offset
@@ -471,30 +593,32 @@ async def run_schedule(
         progress(f"  {len(messages)} stored {slack} ms before the first falls due")
         if slack < 0:
             raise RuntimeError("the schedule was not stored before it fell due; raise lead_ms")
-        last_due = start + max(o for _, o in schedule)
         await asyncio.sleep(max(0.0, (start - now_ms()) / 1000 - 0.2))
         probe = NoiseProbe((last_due - now_ms()) / 1000)
-        cpu0 = cpu_seconds(worker.pid)
+        cpu0 = worker.cpu_seconds()
         t0 = time.perf_counter()
-        await arrivals.wait(len(messages), timeout=(last_due - now_ms()) / 1000 + settle_s)
-        cpu = (cpu_seconds(worker.pid) - cpu0) / (time.perf_counter() - t0)
+        for group in consumers:
+            arrivals.merge(await group.result())
+        cpu = (worker.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
         busy = worker.metrics().get("bridge_delay_lane_busy_seconds_total", [])
         return {
             "lanes_that_sent": sum(1 for _, seconds in busy if seconds > 0),
+            "consumer_processes": [len(g) for g in (groups or [topics])],
             "machine_noise_10ms_sleep_oversleep": probe.result(),
             "cpu_pressure_some_avg60_pct": cpu_pressure(),
             "arrivals": arrivals,
             "worker_view": worker.lateness_from_histogram(),
             "worker_cpu_cores": round(cpu, 2),
-            "worker_rss_mb": round(rss_bytes(worker.pid) / 2**20, 1),
+            **worker.memory(),
             "delivered": len(arrivals.late),
             "expected": len(messages),
             "duplicates": arrivals.duplicates,
             "early": arrivals.early,
         }
     finally:
-        for c in (conn, *consumers):
-            await c.close()
+        for group in consumers:
+            group.kill()
+        await conn.close()
         worker.stop()
         await delete_names(
             [
@@ -562,6 +686,7 @@ async def bench_isolation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
             lead_ms=int(len(schedule) / 2.5) + 3000,
             settle_s=120,
             batch=batch,
+            groups=[["hot"], [f"cold{c}" for c in range(10)]],
         )
         arrivals: Arrivals = r.pop("arrivals")
         cold = [v for m, v in arrivals.late.items() if not m.startswith("hot-")]
@@ -671,7 +796,7 @@ async def bench_scale(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "window_cap": cap,
             "start_to_ready_s": round(worker.ready_s or 0, 2),
             "start_to_window_loaded_s": round(filled_s, 2),
-            "worker_rss_mb": round(rss_bytes(worker.pid) / 2**20, 1),
+            **worker.memory(),
             "goals": {"rss_mb_below": 250, "ready_s_below": 10},
         }
     finally:
@@ -715,7 +840,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
 def cli() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == CONSUMER_CHILD:
+        _install_uvloop()
+        gc.freeze()
+        gc.set_threshold(700, 10, 1000)
+        json.dump(asyncio.run(consume_child(json.loads(sys.argv[2]))), sys.stdout)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaled down smoke run")
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds (alternating)")
@@ -729,12 +869,7 @@ def cli() -> None:
     unknown = [p for p in args.only if p not in PARTS]
     if unknown:
         parser.error(f"unknown parts: {unknown}")
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _install_uvloop()
     # The consumer here is measuring apparatus: full garbage collections would add their
     # pauses (up to hundreds of ms with 100,000 ids recorded) to the lateness it records.
     gc.freeze()
