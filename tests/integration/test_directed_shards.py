@@ -135,6 +135,34 @@ async def test_two_shards(broker_url, tmp_path, unique):
             assert metric(p, "bridge_directed_pulls_forwarded_total") == 0
         assert sum(metric(p, "bridge_directed_requests_total") for p in procs) >= 31
 
+        # the ring out of shard order (what a broker restart does): pulls are forwarded, the
+        # shards notice and put the ring back in order, and pulls go direct again
+        ring_ch = await conn.channel()
+        raw = await ring_ch.get_underlay_channel()
+        q0 = shard_queue(s.pull_queue, 0)
+        await raw.queue_unbind(queue=q0, exchange=s.pull_shards_exchange, routing_key="1")
+        await raw.queue_bind(queue=q0, exchange=s.pull_shards_exchange, routing_key="1")
+        await client.send(b"reordered", targets, message_id="reordered")
+        for t in targets:
+            assert await drain(client, t) == ["reordered"]
+        forwarded = [metric(p, "bridge_directed_pulls_forwarded_total") for p in procs]
+        assert sum(forwarded) > 0
+        repaired = ""
+        for _ in range(200):  # the first shard that forwarded puts the ring back in order
+            logs = [(tmp_path / f"shard-{i}.log").read_text() for i in range(SHARDS)]
+            repaired = next((t for t in logs if "does not own its target" in t), "")
+            if repaired:
+                break
+            await asyncio.sleep(0.1)
+        assert "ring put in shard order" in repaired
+        await asyncio.sleep(0.5)
+        await client.send(b"in-order", targets, message_id="in-order")
+        for t in targets:
+            assert await drain(client, t) == ["in-order"]
+        assert [metric(p, "bridge_directed_pulls_forwarded_total") for p in procs] == forwarded
+        for t in targets:
+            expected[t] += ["reordered", "in-order"]
+
         # the status query adds up both shards' parts
         status = await client.status("m1")
         m1_targets = [t for t in targets if "m1" in expected[t]]
@@ -167,7 +195,7 @@ async def test_two_shards(broker_url, tmp_path, unique):
                 await msg.ack()
                 break
         assert [m["id"] for m in reply["messages"]] == ["late"], reply
-        assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == 1
+        assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == forwarded[0] + 1
         assert "pull forwarded to its owning shard" in (tmp_path / "shard-0.log").read_text()
 
         # a malformed request is dead-lettered once, by shard 0, not by every shard

@@ -41,7 +41,7 @@ from bridge.amqp import (
 )
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
-from bridge.sharding import CHX_TYPE, Shard, ensure_chx_exchange, resolve_shard
+from bridge.sharding import CHX_TYPE, RingKeeper, Shard, ensure_chx_exchange, resolve_shard
 from bridge.store import GroupCommitter
 from workers.delay.acks import AckLine, Slot
 from workers.delay.config import (
@@ -129,6 +129,7 @@ class DelayWorker:
         s = self.settings
         self.shard: Shard = resolve_shard(self.name, s.shard_count, s.shard_index)
         self.shards: DelayShards | None = None
+        self._ring: RingKeeper | None = None
         self._in_queue = (
             shard_queue(s.in_queue, self.shard.index) if self.shard.sharded else s.in_queue
         )
@@ -249,6 +250,17 @@ class DelayWorker:
                 await declare_quorum_queue(
                     self._channel, shard_queue(s.in_queue, i), bind=(shards_ex, "1")
                 )
+            ring = RingKeeper(
+                lambda: broker.channel(confirms=False),
+                s.shards_exchange,
+                [shard_queue(s.in_queue, i) for i in range(self.shard.count)],
+                worker=self.name,
+            )
+            await ring.repair("start")
+            broker.on_reconnect(
+                lambda: ring.schedule("broker connection came back", delay_s=1.0, force=True)
+            )
+            self._ring = ring
         control_ex = await declare_exchange(self._control_channel, s.control_exchange, "fanout")
         queues = [
             await declare_quorum_queue(
@@ -378,6 +390,8 @@ class DelayWorker:
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
+        if self._ring is not None:
+            await self._ring.close()
         if self.shards is not None:
             with contextlib.suppress(Exception):
                 await self.shards.close()
@@ -497,6 +511,9 @@ class DelayWorker:
         if self.shard.sharded:
             owner, new_id = self._owner(delivered, decision.key)
             if owner != self.shard.index:
+                if decision.key is not None and self._ring is not None:
+                    # keyed messages are routed by their key: the ring is out of shard order
+                    self._ring.schedule("a keyed message reached a shard not owning its key")
                 if not headers or H_FORWARDED_FROM not in headers:
                     await self._forward(delivered, slot, decision.due_ms, owner, new_id)
                     return

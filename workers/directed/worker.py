@@ -41,6 +41,7 @@ from bridge.host import WorkerContext
 from bridge.rpc import RpcClient
 from bridge.sharding import (
     CHX_TYPE,
+    RingKeeper,
     Shard,
     ensure_chx_exchange,
     resolve_shard,
@@ -123,6 +124,7 @@ class DirectedWorker:
         s = self.settings
         self.shard: Shard = resolve_shard(self.name, s.shard_count, s.shard_index)
         self._rpc: RpcClient | None = None
+        self._ring: RingKeeper | None = None
         self._forward_warned = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -224,6 +226,17 @@ class DirectedWorker:
                 if i == shard.index:
                     pull_q = q
             assert pull_q is not None
+            ring = RingKeeper(
+                lambda: broker.channel(confirms=False),
+                s.pull_shards_exchange,
+                [shard_queue(s.pull_queue, i) for i in range(shard.count)],
+                worker=self.name,
+            )
+            await ring.repair("start")
+            broker.on_reconnect(
+                lambda: ring.schedule("broker connection came back", delay_s=1.0, force=True)
+            )
+            self._ring = ring
         control_ex = await declare_exchange(ch, s.control_exchange, "fanout")
         control_q = await ch.declare_queue(s.control_queue, durable=True, arguments=quorum)
         await control_q.bind(control_ex, routing_key="")
@@ -251,6 +264,8 @@ class DirectedWorker:
         if self.committer is not None:
             with contextlib.suppress(Exception):
                 await self.committer.close()
+        if self._ring is not None:
+            await self._ring.close()
         if self._rpc is not None:
             with contextlib.suppress(Exception):
                 await self._rpc.close()
@@ -501,11 +516,13 @@ class DirectedWorker:
             log.warning(
                 "pull forwarded to its owning shard: the consistent-hash exchange's bucket order "
                 "no longer matches shard order (broker restart or bindings re-created); pulls "
-                "still reach their shard, with one extra hop. To restore direct routing, delete "
-                "the exchange and restart the shards (docs/operations.md)",
+                "still reach their shard, with one extra hop, and the ring is being put back in "
+                "order (docs/operations.md)",
                 extra={"exchange": self.settings.pull_shards_exchange, "owner": owner},
             )
         self.metrics.pulls_forwarded.inc()
+        if self._ring is not None:
+            self._ring.schedule("a pull reached a shard that does not own its target")
         headers = dict(message.headers or {})
         headers[H_FORWARDED_FROM] = self.shard.index
         headers[H_ORIGINAL_ROUTING_KEY] = message.routing_key or ""
