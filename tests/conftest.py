@@ -64,6 +64,8 @@ def broker_url() -> Iterator[str]:
         from testcontainers.rabbitmq import RabbitMqContainer
 
         with RabbitMqContainer("rabbitmq:3.13") as container:
+            # sharded workers need the consistent-hash exchange (ships with RabbitMQ)
+            container.exec("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/"
         return
@@ -77,6 +79,23 @@ def broker_url() -> Iterator[str]:
     if required:
         pytest.fail(reason + " (BRIDGE_REQUIRE_BROKER=1)")
     pytest.skip(reason)
+
+
+@pytest.fixture
+async def chx_broker(broker_url: str) -> str:
+    """The broker, for tests of sharded workers: it must have the consistent-hash exchange."""
+    from bridge.errors import ConfigError
+    from bridge.sharding import ensure_chx_exchange
+
+    name = "t" + uuid.uuid4().hex[:10] + ".chx-probe"
+    try:
+        await ensure_chx_exchange(broker_url, "tests", name)
+    except ConfigError as exc:
+        if os.environ.get("BRIDGE_REQUIRE_BROKER") == "1":
+            pytest.fail(f"{exc} (BRIDGE_REQUIRE_BROKER=1)")
+        pytest.skip(str(exc))
+    await delete_names(broker_url, [name], [])
+    return broker_url
 
 
 @pytest.fixture

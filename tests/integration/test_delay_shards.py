@@ -66,7 +66,8 @@ async def cleanup(url: str, s: DelaySettings, extra_ex: list[str], extra_q: list
     )
 
 
-async def test_two_delay_shards(broker_url, tmp_path, unique):
+async def test_two_delay_shards(chx_broker, tmp_path, unique):
+    broker_url = chx_broker
     s = delay_settings(unique, shards_exchange=f"{unique}.delay.in.shards", lanes=2)
     procs = [start_shard(s, i, tmp_path, broker_url) for i in range(SHARDS)]
     conn = await aio_pika.connect_robust(broker_url)

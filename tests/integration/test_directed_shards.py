@@ -93,7 +93,8 @@ async def drain(client: DirectedClient, target: str) -> list[str]:
             return got
 
 
-async def test_two_shards(broker_url, tmp_path, unique):
+async def test_two_shards(chx_broker, tmp_path, unique):
+    broker_url = chx_broker
     s = directed_settings(unique, pull_shards_exchange=f"{unique}.directed.pull.shards")
     procs = [start_shard(s, i, tmp_path, broker_url) for i in range(SHARDS)]
     conn = await aio_pika.connect_robust(broker_url)

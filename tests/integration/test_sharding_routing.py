@@ -29,7 +29,8 @@ async def route(channel, exchange, queues, keys: list[str]) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("shards", [2, 3, 5])
-async def test_python_routing_matches_the_broker(broker_url, unique, shards):
+async def test_python_routing_matches_the_broker(chx_broker, unique, shards):
+    broker_url = chx_broker
     conn = await aio_pika.connect(broker_url)
     try:
         ch = await conn.channel()
@@ -52,7 +53,8 @@ async def test_python_routing_matches_the_broker(broker_url, unique, shards):
         await conn.close()
 
 
-async def test_ring_repair_restores_shard_order(broker_url, unique):
+async def test_ring_repair_restores_shard_order(chx_broker, unique):
+    broker_url = chx_broker
     conn = await aio_pika.connect_robust(broker_url)
     try:
         ch = await conn.channel()
