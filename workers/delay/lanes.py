@@ -16,7 +16,16 @@ Two aiormq details shape the publish loop:
   proved the exchange exists is the rest of the batch pipelined.
 - aiormq matches a ``Basic.Return`` to its publish by ``message_id``. Producers may reuse a
   message id (and a re-publish after a crash keeps it), so two publishes with the same id
-  are never in flight on one channel at once: the batch is cut into waves of distinct ids.
+  are never in flight on one channel at once: the batch is cut into waves of distinct ids,
+  and a publish waits while another batch of the lane has one with its id in flight.
+
+A lane is *released* as soon as every publish of its batch has been handed to the channel
+(``release`` callback): from then on it only waits for the broker's confirms, which under
+load take tens of milliseconds (the broker confirms a persistent message once it is on
+disk). The lane takes the next assignment (another topic) meanwhile; the released topic
+keeps its batch in the scheduler until the report, so it still has one batch out at a time.
+A batch whose topic is not yet verified is never overlapped with another one (its probe must
+be alone on the channel, see above).
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +85,34 @@ class OutgoingMessage(aio_pika.Message):
         return self._raw_properties
 
 
+class Verified:
+    """Target exchanges that a publish proved to exist, shared by the lanes of a worker.
+
+    A topic's first batch on any lane is probed with one publish alone on its channel (a
+    publish to a missing exchange makes the broker close the channel); once one lane saw it
+    confirmed, the others pipeline to it right away. Bounded: the oldest are forgotten.
+    """
+
+    def __init__(self, limit: int = _VERIFIED_MAX) -> None:
+        self._topics: dict[str, None] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def __contains__(self, topic: object) -> bool:
+        return topic in self._topics
+
+    def add(self, topic: str) -> None:
+        with self._lock:
+            self._topics.pop(topic, None)
+            self._topics[topic] = None
+            while len(self._topics) > self._limit:
+                del self._topics[next(iter(self._topics))]
+
+    def discard(self, topic: str) -> None:
+        with self._lock:
+            self._topics.pop(topic, None)
+
+
 @dataclass(slots=True)
 class LaneReport:
     """What a lane did with one assignment; every mid of the batch is in exactly one list."""
@@ -89,12 +125,33 @@ class LaneReport:
     retry: list[int] = field(default_factory=list)
     busy_s: float = 0.0
     error: str | None = None
+    assignment: Assignment | None = None
 
 
 @dataclass(slots=True)
 class _Item:
     entry: Entry
     row: StoredMessage
+
+
+class _Written:
+    """Counts the publishes of a batch handed to the channel; set once all of them were."""
+
+    __slots__ = ("event", "left")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.left = -1  # unknown until the batch knows how many it publishes
+
+    def expect(self, n: int) -> None:
+        self.left = n
+        if n <= 0:
+            self.event.set()
+
+    def one(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.event.set()
 
 
 def login_user(url: str) -> str | None:
@@ -130,8 +187,11 @@ class Lane:
         report: Callable[[LaneReport], None],
         observe_lateness: Callable[[float], None],
         add_busy: Callable[[int, float], None],
+        release: Callable[[int, Assignment], None] | None = None,
+        verified: Verified | None = None,
     ) -> None:
         self.index = index
+        self._release = release
         self.host = host
         self.settings = settings
         self.db_path = db_path
@@ -146,7 +206,10 @@ class Lane:
         self._thread = threading.Thread(
             target=self._thread_main, name=f"delay-lane-{index}", daemon=True
         )
-        self._verified: OrderedDict[str, None] = OrderedDict()
+        self._verified = verified if verified is not None else Verified()
+        # message_id -> resolved when this lane's publish with that id is settled
+        self._ids: dict[str, asyncio.Future[None]] = {}
+        self._window: asyncio.Semaphore | None = None
         self._failures = 0
         self.broker: Broker | None = None
         self.channel: AbstractChannel | None = None
@@ -212,16 +275,43 @@ class Lane:
             await self._close(reader)
             return
         self._ready.set_result(None)
+        self._window = asyncio.Semaphore(self.settings.publish_window)
+        batches: set[asyncio.Task[None]] = set()
         try:
             while True:
                 assignment = await self._queue.get()
                 if assignment is None:
                     break
-                report = await self._run(assignment, reader)
-                self.batches += 1
-                self._report(report)
+                overlap = self._release is not None and assignment.topic in self._verified
+                if not overlap and batches:
+                    # A probe for an unverified topic must be alone on the channel.
+                    await asyncio.wait(batches)
+                written = _Written()
+                task = asyncio.ensure_future(
+                    self._batch(assignment, reader, written if overlap else None)
+                )
+                batches.add(task)
+                task.add_done_callback(batches.discard)
+                if not overlap:
+                    await task
+                    continue
+                waiter = asyncio.ensure_future(written.event.wait())
+                await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if not task.done() and self._release is not None:
+                    self._release(self.index, assignment)
         finally:
+            if batches:  # confirms of released batches: their reports journal the deletes
+                await asyncio.wait(batches, timeout=self.settings.publish_timeout_s)
             await self._close(reader)
+
+    async def _batch(
+        self, assignment: Assignment, reader: sqlite3.Connection, written: _Written | None
+    ) -> None:
+        report = await self._run(assignment, reader, written)
+        report.assignment = assignment
+        self.batches += 1
+        self._report(report)
 
     async def _close(self, reader: sqlite3.Connection | None) -> None:
         if reader is not None:
@@ -263,7 +353,9 @@ class Lane:
             await asyncio.sleep(0.02)
         return True
 
-    async def _run(self, a: Assignment, reader: sqlite3.Connection) -> LaneReport:
+    async def _run(
+        self, a: Assignment, reader: sqlite3.Connection, written: _Written | None = None
+    ) -> LaneReport:
         started = time.perf_counter()
         report = LaneReport(self.index, a.topic)
         try:
@@ -280,7 +372,7 @@ class Lane:
                 else:
                     items.append(_Item(entry, row))
             try:
-                await self._publish_batch(a.topic, items, report)
+                await self._publish_batch(a.topic, items, report, written)
             except (Exception, asyncio.CancelledError) as exc:  # never kill the lane: retry
                 # aiormq fails the pending confirms of a connection it drops as stuck (missed
                 # heartbeats) with its reader's CancelledError: a lost confirm, not a stop.
@@ -319,7 +411,9 @@ class Lane:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def _publish_batch(self, topic: str, items: list[_Item], report: LaneReport) -> None:
+    async def _publish_batch(
+        self, topic: str, items: list[_Item], report: LaneReport, written: _Written | None = None
+    ) -> None:
         if not items:
             return
         if not await self._ensure_channel():
@@ -330,6 +424,12 @@ class Lane:
         exchange = await self.channel.get_exchange(topic, ensure=False)
         outcomes: dict[int, tuple[str, str]] = {}
         rest = items
+        if topic not in self._verified and written is not None:
+            # Unverified since the lane took the batch to overlap others (a failure on
+            # another batch): the probe must be alone on the channel, so send it again.
+            report.retry.extend(i.entry.mid for i in items)
+            report.error = "topic to be verified again"
+            return
         if topic not in self._verified:
             first, rest = items[0], items[1:]
             outcome = await self._publish_one(exchange, first)
@@ -347,13 +447,16 @@ class Lane:
             else:
                 self._remember(topic)
         if rest:
-            for item, outcome in zip(rest, await self._pipelined(exchange, rest), strict=True):
+            if written is not None:
+                written.expect(len(rest))
+            pipelined = await self._pipelined(exchange, rest, written)
+            for item, outcome in zip(rest, pipelined, strict=True):
                 if outcome[0] == EXCHANGE_NOT_FOUND:
                     # Pipelined behind other publishes: not proof enough; probe next time.
                     outcome = (RETRY, outcome[1])
                 outcomes[item.entry.mid] = outcome
             if any(o[0] == RETRY for o in outcomes.values()):
-                self._verified.pop(topic, None)
+                self._verified.discard(topic)
         dead: list[tuple[_Item, str, str]] = []
         for item in items:
             kind, detail = outcomes[item.entry.mid]
@@ -368,13 +471,10 @@ class Lane:
             await self._dead_letter(topic, dead, report)
 
     def _remember(self, topic: str) -> None:
-        self._verified[topic] = None
-        self._verified.move_to_end(topic)
-        while len(self._verified) > _VERIFIED_MAX:
-            self._verified.popitem(last=False)
+        self._verified.add(topic)
 
     async def _pipelined(
-        self, exchange: AbstractExchange, items: Sequence[_Item]
+        self, exchange: AbstractExchange, items: Sequence[_Item], written: _Written | None = None
     ) -> list[tuple[str, str]]:
         """Publish in order with up to ``publish_window`` in flight, in waves of distinct
         message ids (see the module docstring)."""
@@ -388,28 +488,72 @@ class Lane:
                     results.extend(await asyncio.gather(*wave))
                     wave, ids = [], set()
                 ids.add(message_id)
-            wave.append(asyncio.ensure_future(self._publish_one(exchange, item)))
+            wave.append(asyncio.ensure_future(self._publish_one(exchange, item, written)))
         results.extend(await asyncio.gather(*wave))
         return results
 
     def _properties(self, row: StoredMessage, headers: dict[str, Any]) -> Any:
         return carried_properties(row.props, headers, self._user)
 
-    async def _publish_one(self, exchange: AbstractExchange, item: _Item) -> tuple[str, str]:
+    async def _publish_one(
+        self, exchange: AbstractExchange, item: _Item, written: _Written | None = None
+    ) -> tuple[str, str]:
         assert self.publisher is not None
         entry = item.entry
         wait = entry.due_ms / 1000 - time.time()
         if wait > 0:  # never early, whatever the clock did since assign()
             await asyncio.sleep(wait)
         message = OutgoingMessage(item.row.body, self._properties(item.row, item.row.headers))
-        self._observe_lateness(time.time() - entry.due_ms / 1000)
         try:
-            await self.publisher.publish(exchange, message, item.row.routing_key, mandatory=True)
+            await self._publish(
+                exchange,
+                message,
+                item.row.routing_key,
+                item.row.message_id,
+                mandatory=True,
+                written=written,
+                lateness_of=entry.due_ms,
+            )
         except PublishFailed as exc:
             if exc.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND):
                 return exc.reason, exc.detail
             return RETRY, f"{exc.reason}: {exc.detail}"
         return OK, ""
+
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        message: OutgoingMessage,
+        routing_key: str,
+        message_id: str | None,
+        *,
+        mandatory: bool = False,
+        written: _Written | None = None,
+        lateness_of: int | None = None,
+    ) -> None:
+        """Publish within the lane's window, never beside a publish with the same message id
+        (of another batch of this lane); ``written`` counts it once handed to the channel."""
+        assert self.publisher is not None and self._window is not None
+        ids = self._ids
+        if message_id is not None:
+            while message_id in ids:
+                await asyncio.shield(ids[message_id])
+            ids[message_id] = settled = asyncio.get_running_loop().create_future()
+        try:
+            async with self._window:
+                if lateness_of is not None:
+                    self._observe_lateness(time.time() - lateness_of / 1000)
+                publish = asyncio.ensure_future(
+                    self.publisher.publish(exchange, message, routing_key, mandatory=mandatory)
+                )
+                if written is not None:
+                    # The publish reaches its confirm wait within this loop turn.
+                    written.one()
+                await publish
+        finally:
+            if message_id is not None:
+                del ids[message_id]
+                settled.set_result(None)
 
     async def _dead_letter(
         self, topic: str, dead: list[tuple[_Item, str, str]], report: LaneReport
@@ -419,7 +563,6 @@ class Lane:
             return
         assert self.channel is not None and self.publisher is not None
         exchange = await self.channel.get_exchange(self.settings.dead_exchange, ensure=False)
-        publisher = self.publisher
 
         async def one(item: _Item, reason: str, detail: str) -> bool:
             headers = dict(item.row.headers)
@@ -431,7 +574,7 @@ class Lane:
             headers[H_DEAD_DETAIL] = (detail or reason)[:500]
             message = OutgoingMessage(item.row.body, self._properties(item.row, headers))
             try:
-                await publisher.publish(exchange, message, item.row.routing_key)
+                await self._publish(exchange, message, item.row.routing_key, item.row.message_id)
             except PublishFailed as exc:
                 report.error = f"dead-letter publish failed: {exc}"
                 return False

@@ -53,12 +53,14 @@ from workers.delay.lanes import (
     Lane,
     LaneReport,
     OutgoingMessage,
+    Verified,
     carried_properties,
     login_user,
     start_lanes,
 )
 from workers.delay.metrics import DelayMetrics
 from workers.delay.model import (
+    Assignment,
     Entry,
     Reject,
     Scheduler,
@@ -120,6 +122,8 @@ class DelayWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._lanes_stop = asyncio.Event()
         self._extra_cap = 0
+        # id(assignment) -> the scheduler's ticket for a batch whose lane was released
+        self._tickets: dict[int, int] = {}
         self._acks = AckLine()
         self._unflushed: list[int] = []
         self._linger: asyncio.Future[None] | None = None
@@ -188,6 +192,7 @@ class DelayWorker:
         self._user = login_user(ctx.settings.amqp_url)
         self.rpc = ControlRpc(self, reply_channel)
 
+        verified = Verified()
         self.lanes = [
             Lane(
                 i,
@@ -197,6 +202,8 @@ class DelayWorker:
                 report=self._report_from_lane,
                 observe_lateness=self.metrics.lateness.observe,
                 add_busy=self.metrics.add_busy,
+                release=self._release_from_lane,
+                verified=verified,
             )
             for i in range(s.lanes)
         ]
@@ -369,8 +376,11 @@ class DelayWorker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        # Lanes finish the batch in hand; their reports journal the deletes.
-        while self.scheduler is not None and self.scheduler.busy_lanes():
+        # Lanes finish the batch in hand and wait for the confirms of released batches; their
+        # reports journal the deletes.
+        while self.scheduler is not None and (
+            self.scheduler.busy_lanes() or self.scheduler.held_batches()
+        ):
             if time.monotonic() > deadline:
                 log.warning(
                     "stopping with batches unconfirmed; they are sent again after the restart",
@@ -718,12 +728,33 @@ class DelayWorker:
         with contextlib.suppress(RuntimeError):  # loop closed: the worker is gone
             self._loop.call_soon_threadsafe(self._on_report, report)
 
+    def _release_from_lane(self, lane: int, assignment: Assignment) -> None:
+        """Called on a lane thread: the lane handed its whole batch to the channel and only
+        waits for confirms; it can take another topic's batch. Always before the batch's
+        report (both go through call_soon_threadsafe from the lane's thread, in order)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._on_release, lane, assignment)
+
+    def _on_release(self, lane: int, assignment: Assignment) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        self._tickets[id(assignment)] = scheduler.release(lane)
+        self._lane_used[lane] = time.monotonic()
+        self._lane_batch[lane] = 0
+        self._kick()
+
     def _on_report(self, r: LaneReport) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
-        self._lane_used[r.lane] = time.monotonic()
+        ticket = self._tickets.pop(id(r.assignment), None) if r.assignment is not None else None
+        if ticket is None:
+            self._lane_used[r.lane] = time.monotonic()
         dead = [mid for mid, _ in r.dead]
-        scheduler.complete(r.lane, done=[*r.sent, *dead, *r.gone], retry=r.retry)
+        scheduler.complete(
+            r.lane if ticket is None else ticket,
+            done=[*r.sent, *dead, *r.gone],
+            retry=r.retry,
+        )
         rows = [(mid, r.topic) for mid in (*r.sent, *dead)]
         if rows:
             mids = [mid for mid, _ in rows]
