@@ -444,11 +444,18 @@ async def cleanup(prefixes: list[str], server_ids: list[str]) -> None:
                     await ch.queue_delete(queue)
                 with contextlib.suppress(Exception):
                     await ch.close()
+            # the replicas' sticky stream and peers exchange follow the servers exchange
             ch = await conn.channel()
             with contextlib.suppress(Exception):
-                await ch.exchange_delete(f"{prefix}.servers")
+                await ch.queue_delete(f"{prefix}.servers.sticky")
             with contextlib.suppress(Exception):
                 await ch.close()
+            for exchange in (f"{prefix}.servers", f"{prefix}.servers.peers"):
+                ch = await conn.channel()
+                with contextlib.suppress(Exception):
+                    await ch.exchange_delete(exchange)
+                with contextlib.suppress(Exception):
+                    await ch.close()
     finally:
         await conn.close()
 
@@ -542,6 +549,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.idle:
             out["idle"] = await idle_memory(args, root, prefix, info["pid"])
+        out["publish_encoding"] = publish_encoding()
     finally:
         for child in (backend, direct):
             if child is not None:
@@ -550,6 +558,63 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await cleanup([prefix, prefix + "-idle"], ["s1", "idle"])
     out["goals"] = goals(out)
     return out
+
+
+def publish_encoding(count: int = 20_000) -> dict[str, Any]:
+    """CPU of encoding one DATA publish: pamqp (the baseline, what aiormq does) against the
+    gateway's prepared properties (``amqp_io.Prepared``), in this process, same inputs."""
+    from types import SimpleNamespace
+
+    from aiormq.abc import ChannelFrame
+    from pamqp.body import ContentBody
+    from pamqp.commands import Basic
+    from pamqp.header import ContentHeader
+
+    from workers.gateway.amqp_io import BatchPublisher, Prepared, Properties
+
+    fields: dict[str, Any] = {
+        "headers": {
+            "x-event": "data",
+            "x-session": "0123456789abcdef0123456789abcdef",
+            "x-client-id": "",
+            "x-client-addr": "127.0.0.1:40000",
+            "x-gateway": "host-1234",
+        },
+        "reply_to": "gateway.reply.host-1234",
+        "delivery_mode": 2,
+    }
+    channel = SimpleNamespace(number=1, max_content_size=131064)
+    rk = "gateway.server.s1"
+    started = time.perf_counter()
+    for i in range(count):
+        properties = Properties(**fields, message_id=f"m{i:x}")
+        frames: list[Any] = [
+            Basic.Publish(exchange="", routing_key=rk, mandatory=True),
+            ContentHeader(properties=properties, body_size=len(PAYLOAD)),
+            ContentBody(PAYLOAD),
+        ]
+        ChannelFrame.marshall(channel_number=1, frames=frames)
+    pamqp_s = time.perf_counter() - started
+    publisher = BatchPublisher.__new__(BatchPublisher)
+    publisher._methods = {}
+    prepared = Prepared(Properties(**fields))
+    loop = asyncio.new_event_loop()
+    try:
+        fut = loop.create_future()
+        started = time.perf_counter()
+        for i in range(count):
+            publisher._encode(channel, (rk, PAYLOAD, prepared, fut, 0.0), f"m{i:x}")  # type: ignore[arg-type]
+        prepared_s = time.perf_counter() - started
+    finally:
+        loop.close()
+    result = {
+        "publishes": count,
+        "pamqp_us_per_publish": rnd(pamqp_s / count * 1e6, 1),
+        "prepared_us_per_publish": rnd(prepared_s / count * 1e6, 1),
+        "prepared_vs_pamqp": rnd(prepared_s / pamqp_s, 3),
+    }
+    progress("publish_encoding", result)
+    return result
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -603,6 +668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-stomp", dest="stomp", action="store_false")
     parser.add_argument("--repeats", type=int, help="interleaved gateway/STOMP runs (median)")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway in (1)")
+    parser.add_argument(
+        "--encoding-only",
+        action="store_true",
+        help="only the publish-encoding micro benchmark (pamqp vs prepared properties)",
+    )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -623,6 +693,15 @@ def run(argv: list[str] | None = None) -> None:
             asyncio.run(role_echo_backend(rest[0]))
         elif role == "tcp-echo":
             asyncio.run(role_tcp_echo(int(rest[0])))
+        return
+    if args.encoding_only:
+        emit(
+            {
+                "bench": "gateway",
+                "command": "python -m bench.gateway --encoding-only",
+                "publish_encoding": publish_encoding(),
+            }
+        )
         return
     emit(asyncio.run(main(args)))
 

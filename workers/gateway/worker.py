@@ -35,7 +35,13 @@ from aiormq.abc import DeliveredMessage
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
-from workers.gateway.amqp_io import BatchPublisher, Properties, RawConsumer, RawPublisher
+from workers.gateway.amqp_io import (
+    BatchPublisher,
+    Prepared,
+    Properties,
+    RawConsumer,
+    RawPublisher,
+)
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     DEAD_NO_SESSION,
@@ -414,11 +420,20 @@ class GatewayWorker:
 
     def _send(self, session: Session, event: str, payload: bytes, *, retry: bool = True) -> None:
         server = session.server or ""
-        properties = Properties(
-            headers=session.headers(event, self.settings.instance),
-            reply_to=self.settings.reply_queue,
-            delivery_mode=2,
-        )
+        properties: Properties | Prepared | None = None
+        if event == EVENT_DATA:
+            properties = session.prepared
+        if properties is None:
+            properties = Properties(
+                headers=session.headers(event, self.settings.instance),
+                reply_to=self.settings.reply_queue,
+                delivery_mode=2,
+            )
+            if event == EVENT_DATA:
+                try:
+                    properties = session.prepared = Prepared(properties)
+                except Exception:  # unencodable (e.g. a lone surrogate): fails in the publisher
+                    pass
         fut = self.publisher.publish(self.settings.server_queue(server), payload, properties)
         if event == EVENT_DATA:
             if session.unsettled is None:
