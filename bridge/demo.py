@@ -167,6 +167,7 @@ def demo_names(prefix: str) -> DemoNames:
         reply_queue_prefix=f"{p}.gateway.reply.",
         registry_queue_prefix=f"{p}.gateway.registry.",
         instance=f"{p}-gw",
+        peers=False,  # one replica: no peers exchange or sticky stream to leave behind
         no_server_wait_s=5.0,
         tick_s=0.1,
         state_flush_s=0.5,
