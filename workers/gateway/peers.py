@@ -129,11 +129,13 @@ class Peers:
         self._stream_channel: AbstractChannel | None = None
         self._marker = ""
         self.stream_ok = False
+        self._broker: Broker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, broker: Broker) -> None:
         s = self.settings
+        self._broker = broker
         self._channel = await broker.channel(confirms=True)
         self._exchange = await declare_exchange(self._channel, s.peers_exchange_name, "fanout")
         queue = await self._channel.declare_queue(
@@ -360,7 +362,14 @@ class Peers:
         assert self._stream_channel is not None
         underlay = await self._stream_channel.get_underlay_channel()
         if underlay is self._underlay and not underlay.is_closed:
-            return False
+            if self._consumer_tag in underlay.consumers:
+                return False
+            # The broker cancelled the consumer (someone deleted the stream): declare it
+            # again and read on from where we were.
+            log.warning("sticky stream consumer cancelled by the broker; consuming again")
+            self._offset = None  # a new stream numbers from 0 again
+            if self._broker is not None and not await self._declare_stream(self._broker):
+                return False
         offset: Any
         if self._offset is not None:
             offset = self._offset
