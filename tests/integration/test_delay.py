@@ -127,10 +127,11 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("lane_release", [False, True])
 async def test_every_dead_letter_reason_while_valid_traffic_continues(
-    broker_url, amqp, tmp_path, unique
+    broker_url, amqp, tmp_path, unique, lane_release
 ):
-    s = delay_settings(unique, horizon_ms=60_000)
+    s = delay_settings(unique, horizon_ms=60_000, lane_release=lane_release)
     sink = await make_sink(amqp, unique, "ok")
     lonely = f"{unique}.lonely"  # exists, nothing bound: unroutable
     missing = f"{unique}.missing"  # never declared

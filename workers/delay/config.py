@@ -64,9 +64,18 @@ class DelaySettings(ShardFields, BaseSettings):
         default=5.0, gt=0, description="an extra lane unused this long is given up again"
     )
     publish_window: int = Field(
-        default=256, ge=1, le=10_000, description="unconfirmed publishes per lane"
+        default=256,
+        ge=1,
+        le=10_000,
+        description="unconfirmed publishes per batch (a lane carries at most 4 windows)",
     )
     publish_timeout_s: float = Field(default=30.0, gt=0)
+    lane_release: bool = Field(
+        default=False,
+        description="release a lane once its batch is handed to the channel, so it sends "
+        "other topics' batches while the confirms come back (the topic keeps its batch); "
+        "off: measured worse for cold topics during a hot burst on 2 cores (docs/delay.md)",
+    )
     horizon_ms: int = Field(
         default=365 * DAY_MS, ge=0, description="longest accepted delay; longer is dead-lettered"
     )

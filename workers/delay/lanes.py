@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import sqlite3
 import threading
@@ -64,6 +65,10 @@ log = logging.getLogger("bridge.delay.lane")
 OK = "ok"
 RETRY = "retry"
 _VERIFIED_MAX = 10_000
+# A lane's channel carries at most this many publish windows unconfirmed (batches overlap).
+_WINDOWS_PER_LANE = 4
+# The publish window of the batch the current task works for (its publishes inherit it).
+_BATCH_WINDOW: contextvars.ContextVar[asyncio.Semaphore] = contextvars.ContextVar("window")
 
 
 class OutgoingMessage(aio_pika.Message):
@@ -209,7 +214,6 @@ class Lane:
         self._verified = verified if verified is not None else Verified()
         # message_id -> resolved when this lane's publish with that id is settled
         self._ids: dict[str, asyncio.Future[None]] = {}
-        self._window: asyncio.Semaphore | None = None
         self._failures = 0
         self.broker: Broker | None = None
         self.channel: AbstractChannel | None = None
@@ -275,7 +279,6 @@ class Lane:
             await self._close(reader)
             return
         self._ready.set_result(None)
-        self._window = asyncio.Semaphore(self.settings.publish_window)
         batches: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -308,6 +311,9 @@ class Lane:
     async def _batch(
         self, assignment: Assignment, reader: sqlite3.Connection, written: _Written | None
     ) -> None:
+        # Each batch has its own window: a cold topic's batch overlapping a hot topic's on
+        # this lane must not wait for the hot one's confirms to get a slot.
+        _BATCH_WINDOW.set(asyncio.Semaphore(self.settings.publish_window))
         report = await self._run(assignment, reader, written)
         report.assignment = assignment
         self.batches += 1
@@ -326,7 +332,7 @@ class Lane:
         self.channel = await self.broker.channel(confirms=True, on_return_raises=True)
         self.publisher = ConfirmPublisher(
             self.channel,
-            window=self.settings.publish_window,
+            window=self.settings.publish_window * _WINDOWS_PER_LANE,
             timeout=self.settings.publish_timeout_s,
         )
         if old is not None:
@@ -533,14 +539,14 @@ class Lane:
     ) -> None:
         """Publish within the lane's window, never beside a publish with the same message id
         (of another batch of this lane); ``written`` counts it once handed to the channel."""
-        assert self.publisher is not None and self._window is not None
+        assert self.publisher is not None
         ids = self._ids
         if message_id is not None:
             while message_id in ids:
                 await asyncio.shield(ids[message_id])
             ids[message_id] = settled = asyncio.get_running_loop().create_future()
         try:
-            async with self._window:
+            async with _BATCH_WINDOW.get():
                 if lateness_of is not None:
                     self._observe_lateness(time.time() - lateness_of / 1000)
                 publish = asyncio.ensure_future(

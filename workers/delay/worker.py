@@ -202,7 +202,7 @@ class DelayWorker:
                 report=self._report_from_lane,
                 observe_lateness=self.metrics.lateness.observe,
                 add_busy=self.metrics.add_busy,
-                release=self._release_from_lane,
+                release=self._release_from_lane if s.lane_release else None,
                 verified=verified,
             )
             for i in range(s.lanes)
