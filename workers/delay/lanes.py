@@ -332,7 +332,7 @@ class Lane:
         self.channel = await self.broker.channel(confirms=True, on_return_raises=True)
         self.publisher = ConfirmPublisher(
             self.channel,
-            window=self.settings.publish_window * _WINDOWS_PER_LANE,
+            window=self.settings.publish_window * (_WINDOWS_PER_LANE if self._release else 1),
             timeout=self.settings.publish_timeout_s,
         )
         if old is not None:
@@ -537,9 +537,16 @@ class Lane:
         written: _Written | None = None,
         lateness_of: int | None = None,
     ) -> None:
-        """Publish within the lane's window, never beside a publish with the same message id
-        (of another batch of this lane); ``written`` counts it once handed to the channel."""
+        """Publish within the batch's window; with lane release (batches overlap on the
+        lane), never beside a publish of another batch with the same message id, and
+        ``written`` counts it. Without it a lane has one batch out at a time and this is the
+        plain confirmed publish (the hot path: nothing extra per message)."""
         assert self.publisher is not None
+        if self._release is None:
+            if lateness_of is not None:
+                self._observe_lateness(time.time() - lateness_of / 1000)
+            await self.publisher.publish(exchange, message, routing_key, mandatory=mandatory)
+            return
         ids = self._ids
         if message_id is not None:
             while message_id in ids:
@@ -549,13 +556,9 @@ class Lane:
             async with _BATCH_WINDOW.get():
                 if lateness_of is not None:
                     self._observe_lateness(time.time() - lateness_of / 1000)
-                publish = asyncio.ensure_future(
-                    self.publisher.publish(exchange, message, routing_key, mandatory=mandatory)
-                )
                 if written is not None:
-                    # The publish reaches its confirm wait within this loop turn.
-                    written.one()
-                await publish
+                    written.one()  # handed to the channel within this loop turn
+                await self.publisher.publish(exchange, message, routing_key, mandatory=mandatory)
         finally:
             if message_id is not None:
                 del ids[message_id]
