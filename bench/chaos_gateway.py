@@ -355,12 +355,14 @@ def settings_for(prefix: str) -> GatewaySettings:
         reply_queue_prefix=f"{prefix}.reply.",
         registry_queue_prefix=f"{prefix}.registry.",
         instance=prefix,
+        peers=False,  # one replica: no peers exchange or sticky stream left in the broker
     )
 
 
 def env_for(prefix: str, port: int, **settings: Any) -> dict[str, str]:
     env = gateway_env(prefix, port)
     env.update({"BRIDGE_GATEWAY__STATE_FLUSH_S": "0.2", "BRIDGE_GATEWAY__SERVER_TTL_S": "5"})
+    env["BRIDGE_GATEWAY__PEERS"] = "false"  # one replica per scenario
     env.update({f"BRIDGE_GATEWAY__{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
