@@ -1,0 +1,249 @@
+"""Bad input against a real delay worker: the corpus in tests/corpus/delay/ and
+hypothesis-generated delay headers. Every input gets its documented answer (a dead letter
+with ``x-dead-reason``, an error reply, or delivery), valid messages interleaved with the
+garbage arrive, and the worker stays ready with no failed handler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.delay_helpers import delay_settings, delay_worker, make_sink
+from tests.integration.test_directed_inputs import header_value
+from workers.delay.model import REJECT_REASONS
+
+pytestmark = pytest.mark.integration
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "delay"
+CONTROL_CODES = {"bad_json", "unknown_op", "invalid_request", "too_large"}
+
+
+def corpus() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (p.stem, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(CORPUS.glob("*.json"))
+    ]
+
+
+def body_bytes(body: Any) -> bytes:
+    if isinstance(body, dict):
+        return "".join(text * times for text, times in body["parts"]).encode()
+    return str(body).encode()
+
+
+def headers_for(doc: dict[str, Any], target: str, missing: str) -> dict[str, Any] | None:
+    raw = doc.get("headers")
+    if raw is None:
+        return None
+    out = {}
+    for name, value in raw.items():
+        if value == "$target":
+            value = target
+        elif value == "$missing":
+            value = missing
+        out[name] = header_value(value)
+    return out
+
+
+async def until(predicate: Any, timeout: float = 30.0) -> None:
+    """Wait for a condition, with a deadline only (no timing assertion)."""
+    for _ in range(int(timeout * 10)):
+        if predicate():
+            return
+        await asyncio.sleep(0.1)
+
+
+def handler_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_corpus_files_are_well_formed():
+    cases = corpus()
+    assert len(cases) >= 40
+    kinds = {doc["kind"] for _, doc in cases}
+    assert kinds == {"ingress", "control"}
+    reasons = set()
+    for name, doc in cases:
+        assert doc.get("about"), name
+        (expect,) = doc["expect"].items()
+        assert expect[0] in {"dead_reason", "error", "reply", "delivered", "delivered_later"}
+        if expect[0] == "dead_reason":
+            reasons.add(expect[1])
+    # every ingress reason and the send-time and control ones are produced by a real input
+    assert set(REJECT_REASONS) <= reasons
+    assert {"exchange_not_found", "missing_reply_to"} <= reasons
+
+
+async def test_corpus_gets_documented_answers(broker_url, amqp, tmp_path, unique, caplog):
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "target")
+    missing = f"{unique}.no-such-exchange"
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        channel = await amqp.channel()
+        in_ex = await channel.get_exchange(s.in_exchange, ensure=False)
+        control_ex = await channel.get_exchange(s.control_exchange, ensure=False)
+        reply_q = await channel.declare_queue(exclusive=True)
+        replies: dict[str, dict[str, Any]] = {}
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            replies[message.correlation_id or ""] = json.loads(message.body)
+
+        await reply_q.consume(on_reply, no_ack=True)
+        expected_dead: dict[str, str] = {}
+        delivered: set[str] = set()
+        errors: dict[str, str | None] = {}
+        markers: list[str] = []
+        for name, doc in corpus():
+            mid = f"{name}-{uuid.uuid4().hex[:6]}"
+            expect = doc["expect"]
+            if doc["kind"] == "ingress":
+                await in_ex.publish(
+                    aio_pika.Message(
+                        body_bytes(doc["body"]),
+                        headers=headers_for(doc, sink.exchange, missing),
+                        message_id=mid,
+                    ),
+                    routing_key="corpus",
+                )
+            else:
+                await control_ex.publish(
+                    aio_pika.Message(
+                        body_bytes(doc["body"]),
+                        message_id=mid,
+                        correlation_id=mid,
+                        reply_to=None if doc.get("reply_to") is False else reply_q.name,
+                    ),
+                    routing_key="",
+                )
+            if "dead_reason" in expect:
+                expected_dead[mid] = expect["dead_reason"]
+            elif "delivered" in expect:
+                delivered.add(mid)
+            elif "error" in expect or "reply" in expect:
+                errors[mid] = expect.get("error")
+            # a valid message after every input: garbage must not hold up good traffic
+            marker = f"ok-after-{name}"
+            markers.append(marker)
+            await client.send(b"ok", sink.exchange, delay_ms=1, message_id=marker)
+
+        want = delivered | set(markers)
+        deadline = time.monotonic() + 30
+        await until(lambda: want <= set(sink.ids()))
+        assert want - set(sink.ids()) == set()
+        dead_q = await channel.get_queue(s.dead_queue, ensure=False)
+        dead: dict[str, str] = {}
+        while set(expected_dead) - set(dead) and time.monotonic() < deadline:
+            message = await dead_q.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.1)
+                continue
+            reason = (message.headers or {}).get("x-dead-reason")
+            dead[message.message_id or ""] = (
+                reason.decode() if isinstance(reason, bytes) else reason
+            )
+        assert dead == expected_dead
+        await until(lambda: not set(errors) - set(replies))
+        for mid, code in errors.items():
+            reply = replies[mid]
+            if code is None:
+                assert "error" not in reply, (mid, reply)
+            else:
+                assert reply.get("error", {}).get("code") == code, (mid, reply)
+        # nothing invalid reached the target, and a delivered message kept its user headers
+        unexpected = set(sink.ids()) - want
+        assert unexpected == set(), unexpected
+        for received in sink.got:
+            headers = received.message.headers or {}
+            assert not any(h in headers for h in ("x-delay", "x-deliver-at", "x-target-exchange"))
+        counts = await client.counts()
+        assert counts["total"] == 1  # the message beyond the plugin's 49.7-day limit waits
+        assert worker.ready()[0]
+        assert handler_failures(caplog) == []
+
+
+DELAY_VALUE = st.one_of(
+    st.integers(min_value=-(2**40), max_value=300),
+    # finite only: a NaN or infinite header float makes RabbitMQ 3.10 close the connection
+    # that reads the message back (seen here; noted as an issue), which is not the worker
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(min_value=0, max_value=9), max_size=2),
+)
+HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "x-delay": DELAY_VALUE,
+        "x-deliver-at": DELAY_VALUE,
+        "x-delay-key": st.none() | st.text(max_size=300) | st.integers(-(2**62), 2**62),
+        "x-target-exchange": st.sampled_from(["$target", "", "$target"]) | st.text(max_size=20),
+    },
+)
+
+
+@pytest.fixture
+async def hypothesis_worker(broker_url, amqp, tmp_path_factory):
+    unique = "h" + uuid.uuid4().hex[:10]
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "target")
+    async with delay_worker(
+        broker_url,
+        tmp_path_factory.mktemp("hyp"),
+        s,
+        amqp,
+        exchanges=[sink.exchange],
+        queues=[sink.queue],
+    ) as (worker, client):
+        yield worker, client, sink, s, amqp
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(headers=HEADERS)
+async def test_generated_headers_are_delivered_or_dead_lettered(hypothesis_worker, caplog, headers):
+    worker, client, sink, s, amqp = hypothesis_worker
+    headers = {k: (sink.exchange if v == "$target" else v) for k, v in headers.items()}
+    mid = "g-" + uuid.uuid4().hex
+    channel = await amqp.channel()
+    try:
+        in_ex = await channel.get_exchange(s.in_exchange, ensure=False)
+        await in_ex.publish(aio_pika.Message(b"g", headers=headers, message_id=mid), "gen")
+        dead_q = await channel.get_queue(s.dead_queue, ensure=False)
+        outcome = None
+        deadline = time.monotonic() + 15
+        while outcome is None and time.monotonic() < deadline:
+            if mid in sink.ids():
+                outcome = "delivered"
+                break
+            message = await dead_q.get(no_ack=True, fail=False)
+            if message is not None and message.message_id == mid:
+                reason = (message.headers or {}).get("x-dead-reason")
+                outcome = reason.decode() if isinstance(reason, bytes) else reason
+                break
+            counts = await client.counts()
+            if counts["total"] and counts["topics"].get(headers.get("x-target-exchange", "")):
+                outcome = "stored"  # valid, due later than this test waits
+                await client.cancel(message_id=mid)
+                break
+            await asyncio.sleep(0.05)
+        allowed = {"delivered", "stored", "exchange_not_found", *REJECT_REASONS}
+        assert outcome in allowed, (headers, outcome)
+        assert worker.ready()[0]
+        assert handler_failures(caplog) == []
+    finally:
+        await channel.close()
