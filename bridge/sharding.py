@@ -171,6 +171,11 @@ class ShardFields(BaseModel):
     )
 
 
+def shard_queue(base: str, index: int) -> str:
+    """The name of shard ``index``'s own queue next to the shared queue ``base``."""
+    return f"{base}.shard-{index}"
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     index: int

@@ -16,13 +16,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bridge.sharding import Shard
+from bridge.sharding import Shard, shard_queue
 from tests.conftest import delete_names
 from tests.integration.delay_helpers import delay_settings, env_for, make_sink
 from tests.integration.procs import WorkerProcess
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
-from workers.delay.shards import shard_queue
 
 pytestmark = [pytest.mark.integration]
 

@@ -17,8 +17,11 @@ Topology with ``shard_count`` N > 1 (one shard: nothing here is used)::
   relative ``x-delay`` becomes the absolute ``x-deliver-at`` given on arrival, so the hop
   never delays a message; a message without ``message_id`` is given a digest of its routing
   key, headers and body, so a forward repeated after a crash carries the same id.
-- A keyed message that reaches a shard not owning its key (the ring's bucket order no longer
-  matches shard order: broker restart, binding re-created) is forwarded too, and counted.
+- A keyed message is never forwarded: the shard the exchange routes it to keeps it. (The
+  plugin hashes a header's typed value, not its bytes, so shards do not compute key owners;
+  every version of a key hashes alike, which is all replacement needs.) After a broker
+  restart reorders the ring, until the shards put it back in order, a new version of a key may
+  land on another shard than the pending one, and both are then delivered.
 - The control RPC on ``delay.control`` is answered by whichever shard takes the request: it
   asks the other shards on ``delay.control.shard-<i>`` (``"local": true``) and merges: a cancel
   cancels wherever the message is, counts add up, and ``list`` merges the shards' pages in
@@ -33,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.rpc import RpcClient
-from bridge.sharding import Shard
+from bridge.sharding import Shard, shard_queue
 from workers.delay import control
 from workers.delay.config import DelaySettings
 from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT
@@ -43,10 +46,6 @@ if TYPE_CHECKING:
 
 H_FORWARDED_FROM = "x-forwarded-from"
 _AFTER_ALL = 1 << 62  # a mid larger than any: "everything at this due time is behind me"
-
-
-def shard_queue(base: str, index: int) -> str:
-    return f"{base}.shard-{index}"
 
 
 def chx_arguments() -> dict[str, Any]:

@@ -41,7 +41,14 @@ from bridge.amqp import (
 )
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
-from bridge.sharding import CHX_TYPE, RingKeeper, Shard, ensure_chx_exchange, resolve_shard
+from bridge.sharding import (
+    CHX_TYPE,
+    RingKeeper,
+    Shard,
+    ensure_chx_exchange,
+    resolve_shard,
+    shard_queue,
+)
 from bridge.store import GroupCommitter
 from workers.delay.acks import AckLine, Slot
 from workers.delay.config import (
@@ -74,7 +81,6 @@ from workers.delay.shards import (
     chx_arguments,
     digest_id,
     forwarded_headers,
-    shard_queue,
 )
 from workers.delay.store import (
     DelayStore,
@@ -285,11 +291,10 @@ class DelayWorker:
             await self.shards.open(broker.connection)
         return queues
 
-    def _owner(self, delivered: DeliveredMessage, key: str | None) -> tuple[int, str | None]:
-        """The shard that owns a message (by key, else by message_id) and, for a keyless
-        message without an id, the stable id it is forwarded with."""
-        if key is not None:
-            return self.shard.owner(key), None
+    def _owner(self, delivered: DeliveredMessage) -> tuple[int, str | None]:
+        """The shard that owns a keyless message (by message_id) and, for one without an id,
+        the stable id it is forwarded with. A keyed message stays where the exchange put it:
+        the exchange hashes the header's typed value, every version of a key alike."""
         props = delivered.header.properties
         message_id = props.message_id
         if not message_id:
@@ -518,12 +523,9 @@ class DelayWorker:
                 decision.detail,
             )
             return
-        if self.shard.sharded:
-            owner, new_id = self._owner(delivered, decision.key)
+        if self.shard.sharded and decision.key is None:
+            owner, new_id = self._owner(delivered)
             if owner != self.shard.index:
-                if decision.key is not None and self._ring is not None:
-                    # keyed messages are routed by their key: the ring is out of shard order
-                    self._ring.schedule("a keyed message reached a shard not owning its key")
                 if not headers or H_FORWARDED_FROM not in headers:
                     await self._forward(delivered, slot, decision.due_ms, owner, new_id)
                     return

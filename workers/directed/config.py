@@ -87,8 +87,3 @@ class DirectedSettings(ShardFields, BaseSettings):
         default=50, ge=0, description="per-target backlog gauge keeps only the N largest"
     )
     housekeeping_interval_s: float = Field(default=1.0, gt=0)
-
-
-def shard_queue(base: str, index: int) -> str:
-    """The name of shard ``index``'s own queue next to the shared queue ``base``."""
-    return f"{base}.shard-{index}"

@@ -45,6 +45,7 @@ from bridge.sharding import (
     Shard,
     ensure_chx_exchange,
     resolve_shard,
+    shard_queue,
 )
 from bridge.store import GroupCommitter
 from workers.directed import wire
@@ -55,7 +56,6 @@ from workers.directed.config import (
     H_ORIGINAL_ROUTING_KEY,
     H_SHARD,
     DirectedSettings,
-    shard_queue,
 )
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
