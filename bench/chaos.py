@@ -174,6 +174,25 @@ class Ledger:
         }
 
 
+async def run_scenarios(
+    h: Harness, scenarios: dict[str, Callable[[Harness], Awaitable[None]]]
+) -> None:
+    """Run a worker's scenarios in order: skipped ones marked, a failing one reported as a
+    failure of that worker (the others still run), each one's duration recorded."""
+    for name, scenario in scenarios.items():
+        if name in h.skip:
+            h.scenario(name)["skipped"] = "--skip"
+            continue
+        h.progress(f"scenario {name}")
+        started = time.monotonic()
+        try:
+            await scenario(h)
+        except Exception as exc:
+            h.fail(f"{name}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        h.scenario(name)["elapsed_s"] = round(time.monotonic() - started, 1)
+
+
 async def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """A GET to the worker's HTTP endpoint; (0, b"") when nothing answers."""
     try:

@@ -57,7 +57,6 @@ import asyncio
 import contextlib
 import random
 import time
-import traceback
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from bench.chaos import ChaosProcess, Harness
+from bench.chaos import ChaosProcess, Harness, run_scenarios
 from bench.chaos_directed import QueueDepth, _median, _stall, _wait_ready_state, metric
 from bench.common import percentile, rss_bytes
 from workers.delay.client import DelayClient
@@ -849,15 +848,4 @@ SCENARIOS = {
 
 
 async def run(h: Harness) -> None:
-    for name, scenario in SCENARIOS.items():
-        if name in h.skip:
-            h.scenario(name)["skipped"] = "--skip"
-            continue
-        h.progress(f"scenario {name}")
-        started = time.monotonic()
-        try:
-            await scenario(h)
-        except Exception as exc:
-            h.fail(f"{name}: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-        h.scenario(name)["elapsed_s"] = round(time.monotonic() - started, 1)
+    await run_scenarios(h, SCENARIOS)

@@ -24,14 +24,13 @@ import contextlib
 import random
 import re
 import time
-import traceback
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 
-from bench.chaos import ChaosProcess, Harness, http_get
+from bench.chaos import ChaosProcess, Harness, http_get, run_scenarios
 from bench.common import percentile, rss_bytes
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
@@ -643,15 +642,4 @@ SCENARIOS = {
 
 
 async def run(h: Harness) -> None:
-    for name, scenario in SCENARIOS.items():
-        if name in h.skip:
-            h.scenario(name)["skipped"] = "--skip"
-            continue
-        h.progress(f"scenario {name}")
-        started = time.monotonic()
-        try:
-            await scenario(h)
-        except Exception as exc:
-            h.fail(f"{name}: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-        h.scenario(name)["elapsed_s"] = round(time.monotonic() - started, 1)
+    await run_scenarios(h, SCENARIOS)
