@@ -167,6 +167,11 @@ class GatewaySettings(BaseSettings):
     session_in_flight: int = Field(
         default=32, ge=1, description="unconfirmed publishes per connection before reading stops"
     )
+    amqp_link: bool = Field(
+        default=False,
+        description="true: publishes and replies go over the gateway's own AMQP connection "
+        "(amqp_link.py, hand-written per-message frames); false: over aiormq channels",
+    )
     close_flush_s: float = Field(
         default=2.0, gt=0, description="how long a closing socket may take to flush"
     )

@@ -35,6 +35,7 @@ from aiormq.abc import DeliveredMessage
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
+from workers.gateway.amqp_codec import Delivery
 from workers.gateway.amqp_io import (
     BatchPublisher,
     Prepared,
@@ -42,6 +43,7 @@ from workers.gateway.amqp_io import (
     RawConsumer,
     RawPublisher,
 )
+from workers.gateway.amqp_link import AmqpLink, LinkError
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     DEAD_NO_SESSION,
@@ -118,11 +120,16 @@ class GatewayWorker:
         saved_servers = await self.housekeeper.restore()
 
         broker = ctx.broker
+        self._broker_url = broker.url
+        self._broker_heartbeat = broker.settings.heartbeat_s
         self._channel = await broker.channel(confirms=True, on_return_raises=True)
-        self.publisher = BatchPublisher(
-            self._channel, confirm_seconds=self.metrics.confirm_seconds.observe
-        )
-        self.publisher.start()
+        self.link: AmqpLink | None = None
+        self.publisher: BatchPublisher | AmqpLink
+        if not s.amqp_link:
+            self.publisher = BatchPublisher(
+                self._channel, confirm_seconds=self.metrics.confirm_seconds.observe
+            )
+            self.publisher.start()
         self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
         self._dead_publisher = RawPublisher(self._reply_channel)
         self._registry_channel = await broker.channel(confirms=False)
@@ -148,7 +155,7 @@ class GatewayWorker:
                 s.reply_queue,
                 durable=True,
                 auto_delete=False,
-                arguments={"x-expires": max(1, round(s.reply_queue_expires_s * 1000))},
+                arguments=self._reply_queue_arguments(),
             )
         except aiormq.exceptions.ChannelLockedResource as exc:
             raise ConfigError(
@@ -167,14 +174,34 @@ class GatewayWorker:
         for server_id in saved_servers:
             await self._declare_server_queue(server_id)
 
-        self.reply_consumer = RawConsumer(self._reply_channel, reply_q.name, self._on_reply)
-        try:
-            await self.reply_consumer.ensure()
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            raise ConfigError(
-                f"queue {s.reply_queue} is consumed by another gateway: two replicas share "
-                "BRIDGE_GATEWAY__INSTANCE; give each its own"
-            ) from exc
+        in_use = ConfigError(
+            f"queue {s.reply_queue} is consumed by another gateway: two replicas share "
+            "BRIDGE_GATEWAY__INSTANCE; give each its own"
+        )
+        self.reply_consumer: RawConsumer | AmqpLink
+        if s.amqp_link:
+            self.link = AmqpLink(
+                self._broker_url,
+                reply_q.name,
+                self._on_link_reply,
+                reply_queue_arguments=self._reply_queue_arguments(),
+                heartbeat_s=self._broker_heartbeat,
+                confirm_seconds=self.metrics.confirm_seconds.observe,
+                name=f"gateway {s.instance}",
+            )
+            try:
+                await self.link.start()
+            except LinkError as exc:
+                if exc.code == 403:
+                    raise in_use from exc
+                raise
+            self.publisher = self.reply_consumer = self.link
+        else:
+            self.reply_consumer = RawConsumer(self._reply_channel, reply_q.name, self._on_reply)
+            try:
+                await self.reply_consumer.ensure()
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise in_use from exc
         self._consumers.append(
             (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
         )
@@ -208,6 +235,9 @@ class GatewayWorker:
             "gateway listening",
             extra={"host": s.host, **self.ports, "instance": s.instance},
         )
+
+    def _reply_queue_arguments(self) -> dict[str, Any]:
+        return {"x-expires": max(1, round(self.settings.reply_queue_expires_s * 1000))}
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -583,26 +613,38 @@ class GatewayWorker:
     # -- replies -----------------------------------------------------------------------
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
-        properties = message.header.properties
-        headers = properties.headers or {}
+        reason = self._route_reply(message.header.properties.headers, message.body)
+        if reason is not None:
+            await self._undeliverable(message.header.properties, message.body, reason)
+
+    def _on_link_reply(self, delivery: Delivery) -> None:
+        reason = self._route_reply(delivery.headers, delivery.body)
+        if reason is not None:
+            try:
+                properties = delivery.properties()
+            except Exception:
+                properties = Properties(headers=delivery.headers)
+            self._spawn(self._undeliverable(properties, delivery.body, reason))
+
+    def _route_reply(self, headers: dict[str, Any] | None, body: bytes) -> str | None:
+        """Write a reply to its session; the undeliverable reason if there is none."""
+        if not headers:
+            return DEAD_NO_SESSION
         sid = header_str(headers.get(H_SESSION))
         if not sid:
-            await self._undeliverable(message, DEAD_NO_SESSION)
-            return
+            return DEAD_NO_SESSION
         session = self.sessions.get(sid)
         if session is None or session.state != OPEN:
-            await self._undeliverable(message, DEAD_SESSION_GONE)
-            return
+            return DEAD_SESSION_GONE
         close = _truthy(headers.get(H_CLOSE))
-        body = message.body
         if body or not close:
             session.send_data(body)
         if close:
             session.close_gracefully("server_close")
+        return None
 
-    async def _undeliverable(self, message: DeliveredMessage, reason: str) -> None:
+    async def _undeliverable(self, original: Properties, body: bytes, reason: str) -> None:
         self.metrics.undeliverable.labels(reason).inc()
-        original = message.header.properties
         headers = dict(original.headers or {})
         headers[H_DEAD_REASON] = reason
         properties = Properties(
@@ -618,9 +660,7 @@ class GatewayWorker:
             app_id=original.app_id,
         )
         try:
-            await self._dead_publisher.publish(
-                self.settings.undeliverable_queue, message.body, properties
-            )
+            await self._dead_publisher.publish(self.settings.undeliverable_queue, body, properties)
         except PublishFailed as exc:
             log.error(
                 "undeliverable reply could not be kept",
