@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -515,9 +516,13 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         out["through_worker_stored_msgs_per_s"] = worker_rates
         best_plain, best_worker = max(baseline_rates), max(worker_rates)
         out["ratio_best_worker_to_best_plain"] = round(best_worker / best_plain, 2)
-        out["ratio_per_round"] = [
+        out["ratio_per_round"] = per_round = [
             round(w / p, 2) for w, p in zip(worker_rates, baseline_rates, strict=True)
         ]
+        # Each round measures the plain loop and then the worker back to back, so the pair
+        # shares the machine's state; the median of the pairs is the headline (the best of
+        # each side can come from rounds minutes apart, under other load).
+        out["ratio_median_of_rounds"] = round(statistics.median(per_round), 2)
         out["goal_ratio_at_least"] = 0.5
     finally:
         await conn.close()
