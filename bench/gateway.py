@@ -480,6 +480,20 @@ def enable_stomp() -> None:
     raise RuntimeError("the STOMP plugin did not start listening on 61613")
 
 
+def amqp_path(args: argparse.Namespace) -> str:
+    """The gateway's AMQP data path in this run (``--amqp-path`` sets it for the children)."""
+    from workers.gateway.config import GatewaySettings
+
+    if args.amqp_path:
+        os.environ["BRIDGE_GATEWAY__AMQP_LINK"] = str(args.amqp_path == "link").lower()
+    raw = os.environ.get("BRIDGE_GATEWAY__AMQP_LINK")
+    if raw is None:
+        link = bool(GatewaySettings.model_fields["amqp_link"].default)
+    else:
+        link = raw.strip().lower() in ("1", "true", "yes", "on")
+    return "link" if link else "aiormq"
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     _raise_fd_limit(args.idle + args.clients + 1000)
     root = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -492,6 +506,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "payload_bytes": len(PAYLOAD),
         "seconds": args.seconds,
         "repeats": args.repeats,
+        "amqp_path": amqp_path(args),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -668,6 +683,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-stomp", dest="stomp", action="store_false")
     parser.add_argument("--repeats", type=int, help="interleaved gateway/STOMP runs (median)")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway in (1)")
+    parser.add_argument(
+        "--amqp-path",
+        choices=("link", "aiormq"),
+        help="the gateway's AMQP data path (BRIDGE_GATEWAY__AMQP_LINK; default: the setting's)",
+    )
     parser.add_argument(
         "--encoding-only",
         action="store_true",

@@ -168,7 +168,7 @@ class GatewaySettings(BaseSettings):
         default=32, ge=1, description="unconfirmed publishes per connection before reading stops"
     )
     amqp_link: bool = Field(
-        default=False,
+        default=True,
         description="true: publishes and replies go over the gateway's own AMQP connection "
         "(amqp_link.py, hand-written per-message frames); false: over aiormq channels",
     )
