@@ -426,3 +426,50 @@ async def test_cli_helpers(broker_url, amqp, tmp_path, unique, monkeypatch, caps
         await run("delay", "send", "--to", sink.exchange, "--delay-ms", "0", "now")
         got = await sink.wait_for(1)
         assert got[0].message.body == b"now"
+
+
+async def test_batch_written_in_windows_keeps_order_and_matches_returns_by_publish(
+    broker_url, amqp, tmp_path, unique
+):
+    """One topic's batch larger than the publish window, due at one instant, goes out in
+    due-then-arrival order; within it, publishes that share a message id and are partly
+    unroutable (returned under ``mandatory``) are told apart: aiormq matches a return to
+    its publish by message id, so the lane sends such publishes in separate waves."""
+    s = delay_settings(unique, publish_window=16, batch=100)
+    channel = await amqp.channel()
+    target = f"{unique}.direct"
+    exchange = await channel.declare_exchange(target, "direct", durable=True)
+    queue = await channel.declare_queue(f"{target}.q", durable=True)
+    await queue.bind(exchange, "ok")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[target], queues=[f"{target}.q"]
+    ) as (_, client):
+        due = now_ms() + 1500
+        sent: list[tuple[str, str, bytes]] = []  # (routing key, message id, body)
+        for i in range(60):  # ids unique: several windows of 16 in one batch
+            sent.append(("ok", f"u{i}", b"u%d" % i))
+        for i in range(6):  # one id shared, every other one unroutable
+            sent.append(("ok" if i % 2 == 0 else "nowhere", "shared", b"s%d" % i))
+        for i in range(40):
+            sent.append(("ok", f"v{i}", b"v%d" % i))
+        for routing_key, message_id, body in sent:
+            await client.send(
+                body, target, deliver_at_ms=due, routing_key=routing_key, message_id=message_id
+            )
+        routable = [body for rk, _, body in sent if rk == "ok"]
+        got: list[bytes] = []
+        async with queue.iterator(no_ack=True) as it:
+            async for message in it:
+                got.append(message.body)
+                if len(got) == len(routable):
+                    break
+        assert got == routable, "due time, then arrival order, across windows and waves"
+        dead = await dead_letters(amqp, s, 3, timeout=15)
+        assert sorted(m.body for m in dead) == [b"s1", b"s3", b"s5"]
+        assert {header(m, "x-dead-reason") for m in dead} == {"unroutable"}
+        assert all(m.message_id == "shared" for m in dead)
+        for _ in range(100):
+            if (await client.counts())["total"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.counts())["total"] == 0
