@@ -501,7 +501,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     info = broker_info()
     out: dict[str, Any] = {
         "bench": "gateway",
-        "command": "python -m bench.gateway" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.gateway", *args.argv]),
         "clients": args.clients,
         "payload_bytes": len(PAYLOAD),
         "seconds": args.seconds,
@@ -533,11 +533,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             profiler = None
             if args.profile and repeat == 0:
                 profiler = Profiler(gateway.pid, root / "gateway.collapsed")
+            backend_profiler = None
+            if args.profile_backend and repeat == 0:
+                backend_profiler = Profiler(backend.pid, root / "backend-gateway.collapsed")
             run = await echo_load("gateway", port, lambda r: FramedClient(r), args, pids)
             if profiler is not None:
                 out["gateway_profile"] = profiler.stop()
+            if backend_profiler is not None:
+                out["backend_profile"] = {"gateway": backend_profiler.stop(30)}
             runs["gateway"].append(run)
             if args.stomp:
+                if args.profile_backend and repeat == 0:
+                    backend_profiler = Profiler(backend.pid, root / "backend-stomp.collapsed")
                 runs["stomp"].append(
                     await echo_load(
                         "stomp",
@@ -547,6 +554,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         {"backend": backend.pid, "broker": info["pid"]},
                     )
                 )
+                if backend_profiler is not None and repeat == 0:
+                    out["backend_profile"]["stomp"] = backend_profiler.stop(30)
         for name, results in runs.items():
             if results:
                 out[name] = summarise(results)
@@ -684,6 +693,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved gateway/STOMP runs (median)")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway in (1)")
     parser.add_argument(
+        "--profile-backend",
+        action="store_true",
+        help="py-spy the echo backend in the first gateway and STOMP runs",
+    )
+    parser.add_argument(
         "--amqp-path",
         choices=("link", "aiormq"),
         help="the gateway's AMQP data path (BRIDGE_GATEWAY__AMQP_LINK; default: the setting's)",
@@ -695,6 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = args.quick
     args.clients = args.clients or (16 if quick else 64)
     args.seconds = args.seconds or (3.0 if quick else 15.0)

@@ -122,12 +122,14 @@ class GatewayWorker:
         broker = ctx.broker
         self._broker_url = broker.url
         self._broker_heartbeat = broker.settings.heartbeat_s
-        self._channel = await broker.channel(confirms=True, on_return_raises=True)
         self.link: AmqpLink | None = None
         self.publisher: BatchPublisher | AmqpLink
-        if not s.amqp_link:
+        self._channels = []
+        if not s.amqp_link:  # else the link, started below, publishes
+            channel = await broker.channel(confirms=True, on_return_raises=True)
+            self._channels.append(channel)
             self.publisher = BatchPublisher(
-                self._channel, confirm_seconds=self.metrics.confirm_seconds.observe
+                channel, confirm_seconds=self.metrics.confirm_seconds.observe
             )
             self.publisher.start()
         self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
@@ -136,8 +138,7 @@ class GatewayWorker:
         # Server queues are declared on a channel of their own: a failed declaration
         # closes its channel, which must not be the one the registry is consumed on.
         self._declare_channel = await broker.channel(confirms=False)
-        self._channels = [
-            self._channel,
+        self._channels += [
             self._reply_channel,
             self._registry_channel,
             self._declare_channel,
