@@ -478,21 +478,39 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for i in range(n)
         ]
         baseline_rates, worker_rates = [], []
+        broker = _broker_pid()
+        me = os.getpid()
+        # CPU per stored message of each process on the two paths (microseconds): what the
+        # worker's path adds beyond the plain loop, when the machine is the limit.
+        cpu_us: dict[str, dict[str, list[float]]] = {"plain": {}, "worker": {}}
+
+        def charge(path: str, name: str, seconds: float) -> None:
+            cpu_us[path].setdefault(name, []).append(round(seconds * 1e6 / n, 0))
+
         for round_ in range(args.rounds):
             q = f"{tag}.plain{round_}"
             await channel.declare_queue(q, durable=True, arguments={"x-queue-type": "quorum"})
             progress(f"ingest: plain confirmed publish into a quorum queue, round {round_ + 1}")
+            b0, p0 = (cpu_seconds(broker) if broker else 0.0), cpu_seconds(me)
             baseline_rates.append(round(await _plain_to_queue(channel, q, n), 0))
+            charge("plain", "producer", cpu_seconds(me) - p0)
+            if broker:
+                charge("plain", "broker", cpu_seconds(broker) - b0)
             await delete_names([], [q])
 
             worker = Worker(f"{tag}.w{round_}", tmp / f"ingest{round_}", lanes=8).start()
             try:
                 progress(f"ingest: through the worker, round {round_ + 1}")
                 cpu0 = worker.cpu_seconds()
+                b0, p0 = (cpu_seconds(broker) if broker else 0.0), cpu_seconds(me)
                 started = time.perf_counter()
                 publish_rate = await publish_all(channel, worker.names["in_exchange"], messages)
                 done = await stored(worker, n, 300)
                 elapsed = done - started
+                charge("worker", "producer", cpu_seconds(me) - p0)
+                if broker:
+                    charge("worker", "broker", cpu_seconds(broker) - b0)
+                charge("worker", "worker", worker.cpu_seconds() - cpu0)
                 worker_rates.append(round(n / elapsed, 0))
                 out.setdefault("worker_publish_side_msgs_per_s", []).append(round(publish_rate, 0))
                 out.setdefault("worker_cpu_cores", []).append(
@@ -516,6 +534,10 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         out["through_worker_stored_msgs_per_s"] = worker_rates
         best_plain, best_worker = max(baseline_rates), max(worker_rates)
         out["ratio_best_worker_to_best_plain"] = round(best_worker / best_plain, 2)
+        out["cpu_us_per_message_median"] = {
+            path: {name: statistics.median(v) for name, v in by.items()}
+            for path, by in cpu_us.items()
+        }
         out["ratio_per_round"] = per_round = [
             round(w / p, 2) for w, p in zip(worker_rates, baseline_rates, strict=True)
         ]
@@ -527,6 +549,22 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     finally:
         await conn.close()
     return out
+
+
+def _broker_pid() -> int | None:
+    """The local RabbitMQ node's OS pid (for CPU accounting), or None if not local."""
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "eval", 'io:format("~s~n", [os:getpid()]).'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        pid = int(out.strip().splitlines()[0])
+        return pid if Path(f"/proc/{pid}").exists() else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 async def _plain_to_queue(channel: Any, queue: str, n: int) -> float:
