@@ -7,8 +7,9 @@
 Parts, each measured in the same run against its baseline:
 
 - ``ingest``: messages/s stored by the worker (publisher confirms on, the worker acknowledges
-  after its group commit) vs. a plain confirmed publish loop into a quorum queue (the limit
-  of this machine for a confirmed publish; the worker's ingress queue is a quorum queue too);
+  after its group commit) vs. a plain confirmed publish loop of the same messages through
+  the same topology with nobody consuming (a topic exchange bound '#' to a quorum queue, as
+  ``delay.in``): the limit of this machine for a confirmed publish of those messages;
 - ``lateness``: arrival time at a consumer minus due time, for messages falling due at a
   sustained 2,000 msg/s over 10 topics, with 8 lanes vs. 1 lane (the single dispatcher the
   seed improves on). Messages are stored before they fall due;
@@ -488,15 +489,23 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             cpu_us[path].setdefault(name, []).append(round(seconds * 1e6 / n, 0))
 
         for round_ in range(args.rounds):
+            # The baseline publishes the very messages the worker gets (headers, body,
+            # ids, persistent) the same way, through a topic exchange bound '#' to a quorum
+            # queue, i.e. delay.in's topology with nobody consuming: the ratio is then what
+            # the worker's consuming, storing and acknowledging cost, nothing else.
             q = f"{tag}.plain{round_}"
-            await channel.declare_queue(q, durable=True, arguments={"x-queue-type": "quorum"})
+            plain = await channel.declare_exchange(q, "topic", durable=True)
+            queue = await channel.declare_queue(
+                q, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await queue.bind(plain, "#")
             progress(f"ingest: plain confirmed publish into a quorum queue, round {round_ + 1}")
             b0, p0 = (cpu_seconds(broker) if broker else 0.0), cpu_seconds(me)
-            baseline_rates.append(round(await _plain_to_queue(channel, q, n), 0))
+            baseline_rates.append(round(await publish_all(channel, q, messages), 0))
             charge("plain", "producer", cpu_seconds(me) - p0)
             if broker:
                 charge("plain", "broker", cpu_seconds(broker) - b0)
-            await delete_names([], [q])
+            await delete_names([q], [q])
 
             worker = Worker(f"{tag}.w{round_}", tmp / f"ingest{round_}", lanes=8).start()
             try:
@@ -565,25 +574,6 @@ def _broker_pid() -> int | None:
         return pid if Path(f"/proc/{pid}").exists() else None
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
-
-
-async def _plain_to_queue(channel: Any, queue: str, n: int) -> float:
-    ex = channel.default_exchange
-    slots = asyncio.Semaphore(500)
-    body = b"x" * 100
-
-    async def one(i: int) -> None:
-        async with slots:
-            await ex.publish(
-                aio_pika.Message(
-                    body, message_id=f"p{i}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                ),
-                routing_key=queue,
-            )
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return n / (time.perf_counter() - started)
 
 
 async def run_schedule(
@@ -755,7 +745,23 @@ async def bench_isolation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         out[f"cold_p99_8_lanes_better_than_{name}_x"] = (
             round(other / eight, 1) if other and eight else None
         )
-    out["goals"] = {"cold_p99_ms_below": 100, "improvement_at_least": 10}
+    out["goals"] = {
+        "cold_p99_ms_below": 100,
+        "improvement_at_least": 10,
+        # The design the seed improves on is one sending thread that a burst due at one
+        # instant occupies: LANES=1 with the burst as one batch. LANES=1 with BATCH 500
+        # already takes per-topic turns (the seed's idea on one thread); reported beside it.
+        "improvement_baseline": "single_fifo_dispatcher",
+    }
+    single = out.get("cold_p99_8_lanes_better_than_single_fifo_dispatcher_x")
+    out["goals_met"] = {
+        "cold_p99": eight is not None and eight < 100,
+        "improvement_vs_single_dispatcher": single is not None and single >= 10,
+        "improvement_vs_one_lane_with_turns": (
+            out.get("cold_p99_8_lanes_better_than_lanes_1_x") or 0
+        )
+        >= 10,
+    }
     return out
 
 
