@@ -225,3 +225,30 @@ async def test_silent_broker_expires_publishes_then_recovers(broker_url: str, un
     finally:
         await proxy.stop()
         await delete_names(broker_url, [], [f"{unique}.reply", f"{unique}.server"])
+
+
+async def test_publish_channel_closed_by_broker_is_reopened(broker_url: str, unique: str) -> None:
+    from pamqp.commands import Basic
+
+    from workers.gateway import amqp_codec as codec
+
+    try:
+        async with link_to(broker_url, unique) as (link, _, _r, server_q):
+            await link.publish(server_q, b"a", prepared("s"))
+            # a publish to an exchange that does not exist: the broker closes channel 1 (404)
+            link._write(
+                codec.method_frame(Basic.Publish(exchange=f"{unique}.nope", routing_key="k"), 1)
+                + codec.encode_content_pamqp(1, Properties(), b"x", 4096)
+            )
+            racing = link.publish(server_q, b"b", prepared("s"))
+            try:
+                await racing
+            except PublishFailed as exc:  # unconfirmed when the channel closed
+                assert exc.reason == "channel_error"
+            await until(lambda: link.connected, "publish channel open again")
+            await link.publish(server_q, b"c", prepared("s"))
+            assert link.reconnects == 0 and link.consuming  # the connection stayed
+            bodies = [m.body for m in await drain(broker_url, server_q)]
+            assert bodies[0] == b"a" and bodies[-1] == b"c"
+    finally:
+        await delete_names(broker_url, [], [f"{unique}.reply", f"{unique}.server"])
