@@ -199,6 +199,27 @@ async def test_two_shards(chx_broker, tmp_path, unique):
         assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == forwarded[0] + 1
         assert "pull forwarded to its owning shard" in (tmp_path / "shard-0.log").read_text()
 
+        # a pull forwarded to a shard that does not own its target either (shards that
+        # disagree on SHARD_COUNT) is answered with an error, never forwarded again
+        await wrong_ex.publish(
+            aio_pika.Message(
+                json.dumps({"topic": target, "max": 5}).encode(),
+                reply_to=reply_q.name,
+                correlation_id="twice",
+                headers={"x-forwarded-from": 1, "x-routing-key": target},
+            ),
+            routing_key=target,
+        )
+        async with reply_q.iterator(timeout=10) as it:
+            async for msg in it:
+                reply = json.loads(msg.body)
+                await msg.ack()
+                break
+        assert msg.correlation_id == "twice"
+        assert reply["error"]["code"] == "wrong_shard", reply
+        assert "SHARD_COUNT" in reply["error"]["message"]
+        assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == forwarded[0] + 1
+
         # a malformed request is dead-lettered once, by shard 0, not by every shard
         dead_q = await ch.get_queue(s.dead_queue, ensure=False)
         ex = await ch.get_exchange(s.requests_exchange, ensure=False)
