@@ -149,6 +149,28 @@ async def test_two_delay_shards(chx_broker, tmp_path, unique):
         again = await client.cancel(message_id="later0")
         assert again["cancelled"] is False and again["state"] == "sent_or_unknown"
         assert (await client.counts())["total"] == 0
+
+        # a message forwarded to a shard that does not own it (shards that disagree on
+        # SHARD_COUNT) is kept and delivered there, never forwarded twice, and logged
+        stray = next(f"stray{n}" for n in range(100) if Shard(1, SHARDS).owner(f"stray{n}") == 0)
+        ch = await conn.channel(publisher_confirms=True)
+        await ch.default_exchange.publish(
+            aio_pika.Message(
+                b"stray",
+                message_id=stray,
+                headers={
+                    "x-forwarded-from": 0,
+                    "x-deliver-at": int(time.time() * 1000) + 100,
+                    "x-target-exchange": sinks[1].exchange,
+                },
+            ),
+            routing_key=shard_queue(s.in_queue, 1),
+        )
+        before = len(sinks[1].got)
+        await sinks[1].wait_for(before + 1, timeout=15)
+        await asyncio.sleep(0.5)
+        assert [r.message.message_id for r in sinks[1].got[before:]] == [stray]
+        assert "forwarded message not owned by this shard" in (tmp_path / "shard-1.log").read_text()
     finally:
         for p in procs:
             if p.proc is not None and p.proc.poll() is None:
