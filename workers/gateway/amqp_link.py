@@ -74,7 +74,12 @@ def _parse_url(url: str) -> dict[str, Any]:
     if u.scheme not in ("amqp", "amqps"):
         raise ValueError(f"not an AMQP URL: {u.scheme}://")
     vhost = urllib.parse.unquote(u.path[1:]) if len(u.path) > 1 else "/"
+    query = urllib.parse.parse_qs(u.query)
+    heartbeat: int | None = None
+    if "heartbeat" in query:  # as aio-pika reads it from the same URL
+        heartbeat = int(query["heartbeat"][0])
     return {
+        "heartbeat": heartbeat,
         "host": u.hostname or "localhost",
         "port": u.port or (5671 if u.scheme == "amqps" else 5672),
         "user": urllib.parse.unquote(u.username or "guest"),
@@ -142,7 +147,9 @@ class AmqpLink:
         self.reply_queue_arguments = reply_queue_arguments
         self.on_reply = on_reply
         self.timeout = timeout
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s = (
+            heartbeat_s if self.params["heartbeat"] is None else self.params["heartbeat"]
+        )
         self.confirm_seconds = confirm_seconds
         self.name = name
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()

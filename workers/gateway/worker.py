@@ -108,6 +108,7 @@ class GatewayWorker:
         self._consuming = False
         self._stopping = False
         self.sticky_dirty: set[str] = set()
+        self.link: AmqpLink | None = None  # the data path when settings.amqp_link
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -122,7 +123,6 @@ class GatewayWorker:
         broker = ctx.broker
         self._broker_url = broker.url
         self._broker_heartbeat = broker.settings.heartbeat_s
-        self.link: AmqpLink | None = None
         self.publisher: BatchPublisher | AmqpLink
         self._channels = []
         if not s.amqp_link:  # else the link, started below, publishes
@@ -321,6 +321,13 @@ class GatewayWorker:
                     self.publisher.published / max(self.publisher.batches, 1), 2
                 ),
                 "sessions_waiting_for_window": len(self._waiting),
+                "amqp_link": None
+                if self.link is None
+                else {
+                    "connected": self.link.connected,
+                    "consuming": self.link.consuming,
+                    "reconnects": self.link.reconnects,
+                },
                 "servers_alive": self.balancer.alive(),
                 "reply_queue": self.settings.reply_queue,
                 "peers": None
