@@ -1,4 +1,8 @@
-"""The gateway's per-message AMQP paths, on aiormq directly.
+"""The gateway's per-message AMQP paths on aiormq (``BRIDGE_GATEWAY__AMQP_LINK=false``).
+
+The default data path is :mod:`workers.gateway.amqp_link`, a connection of the gateway's
+own; from here it still uses :class:`Prepared` (the cached DATA properties), and
+:class:`RawPublisher` keeps publishing the rare messages to ``gateway.undeliverable``.
 
 Every DATA frame becomes one publish and every server reply one delivery, so what aio-pika
 adds per message shows in the gateway's throughput: building an ``aio_pika.Message``
