@@ -205,6 +205,53 @@ class ConfirmPublisher:
                 raise PublishFailed("unroutable", str(result.reply_text))
 
 
+def track_confirm(channel: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
+    """Register one publish about to be written by hand on ``channel`` (frames encoded by the
+    caller, all of a batch handed to ``channel.write_queue`` in one ``ChannelFrame``) the way
+    aiormq's ``basic_publish`` does: the next delivery tag, a confirmation future aiormq
+    resolves on the broker's ack or nack, on a return under ``mandatory`` (matched by
+    ``message_id``) or when the channel closes. Call under ``channel.lock``, once per publish
+    actually written, in write order. Relies on aiormq 7 internals (``delivery_tag``,
+    ``confirmations``, ``message_id_delivery_tag``); :func:`confirm_error` reads the result.
+    """
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    confirmation = channel.create_future()
+    channel.confirmations[tag] = confirmation
+    channel.message_id_delivery_tag[message_id] = tag
+
+    def forget(_: asyncio.Future[Any]) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            channel.message_id_delivery_tag.pop(message_id, None)
+
+    confirmation.add_done_callback(forget)
+    return confirmation
+
+
+def confirm_error(confirmation: asyncio.Future[Any], routing_key: str) -> PublishFailed | None:
+    """None if a settled confirmation from :func:`track_confirm` (or ``basic_publish(wait=
+    False)``) is the broker's ack, else the failure, with the reasons ConfirmPublisher uses:
+    ``unroutable`` (returned), ``nacked``, ``exchange_not_found``, ``channel_error``."""
+    if confirmation.cancelled():
+        return PublishFailed("channel_error", "confirmation cancelled")
+    exc = confirmation.exception()
+    if exc is not None:
+        if isinstance(exc, aiormq.exceptions.PublishError):
+            text = getattr(getattr(exc, "frame", None), "reply_text", None) or "NO_ROUTE"
+            return PublishFailed("unroutable", f"{text}: routing key {routing_key!r}")
+        if isinstance(exc, aiormq.exceptions.DeliveryError):
+            return PublishFailed("nacked", str(exc))
+        if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+            return PublishFailed("exchange_not_found", str(exc))
+        return PublishFailed("channel_error", f"{type(exc).__name__}: {exc}")
+    result = confirmation.result()
+    if isinstance(result, aiormq.spec.Basic.Nack):
+        return PublishFailed("nacked", "broker nacked the publish")
+    if isinstance(result, aiormq.abc.DeliveredMessage):  # returned, on_return_raises off
+        return PublishFailed("unroutable", f"NO_ROUTE: routing key {routing_key!r}")
+    return None
+
+
 async def declare_exchange(
     channel: AbstractChannel, name: str, kind: ExchangeType | str, *, durable: bool = True
 ) -> AbstractExchange:

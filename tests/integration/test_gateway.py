@@ -34,8 +34,9 @@ from workers.gateway.worker import GatewayWorker
 pytestmark = pytest.mark.integration
 
 
-async def test_balanced_assignment_and_round_trips(broker_url, tmp_path, unique):
-    s = gateway_settings(unique)
+@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
+async def test_balanced_assignment_and_round_trips(broker_url, tmp_path, unique, amqp_link):
+    s = gateway_settings(unique, amqp_link=amqp_link)
     async with running_gateway(broker_url, tmp_path, s) as gw:
         clients = [await gw.connect(client_id=f"c{i}") for i in range(21)]
         per_server = Counter(c.server for c in clients)
@@ -168,8 +169,9 @@ async def test_expiry_offline_messages_and_reregistration(broker_url, amqp, tmp_
         gw.servers["s2"] = await gw.start_server("s2")
 
 
-async def test_x_close_and_undeliverable_replies(broker_url, amqp, tmp_path, unique):
-    s = gateway_settings(unique)
+@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
+async def test_x_close_and_undeliverable_replies(broker_url, amqp, tmp_path, unique, amqp_link):
+    s = gateway_settings(unique, amqp_link=amqp_link)
 
     def handler(event: ServerEvent) -> list[Reply]:
         if event.body == b"close me":
@@ -271,10 +273,11 @@ async def test_broker_backpressure_stops_reading(broker_url, tmp_path, unique):
         await cleanup(broker_url, s, gw_names)
 
 
-async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, unique):
+@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
+async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, unique, amqp_link):
     parts = urlsplit(broker_url)
     proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    s = gateway_settings(unique)
+    s = gateway_settings(unique, amqp_link=amqp_link)
     worker = GatewayWorker(s)
     proxied = proxy.url(parts.username or "guest", parts.password or "guest")
     try:

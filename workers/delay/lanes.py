@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import functools
 import logging
 import random
 import sqlite3
@@ -50,11 +49,11 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
-from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from bridge.amqp import Broker, ConfirmPublisher
+from bridge.amqp import Broker, ConfirmPublisher, confirm_error, track_confirm
 from bridge.errors import BrokerUnavailable, PublishFailed
 from bridge.settings import HostSettings
 from workers.delay.config import (
@@ -167,11 +166,12 @@ class _Written:
             self.event.set()
 
 
-def _forget_message_id(
-    channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]
-) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        channel.message_id_delivery_tag.pop(message_id, None)
+def _outcome(error: PublishFailed) -> Outcome:
+    """What a failed publish means for the message: dead-lettered with the reason if the
+    broker returned it or the exchange is missing, else retried."""
+    if error.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND):
+        return error.reason, error.detail
+    return RETRY, f"{error.reason}: {error.detail}"
 
 
 def login_user(url: str) -> str | None:
@@ -599,15 +599,7 @@ class Lane:
             written: list[tuple[_Item, asyncio.Future[Any]]] = []
             now = time.time()
             for item, message_id, _ in parts:
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                confirmation = channel.create_future()
-                channel.confirmations[tag] = confirmation
-                channel.message_id_delivery_tag[message_id] = tag
-                confirmation.add_done_callback(
-                    functools.partial(_forget_message_id, channel, message_id, tag)
-                )
-                written.append((item, confirmation))
+                written.append((item, track_confirm(channel, message_id)))
                 self._observe_lateness(now - item.entry.due_ms / 1000)
             await channel.write_queue.put(
                 ChannelFrame(payload=b"".join(p for _, _, p in parts), should_close=False)
@@ -619,30 +611,14 @@ class Lane:
             return []
         futures = [f for _, f in written]
         _, pending = await asyncio.wait(futures, timeout=self.settings.publish_timeout_s)
+        timeout = self.settings.publish_timeout_s
         out: list[Outcome] = []
-        for _, fut in written:
+        for item, fut in written:
             if fut in pending:
-                out.append((RETRY, f"timeout: no confirm in {self.settings.publish_timeout_s}s"))
-            elif fut.cancelled():
-                out.append((RETRY, "channel_error: confirmation cancelled"))
-            elif (exc := fut.exception()) is not None:
-                if isinstance(exc, aiormq.exceptions.PublishError):
-                    out.append((UNROUTABLE, str(getattr(exc.frame, "reply_text", "NO_ROUTE"))))
-                elif isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
-                    out.append((EXCHANGE_NOT_FOUND, str(exc)))
-                elif isinstance(exc, aiormq.exceptions.DeliveryError):
-                    out.append((RETRY, f"nacked: {exc}"))
-                else:
-                    out.append((RETRY, f"channel_error: {type(exc).__name__}: {exc}"))
-            else:
-                result = fut.result()
-                if isinstance(result, Basic.Nack):
-                    out.append((RETRY, "nacked: broker nacked the publish"))
-                elif isinstance(result, DeliveredMessage):
-                    text = getattr(result.delivery, "reply_text", "") or "NO_ROUTE"
-                    out.append((UNROUTABLE, str(text)))
-                else:
-                    out.append((OK, ""))
+                out.append((RETRY, f"timeout: no confirm in {timeout}s"))
+                continue
+            error = confirm_error(fut, item.row.routing_key)
+            out.append((OK, "") if error is None else _outcome(error))
         return out
 
     def _properties(self, row: StoredMessage, headers: dict[str, Any]) -> Any:
@@ -668,9 +644,7 @@ class Lane:
                 lateness_of=entry.due_ms,
             )
         except PublishFailed as exc:
-            if exc.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND):
-                return exc.reason, exc.detail
-            return RETRY, f"{exc.reason}: {exc.detail}"
+            return _outcome(exc)
         return OK, ""
 
     async def _publish(

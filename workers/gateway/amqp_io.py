@@ -40,6 +40,7 @@ from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from bridge.amqp import confirm_error, track_confirm
 from bridge.errors import PublishFailed
 
 log = logging.getLogger("bridge.gateway")
@@ -306,15 +307,9 @@ class BatchPublisher:
             # publishes it receives, so one tag taken for a frame never written would shift
             # every later confirm onto the wrong message.
             for (routing_key, _, _, fut, queued_at), message_id, _ in parts:
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                confirmation = channel.create_future()
-                channel.confirmations[tag] = confirmation
-                channel.message_id_delivery_tag[message_id] = tag
+                confirmation = track_confirm(channel, message_id)
                 confirmation.add_done_callback(
-                    functools.partial(
-                        self._settle, fut, channel, tag, message_id, routing_key, queued_at
-                    )
+                    functools.partial(self._settle, fut, routing_key, queued_at)
                 )
                 self._unconfirmed.append((queued_at, fut))
             if parts:
@@ -379,35 +374,15 @@ class BatchPublisher:
     def _settle(
         self,
         fut: asyncio.Future[None],
-        channel: aiormq.Channel,
-        tag: int,
-        message_id: str,
         routing_key: str,
         queued_at: float,
         confirmation: asyncio.Future[Any],
     ) -> None:
-        if channel.message_id_delivery_tag.get(message_id) == tag:
-            channel.message_id_delivery_tag.pop(message_id, None)
         if self.confirm_seconds is not None:
             self.confirm_seconds(time.monotonic() - queued_at)
         if fut.done():
             return
-        error: PublishFailed | None = None
-        if confirmation.cancelled():
-            error = PublishFailed("channel_error", "confirmation cancelled")
-        elif (exc := confirmation.exception()) is not None:
-            if isinstance(exc, aiormq.exceptions.PublishError):
-                error = PublishFailed("unroutable", f"no queue {routing_key!r}")
-            elif isinstance(exc, aiormq.exceptions.DeliveryError):
-                error = PublishFailed("nacked", str(exc))
-            else:
-                error = PublishFailed("channel_error", f"{type(exc).__name__}: {exc}")
-        else:
-            result = confirmation.result()
-            if isinstance(result, Basic.Nack):
-                error = PublishFailed("nacked", "broker nacked the publish")
-            elif isinstance(result, DeliveredMessage):
-                error = PublishFailed("unroutable", f"no queue {routing_key!r}")
+        error = confirm_error(confirmation, routing_key)
         if error is not None:
             fut.set_exception(error)
         else:
