@@ -159,15 +159,21 @@ async def test_every_dead_letter_reason_while_valid_traffic_continues(
         await client.send(b"x", missing, delay_ms=30, message_id="missing-1")
         for i in range(3):
             await client.send(b"x", missing, delay_ms=0, message_id=f"missing-more-{i}")
+        # a name RabbitMQ allows but pamqp would not encode (space, non-ASCII): still sent,
+        # so the broker's 404 dead-letters it instead of a retry loop in the lane
+        weird = f"{unique} missing ü"
+        await client.send(b"w", weird, delay_ms=0, message_id="weird-1")
         await client.send(b"good", sink.exchange, delay_ms=60, message_id=f"good{valid}")
         valid += 1
 
-        expected = len(BAD_INPUTS) + 1 + 4
+        expected = len(BAD_INPUTS) + 1 + 5
         dead = await dead_letters(amqp, s, expected, timeout=15)
         reasons = sorted(header(m, "x-dead-reason") for m in dead)
         assert reasons == sorted(
-            [r for r, _ in BAD_INPUTS] + ["unroutable"] + ["exchange_not_found"] * 4
+            [r for r, _ in BAD_INPUTS] + ["unroutable"] + ["exchange_not_found"] * 5
         ), reasons
+        strange = next(m for m in dead if m.message_id == "weird-1")
+        assert header(strange, "x-target-exchange") == weird
         for m in dead:
             assert header(m, "x-dead-detail"), "every dead letter explains itself"
             if m.message_id and m.message_id.startswith("bad"):

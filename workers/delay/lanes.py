@@ -37,6 +37,7 @@ import contextvars
 import logging
 import random
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -50,7 +51,6 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.abc import ChannelFrame
-from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from bridge.amqp import Broker, ConfirmPublisher, confirm_error, track_confirm
@@ -71,6 +71,7 @@ log = logging.getLogger("bridge.delay.lane")
 OK = "ok"
 RETRY = "retry"
 Outcome = tuple[str, str]  # (OK | RETRY | UNROUTABLE | EXCHANGE_NOT_FOUND, detail)
+_FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _VERIFIED_MAX = 10_000
 # A lane's channel carries at most this many publish windows unconfirmed (batches overlap).
 _WINDOWS_PER_LANE = 4
@@ -164,6 +165,20 @@ class _Written:
         self.left -= 1
         if self.left == 0:
             self.event.set()
+
+
+_PUBLISH_MANDATORY = b"\x00\x3c\x00\x28\x00\x00"  # basic.publish (60, 40), ticket 0
+
+
+def publish_method(channel: int, exchange: str, routing_key: str) -> bytes:
+    """The method frame of a mandatory ``basic.publish``, encoded here: pamqp refuses exchange
+    names outside ``[A-Za-z0-9-_.:]`` and longer than 127 characters, which RabbitMQ accepts
+    (any UTF-8 up to 255 bytes), so such a topic would never be sent nor dead-lettered."""
+    ex, rk = exchange.encode(), routing_key.encode()
+    if len(ex) > 255 or len(rk) > 255:
+        raise ValueError("exchange name and routing key are at most 255 bytes")
+    payload = b"".join((_PUBLISH_MANDATORY, bytes((len(ex),)), ex, bytes((len(rk),)), rk, b"\x01"))
+    return b"".join((_FRAME_HEAD.pack(1, channel, len(payload)), payload, b"\xce"))
 
 
 def _outcome(error: PublishFailed) -> Outcome:
@@ -453,7 +468,10 @@ class Lane:
             return
         if topic not in self._verified:
             first, rest = items[0], items[1:]
-            outcome = await self._publish_one(exchange, first)
+            if self._release is None:
+                outcome = (await self._written_in_batches(topic, [first]))[0]
+            else:
+                outcome = await self._publish_one(exchange, first)
             outcomes[first.entry.mid] = outcome
             if outcome[0] == EXCHANGE_NOT_FOUND:
                 # Only this publish was in flight: the exchange is missing for all of them.
@@ -587,12 +605,12 @@ class Lane:
             if not properties.message_id:  # what basic_publish does: returns match by id
                 properties.message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
             frames: list[Any] = [
-                Basic.Publish(exchange=topic, routing_key=row.routing_key, mandatory=True),
                 ContentHeader(properties=properties, body_size=len(row.body)),
                 *channel._split_body(row.body),
             ]
             payload = ChannelFrame.marshall(channel_number=number, frames=frames).payload
-            parts.append((item, str(properties.message_id), payload))
+            method = publish_method(number, topic, row.routing_key)
+            parts.append((item, str(properties.message_id), method + payload))
         async with channel.lock:
             if channel.is_closed:
                 raise ConnectionError("channel closed")
@@ -645,6 +663,8 @@ class Lane:
             )
         except PublishFailed as exc:
             return _outcome(exc)
+        except ValueError as exc:  # pamqp refuses names RabbitMQ accepts (see publish_method)
+            return EXCHANGE_NOT_FOUND, f"the AMQP client cannot name {exchange.name!r}: {exc}"
         return OK, ""
 
     async def _publish(
