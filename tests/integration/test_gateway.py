@@ -295,6 +295,12 @@ async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, uniq
                 # the client never noticed: same session, replies flow again
                 assert await client.request(b"after") == b"after"
                 assert worker.sessions[client.session].server == "s1"
+                families = {m.name: m for m in host.registry.collect()}
+                if amqp_link:  # the data path's own connection came back, and says so
+                    assert families["bridge_gateway_link_reconnects"].samples[0].value >= 1
+                    assert families["bridge_gateway_link_up"].samples[0].value == 1
+                else:
+                    assert "bridge_gateway_link_up" not in families
                 await client.bye()
             finally:
                 for server in gw.servers.values():

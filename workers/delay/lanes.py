@@ -4,8 +4,9 @@ Each lane is a thread with its own event loop, its own AMQP connection and confi
 (aio-pika objects belong to the loop that made them) and its own read-only SQLite
 connection. The worker's scheduler hands a lane one :class:`~workers.delay.model.Assignment`
 at a time (one topic, at most ``batch`` messages in due order); the lane reads the rows,
-publishes them pipelined with ``mandatory`` and confirms, dead-letters what the broker could
-not route, and reports per message what happened. A lane never raises out of a batch: a
+publishes them with ``mandatory`` and confirms in windows of ``publish_window`` messages (one
+socket write per window, frames encoded here: :meth:`Lane._written_in_batches`), dead-letters
+what the broker could not route, and reports per message what happened. A lane never raises out of a batch: a
 channel the broker closed (404 for a missing exchange) is reopened and the lane goes on.
 
 Two aiormq details shape the publish loop:
@@ -19,7 +20,9 @@ Two aiormq details shape the publish loop:
   are never in flight on one channel at once: the batch is cut into waves of distinct ids,
   and a publish waits while another batch of the lane has one with its id in flight.
 
-A lane is *released* as soon as every publish of its batch has been handed to the channel
+With ``LANE_RELEASE`` (off by default: measured worse, docs/delay.md) batches go through
+aio-pika one publish at a time instead, and a lane is *released* as soon as every publish of
+its batch has been handed to the channel
 (``release`` callback): from then on it only waits for the broker's confirms, which under
 load take tens of milliseconds (the broker confirms a persistent message once it is on
 disk). The lane takes the next assignment (another topic) meanwhile; the released topic
@@ -583,7 +586,7 @@ class Lane:
             chunk = items[start : start + window]
             try:
                 written = await self._write_chunk(channel, topic, chunk)
-            except Exception as exc:  # the channel closed under us: nothing of it was sent
+            except Exception as exc:  # channel closed, or a frame not encodable: none sent
                 outcome = (RETRY, f"channel_error: {type(exc).__name__}: {exc}")
                 out.extend(await self._settled(in_flight))
                 out.extend([outcome] * (len(items) - len(out)))

@@ -86,6 +86,18 @@ class _StateCollector(Collector):
             "other gateway replicas heard from within peer_ttl_s",
             value=len(balancer.replicas(now)),
         )
+        link = worker.link
+        if link is not None:  # the data path's own connection (BRIDGE_GATEWAY__AMQP_LINK)
+            yield CounterMetricFamily(
+                "bridge_gateway_link_reconnects",
+                "times the gateway's data-path AMQP connection was re-established",
+                value=link.reconnects,
+            )
+            yield GaugeMetricFamily(
+                "bridge_gateway_link_up",
+                "1 while the data-path connection publishes and consumes replies",
+                value=1 if link.connected and link.consuming else 0,
+            )
 
 
 class GatewayMetrics:
