@@ -106,6 +106,12 @@ class DelaySettings(ShardFields, BaseSettings):
     scheduled_metric_topics: int = Field(
         default=50, ge=0, description="per-topic scheduled gauge keeps only the N largest"
     )
+    consumer_check_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="how often the worker checks that the broker has not cancelled its "
+        "ingress consumer (a deleted queue); it declares the queue again and consumes it",
+    )
     retry_backoff_max_s: float = Field(
         default=5.0, gt=0, description="longest pause of a lane after a failed publish"
     )

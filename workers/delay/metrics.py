@@ -116,6 +116,12 @@ class DelayMetrics:
             "pending messages replaced by a newer one with the same x-delay-key",
             registry=registry,
         )
+        self.consumer_restored = Counter(
+            "bridge_delay_ingress_restored_total",
+            "times the ingress queue was declared and consumed again after the broker "
+            "cancelled the consumer (queue deleted)",
+            registry=registry,
+        )
         self.retries = Counter(
             "bridge_delay_publish_retries_total",
             "publishes that failed transiently and will be retried",

@@ -228,6 +228,7 @@ class DelayWorker:
         self._channel.reopen_callbacks.add(self._consume_ingress)
         await self._consume_ingress()
         self._consuming = True
+        self._tasks.append(self._loop.create_task(self._watch_ingress(broker), name="delay-watch"))
         self.started_s = time.perf_counter() - started
         gc.freeze()  # what start-up built (modules, the first window) stays: skip it in passes
         log.info(
@@ -249,20 +250,8 @@ class DelayWorker:
         consumes ``<control_queue>.shard-<i>`` for the other shards' questions (see
         workers.delay.shards)."""
         s = self.settings
-        in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
-        if not self.shard.sharded:
-            await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
-        else:
-            args = chx_arguments()
-            await ensure_chx_exchange(broker.url, self.name, s.shards_exchange, arguments=args)
-            shards_ex = await self._channel.declare_exchange(
-                s.shards_exchange, CHX_TYPE, durable=True, arguments=args
-            )
-            await shards_ex.bind(in_ex, routing_key="#")
-            for i in range(self.shard.count):  # in shard order: bucket i is shard i
-                await declare_quorum_queue(
-                    self._channel, shard_queue(s.in_queue, i), bind=(shards_ex, "1")
-                )
+        await self._declare_ingress(broker, every_shard=True)
+        if self.shard.sharded:
             ring = RingKeeper(
                 lambda: broker.channel(confirms=False),
                 s.shards_exchange,
@@ -290,6 +279,59 @@ class DelayWorker:
             assert broker.connection is not None
             await self.shards.open(broker.connection)
         return queues
+
+    async def _declare_ingress(self, broker: Any, *, every_shard: bool) -> None:
+        """The ingress queue with its binding (every shard's queue at start-up, in shard order:
+        bucket i is shard i; only this shard's when its queue was deleted)."""
+        s = self.settings
+        in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
+        if not self.shard.sharded:
+            await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
+            return
+        args = chx_arguments()
+        await ensure_chx_exchange(broker.url, self.name, s.shards_exchange, arguments=args)
+        shards_ex = await self._channel.declare_exchange(
+            s.shards_exchange, CHX_TYPE, durable=True, arguments=args
+        )
+        await shards_ex.bind(in_ex, routing_key="#")
+        shards = range(self.shard.count) if every_shard else (self.shard.index,)
+        for i in shards:
+            await declare_quorum_queue(
+                self._channel, shard_queue(s.in_queue, i), bind=(shards_ex, "1")
+            )
+
+    def _ingress_alive(self) -> bool:
+        """Whether the ingress consumer is still subscribed. A deleted queue makes the broker
+        cancel the consumer without closing the channel: nothing else would notice."""
+        raw, tag = self._ingress
+        if raw is None or raw.is_closed:
+            return False  # aio-pika reopens the channel and consumes again (reopen callback)
+        return tag in raw.consumers
+
+    async def _watch_ingress(self, broker: Any) -> None:
+        """Declare the ingress queue again and consume it when the broker cancelled the
+        consumer (queue deleted by an operator, a policy, a lost cluster member)."""
+        while self._consuming:
+            await asyncio.sleep(self.settings.consumer_check_s)
+            raw, _ = self._ingress
+            if not self._consuming or self._ingress_alive() or raw is None or raw.is_closed:
+                continue
+            log.error(
+                "the broker cancelled the ingress consumer (queue deleted?); declaring it again",
+                extra={"queue": self._in_queue},
+            )
+            try:
+                await self._declare_ingress(broker, every_shard=False)
+                await self._consume_ingress()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("ingress not restored yet; retrying", extra={"error": str(exc)})
+                continue
+            if self._ring is not None:  # a re-created binding moves this shard in the ring
+                self._ring.schedule("the ingress queue was declared again", force=True)
+            self.metrics.consumer_restored.inc()
+            log.info("consuming the ingress queue again", extra={"queue": self._in_queue})
 
     def _owner(self, delivered: DeliveredMessage) -> tuple[int, str | None]:
         """The shard that owns a keyless message (by message_id) and, for one without an id,
@@ -426,6 +468,8 @@ class DelayWorker:
             return False, f"state commits failing: {self.committer.failing}"
         if not self._consuming:
             return False, "not consuming"
+        if not self._ingress_alive():
+            return False, "ingress consumer gone (channel reopening or queue deleted)"
         down = [lane.index for lane in self.lanes if not lane.connected]
         if down and len(down) == len(self.lanes):
             return False, "no sender lane is connected"
