@@ -154,8 +154,12 @@ async def dead_letters(
 async def wait_stored(client: DelayClient, total: int, timeout: float = 10.0) -> dict[str, Any]:
     """Poll counts until ``total`` messages are stored (the worker consumed them)."""
     deadline = time.monotonic() + timeout
+    reply: dict[str, Any] = {}
     while True:
-        reply = await client.counts()
+        try:  # a reply lost while the worker reconnects is the caller's to retry (contract)
+            reply = await client.counts(timeout=max(0.5, min(3.0, deadline - time.monotonic())))
+        except TimeoutError:
+            reply = {"error": "no reply (timeout)"}
         if reply.get("total") == total:
             return reply
         if time.monotonic() > deadline:
