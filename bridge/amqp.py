@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -426,14 +426,48 @@ class BatchAcker:
             self._sending.pop(key, None)
 
 
+class _Consumer:
+    __slots__ = ("bindings", "queue", "raw", "run", "tag")
+
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        tag: str,
+        run: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        bindings: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.queue = queue
+        self.tag = tag
+        self.run = run
+        self.bindings = bindings
+        self.raw: aiormq.Channel | None = None  # the channel it consumes on, as last seen
+
+    @property
+    def cancelled(self) -> bool:
+        """The broker cancelled it (its channel is open and no longer knows the tag)."""
+        raw = self.raw
+        return raw is not None and not raw.is_closed and self.tag not in raw.consumers
+
+
 class Consumers:
     """The consumers of one worker: handler tasks are tracked so a drain can wait for them,
-    and a handler that raises has its message requeued instead of taking the worker down."""
+    and a handler that raises has its message requeued instead of taking the worker down.
+
+    A queue deleted under a consumer (an operator, a policy, a lost cluster member) makes the
+    broker cancel the consumer without closing the channel, so neither the connection nor
+    aio-pika's robust channel notices. :attr:`lost` names such queues at once (the worker's
+    readiness reports it), and :meth:`watch` declares them again with their bindings and
+    consumes them again, checking every ``interval_s``.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.inflight: set[asyncio.Task[Any]] = set()
-        self._tags: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[_Consumer] = []
+        self._warned: set[str] = set()
+        self.restored = 0
+        self.on_restored: Callable[[str], None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def consume(
         self,
@@ -441,9 +475,11 @@ class Consumers:
         handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
         *,
         acker: BatchAcker | None = None,
+        bindings: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Consume ``queue`` with ``handler``. With ``acker`` every delivery is acknowledged
-        on receipt (the handler must never ack or nack); without, the handler acknowledges."""
+        on receipt (the handler must never ack or nack); without, the handler acknowledges.
+        ``bindings`` (exchange, routing key) are restored with the queue (see :meth:`watch`)."""
 
         async def run(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -462,14 +498,76 @@ class Consumers:
                 self.inflight.discard(task)
 
         tag = await queue.consume(run)
-        self._tags.append((queue, tag))
+        consumer = _Consumer(queue, tag, run, bindings)
+        consumer.raw = cast(aiormq.Channel, await queue.channel.get_underlay_channel())
+        self._consumers.append(consumer)
+
+    @property
+    def lost(self) -> list[str]:
+        """Queues whose consumer the broker cancelled and that are not consumed again yet."""
+        return sorted(c.queue.name for c in self._consumers if c.cancelled)
+
+    def watch(self, interval_s: float = 1.0) -> None:
+        """Start checking that the broker has not cancelled a consumer (see the class)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.check()
+
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(loop(), name="consumer-watch")
+
+    async def check(self) -> None:
+        for c in list(self._consumers):
+            name = c.queue.name
+            try:
+                raw = cast(
+                    aiormq.Channel,
+                    await asyncio.wait_for(c.queue.channel.get_underlay_channel(), 5),
+                )
+            except Exception:
+                continue  # the channel is reopening: aio-pika restores its consumers itself
+            c.raw = raw
+            if not c.cancelled:
+                continue
+            if name not in self._warned:
+                self._warned.add(name)
+                log.error(
+                    "the broker cancelled a consumer (queue deleted?); declaring it again",
+                    extra={"worker": self.name, "queue": name},
+                )
+            try:
+                await c.queue.declare()
+                for exchange, routing_key in c.bindings:
+                    await c.queue.bind(exchange, routing_key)
+                with contextlib.suppress(Exception):  # forget the old tag (robust restore)
+                    await asyncio.wait_for(c.queue.cancel(c.tag), 5)
+                c.tag = await c.queue.consume(c.run)
+                c.raw = cast(aiormq.Channel, await c.queue.channel.get_underlay_channel())
+            except Exception as exc:
+                log.warning(
+                    "queue not restored yet; retrying",
+                    extra={"worker": self.name, "queue": name, "error": str(exc)},
+                )
+                continue
+            self._warned.discard(name)
+            self.restored += 1
+            log.info("consuming again", extra={"worker": self.name, "queue": name})
+            if self.on_restored is not None:
+                self.on_restored(name)
 
     async def cancel(self) -> None:
         """Stop deliveries (in-flight handlers keep running)."""
-        for queue, tag in self._tags:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        for c in self._consumers:
             with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._tags.clear()
+                await c.queue.cancel(c.tag)
+        self._consumers.clear()
 
     async def drain(self, timeout: float) -> None:
         if self.inflight:

@@ -1,7 +1,8 @@
 """A queue a worker consumes is deleted under it (an operator, a policy, a cluster event):
 the broker cancels the consumer without closing the channel, so neither aio-pika's robust
 channel nor the connection notices. The workers must see it, say so on /readyz, declare the
-queue again and consume it, instead of staying "ready" while consuming nothing."""
+queue again and consume it, instead of staying "ready" while consuming nothing (both tests
+failed before: the workers stayed ready and consumed nothing)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from tests.integration.delay_helpers import delay_settings, delay_worker, make_sink
+from tests.integration.directed_helpers import directed, directed_settings, wait_applied
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +42,24 @@ async def test_delay_ingress_queue_deleted_is_declared_and_consumed_again(
         await client.send(b"after", sink.exchange, delay_ms=0, message_id="after")
         got = await sink.wait_for(2)
         assert [r.message.message_id for r in got] == ["before", "after"]
+
+
+@pytest.mark.parametrize("queue", ["requests", "pull"])
+async def test_directed_queue_deleted_is_declared_and_consumed_again(
+    broker_url, amqp, tmp_path, unique, queue
+):
+    s = directed_settings(unique)
+    async with directed(broker_url, tmp_path, s, amqp) as (worker, client):
+        await client.send(b"before", ["a"], message_id="before")
+        await wait_applied(client, "before")
+        channel = await amqp.channel()
+        await channel.queue_delete(s.requests_queue if queue == "requests" else s.pull_queue)
+        await wait_for(lambda: not worker.ready()[0], "not ready once a consumer is gone")
+        assert "consumer cancelled by the broker" in worker.ready()[1]
+        await wait_for(lambda: worker.ready()[0], "ready again, consuming a new queue")
+        # both paths work again: a request is applied, a pull is answered
+        await client.send(b"after", ["a"], message_id="after")
+        await wait_applied(client, "after")
+        reply = await client.pull("a", None, max=10)
+        assert [m["id"] for m in reply["messages"]] == ["before", "after"]
+        assert worker.metrics.consumers_restored._value.get() == 1

@@ -93,6 +93,12 @@ class DirectedMetrics:
             "ids dropped from full target queues",
             registry=registry,
         )
+        self.consumers_restored = Counter(
+            "bridge_directed_consumers_restored_total",
+            "times a queue the worker consumes was declared and consumed again after the "
+            "broker cancelled the consumer (queue deleted)",
+            registry=registry,
+        )
         self.pulls_forwarded = Counter(
             "bridge_directed_pulls_forwarded_total",
             "sharded mode: pulls that reached a shard not owning their target and were handed "

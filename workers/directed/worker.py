@@ -61,6 +61,9 @@ from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
 from workers.directed.store import Batch, Content, DirectedStore
 
+# How often the worker checks that the broker has not cancelled a consumer (a deleted queue).
+CONSUMER_CHECK_S = 1.0
+
 log = logging.getLogger("bridge.directed")
 
 
@@ -168,13 +171,28 @@ class DirectedWorker:
             assert broker.connection is not None
             self._rpc = await RpcClient(broker.connection).open()
 
-        await self.consumers.consume(requests_q, self._on_request)
+        await self.consumers.consume(
+            requests_q, self._on_request, bindings=((s.requests_exchange, ""),)
+        )
         # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
         # they are acknowledged on receipt, in batches.
         acker = BatchAcker()
-        await self.consumers.consume(pull_q, self._on_pull, acker=acker)
+        if self.shard.sharded:
+            pull_bindings = ((s.pull_shards_exchange, "1"),)
+        else:
+            pull_key = "#" if s.pull_exchange_type == "topic" else ""
+            pull_bindings = ((s.pull_exchange, pull_key),)
+        await self.consumers.consume(pull_q, self._on_pull, acker=acker, bindings=pull_bindings)
         for control_q in control_qs:
-            await self.consumers.consume(control_q, self._on_control, acker=acker)
+            shared = control_q.name == s.control_queue
+            await self.consumers.consume(
+                control_q,
+                self._on_control,
+                acker=acker,
+                bindings=((s.control_exchange, ""),) if shared else (),
+            )
+        self.consumers.on_restored = self._consumer_restored
+        self.consumers.watch(CONSUMER_CHECK_S)
         self._consuming = True
         if self.shard.sharded:
             log.info(
@@ -282,7 +300,18 @@ class DirectedWorker:
             return False, f"state commits failing: {self.committer.failing}"
         if not self._consuming:
             return False, "not consuming"
+        lost = self.consumers.lost
+        if lost:
+            return False, f"consumer cancelled by the broker: {lost}"
         return True, "consuming"
+
+    def _consumer_restored(self, queue: str) -> None:
+        self.metrics.consumers_restored.inc()
+        if self._ring is not None and queue == shard_queue(
+            self.settings.pull_queue, self.shard.index
+        ):
+            # the re-created binding moved this shard's bucket in the consistent-hash ring
+            self._ring.schedule("the pull queue was declared again", force=True)
 
     def admin(self, view: str) -> Any:
         core = self.core
