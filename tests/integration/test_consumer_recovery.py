@@ -63,3 +63,17 @@ async def test_directed_queue_deleted_is_declared_and_consumed_again(
         reply = await client.pull("a", None, max=10)
         assert [m["id"] for m in reply["messages"]] == ["before", "after"]
         assert worker.metrics.consumers_restored._value.get() == 1
+
+
+async def test_delay_control_queue_deleted_is_declared_and_consumed_again(
+    broker_url, amqp, tmp_path, unique
+):
+    s = delay_settings(unique)
+    async with delay_worker(broker_url, tmp_path, s, amqp) as (worker, client):
+        assert (await client.counts())["total"] == 0
+        channel = await amqp.channel()
+        await channel.queue_delete(s.control_queue)
+        await wait_for(lambda: not worker.ready()[0], "not ready once the consumer is gone")
+        assert "consumer cancelled by the broker" in worker.ready()[1]
+        await wait_for(lambda: worker.ready()[0], "ready again, consuming a new queue")
+        assert (await client.counts())["total"] == 0  # control answers again

@@ -35,6 +35,7 @@ from aiormq.abc import DeliveredMessage
 
 from bridge.amqp import (
     ConfirmPublisher,
+    Consumers,
     declare_dead_letter,
     declare_exchange,
     declare_quorum_queue,
@@ -123,7 +124,8 @@ class DelayWorker:
         self._consuming = False
         self._dispatching = False
         self._wake: asyncio.Future[None] | None = None
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        # control queues (aio-pika consumers; ingress is consumed with aiormq, see below)
+        self._control_consumers = Consumers(self.name)
         self._inflight: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._lanes_stop = asyncio.Event()
@@ -220,8 +222,13 @@ class DelayWorker:
             self._loop.create_task(self._load_loop(), name="delay-loader"),
         ]
         for control_q in control_qs:
-            tag = await control_q.consume(self._on_control_delivery)
-            self._consumers.append((control_q, tag))
+            shared = control_q.name == s.control_queue
+            await self._control_consumers.consume(
+                control_q,
+                self._on_control_delivery,
+                bindings=((s.control_exchange, ""),) if shared else (),
+            )
+        self._control_consumers.watch(s.consumer_check_s)
         # Ingress is consumed with aiormq directly: aio-pika's IncomingMessage costs more
         # than the rest of the ingress path, and the raw properties are exact (aio-pika
         # reports an absent priority as 0 and expiration as float seconds).
@@ -411,10 +418,7 @@ class DelayWorker:
         raw, tag = self._ingress
         with contextlib.suppress(Exception):
             await raw.basic_cancel(tag)
-        for queue, tag in self._consumers:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consumers.clear()
+        await self._control_consumers.cancel()
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=max(deadline - time.monotonic(), 0.1))
         self._dispatching = False
@@ -470,6 +474,9 @@ class DelayWorker:
             return False, "not consuming"
         if not self._ingress_alive():
             return False, "ingress consumer gone (channel reopening or queue deleted)"
+        lost = self._control_consumers.lost
+        if lost:
+            return False, f"consumer cancelled by the broker: {lost}"
         down = [lane.index for lane in self.lanes if not lane.connected]
         if down and len(down) == len(self.lanes):
             return False, "no sender lane is connected"
