@@ -182,40 +182,34 @@ async def test_two_shards(chx_broker, tmp_path, unique):
         wrong_q = await ch.get_queue(shard_queue(s.pull_queue, 0), ensure=False)
         await wrong_q.bind(wrong_ex, routing_key="#")
         reply_q = await ch.declare_queue(exclusive=True)
-        await wrong_ex.publish(
-            aio_pika.Message(
-                json.dumps({"topic": target, "max": 5}).encode(),
-                reply_to=reply_q.name,
-                correlation_id="fwd",
-            ),
-            routing_key=target,
-        )
-        async with reply_q.iterator(timeout=10) as it:
-            async for msg in it:
-                reply = json.loads(msg.body)
-                await msg.ack()
-                break
+
+        async def pull_via_wrong_shard(correlation_id: str, headers: dict | None = None) -> dict:
+            await wrong_ex.publish(
+                aio_pika.Message(
+                    json.dumps({"topic": target, "max": 5}).encode(),
+                    reply_to=reply_q.name,
+                    correlation_id=correlation_id,
+                    headers=headers,
+                ),
+                routing_key=target,
+            )
+            async with reply_q.iterator(timeout=10) as it:
+                async for msg in it:
+                    await msg.ack()
+                    assert msg.correlation_id == correlation_id
+                    return json.loads(msg.body)
+            raise AssertionError("no reply")
+
+        reply = await pull_via_wrong_shard("fwd")
         assert [m["id"] for m in reply["messages"]] == ["late"], reply
         assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == forwarded[0] + 1
         assert "pull forwarded to its owning shard" in (tmp_path / "shard-0.log").read_text()
 
         # a pull forwarded to a shard that does not own its target either (shards that
         # disagree on SHARD_COUNT) is answered with an error, never forwarded again
-        await wrong_ex.publish(
-            aio_pika.Message(
-                json.dumps({"topic": target, "max": 5}).encode(),
-                reply_to=reply_q.name,
-                correlation_id="twice",
-                headers={"x-forwarded-from": 1, "x-routing-key": target},
-            ),
-            routing_key=target,
+        reply = await pull_via_wrong_shard(
+            "twice", {"x-forwarded-from": 1, "x-routing-key": target}
         )
-        async with reply_q.iterator(timeout=10) as it:
-            async for msg in it:
-                reply = json.loads(msg.body)
-                await msg.ack()
-                break
-        assert msg.correlation_id == "twice"
         assert reply["error"]["code"] == "wrong_shard", reply
         assert "SHARD_COUNT" in reply["error"]["message"]
         assert metric(procs[0], "bridge_directed_pulls_forwarded_total") == forwarded[0] + 1
