@@ -74,6 +74,7 @@ class Broker:
         self.name = name
         self.connection: AbstractRobustConnection | None = None
         self.reconnects = 0
+        self._restoring = False  # lost, and aio-pika has not restored the channels yet
         self._on_reconnect: list[Callable[[], Any]] = []
 
     @property
@@ -82,8 +83,16 @@ class Broker:
 
     @property
     def connected(self) -> bool:
+        """Connected, and after a reconnect also restored: aio-pika reopens the channels and
+        their consumers after the transport is back, then calls the reconnect callbacks;
+        until then the worker is not consuming yet."""
         conn = self.connection
-        return conn is not None and not conn.is_closed and conn.connected.is_set()
+        return (
+            conn is not None
+            and not conn.is_closed
+            and conn.connected.is_set()
+            and not self._restoring
+        )
 
     def on_reconnect(self, callback: Callable[[], Any]) -> None:
         self._on_reconnect.append(callback)
@@ -113,9 +122,11 @@ class Broker:
 
     def _closed(self, *_: Any) -> None:
         if self.connection is not None:
+            self._restoring = True
             log.warning("broker connection lost; reconnecting", extra={"url": redact_url(self.url)})
 
     def _reconnected(self, *_: Any) -> None:
+        self._restoring = False
         self.reconnects += 1
         log.info("reconnected to broker", extra={"reconnects": self.reconnects})
         for callback in self._on_reconnect:
