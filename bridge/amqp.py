@@ -22,6 +22,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    AbstractRobustQueue,
     ExchangeType,
 )
 
@@ -438,19 +439,17 @@ class BatchAcker:
 
 
 class _Consumer:
-    __slots__ = ("bindings", "queue", "raw", "run", "tag")
+    __slots__ = ("queue", "raw", "run", "tag")
 
     def __init__(
         self,
         queue: AbstractQueue,
         tag: str,
         run: Callable[[AbstractIncomingMessage], Awaitable[None]],
-        bindings: tuple[tuple[str, str], ...],
     ) -> None:
         self.queue = queue
         self.tag = tag
         self.run = run
-        self.bindings = bindings
         self.raw: aiormq.Channel | None = None  # the channel it consumes on, as last seen
 
     @property
@@ -486,11 +485,9 @@ class Consumers:
         handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
         *,
         acker: BatchAcker | None = None,
-        bindings: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Consume ``queue`` with ``handler``. With ``acker`` every delivery is acknowledged
-        on receipt (the handler must never ack or nack); without, the handler acknowledges.
-        ``bindings`` (exchange, routing key) are restored with the queue (see :meth:`watch`)."""
+        on receipt (the handler must never ack or nack); without, the handler acknowledges."""
 
         async def run(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -509,7 +506,7 @@ class Consumers:
                 self.inflight.discard(task)
 
         tag = await queue.consume(run)
-        consumer = _Consumer(queue, tag, run, bindings)
+        consumer = _Consumer(queue, tag, run)
         consumer.raw = cast(aiormq.Channel, await queue.channel.get_underlay_channel())
         self._consumers.append(consumer)
 
@@ -548,13 +545,13 @@ class Consumers:
                     "the broker cancelled a consumer (queue deleted?); declaring it again",
                     extra={"worker": self.name, "queue": name},
                 )
+            if not isinstance(c.queue, AbstractRobustQueue):
+                continue  # only robust queues know their bindings (the workers' all are)
             try:
-                await c.queue.declare()
-                for exchange, routing_key in c.bindings:
-                    await c.queue.bind(exchange, routing_key)
-                with contextlib.suppress(Exception):  # forget the old tag (robust restore)
-                    await asyncio.wait_for(c.queue.cancel(c.tag), 5)
-                c.tag = await c.queue.consume(c.run)
+                # aio-pika's robust queue re-declares itself, re-creates the bindings made
+                # through it and consumes again under the same tag (what it does after a
+                # reconnect)
+                await c.queue.restore()
                 c.raw = cast(aiormq.Channel, await c.queue.channel.get_underlay_channel())
             except Exception as exc:
                 log.warning(

@@ -222,12 +222,7 @@ class DelayWorker:
             self._loop.create_task(self._load_loop(), name="delay-loader"),
         ]
         for control_q in control_qs:
-            shared = control_q.name == s.control_queue
-            await self._control_consumers.consume(
-                control_q,
-                self._on_control_delivery,
-                bindings=((s.control_exchange, ""),) if shared else (),
-            )
+            await self._control_consumers.consume(control_q, self._on_control_delivery)
         self._control_consumers.watch(s.consumer_check_s)
         # Ingress is consumed with aiormq directly: aio-pika's IncomingMessage costs more
         # than the rest of the ingress path, and the raw properties are exact (aio-pika

@@ -171,26 +171,13 @@ class DirectedWorker:
             assert broker.connection is not None
             self._rpc = await RpcClient(broker.connection).open()
 
-        await self.consumers.consume(
-            requests_q, self._on_request, bindings=((s.requests_exchange, ""),)
-        )
+        await self.consumers.consume(requests_q, self._on_request)
         # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
         # they are acknowledged on receipt, in batches.
         acker = BatchAcker()
-        if self.shard.sharded:
-            pull_bindings = ((s.pull_shards_exchange, "1"),)
-        else:
-            pull_key = "#" if s.pull_exchange_type == "topic" else ""
-            pull_bindings = ((s.pull_exchange, pull_key),)
-        await self.consumers.consume(pull_q, self._on_pull, acker=acker, bindings=pull_bindings)
+        await self.consumers.consume(pull_q, self._on_pull, acker=acker)
         for control_q in control_qs:
-            shared = control_q.name == s.control_queue
-            await self.consumers.consume(
-                control_q,
-                self._on_control,
-                acker=acker,
-                bindings=((s.control_exchange, ""),) if shared else (),
-            )
+            await self.consumers.consume(control_q, self._on_control, acker=acker)
         self.consumers.on_restored = self._consumer_restored
         self.consumers.watch(CONSUMER_CHECK_S)
         self._consuming = True
