@@ -1,0 +1,659 @@
+"""One asyncio connection engine for every worker's per-message AMQP traffic.
+
+A :class:`Link` is one TCP (or TLS) connection to the broker, an ``asyncio.Protocol``
+driven by the sans-I/O codec in :mod:`bridge.amqp.frames`. Its channels are the
+:class:`~bridge.amqp.publisher.Publisher` and :class:`~bridge.amqp.consumer.Consumer`
+objects attached to it; the link owns what they share:
+
+- the broker URL read as aio-pika reads it (``amqp``/``amqps``, vhost, ``heartbeat``,
+  ``name``, ``cafile``/``certfile``/``keyfile``/``no_verify_ssl``);
+- the handshake, heartbeats both ways (a broker silent for two intervals is a dead link),
+  and a reconnect with capped exponential backoff that opens every channel again (each
+  channel re-runs its own setup: confirm mode, qos, declarations, consume);
+- a channel the broker closes (404, 403, 406) is answered and opened again on the same
+  connection, with backoff, without touching the others;
+- ``connection.blocked`` (a memory or disk alarm) and a full socket buffer hold the
+  publishers' writes back; nothing is dropped or written twice, everything waits;
+- :attr:`ready`: connected, and every consumer consuming.
+
+Frames out are written with one ``transport.write`` per channel flush; frames in are
+decoded once and handed to their channel. Nothing here reads a library's private state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.amqp import frames as F
+from bridge.errors import BridgeError, BrokerUnavailable
+from bridge.settings import redact_url
+
+log = logging.getLogger("bridge.amqp.link")
+
+CHANNEL_MAX = 64
+FRAME_MAX = 131072
+RETRY_MAX_S = 5.0
+
+
+class LinkError(BridgeError):
+    """The broker refused something the link asked for; ``code`` is AMQP's reply code
+    (403 access refused, 404 not found, 405 resource locked, 406 precondition failed, 320
+    connection lost)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to connect, read from a broker URL as aio-pika reads it."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    vhost: str
+    tls: bool
+    heartbeat: int | None = None
+    name: str | None = None
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    verify: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"not an AMQP URL: {u.scheme}://")
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(u.query).items()}
+        heartbeat = None
+        if "heartbeat" in query:
+            try:
+                heartbeat = int(query["heartbeat"])
+            except ValueError as exc:
+                raise ValueError(f"heartbeat in the broker URL is not an integer: {exc}") from exc
+        return cls(
+            host=u.hostname or "localhost",
+            port=u.port or (5671 if u.scheme == "amqps" else 5672),
+            user=urllib.parse.unquote(u.username or "guest"),
+            password=urllib.parse.unquote(u.password or "guest"),
+            vhost=urllib.parse.unquote(u.path[1:]) if len(u.path) > 1 else "/",
+            tls=u.scheme == "amqps",
+            heartbeat=heartbeat,
+            name=query.get("name"),
+            cafile=query.get("cafile"),
+            certfile=query.get("certfile"),
+            keyfile=query.get("keyfile"),
+            verify=query.get("no_verify_ssl", "0") == "0",
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.cafile)
+        if self.certfile:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+class Channel:
+    """One channel of a :class:`Link`; :class:`~bridge.amqp.publisher.Publisher` and
+    :class:`~bridge.amqp.consumer.Consumer` are its two kinds.
+
+    The link calls :meth:`setup` after opening it (on start, after a reconnect, after the
+    broker closed it), :meth:`on_event` for each frame of its own, :meth:`on_closed` when
+    the broker closed it and :meth:`on_lost` when the connection went.
+    """
+
+    def __init__(self, link: Link, *, name: str) -> None:
+        self.link = link
+        self.name = name
+        self.number = 0  # set by the link; 0 = not open
+        self.is_open = False
+        self.epoch = 0  # +1 each time it is opened: delivery tags of older epochs are stale
+        link.attach(self)
+
+    async def setup(self) -> None:
+        """What the channel does once open (confirm mode, qos, consume)."""
+
+    def on_event(self, event: Any) -> None:
+        """A method, delivery or return for this channel."""
+
+    def on_closed(self, code: int, text: str) -> None:
+        """The broker closed this channel (it is reopened after)."""
+
+    def on_lost(self) -> None:
+        """The connection went (it is reopened after)."""
+
+    def on_writable(self) -> None:
+        """Writing may go on (connection unblocked, socket buffer drained, channel open)."""
+
+    def write(self, data: bytes) -> None:
+        self.link.write(data)
+
+    async def call(self, method: F.Method, reply: type[F.Method]) -> Any:
+        return await self.link.call(self.number, method, reply)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.decoder = F.Decoder(FRAME_MAX)
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        link = self.link
+        link.last_read = link.loop.time()
+        try:
+            events = self.decoder.feed(data)
+        except F.DecodeError as exc:
+            log.error(
+                "broker sent bytes that are not AMQP; reconnecting",
+                extra={"link": link.name, "error": str(exc)},
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        link.dispatch(self, events)
+
+    def pause_writing(self) -> None:
+        self.link.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.link.write_paused = False
+        self.link.writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.link.connection_lost(self, exc)
+
+
+class Link:
+    """One connection to the broker with its channels (see the module)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        heartbeat_s: int = 30,
+        connect_timeout: float = 10.0,
+        retry_max_s: float = RETRY_MAX_S,
+    ) -> None:
+        self.url = url
+        self.endpoint = Endpoint.parse(url)
+        self.name = name
+        self.heartbeat_s = (
+            heartbeat_s if self.endpoint.heartbeat is None else self.endpoint.heartbeat
+        )
+        self.connect_timeout = connect_timeout
+        self.retry_max_s = retry_max_s
+        self.loop = asyncio.get_running_loop()
+        self.channels: list[Channel] = []
+        self.reconnects = 0
+        self.blocked: str | None = None  # the broker's reason while connection.blocked
+        self.write_paused = False
+        self.last_read = self.last_write = 0.0
+        self.frame_max = FRAME_MAX
+        self.on_connected: list[Callable[[], None]] = []
+        self.on_disconnected: list[Callable[[], None]] = []
+        self._proto: _Protocol | None = None
+        self._up = False
+        self._heartbeat = 0
+        self._waiters: list[tuple[int, type, asyncio.Future[Any]]] = []
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._numbers = 0
+
+    # -- the owner's side --------------------------------------------------------------
+
+    def attach(self, channel: Channel) -> None:
+        """Called by a channel's constructor; opened at start, or now if running."""
+        self._numbers += 1
+        if self._numbers >= CHANNEL_MAX:
+            raise LinkError(504, f"more than {CHANNEL_MAX - 1} channels on one link")
+        channel.number = self._numbers
+        self.channels.append(channel)
+        if self._up:
+            self.spawn(self._open_channel(channel, self._proto), f"open {channel.name}")
+
+    async def start(self) -> None:
+        """Connect and set every channel up; raise what the first attempt met
+        (:class:`~bridge.errors.BrokerUnavailable` or :class:`LinkError`). Later losses
+        reconnect by themselves."""
+        self._first = self.loop.create_future()
+        self._task = self.loop.create_task(self._run(), name=f"amqp-link {self.name}")
+        try:
+            await self._first
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def ready(self) -> bool:
+        """Connected and every channel set up (every consumer consuming)."""
+        return self._up and all(c.is_open and _settled(c) for c in self.channels)
+
+    def not_ready(self) -> list[str]:
+        """Which channels are not set up (for /readyz)."""
+        if not self._up:
+            return [f"{self.name}: not connected"]
+        return [c.name for c in self.channels if not (c.is_open and _settled(c))]
+
+    async def close(self) -> None:
+        self._closing = True
+        proto = self._proto
+        if proto is not None and proto.transport is not None and not proto.lost.done():
+            for channel in self.channels:
+                with contextlib.suppress(Exception):
+                    channel.on_writable()  # last flush
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.call(0, F.ConnectionClose(reply_code=200), F.ConnectionCloseOk), 2
+                )
+            if proto.transport is not None:
+                proto.transport.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(proto.lost), 2)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for task in list(self._tasks):
+            task.cancel()
+        if self._up:
+            self._down()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro, name=f"{self.name}: {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "link task failed",
+                extra={"link": self.name, "task": task.get_name()},
+                exc_info=task.exception(),
+            )
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = 0.25
+        while not self._closing:
+            proto: _Protocol | None = None
+            try:
+                proto = await self._connect()
+                delay = 0.25
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                await proto.lost
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if proto is not None and proto.transport is not None:
+                    proto.transport.abort()
+                if self._first is not None and not self._first.done():
+                    if not isinstance(exc, LinkError):
+                        exc = BrokerUnavailable(describe_connect_error(self.url, exc))
+                    self._first.set_exception(exc)
+                    return
+                log.warning(
+                    "broker link down; retrying",
+                    extra={
+                        "link": self.name,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "retry_s": delay,
+                    },
+                )
+            if self._closing:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max_s)
+            self.reconnects += 1
+
+    async def _connect(self) -> _Protocol:
+        e = self.endpoint
+        async with asyncio.timeout(self.connect_timeout):
+            _, proto = await self.loop.create_connection(
+                lambda: _Protocol(self), e.host, e.port, ssl=e.ssl_context()
+            )
+            self._proto = proto
+            start = self._expect(0, F.ConnectionStart)
+            self.write(F.PROTOCOL_HEADER)
+            await start
+            tune = self._expect(0, F.ConnectionTune)
+            self.write(
+                F.method_frame(
+                    0,
+                    F.ConnectionStartOk(
+                        client_properties={
+                            "product": "rabbitmq-bridge-workers",
+                            "connection_name": e.name or self.name,
+                            "capabilities": {
+                                "publisher_confirms": True,
+                                "basic.nack": True,
+                                "consumer_cancel_notify": True,
+                                "connection.blocked": True,
+                                "authentication_failure_close": True,
+                                "exchange_exchange_bindings": True,
+                            },
+                        },
+                        mechanism="PLAIN",
+                        response=f"\0{e.user}\0{e.password}",
+                    ),
+                )
+            )
+            t = await tune
+            frame_max = min(t.frame_max or FRAME_MAX, FRAME_MAX)
+            ours, theirs = self.heartbeat_s, t.heartbeat
+            heartbeat = min(ours, theirs) if ours and theirs else (ours or theirs)
+            self.frame_max = frame_max
+            proto.decoder.frame_max = frame_max
+            self._heartbeat = heartbeat
+            channel_max = min(t.channel_max or CHANNEL_MAX, CHANNEL_MAX)
+            self.write(
+                F.method_frame(
+                    0,
+                    F.ConnectionTuneOk(
+                        channel_max=channel_max, frame_max=frame_max, heartbeat=heartbeat
+                    ),
+                )
+            )
+            await self.call(0, F.ConnectionOpen(virtual_host=e.vhost), F.ConnectionOpenOk)
+            self.last_read = self.last_write = self.loop.time()
+            if heartbeat:
+                self._heartbeat_timer = self.loop.call_later(heartbeat / 2, self._heartbeat_tick)
+            self._up = True
+            self.blocked = None
+            first = self._first is not None and not self._first.done()
+            for channel in list(self.channels):
+                try:
+                    await self._setup(channel)
+                except LinkError as exc:
+                    if first or exc.code == 320:
+                        raise  # the first start reports it; a lost connection reconnects
+                    self.spawn(self._open_channel(channel, proto), f"reopen {channel.name}")
+        log.info(
+            "broker link up",
+            extra={"link": self.name, "frame_max": frame_max, "heartbeat": heartbeat},
+        )
+        for callback in list(self.on_connected):
+            callback()
+        return proto
+
+    async def _setup(self, channel: Channel) -> None:
+        await self.call(channel.number, F.ChannelOpen(), F.ChannelOpenOk)
+        channel.epoch += 1
+        channel.is_open = True
+        await channel.setup()
+        channel.on_writable()
+
+    async def _open_channel(self, channel: Channel, proto: _Protocol | None) -> None:
+        """Open (or reopen) one channel on the running connection, with backoff."""
+        delay = 0.25
+        while not self._closing and self._proto is proto and self._up:
+            try:
+                if not channel.is_open:
+                    await self._setup(channel)
+                return
+            except LinkError as exc:
+                if exc.code == 320:
+                    return  # the connection went: the reconnect sets it up
+                log.warning(
+                    "channel not opened; retrying",
+                    extra={
+                        "link": self.name,
+                        "channel": channel.name,
+                        "error": str(exc),
+                        "retry_s": delay,
+                    },
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max_s)
+
+    def connection_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+        if proto is not self._proto:
+            return
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
+        error = LinkError(320, f"connection lost: {exc}" if exc else "connection closed")
+        for _, _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+        self.write_paused = False
+        if self._up:
+            self._down()
+            if not self._closing:
+                log.warning(
+                    "broker link lost; reconnecting", extra={"link": self.name, "error": str(exc)}
+                )
+
+    def _down(self) -> None:
+        self._up = False
+        for channel in self.channels:
+            channel.is_open = False
+            channel.on_lost()
+        for callback in list(self.on_disconnected):
+            callback()
+
+    def _heartbeat_tick(self) -> None:
+        proto, beat = self._proto, self._heartbeat
+        if proto is None or proto.transport is None or proto.lost.done() or not beat:
+            return
+        now = self.loop.time()
+        if now - self.last_read > 2 * beat:
+            log.warning(
+                "broker silent for two heartbeats; reconnecting",
+                extra={"link": self.name, "s": 2 * beat},
+            )
+            proto.transport.abort()
+            return
+        if now - self.last_write >= beat / 2:
+            self.write(F.HEARTBEAT)
+        self._heartbeat_timer = self.loop.call_later(beat / 2, self._heartbeat_tick)
+
+    # -- frames out --------------------------------------------------------------------
+
+    @property
+    def can_publish(self) -> bool:
+        """Publishers may write: connected, not blocked by the broker, socket not full."""
+        return self._up and self.blocked is None and not self.write_paused
+
+    def write(self, data: bytes) -> None:
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.lost.done():
+            raise LinkError(320, "not connected")
+        proto.transport.write(data)
+        self.last_write = self.loop.time()
+
+    def writable(self) -> None:
+        for channel in self.channels:
+            if channel.is_open:
+                channel.on_writable()
+
+    def _expect(self, channel: int, kind: type) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        fut.add_done_callback(_retrieved)
+        self._waiters.append((channel, kind, fut))
+        return fut
+
+    async def call(self, channel: int, method: F.Method, reply: type[F.Method]) -> Any:
+        """Send a synchronous method and wait for its reply; a channel closed by the broker
+        instead raises :class:`LinkError` with the broker's code."""
+        fut = self._expect(channel, reply)
+        self.write(F.method_frame(channel, method))
+        return await fut
+
+    # -- frames in ---------------------------------------------------------------------
+
+    def dispatch(self, proto: _Protocol, events: list[F.Event]) -> None:
+        if proto is not self._proto:
+            return
+        by_number = {c.number: c for c in self.channels}
+        for number, event in events:
+            if number == 0:
+                if event is not F.HEARTBEAT_EVENT:
+                    self._connection_method(proto, event)
+                continue
+            channel = by_number.get(number)
+            if isinstance(event, F.ChannelClose):
+                self._channel_closed(proto, number, channel, event)
+                continue
+            if isinstance(event, F.Method) and self._resolve(number, event):
+                continue
+            if channel is not None:
+                try:
+                    channel.on_event(event)
+                except Exception:
+                    log.exception(
+                        "channel event handling failed",
+                        extra={"link": self.name, "channel": channel.name},
+                    )
+
+    def _resolve(self, number: int, method: F.Method) -> bool:
+        for i, (ch, kind, fut) in enumerate(self._waiters):
+            if ch == number and isinstance(method, kind):
+                del self._waiters[i]
+                if not fut.done():
+                    fut.set_result(method)
+                return True
+        return False
+
+    def restart_channel(self, channel: Channel, why: str) -> None:
+        """Close a channel and open it again (its setup runs again)."""
+        proto = self._proto
+
+        async def restart() -> None:
+            if channel.is_open:
+                with contextlib.suppress(LinkError):
+                    await self.call(
+                        channel.number,
+                        F.ChannelClose(reply_code=200, reply_text=why),
+                        F.ChannelCloseOk,
+                    )
+                channel.is_open = False
+                channel.on_closed(200, why)
+            await self._open_channel(channel, proto)
+
+        self.spawn(restart(), f"restart {channel.name}")
+
+    def _channel_closed(
+        self, proto: _Protocol, number: int, channel: Channel | None, method: Any
+    ) -> None:
+        code, text = method.reply_code, method.reply_text
+        with contextlib.suppress(LinkError):
+            self.write(F.method_frame(number, F.ChannelCloseOk()))
+        proto.decoder.reset_channel(number)
+        log.warning(
+            "broker closed a channel",
+            extra={
+                "link": self.name,
+                "channel": channel.name if channel else number,
+                "code": code,
+                "text": text,
+            },
+        )
+        error = LinkError(code, text)
+        failed_setup = False
+        keep = []
+        for ch, kind, fut in self._waiters:
+            if ch == number:
+                if not fut.done():
+                    fut.set_exception(error)
+                failed_setup = True
+            else:
+                keep.append((ch, kind, fut))
+        self._waiters = keep
+        if channel is None:
+            return
+        channel.is_open = False
+        channel.on_closed(code, text)
+        if not failed_setup:  # a failed setup call: its caller retries
+            self.spawn(self._open_channel(channel, proto), f"reopen {channel.name}")
+
+    def _connection_method(self, proto: _Protocol, method: Any) -> None:
+        if isinstance(method, F.ConnectionClose):
+            log.warning(
+                "broker closed the connection",
+                extra={"link": self.name, "code": method.reply_code, "text": method.reply_text},
+            )
+            with contextlib.suppress(LinkError):
+                self.write(F.method_frame(0, F.ConnectionCloseOk()))
+            error = LinkError(method.reply_code, method.reply_text)
+            for _, _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+            self._waiters.clear()
+            if proto.transport is not None:
+                proto.transport.close()
+            return
+        if isinstance(method, F.ConnectionBlocked):
+            self.blocked = method.reason or "blocked"
+            log.warning(
+                "broker blocks publishing (resource alarm); publishes wait",
+                extra={"link": self.name, "reason": method.reason},
+            )
+            return
+        if isinstance(method, F.ConnectionUnblocked):
+            self.blocked = None
+            log.info("broker unblocks publishing", extra={"link": self.name})
+            self.writable()
+            return
+        if not self._resolve(0, method):
+            log.debug(
+                "unexpected method ignored", extra={"link": self.name, "method": repr(method)}
+            )
+
+
+def _settled(channel: Channel) -> bool:
+    consuming = getattr(channel, "consuming", None)
+    return consuming is None or bool(consuming)
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """One line an operator can act on."""
+    reason = f"{type(exc).__name__}: {exc}".strip()
+    hint = "is RabbitMQ running and reachable? set BRIDGE_AMQP_URL (or its secrets file)"
+    text = str(exc).lower()
+    if "access_refused" in text or "login" in text or "auth" in text:
+        hint = "the broker refused the credentials: check the user and password in BRIDGE_AMQP_URL"
+    elif "vhost" in text or "not_allowed" in text:
+        hint = "the virtual host in BRIDGE_AMQP_URL does not exist or the user has no access to it"
+    return f"broker unreachable at {redact_url(url)} ({reason}); {hint}"
