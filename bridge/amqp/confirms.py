@@ -92,7 +92,8 @@ class ConfirmTracker:
         """Record a publish just written; returns its delivery tag."""
         tag = self._next_tag
         self._next_tag = tag + 1
-        entry = _Pending(tag, token, exchange, routing_key, message_id, now)
+        # "" as None: a publish's empty message id is not sent, its return has none
+        entry = _Pending(tag, token, exchange, routing_key, message_id or None, now)
         self._pending.append(entry)
         self._by_tag[tag] = entry
         return tag

@@ -120,12 +120,17 @@ class Consumer(Channel):
         self.consuming = False
 
     async def drain(self, timeout: float) -> None:
-        self._flush()
+        self.flush()
         if self.inflight:
             await asyncio.wait(list(self.inflight), timeout=max(timeout, 0.1))
-        self._flush()
+        self.flush()
 
     # -- the link's side ---------------------------------------------------------------
+
+    def describe(self) -> str:
+        if self.cancelled_by_broker:
+            return f"consumer cancelled by the broker: {self.queue}"
+        return f"not consuming {self.queue}"
 
     async def setup(self) -> None:
         self._outstanding.clear()
@@ -233,9 +238,10 @@ class Consumer(Channel):
     def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.link.loop.call_soon(self._flush)
+            self.link.loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the settlements made so far (done once per loop turn by itself)."""
         self._flush_scheduled = False
         settle = self._settle
         if not settle or not self.is_open or not self.link.connected:
@@ -280,3 +286,17 @@ def _frame(number: int, tag: int, how: int, multiple: bool) -> bytes:
     if how == _ACK:
         return F.ack_frame(number, tag, multiple)
     return F.nack_frame(number, tag, multiple, how == _NACK_REQUEUE)
+
+
+async def cancel_all(consumers: list[Consumer]) -> None:
+    """Stop deliveries to every consumer (shutdown)."""
+    await asyncio.gather(*(c.cancel() for c in consumers))
+
+
+async def drain_all(consumers: list[Consumer], timeout: float) -> None:
+    """Wait (at most ``timeout``) for the handlers still running, then flush their acks."""
+    tasks = [t for c in consumers for t in c.inflight]
+    if tasks:
+        await asyncio.wait(tasks, timeout=max(timeout, 0.1))
+    for c in consumers:
+        c.flush()

@@ -118,8 +118,13 @@ def _timestamp(value: datetime.datetime | time.struct_time) -> bytes:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
             value = value.replace(tzinfo=datetime.UTC)
-        return _U64.pack(int(value.timestamp()))
-    return _U64.pack(calendar.timegm(value))
+        seconds = int(value.timestamp())
+    else:
+        seconds = calendar.timegm(value)
+    try:
+        return _U64.pack(seconds)
+    except struct.error as exc:
+        raise EncodeError(f"timestamp out of AMQP's range: {value}") from exc
 
 
 def _value(value: Any, depth: int) -> bytes:
@@ -137,7 +142,10 @@ def _value(value: Any, depth: int) -> bytes:
     if isinstance(value, list):
         return b"A" + _array(value, depth + 1)
     if isinstance(value, float):
-        return b"f" + _F32.pack(value)
+        try:
+            return b"f" + _F32.pack(value)
+        except OverflowError as exc:
+            raise EncodeError(f"float out of 32-bit range: {value}") from exc
     if isinstance(value, decimal.Decimal):
         return b"D" + _decimal(value)
     if isinstance(value, (datetime.datetime, time.struct_time)):
@@ -158,12 +166,12 @@ def _array(values: list[Any], depth: int) -> bytes:
 
 def encode_table(table: dict[str, Any] | None, depth: int = 0) -> bytes:
     """A field table, keys sorted (as pamqp writes them); keys over 128 bytes are cut."""
+    if depth > MAX_DEPTH:  # an empty table too: the decoder refuses it at that depth
+        raise EncodeError(f"tables and arrays nested deeper than {MAX_DEPTH} levels")
     if not table:
         return b"\x00\x00\x00\x00"
     if not isinstance(table, dict):
         raise EncodeError(f"a table must be a dict, not {type(table).__name__}")
-    if depth > MAX_DEPTH:
-        raise EncodeError(f"tables and arrays nested deeper than {MAX_DEPTH} levels")
     parts = []
     try:
         items = sorted(table.items())
@@ -621,7 +629,7 @@ PROPERTY_NAMES = tuple(name for name, _, _ in _PROPERTIES)
 
 
 class Properties:
-    """Basic content properties. An attribute that is None is not sent.
+    """Basic content properties. An attribute that is None (or ``""``, as pamqp) is not sent.
 
     ``error`` says what could not be decoded of a received message (a headers table nested
     too deep or malformed, a timestamp out of range; that property is None): such a message
@@ -690,7 +698,7 @@ class Properties:
         out: list[bytes] = []
         for name, kind, bit in _PROPERTIES:
             value = getattr(self, name)
-            if value is None:
+            if value is None or value == "":  # as pamqp: an empty string is not sent
                 continue
             flags |= bit
             try:

@@ -127,6 +127,10 @@ class Channel:
         self.epoch = 0  # +1 each time it is opened: delivery tags of older epochs are stale
         link.attach(self)
 
+    def describe(self) -> str:
+        """What is wrong with it, for readiness (called when it is not set up)."""
+        return f"{self.name}: channel reopening"
+
     async def setup(self) -> None:
         """What the channel does once open (confirm mode, qos, consume)."""
 
@@ -261,10 +265,10 @@ class Link:
         return self._up and all(c.is_open and _settled(c) for c in self.channels)
 
     def not_ready(self) -> list[str]:
-        """Which channels are not set up (for /readyz)."""
+        """What is not set up, one phrase each (for /readyz)."""
         if not self._up:
-            return [f"{self.name}: not connected"]
-        return [c.name for c in self.channels if not (c.is_open and _settled(c))]
+            return [f"{self.name}: broker link not connected"]
+        return [c.describe() for c in self.channels if not (c.is_open and _settled(c))]
 
     async def close(self) -> None:
         self._closing = True

@@ -22,20 +22,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-
-from bridge.amqp import (
-    BatchAcker,
-    ConfirmPublisher,
-    Consumers,
-    close_channels,
-    declare_dead_letter,
-    declare_exchange,
-    safe_ack,
-    send_reply,
-    with_reason,
-)
+from bridge.amqp import close_channels, declare_dead_letter, declare_exchange
+from bridge.amqp.consumer import Consumer, QueueSpec, cancel_all, drain_all
+from bridge.amqp.frames import Delivery, Properties
+from bridge.amqp.link import Link
+from bridge.amqp.messages import dead_letter_properties, reply
+from bridge.amqp.publisher import Publisher
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
 from bridge.rpc import RpcClient
@@ -60,9 +52,6 @@ from workers.directed.config import (
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
 from workers.directed.store import Batch, Content, DirectedStore
-
-# How often the worker checks that the broker has not cancelled a consumer (a deleted queue).
-CONSUMER_CHECK_S = 1.0
 
 log = logging.getLogger("bridge.directed")
 
@@ -120,7 +109,9 @@ class DirectedWorker:
         self._pending_contents: dict[int, Content] = {}
         self._cache = ContentCache(self.settings.cache_bytes)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self.consumers = Consumers(self.name)
+        self.link: Link | None = None
+        self.consumers: list[Consumer] = []
+        self._active_pulls = 0  # pull handlers running, long polls included
         self._record_ids = record_ids()
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
@@ -162,24 +153,33 @@ class DirectedWorker:
         self.committer.start()
 
         broker = ctx.broker
-        self._channel = await broker.channel(prefetch=s.request_prefetch, confirms=True)
-        self.publisher = ConfirmPublisher(self._channel)
-        self._pull_channel = await broker.channel(prefetch=s.pull_prefetch, confirms=False)
-        self._reply_channel: AbstractChannel = await broker.channel(confirms=False)
+        # Declarations through aio-pika (control plane); per-message traffic on the link.
+        self._channel = await broker.channel(confirms=False)
+        self._pull_channel = await broker.channel(confirms=False)
         requests_q, pull_q, control_qs = await self._declare_topology(broker)
         if self.shard.sharded:
             assert broker.connection is not None
             self._rpc = await RpcClient(broker.connection).open()
 
-        await self.consumers.consume(requests_q, self._on_request)
+        link = self.link = Link(broker.url, name=self.name, heartbeat_s=broker.settings.heartbeat_s)
+        self.publisher = Publisher(link, name="dead letters")
+        self.publisher.start_expiry()
+        self._replies = Publisher(link, name="replies", confirms=False)
+        self.consumers = [Consumer(link, requests_q, self._on_request, prefetch=s.request_prefetch)]
         # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
         # they are acknowledged on receipt, in batches.
-        acker = BatchAcker()
-        await self.consumers.consume(pull_q, self._on_pull, acker=acker)
+        self.consumers.append(
+            Consumer(link, pull_q, self._on_pull, prefetch=s.pull_prefetch, ack_on_receipt=True)
+        )
         for control_q in control_qs:
-            await self.consumers.consume(control_q, self._on_control, acker=acker)
-        self.consumers.on_restored = self._consumer_restored
-        self.consumers.watch(CONSUMER_CHECK_S)
+            self.consumers.append(
+                Consumer(
+                    link, control_q, self._on_control, prefetch=s.pull_prefetch, ack_on_receipt=True
+                )
+            )
+        for consumer in self.consumers:
+            consumer.on_restored = self._consumer_restored
+        await link.start()
         self._consuming = True
         if self.shard.sharded:
             log.info(
@@ -188,7 +188,7 @@ class DirectedWorker:
             )
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
 
-    async def _declare_topology(self, broker: Any) -> tuple[Any, Any, list[Any]]:
+    async def _declare_topology(self, broker: Any) -> tuple[QueueSpec, QueueSpec, list[QueueSpec]]:
         """Declare exchanges and queues; returns the request queue, the pull queue and the
         control queues this process consumes.
 
@@ -200,37 +200,40 @@ class DirectedWorker:
         answered by any shard, which asks the others on ``<control_queue>.shard-<i>``."""
         s = self.settings
         shard = self.shard
-        self._dead = await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
+        await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
         quorum: dict[str, Any] = {"x-queue-type": "quorum"}
-        requests_ex = await declare_exchange(self._channel, s.requests_exchange, "fanout")
+        await declare_exchange(self._channel, s.requests_exchange, "fanout")
         requests_name = (
             shard_queue(s.requests_queue, shard.index) if shard.sharded else s.requests_queue
         )
-        requests_q = await self._channel.declare_queue(
-            requests_name, durable=True, arguments=quorum
+        requests_q = QueueSpec(
+            requests_name, arguments=quorum, bindings=((s.requests_exchange, ""),)
         )
-        await requests_q.bind(requests_ex, routing_key="")
+        await self._declare(requests_q)
 
         ch = self._pull_channel
         pull_ex = await declare_exchange(ch, s.pull_exchange, s.pull_exchange_type)
         pull_args: dict[str, Any] = {"x-queue-type": s.pull_queue_type}
         pull_key = "#" if s.pull_exchange_type == "topic" else ""
+        pull_q: QueueSpec | None = None
         if not shard.sharded:
-            pull_q = await ch.declare_queue(s.pull_queue, durable=True, arguments=pull_args)
-            await pull_q.bind(pull_ex, routing_key=pull_key)
+            pull_q = QueueSpec(
+                s.pull_queue, arguments=pull_args, bindings=((s.pull_exchange, pull_key),)
+            )
+            await self._declare(pull_q)
         else:
             await ensure_chx_exchange(broker.url, self.name, s.pull_shards_exchange)
             shards_ex = await ch.declare_exchange(s.pull_shards_exchange, CHX_TYPE, durable=True)
             await shards_ex.bind(pull_ex, routing_key=pull_key)
-            pull_q = None
             for i in range(shard.count):  # in shard order: bucket i is shard i
-                q = await ch.declare_queue(
-                    shard_queue(s.pull_queue, i), durable=True, arguments=pull_args
+                q = QueueSpec(
+                    shard_queue(s.pull_queue, i),
+                    arguments=pull_args,
+                    bindings=((s.pull_shards_exchange, "1"),),
                 )
-                await q.bind(shards_ex, routing_key="1")
+                await self._declare(q)
                 if i == shard.index:
                     pull_q = q
-            assert pull_q is not None
             ring = RingKeeper(
                 lambda: broker.channel(confirms=False),
                 s.pull_shards_exchange,
@@ -242,26 +245,37 @@ class DirectedWorker:
                 lambda: ring.schedule("broker connection came back", delay_s=1.0, force=True)
             )
             self._ring = ring
-        control_ex = await declare_exchange(ch, s.control_exchange, "fanout")
-        control_q = await ch.declare_queue(s.control_queue, durable=True, arguments=quorum)
-        await control_q.bind(control_ex, routing_key="")
+        await declare_exchange(ch, s.control_exchange, "fanout")
+        control_q = QueueSpec(
+            s.control_queue, arguments=quorum, bindings=((s.control_exchange, ""),)
+        )
+        await self._declare(control_q)
         control_qs = [control_q]
         if shard.sharded:
-            own = await ch.declare_queue(
-                shard_queue(s.control_queue, shard.index), durable=True, arguments=quorum
-            )
+            own = QueueSpec(shard_queue(s.control_queue, shard.index), arguments=quorum)
+            await self._declare(own)
             control_qs.append(own)
+        assert pull_q is not None
         return requests_q, pull_q, control_qs
+
+    async def _declare(self, spec: QueueSpec) -> None:
+        """Declare and bind a consumed queue as its spec says (the consumer declares it
+        again from the same spec if it is deleted under the worker)."""
+        queue = await self._pull_channel.declare_queue(
+            spec.name, durable=spec.durable, arguments=spec.arguments
+        )
+        for exchange, routing_key in spec.bindings:
+            await queue.bind(exchange, routing_key=routing_key)
 
     async def stop(self, grace: float) -> None:
         self._stopping = True
         self._consuming = False
-        await self.consumers.cancel()
+        await cancel_all(self.consumers)
         for waiters in self._waiters.values():  # long polls answer now with what they have
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        await self.consumers.drain(grace - 1)
+        await drain_all(self.consumers, grace - 1)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -274,11 +288,9 @@ class DirectedWorker:
         if self._rpc is not None:
             with contextlib.suppress(Exception):
                 await self._rpc.close()
-        await close_channels(
-            getattr(self, "_channel", None),
-            getattr(self, "_pull_channel", None),
-            getattr(self, "_reply_channel", None),
-        )
+        if self.link is not None:
+            await self.link.close()
+        await close_channels(getattr(self, "_channel", None), getattr(self, "_pull_channel", None))
         if self.store is not None:
             self.store.close()
 
@@ -287,9 +299,9 @@ class DirectedWorker:
             return False, f"state commits failing: {self.committer.failing}"
         if not self._consuming:
             return False, "not consuming"
-        lost = self.consumers.lost
-        if lost:
-            return False, f"consumer cancelled by the broker: {lost}"
+        if self.link is None or not self.link.ready:
+            missing = self.link.not_ready() if self.link is not None else ["link"]
+            return False, "; ".join(missing)
         return True, "consuming"
 
     def _consumer_restored(self, queue: str) -> None:
@@ -337,9 +349,12 @@ class DirectedWorker:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+    async def _on_request(self, message: Delivery) -> None:
         assert self.core is not None
+        consumer = self.consumers[0]
         try:
+            if message.properties.error:
+                raise wire.WireError("invalid_headers", message.properties.error)
             req = wire.parse_request(
                 body=message.body,
                 headers=message.headers,
@@ -352,7 +367,7 @@ class DirectedWorker:
                 # Every shard sees every request and finds the same fault: shard 0 alone
                 # dead-letters it, so it is reported once.
                 self.metrics.requests.labels("rejected_by_shard_0").inc()
-                await safe_ack(message)
+                consumer.ack(message)
                 return
             self.metrics.requests.labels("rejected").inc()
             await self._dead_letter(message, exc.code, exc.message)
@@ -362,7 +377,7 @@ class DirectedWorker:
             targets = [t for t in targets if self.shard.owns(t)]
             if not targets:
                 self.metrics.requests.labels("no_local_targets").inc()
-                await safe_ack(message)
+                consumer.ack(message)
                 return
         now = now_ms()
         self.core.expire(now)  # content past its TTL must not count toward a full queue
@@ -396,30 +411,26 @@ class DirectedWorker:
             self._wake(targets)
         await self._committed()
         self.metrics.requests.labels(result.status).inc()
-        await safe_ack(message)
+        consumer.ack(message)
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, detail: str, *, acked: bool = False
+        self, message: Delivery, reason: str, detail: str, *, acked: bool = False
     ) -> None:
         """Publish to the dead-letter exchange with the reason, then acknowledge (unless the
         delivery was acknowledged on receipt)."""
-        dead = with_reason(
-            message, reason, detail, reason_header=H_DEAD_REASON, detail_header=H_DEAD_DETAIL
+        props = dead_letter_properties(
+            message,
+            reason,
+            detail,
+            reason_header=H_DEAD_REASON,
+            detail_header=H_DEAD_DETAIL,
+            extra={H_SHARD: self.shard.index} if self.shard.sharded else None,
         )
-        if self.shard.sharded and isinstance(dead.headers, dict):
-            dead.headers[H_SHARD] = self.shard.index
+        consumer = self.consumers[0]
         try:
-            try:
-                await self.publisher.publish(self._dead, dead, message.routing_key or "")
-            except (RecursionError, TypeError, ValueError) as exc:
-                # The original headers cannot be encoded again (nested too deep, a value
-                # pamqp refuses): dead-letter the body with the reason alone, rather than
-                # raising and having the broker redeliver this message forever.
-                dead.headers = {
-                    H_DEAD_REASON: reason,
-                    H_DEAD_DETAIL: f"{detail[:400]} (original headers dropped: {type(exc).__name__})",
-                }
-                await self.publisher.publish(self._dead, dead, message.routing_key or "")
+            await self.publisher.publish(
+                self.settings.dead_exchange, message.routing_key, message.body, props
+            )
         except PublishFailed as exc:
             log.error(
                 "dead-letter publish failed; requeueing",
@@ -427,13 +438,12 @@ class DirectedWorker:
             )
             if not acked:
                 await asyncio.sleep(1)
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                consumer.nack(message, requeue=True)
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
         if not acked:
-            await safe_ack(message)
+            consumer.ack(message)
 
     # -- pulls -------------------------------------------------------------------------
 
@@ -463,21 +473,28 @@ class DirectedWorker:
                 if not waiters:
                     self._waiters.pop(target, None)
 
-    async def _reply(self, message: AbstractIncomingMessage, body: bytes) -> None:
-        await send_reply(self._reply_channel, message, body)
+    def _reply(self, message: Delivery, body: bytes) -> None:
+        reply(self._replies, message, body)
 
-    async def _on_pull(self, message: AbstractIncomingMessage) -> None:
+    async def _on_pull(self, message: Delivery) -> None:
+        self._active_pulls += 1
+        try:
+            await self._pull(message)
+        finally:
+            self._active_pulls -= 1
+
+    async def _pull(self, message: Delivery) -> None:
         started = time.perf_counter()
         if not message.reply_to:
             await self._dead_letter(
                 message, "missing_reply_to", "a pull needs reply_to to be answered", acked=True
             )
             return
-        if len(self.consumers.inflight) > self.settings.max_inflight_pulls:
+        if self._active_pulls > self.settings.max_inflight_pulls:
             # Pulls are acknowledged on receipt, so prefetch no longer bounds them: refuse
             # visibly instead of piling up long polls without limit.
             self.metrics.pull_kind["error"].inc()
-            await self._reply(
+            self._reply(
                 message, wire.encode_error("overloaded", "too many pulls in progress; retry later")
             )
             return
@@ -485,7 +502,7 @@ class DirectedWorker:
             # The reply would have to wait for a commit that cannot happen: say so now (the
             # core is not touched, so the target retries with the same record id).
             self.metrics.pull_kind["error"].inc()
-            await self._reply(
+            self._reply(
                 message,
                 wire.encode_error(
                     "unavailable", "the worker cannot commit its state right now; retry later"
@@ -493,7 +510,7 @@ class DirectedWorker:
             )
             return
         forwarded = self.shard.sharded and H_FORWARDED_FROM in (message.headers or {})
-        routing_key = message.routing_key
+        routing_key: str | None = message.routing_key
         if forwarded:
             original = (message.headers or {}).get(H_ORIGINAL_ROUTING_KEY)
             routing_key = original if isinstance(original, str) else None
@@ -501,24 +518,22 @@ class DirectedWorker:
             pull = wire.parse_pull(message.body, routing_key, self.settings)
         except wire.WireError as exc:
             self.metrics.pull_kind["error"].inc()
-            await self._reply(message, wire.encode_error(exc.code, exc.message))
+            self._reply(message, wire.encode_error(exc.code, exc.message))
             return
         if self.shard.sharded and not self.shard.owns(pull.topic):
             await self._forward_pull(message, pull.topic, forwarded)
             return
         body = await self._serve_pull(pull)
-        await self._reply(message, body)
+        self._reply(message, body)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
 
-    async def _forward_pull(
-        self, message: AbstractIncomingMessage, topic: str, forwarded: bool
-    ) -> None:
+    async def _forward_pull(self, message: Delivery, topic: str, forwarded: bool) -> None:
         """A pull for another shard's target: hand it to the owner's queue (the ring of the
         consistent-hash exchange no longer matches shard order; see bridge.sharding)."""
         owner = self.shard.owner(topic)
         if forwarded:  # forwarded twice means the shards disagree on the shard count
             self.metrics.pull_kind["error"].inc()
-            await self._reply(
+            self._reply(
                 message,
                 wire.encode_error(
                     "wrong_shard",
@@ -542,22 +557,20 @@ class DirectedWorker:
         headers = dict(message.headers or {})
         headers[H_FORWARDED_FROM] = self.shard.index
         headers[H_ORIGINAL_ROUTING_KEY] = message.routing_key or ""
-        try:
-            underlay = await self._reply_channel.get_underlay_channel()
-            await underlay.basic_publish(
-                message.body,
-                exchange="",
-                routing_key=shard_queue(self.settings.pull_queue, owner),
-                properties=aiormq.spec.Basic.Properties(
-                    correlation_id=message.correlation_id,
-                    reply_to=message.reply_to,
-                    content_type=message.content_type,
-                    headers=headers,
-                    delivery_mode=1,
-                ),
-            )
-        except Exception as exc:  # channel reconnecting: the puller retries, as for a lost reply
-            log.info("pull not forwarded", extra={"owner": owner, "error": str(exc)})
+        # not confirmed: a pull lost on the way is retried by the puller, as a lost reply
+        self._replies.publish(
+            "",
+            shard_queue(self.settings.pull_queue, owner),
+            message.body,
+            Properties(
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+                content_type=message.content_type,
+                headers=headers,
+                delivery_mode=1,
+            ),
+            mandatory=False,
+        ).add_done_callback(_forward_done)
 
     def _pull_core(self, topic: str, record_id: str | None, max_n: int) -> PullResult:
         assert self.core is not None
@@ -607,7 +620,7 @@ class DirectedWorker:
 
     # -- control -----------------------------------------------------------------------
 
-    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+    async def _on_control(self, message: Delivery) -> None:
         assert self.core is not None
         if not message.reply_to:
             await self._dead_letter(
@@ -640,7 +653,7 @@ class DirectedWorker:
                 raise wire.WireError("unknown_op", "op must be 'status' or 'stats'")
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
-        await self._reply(message, body)
+        self._reply(message, body)
 
     async def _ask_shards(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
         """Ask every other shard the same query (``local``); their replies and who was silent."""
@@ -713,3 +726,8 @@ class DirectedWorker:
             purged = self.core.purge(now, self.settings.dedup_retention_ms)
             if expired or purged:
                 await self._committed()
+
+
+def _forward_done(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.info("pull not forwarded", extra={"error": str(fut.exception())})
