@@ -61,9 +61,14 @@ async def test_delay_ingress_queue_deleted_is_declared_and_consumed_again(
         await client.send(b"before", sink.exchange, delay_ms=0, message_id="before")
         await sink.wait_for(1)
         channel = await amqp.channel()
+        readiness = Readiness(worker)
         await channel.queue_delete(s.in_queue)
-        await wait_for(lambda: not worker.ready()[0], "not ready once the consumer is gone")
+        await wait_for(
+            lambda: worker.metrics.consumer_restored._value.get() == 1, "declared and consumed"
+        )
         await wait_for(lambda: worker.ready()[0], "ready again, consuming a new queue")
+        reasons = await readiness.stop()
+        assert any("consumer cancelled by the broker" in r for r in reasons), reasons
         await client.send(b"after", sink.exchange, delay_ms=0, message_id="after")
         got = await sink.wait_for(2)
         assert [r.message.message_id for r in got] == ["before", "after"]
@@ -101,8 +106,12 @@ async def test_delay_control_queue_deleted_is_declared_and_consumed_again(
     async with delay_worker(broker_url, tmp_path, s, amqp) as (worker, client):
         assert (await client.counts())["total"] == 0
         channel = await amqp.channel()
+        readiness = Readiness(worker)
         await channel.queue_delete(s.control_queue)
-        await wait_for(lambda: not worker.ready()[0], "not ready once the consumer is gone")
-        assert "consumer cancelled by the broker" in worker.ready()[1]
+        await wait_for(
+            lambda: any(c.restored == 1 for c in worker.consumers), "declared and consumed"
+        )
         await wait_for(lambda: worker.ready()[0], "ready again, consuming a new queue")
+        reasons = await readiness.stop()
+        assert any("consumer cancelled by the broker" in r for r in reasons), reasons
         assert (await client.counts())["total"] == 0  # control answers again

@@ -127,11 +127,10 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("lane_release", [False, True])
 async def test_every_dead_letter_reason_while_valid_traffic_continues(
-    broker_url, amqp, tmp_path, unique, lane_release
+    broker_url, amqp, tmp_path, unique
 ):
-    s = delay_settings(unique, horizon_ms=60_000, lane_release=lane_release)
+    s = delay_settings(unique, horizon_ms=60_000)
     sink = await make_sink(amqp, unique, "ok")
     lonely = f"{unique}.lonely"  # exists, nothing bound: unroutable
     missing = f"{unique}.missing"  # never declared
@@ -335,6 +334,12 @@ async def test_target_exchange_deleted_while_in_use(broker_url, amqp, tmp_path, 
         await other.wait_for(1)
         await client.send(b"later", other.exchange, delay_ms=0, message_id="later")
         await other.wait_for(2)
+        # a row goes once its publish is confirmed and the delete committed, just after
+        # the sink got the message: wait for that commit
+        for _ in range(100):
+            if (await client.counts())["total"] == 0:
+                break
+            await asyncio.sleep(0.05)
         assert (await client.counts())["total"] == 0
         assert worker.ready()[0]
 

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
-from workers.delay.model import REJECT_REASONS
+from workers.delay.model import INVALID_HEADERS, REJECT_REASONS
 
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"
@@ -25,7 +25,7 @@ REPLY_CONTENT_TYPE = "application/json"
 UNROUTABLE = "unroutable"
 EXCHANGE_NOT_FOUND = "exchange_not_found"
 MISSING_REPLY_TO = "missing_reply_to"
-DEAD_REASONS = (*REJECT_REASONS, UNROUTABLE, EXCHANGE_NOT_FOUND, MISSING_REPLY_TO)
+DEAD_REASONS = (*REJECT_REASONS, INVALID_HEADERS, UNROUTABLE, EXCHANGE_NOT_FOUND, MISSING_REPLY_TO)
 
 DAY_MS = 86_400_000
 
@@ -67,15 +67,9 @@ class DelaySettings(ShardFields, BaseSettings):
         default=256,
         ge=1,
         le=10_000,
-        description="unconfirmed publishes per batch (a lane carries at most 4 windows)",
+        description="unconfirmed publishes of a lane (one socket write each)",
     )
     publish_timeout_s: float = Field(default=30.0, gt=0)
-    lane_release: bool = Field(
-        default=False,
-        description="release a lane once its batch is handed to the channel, so it sends "
-        "other topics' batches while the confirms come back (the topic keeps its batch); "
-        "off: measured worse for cold topics during a hot burst on 2 cores (docs/delay.md)",
-    )
     horizon_ms: int = Field(
         default=365 * DAY_MS, ge=0, description="longest accepted delay; longer is dead-lettered"
     )

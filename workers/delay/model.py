@@ -36,6 +36,7 @@ MISSING_DELAY = "missing_delay"
 MISSING_TARGET = "missing_target"
 BEYOND_HORIZON = "beyond_horizon"
 INVALID_KEY = "invalid_key"
+INVALID_HEADERS = "invalid_headers"  # the data path could not decode them (bridge.amqp.frames)
 # Every value ``Reject.reason`` can take, so metrics can pre-create their label set.
 REJECT_REASONS = (
     INVALID_DELAY,

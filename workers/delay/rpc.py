@@ -11,14 +11,14 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-
+from bridge.amqp.consumer import Consumer
+from bridge.amqp.frames import Delivery
+from bridge.amqp.messages import reply
+from bridge.amqp.publisher import Publisher
 from workers.delay import control
 from workers.delay import shards as sharding
-from workers.delay.acks import Slot
-from workers.delay.config import MISSING_REPLY_TO, REPLY_CONTENT_TYPE
-from workers.delay.lanes import OutgoingMessage
-from workers.delay.store import DelayStore, Delete, build_properties, props_of
+from workers.delay.config import MISSING_REPLY_TO
+from workers.delay.store import DelayStore, Delete
 
 if TYPE_CHECKING:
     from workers.delay.worker import DelayWorker
@@ -27,33 +27,17 @@ log = logging.getLogger("bridge.delay")
 
 
 class ControlRpc:
-    def __init__(self, worker: DelayWorker, reply_channel: AbstractChannel) -> None:
+    def __init__(self, worker: DelayWorker, replies: Publisher) -> None:
         self.worker = worker
-        self.reply_channel = reply_channel
+        self.replies = replies
 
-    async def _reply(self, message: AbstractIncomingMessage, body: bytes) -> None:
-        assert message.reply_to
-        props: dict[str, Any] = {"content_type": REPLY_CONTENT_TYPE, "delivery_mode": 1}
-        if message.correlation_id:
-            props["correlation_id"] = message.correlation_id
-        reply = OutgoingMessage(body, build_properties(props, None))
-        try:
-            await self.reply_channel.default_exchange.publish(
-                reply, routing_key=message.reply_to, mandatory=False
-            )
-        except Exception as exc:  # the requester is gone or the channel is reconnecting
-            log.info("reply not sent", extra={"reply_to": message.reply_to, "error": str(exc)})
-
-    async def handle(self, message: AbstractIncomingMessage, slot: Slot) -> None:
+    async def handle(self, message: Delivery, consumer: Consumer) -> None:
         w = self.worker
         s = w.settings
         if not message.reply_to:
             await w.dead_letter_delivery(
-                message.body,
-                props_of(message),
-                message.headers,
-                message.routing_key or "",
-                slot,
+                message,
+                consumer,
                 MISSING_REPLY_TO,
                 "a control request needs reply_to to be answered",
             )
@@ -61,8 +45,8 @@ class ControlRpc:
         try:
             if w.shards is not None and not _is_local(message.body, s.max_control_bytes):
                 body = control.dumps(await self._sharded(message.body))
-                await self._reply(message, body)
-                await w._acks.ack(slot)
+                reply(self.replies, message, body)
+                consumer.ack(message)
                 return
             request = control.parse_request(
                 message.body, max_bytes=s.max_control_bytes, list_max=s.list_max
@@ -75,8 +59,8 @@ class ControlRpc:
                 body = control.dumps(await self._list(request))
         except control.ControlError as exc:
             body = control.encode_error(exc.code, exc.message)
-        await self._reply(message, body)
-        await w._acks.ack(slot)
+        reply(self.replies, message, body)
+        consumer.ack(message)
 
     async def _sharded(self, raw: bytes) -> dict[str, Any]:
         """A request on the shared control queue: this shard's answer merged with the other

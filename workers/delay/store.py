@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pamqp import commands, decode, encode
-
+from bridge.amqp import frames
 from bridge.sharding import SHARD_COUNT_HINT
 from bridge.store import Database
 
@@ -53,109 +52,69 @@ SCHEMA = (
 MAX_MID = (1 << 63) - 1
 FILE_NAME = "delay.sqlite3"
 
-# AMQP basic properties kept per message (pamqp attribute names), headers aside.
+# AMQP basic properties kept per message, headers aside: the stored JSON names (kept from
+# the first version of the file format, which used pamqp's names: ``message_type``) and the
+# data path's Properties attribute names.
 PROP_FIELDS = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "message_type",
-    "user_id",
-    "app_id",
+    ("content_type", "content_type"),
+    ("content_encoding", "content_encoding"),
+    ("delivery_mode", "delivery_mode"),
+    ("priority", "priority"),
+    ("correlation_id", "correlation_id"),
+    ("reply_to", "reply_to"),
+    ("expiration", "expiration"),
+    ("message_id", "message_id"),
+    ("timestamp", "timestamp"),
+    ("message_type", "type"),
+    ("user_id", "user_id"),
+    ("app_id", "app_id"),
 )
 
 
 # ---------------------------------------------------------------- message codec
 
 
-def table_safe(value: Any) -> Any:
-    """A header value pamqp can encode again: it decodes a non-UTF-8 long string to bytes but
-    only encodes bytearray (type 'x'), so binary values travel as byte arrays."""
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return {k: table_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [table_safe(v) for v in value]
-    return value
-
-
 def encode_headers(headers: Mapping[str, Any] | None) -> bytes | None:
+    """Headers as an AMQP field table (the wire encoding; a value that is not UTF-8 text
+    stays a long string of its bytes)."""
     if not headers:
         return None
-    return bytes(encode.field_table(table_safe(dict(headers))))
+    return frames.encode_table(dict(headers))
 
 
 def decode_headers(blob: bytes | None) -> dict[str, Any]:
     if not blob:
         return {}
-    return dict(decode.field_table(bytes(blob))[1])
+    return frames.decode_table(bytes(blob))
 
 
-def props_of(message: Any) -> dict[str, Any]:
-    """The basic properties of an aio-pika incoming message as a JSON-able dict.
-
-    aio-pika hands ``expiration`` over as float seconds and ``timestamp`` as a datetime; both
-    go back to their wire form (milliseconds string, epoch seconds) so they are re-published
-    exactly as received.
-    """
+def props_dict(properties: frames.Properties) -> dict[str, Any]:
+    """The basic properties of a delivery as a JSON-able dict, exactly as sent (headers
+    aside; ``timestamp`` as epoch seconds)."""
     out: dict[str, Any] = {}
-    for name, value in (
-        ("content_type", message.content_type),
-        ("content_encoding", message.content_encoding),
-        ("delivery_mode", _int_mode(message.delivery_mode)),
-        ("priority", message.priority),
-        ("correlation_id", message.correlation_id),
-        ("reply_to", message.reply_to),
-        ("message_id", message.message_id),
-        ("message_type", message.type),
-        ("user_id", message.user_id),
-        ("app_id", message.app_id),
-    ):
-        if value is not None:
-            out[name] = value
-    if message.expiration is not None:
-        out["expiration"] = str(round(float(message.expiration) * 1000))
-    ts = message.timestamp
-    if ts is not None:
-        out["timestamp"] = int(ts.timestamp()) if isinstance(ts, dt.datetime) else int(ts)
-    return out
-
-
-def raw_props(properties: Any) -> dict[str, Any]:
-    """The basic properties of a raw (pamqp) delivery as a JSON-able dict, exactly as sent."""
-    out: dict[str, Any] = {}
-    for name in PROP_FIELDS:
-        value = getattr(properties, name, None)
+    for stored, attr in PROP_FIELDS:
+        value = getattr(properties, attr)
         if value is None:
             continue
-        if name == "timestamp":
+        if stored == "timestamp":
             value = int(value.timestamp()) if isinstance(value, dt.datetime) else int(value)
-        out[name] = value
+        out[stored] = value
     return out
-
-
-def _int_mode(mode: Any) -> int | None:
-    if mode is None:
-        return None
-    return int(getattr(mode, "value", mode))
 
 
 def build_properties(
     props: Mapping[str, Any], headers: Mapping[str, Any] | None
-) -> commands.Basic.Properties:
-    kwargs = {k: v for k, v in props.items() if k in PROP_FIELDS}
-    ts = kwargs.get("timestamp")
-    if ts is not None:
-        kwargs["timestamp"] = dt.datetime.fromtimestamp(ts, dt.UTC)
-    return commands.Basic.Properties(
-        headers=table_safe(dict(headers)) if headers else None, **kwargs
-    )
+) -> frames.Properties:
+    """Properties to publish with, from a stored dict and headers."""
+    out = frames.Properties(headers=dict(headers) if headers else None)
+    for stored, attr in PROP_FIELDS:
+        value = props.get(stored)
+        if value is None:
+            continue
+        if stored == "timestamp":
+            value = dt.datetime.fromtimestamp(value, dt.UTC)
+        setattr(out, attr, value)
+    return out
 
 
 # ---------------------------------------------------------------- journal ops

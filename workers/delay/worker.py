@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
 import sys
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-)
-from aiormq.abc import DeliveredMessage
-
-from bridge.amqp import (
-    ConfirmPublisher,
-    Consumers,
-    declare_dead_letter,
-    declare_exchange,
-    declare_quorum_queue,
-)
+from bridge.amqp import declare_dead_letter, declare_exchange, declare_quorum_queue
+from bridge.amqp.consumer import Consumer, QueueSpec, cancel_all, drain_all
+from bridge.amqp.frames import Delivery
+from bridge.amqp.link import Link
+from bridge.amqp.publisher import Publisher
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
 from bridge.sharding import (
@@ -51,7 +41,6 @@ from bridge.sharding import (
     shard_queue,
 )
 from bridge.store import GroupCommitter
-from workers.delay.acks import AckLine, Slot
 from workers.delay.config import (
     H_DEAD_DETAIL,
     H_DEAD_REASON,
@@ -60,7 +49,6 @@ from workers.delay.config import (
 from workers.delay.lanes import (
     Lane,
     LaneReport,
-    OutgoingMessage,
     Verified,
     carried_properties,
     login_user,
@@ -68,7 +56,7 @@ from workers.delay.lanes import (
 )
 from workers.delay.metrics import DelayMetrics
 from workers.delay.model import (
-    Assignment,
+    INVALID_HEADERS,
     Entry,
     Reject,
     Scheduler,
@@ -90,7 +78,7 @@ from workers.delay.store import (
     KeyDelete,
     Op,
     encode_headers,
-    raw_props,
+    props_dict,
 )
 
 log = logging.getLogger("bridge.delay")
@@ -124,18 +112,14 @@ class DelayWorker:
         self._consuming = False
         self._dispatching = False
         self._wake: asyncio.Future[None] | None = None
-        # control queues (aio-pika consumers; ingress is consumed with aiormq, see below)
-        self._control_consumers = Consumers(self.name)
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self.link: Link | None = None
+        self._ingress: Consumer | None = None
+        self.consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lanes_stop = asyncio.Event()
         self._extra_cap = 0
-        # id(assignment) -> the scheduler's ticket for a batch whose lane was released
-        self._tickets: dict[int, int] = {}
-        self._acks = AckLine()
         self._unflushed: list[int] = []
         self._linger: asyncio.Future[None] | None = None
-        self._ingress: tuple[Any, str] = (None, "")
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started_s: float | None = None
         s = self.settings
@@ -186,19 +170,15 @@ class DelayWorker:
         await self._load_step()
 
         broker = ctx.broker
-        # The host's connection is robust, so its channels are robust channels.
-        self._channel = cast(
-            AbstractRobustChannel, await broker.channel(prefetch=s.prefetch, confirms=True)
-        )
-        self.publisher = ConfirmPublisher(self._channel)
-        self._dead: AbstractExchange = await declare_dead_letter(
-            self._channel, s.dead_exchange, s.dead_queue
-        )
-        self._control_channel = await broker.channel(prefetch=s.control_prefetch, confirms=False)
-        control_qs = await self._declare_topology(broker)
-        reply_channel: AbstractChannel = await broker.channel(confirms=False)
+        # Declarations through aio-pika (control plane); per-message traffic on the link.
+        self._channel = await broker.channel(confirms=False)
+        await declare_dead_letter(self._channel, s.dead_exchange, s.dead_queue)
+        ingress_q, control_qs = await self._declare_topology(broker)
         self._user = login_user(ctx.settings.amqp_url)
-        self.rpc = ControlRpc(self, reply_channel)
+        link = self.link = Link(broker.url, name=self.name, heartbeat_s=broker.settings.heartbeat_s)
+        self.publisher = Publisher(link, name="dead letters and forwards")
+        self.publisher.start_expiry()
+        self.rpc = ControlRpc(self, Publisher(link, name="replies", confirms=False))
 
         verified = Verified()
         self.lanes = [
@@ -210,7 +190,6 @@ class DelayWorker:
                 report=self._report_from_lane,
                 observe_lateness=self.metrics.lateness.observe,
                 add_busy=self.metrics.add_busy,
-                release=self._release_from_lane if s.lane_release else None,
                 verified=verified,
             )
             for i in range(s.lanes)
@@ -221,16 +200,15 @@ class DelayWorker:
             self._loop.create_task(self._dispatch_loop(), name="delay-dispatch"),
             self._loop.create_task(self._load_loop(), name="delay-loader"),
         ]
+        self._ingress = Consumer(link, ingress_q, self._on_ingress, prefetch=s.prefetch)
+        self._ingress.on_restored = self._ingress_restored
+        self.consumers = [self._ingress]
         for control_q in control_qs:
-            await self._control_consumers.consume(control_q, self._on_control_delivery)
-        self._control_consumers.watch(s.consumer_check_s)
-        # Ingress is consumed with aiormq directly: aio-pika's IncomingMessage costs more
-        # than the rest of the ingress path, and the raw properties are exact (aio-pika
-        # reports an absent priority as 0 and expiration as float seconds).
-        self._channel.reopen_callbacks.add(self._consume_ingress)
-        await self._consume_ingress()
+            control = Consumer(link, control_q, _unset, prefetch=s.control_prefetch)
+            control.handler = functools.partial(self.rpc.handle, consumer=control)
+            self.consumers.append(control)
+        await link.start()
         self._consuming = True
-        self._tasks.append(self._loop.create_task(self._watch_ingress(broker), name="delay-watch"))
         self.started_s = time.perf_counter() - started
         gc.freeze()  # what start-up built (modules, the first window) stays: skip it in passes
         log.info(
@@ -243,8 +221,10 @@ class DelayWorker:
             },
         )
 
-    async def _declare_topology(self, broker: Any) -> list[AbstractQueue]:
-        """Ingress and control topology; returns the control queues to consume.
+    async def _declare_topology(self, broker: Any) -> tuple[QueueSpec, list[QueueSpec]]:
+        """Ingress and control topology; returns the ingress queue and the control queues
+        to consume (as specs: a consumer declares its queue again from its spec if it is
+        deleted under the worker).
 
         One shard: ``in_exchange`` (topic) -> ``in_queue`` bound '#'. ``shard_count`` N > 1:
         ``in_exchange`` -> consistent-hash ``shards_exchange`` -> ``<in_queue>.shard-<i>``
@@ -252,8 +232,24 @@ class DelayWorker:
         consumes ``<control_queue>.shard-<i>`` for the other shards' questions (see
         workers.delay.shards)."""
         s = self.settings
-        await self._declare_ingress(broker, every_shard=True)
-        if self.shard.sharded:
+        ch = self._channel
+        quorum = {"x-queue-type": "quorum"}
+        in_ex = await declare_exchange(ch, s.in_exchange, "topic")
+        if not self.shard.sharded:
+            await declare_quorum_queue(ch, s.in_queue, bind=(in_ex, "#"))
+            ingress = QueueSpec(s.in_queue, arguments=quorum, bindings=((s.in_exchange, "#"),))
+        else:
+            args = chx_arguments()
+            await ensure_chx_exchange(broker.url, self.name, s.shards_exchange, arguments=args)
+            shards_ex = await ch.declare_exchange(
+                s.shards_exchange, CHX_TYPE, durable=True, arguments=args
+            )
+            await shards_ex.bind(in_ex, routing_key="#")
+            for i in range(self.shard.count):  # in shard order: bucket i is shard i
+                await declare_quorum_queue(ch, shard_queue(s.in_queue, i), bind=(shards_ex, "1"))
+            ingress = QueueSpec(
+                self._in_queue, arguments=quorum, bindings=((s.shards_exchange, "1"),)
+            )
             ring = RingKeeper(
                 lambda: broker.channel(confirms=False),
                 s.shards_exchange,
@@ -265,81 +261,30 @@ class DelayWorker:
                 lambda: ring.schedule("broker connection came back", delay_s=1.0, force=True)
             )
             self._ring = ring
-        control_ex = await declare_exchange(self._control_channel, s.control_exchange, "fanout")
+        control_ex = await declare_exchange(ch, s.control_exchange, "fanout")
+        await declare_quorum_queue(ch, s.control_queue, bind=(control_ex, ""))
         queues = [
-            await declare_quorum_queue(
-                self._control_channel, s.control_queue, bind=(control_ex, "")
-            )
+            QueueSpec(s.control_queue, arguments=quorum, bindings=((s.control_exchange, ""),))
         ]
         if self.shard.sharded:
-            queues.append(
-                await declare_quorum_queue(
-                    self._control_channel, shard_queue(s.control_queue, self.shard.index)
-                )
-            )
+            own = shard_queue(s.control_queue, self.shard.index)
+            await declare_quorum_queue(ch, own)
+            queues.append(QueueSpec(own, arguments=quorum))
             self.shards = DelayShards(self.shard, s)
             assert broker.connection is not None
             await self.shards.open(broker.connection)
-        return queues
+        return ingress, queues
 
-    async def _declare_ingress(self, broker: Any, *, every_shard: bool) -> None:
-        """The ingress queue with its binding (every shard's queue at start-up, in shard order:
-        bucket i is shard i; only this shard's when its queue was deleted)."""
-        s = self.settings
-        in_ex = await declare_exchange(self._channel, s.in_exchange, "topic")
-        if not self.shard.sharded:
-            await declare_quorum_queue(self._channel, s.in_queue, bind=(in_ex, "#"))
-            return
-        args = chx_arguments()
-        await ensure_chx_exchange(broker.url, self.name, s.shards_exchange, arguments=args)
-        shards_ex = await self._channel.declare_exchange(
-            s.shards_exchange, CHX_TYPE, durable=True, arguments=args
-        )
-        await shards_ex.bind(in_ex, routing_key="#")
-        shards = range(self.shard.count) if every_shard else (self.shard.index,)
-        for i in shards:
-            await declare_quorum_queue(
-                self._channel, shard_queue(s.in_queue, i), bind=(shards_ex, "1")
-            )
+    def _ingress_restored(self, queue: str) -> None:
+        if self._ring is not None:  # a re-created binding moves this shard in the ring
+            self._ring.schedule("the ingress queue was declared again", force=True)
+        self.metrics.consumer_restored.inc()
 
-    def _ingress_alive(self) -> bool:
-        """Whether the ingress consumer is still subscribed. A deleted queue makes the broker
-        cancel the consumer without closing the channel: nothing else would notice."""
-        raw, tag = self._ingress
-        if raw is None or raw.is_closed:
-            return False  # aio-pika reopens the channel and consumes again (reopen callback)
-        return tag in raw.consumers
-
-    async def _watch_ingress(self, broker: Any) -> None:
-        """Declare the ingress queue again and consume it when the broker cancelled the
-        consumer (queue deleted by an operator, a policy, a lost cluster member)."""
-        while self._consuming:
-            await asyncio.sleep(self.settings.consumer_check_s)
-            raw, _ = self._ingress
-            if not self._consuming or self._ingress_alive() or raw is None or raw.is_closed:
-                continue
-            log.error(
-                "the broker cancelled the ingress consumer (queue deleted?); declaring it again",
-                extra={"queue": self._in_queue},
-            )
-            try:
-                await self._declare_ingress(broker, every_shard=False)
-                await self._consume_ingress()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("ingress not restored yet; retrying", extra={"error": str(exc)})
-                continue
-            if self._ring is not None:  # a re-created binding moves this shard in the ring
-                self._ring.schedule("the ingress queue was declared again", force=True)
-            self.metrics.consumer_restored.inc()
-            log.info("consuming the ingress queue again", extra={"queue": self._in_queue})
-
-    def _owner(self, delivered: DeliveredMessage) -> tuple[int, str | None]:
+    def _owner(self, delivered: Delivery) -> tuple[int, str | None]:
         """The shard that owns a keyless message (by message_id) and, for one without an id,
         the stable id it is forwarded with. A keyed message stays where the exchange put it:
         the exchange hashes the header's typed value, every version of a key alike."""
-        props = delivered.header.properties
+        props = delivered.properties
         message_id = props.message_id
         if not message_id:
             message_id = digest_id(delivered.routing_key or "", props.headers, delivered.body)
@@ -347,23 +292,21 @@ class DelayWorker:
         return self.shard.owner(message_id), None
 
     async def _forward(
-        self,
-        delivered: DeliveredMessage,
-        slot: Slot,
-        due_ms: int,
-        owner: int,
-        new_id: str | None,
+        self, delivered: Delivery, due_ms: int, owner: int, new_id: str | None
     ) -> None:
         """A message that belongs to another shard: hand it to the owner's queue (confirmed)
         before acknowledging it here."""
-        props = raw_props(delivered.header.properties)
+        assert self._ingress is not None
+        props = props_dict(delivered.properties)
         if new_id is not None:
             props["message_id"] = new_id
-        headers = forwarded_headers(delivered.header.properties.headers, due_ms, self.shard)
-        message = OutgoingMessage(delivered.body, carried_properties(props, headers, self._user))
+        headers = forwarded_headers(delivered.properties.headers, due_ms, self.shard)
         try:
             await self.publisher.publish(
-                "", message, shard_queue(self.settings.in_queue, owner), mandatory=True
+                "",
+                shard_queue(self.settings.in_queue, owner),
+                delivered.body,
+                carried_properties(props, headers, self._user),
             )
         except PublishFailed as exc:
             log.error(
@@ -371,51 +314,16 @@ class DelayWorker:
                 extra={"owner": owner, "error": str(exc)},
             )
             await asyncio.sleep(1)
-            await self._acks.nack(slot)
+            self._ingress.nack(delivered)
             return
         self.metrics.received.labels("forwarded").inc()
-        await self._acks.ack(slot)
-
-    async def _consume_ingress(self, *_: Any) -> None:
-        """(Re)start the ingress consumer; also called when aio-pika reopened the channel."""
-        raw = await self._channel.get_underlay_channel()
-        ok = await raw.basic_consume(self._in_queue, self._on_ingress_delivery)
-        self._ingress = (raw, ok.consumer_tag or "")
-
-    async def _on_ingress_delivery(self, delivered: DeliveredMessage) -> None:
-        slot = self._acks.track(delivered.channel, delivered.delivery_tag or 0)
-        await self._guarded(self._on_ingress(delivered, slot), slot)
-
-    async def _on_control_delivery(self, message: AbstractIncomingMessage) -> None:
-        try:
-            channel = message.channel
-        except Exception:  # closed already: the delivery is void
-            return
-        slot = self._acks.track(channel, message.delivery_tag or 0)
-        await self._guarded(self.rpc.handle(message, slot), slot)
-
-    async def _guarded(self, handler: Any, slot: Slot) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._inflight.add(task)
-        try:
-            await handler
-        except Exception:
-            log.exception("handler failed; message will be redelivered")
-            await self._acks.nack(slot)
-        finally:
-            self._inflight.discard(task)
+        self._ingress.ack(delivered)
 
     async def stop(self, grace: float) -> None:
         deadline = time.monotonic() + max(grace - 1, 0.5)
         self._consuming = False
-        self._channel.reopen_callbacks.discard(self._consume_ingress)
-        raw, tag = self._ingress
-        with contextlib.suppress(Exception):
-            await raw.basic_cancel(tag)
-        await self._control_consumers.cancel()
-        if self._inflight:
-            await asyncio.wait(list(self._inflight), timeout=max(deadline - time.monotonic(), 0.1))
+        await cancel_all(self.consumers)
+        await drain_all(self.consumers, deadline - time.monotonic())
         self._dispatching = False
         self._kick()
         for task in self._tasks:
@@ -451,27 +359,22 @@ class DelayWorker:
         if self.shards is not None:
             with contextlib.suppress(Exception):
                 await self.shards.close()
-        for channel in (
-            getattr(self, "_channel", None),
-            getattr(self, "_control_channel", None),
-            self.rpc.reply_channel if hasattr(self, "rpc") else None,
-        ):
-            if channel is not None:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+        if self.link is not None:
+            await self.link.close()
+        channel = getattr(self, "_channel", None)
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
         if self.store is not None:
             self.store.close()
 
     def ready(self) -> tuple[bool, str]:
         if self.committer is not None and self.committer.failing:
             return False, f"state commits failing: {self.committer.failing}"
-        if not self._consuming:
+        if not self._consuming or self.link is None:
             return False, "not consuming"
-        if not self._ingress_alive():
-            return False, "ingress consumer gone (channel reopening or queue deleted)"
-        lost = self._control_consumers.lost
-        if lost:
-            return False, f"consumer cancelled by the broker: {lost}"
+        if not self.link.ready:
+            return False, "; ".join(self.link.not_ready())
         down = [lane.index for lane in self.lanes if not lane.connected]
         if down and len(down) == len(self.lanes):
             return False, "no sender lane is connected"
@@ -547,33 +450,29 @@ class DelayWorker:
 
     # -- ingress -----------------------------------------------------------------------
 
-    async def _on_ingress(self, delivered: DeliveredMessage, slot: Slot) -> None:
+    async def _on_ingress(self, delivered: Delivery) -> None:
         s = self.settings
         scheduler = self.scheduler
-        assert scheduler is not None and self.committer is not None
-        properties = delivered.header.properties
+        ingress = self._ingress
+        assert scheduler is not None and self.committer is not None and ingress is not None
+        properties = delivered.properties
         headers = properties.headers
-        routing_key = delivered.routing_key or ""
-        decision = parse_ingress(
-            headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
-        )
+        routing_key = delivered.routing_key
+        if properties.error:
+            decision: Any = Reject(INVALID_HEADERS, f"not decodable: {properties.error}")
+        else:
+            decision = parse_ingress(
+                headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
+            )
         if isinstance(decision, Reject):
             self.metrics.received.labels("rejected").inc()
-            await self.dead_letter_delivery(
-                delivered.body,
-                raw_props(properties),
-                headers,
-                routing_key,
-                slot,
-                decision.reason,
-                decision.detail,
-            )
+            await self.dead_letter_delivery(delivered, ingress, decision.reason, decision.detail)
             return
         if self.shard.sharded and decision.key is None:
             owner, new_id = self._owner(delivered)
             if owner != self.shard.index:
                 if not headers or H_FORWARDED_FROM not in headers:
-                    await self._forward(delivered, slot, decision.due_ms, owner, new_id)
+                    await self._forward(delivered, decision.due_ms, owner, new_id)
                     return
                 # forwarded here by a shard that thinks this one owns it: keep it (never
                 # forward twice) and say that the shards disagree on the shard count
@@ -583,7 +482,7 @@ class DelayWorker:
                 )
         mid = self._next_mid
         self._next_mid += 1
-        props = raw_props(properties)
+        props = props_dict(properties)
         message_id = props.get("message_id")
         if not message_id:
             # A stable id: a re-publish after a crash carries the same one.
@@ -613,7 +512,7 @@ class DelayWorker:
         if replace is not None and replace.deleted:
             self.metrics.replaced.inc(replace.deleted)
         self.metrics.received.labels("accepted").inc()
-        await self._acks.ack(slot)
+        ingress.ack(delivered)
 
     def _stored(self) -> asyncio.Future[None]:
         """A future resolved once everything journaled so far is committed.
@@ -646,32 +545,32 @@ class DelayWorker:
         barrier.add_done_callback(done)
 
     async def dead_letter_delivery(
-        self,
-        body: bytes,
-        props: dict[str, Any],
-        headers: dict[str, Any] | None,
-        routing_key: str,
-        slot: Slot,
-        reason: str,
-        detail: str,
+        self, delivered: Delivery, consumer: Consumer, reason: str, detail: str
     ) -> None:
-        dead_headers = dict(headers or {})
+        """Dead-letter a consumed message with its reason (confirmed), then acknowledge it;
+        requeue it if the dead-letter publish failed."""
+        props = props_dict(delivered.properties)
+        dead_headers = dict(delivered.properties.headers or {})
         dead_headers[H_DEAD_REASON] = reason
         dead_headers[H_DEAD_DETAIL] = detail[:500]
-        dead = OutgoingMessage(body, carried_properties(props, dead_headers, self._user))
         try:
-            await self.publisher.publish(self._dead, dead, routing_key)
+            await self.publisher.publish(
+                self.settings.dead_exchange,
+                delivered.routing_key,
+                delivered.body,
+                carried_properties(props, dead_headers, self._user),
+            )
         except PublishFailed as exc:
             log.error(
                 "dead-letter publish failed; requeueing",
                 extra={"reason": reason, "error": str(exc)},
             )
             await asyncio.sleep(1)
-            await self._acks.nack(slot)
+            consumer.nack(delivered)
             return
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
-        await self._acks.ack(slot)
+        consumer.ack(delivered)
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -776,33 +675,12 @@ class DelayWorker:
         with contextlib.suppress(RuntimeError):  # loop closed: the worker is gone
             self._loop.call_soon_threadsafe(self._on_report, report)
 
-    def _release_from_lane(self, lane: int, assignment: Assignment) -> None:
-        """Called on a lane thread: the lane handed its whole batch to the channel and only
-        waits for confirms; it can take another topic's batch. Always before the batch's
-        report (both go through call_soon_threadsafe from the lane's thread, in order)."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._on_release, lane, assignment)
-
-    def _on_release(self, lane: int, assignment: Assignment) -> None:
-        scheduler = self.scheduler
-        assert scheduler is not None
-        self._tickets[id(assignment)] = scheduler.release(lane)
-        self._lane_used[lane] = time.monotonic()
-        self._lane_batch[lane] = 0
-        self._kick()
-
     def _on_report(self, r: LaneReport) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
-        ticket = self._tickets.pop(id(r.assignment), None) if r.assignment is not None else None
-        if ticket is None:
-            self._lane_used[r.lane] = time.monotonic()
+        self._lane_used[r.lane] = time.monotonic()
         dead = [mid for mid, _ in r.dead]
-        scheduler.complete(
-            r.lane if ticket is None else ticket,
-            done=[*r.sent, *dead, *r.gone],
-            retry=r.retry,
-        )
+        scheduler.complete(r.lane, done=[*r.sent, *dead, *r.gone], retry=r.retry)
         rows = [(mid, r.topic) for mid in (*r.sent, *dead)]
         if rows:
             mids = [mid for mid, _ in rows]
@@ -861,3 +739,7 @@ class DelayWorker:
 def _set_done(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _unset(_: Delivery) -> None:
+    raise AssertionError("handler set after the consumer is made")
