@@ -247,3 +247,37 @@ async def test_generated_headers_are_delivered_or_dead_lettered(hypothesis_worke
         assert handler_failures(caplog) == []
     finally:
         await channel.close()
+
+
+async def test_header_nested_too_deep_is_dead_lettered_and_the_connection_stays(
+    broker_url, amqp, tmp_path, unique, caplog
+):
+    """A header table nested 2,000 levels (RabbitMQ accepts it from any client) used to make
+    the frame reader raise RecursionError: the connection dropped and the broker redelivered
+    the message forever. Now the data path refuses to decode it, the message is dead-lettered
+    ``invalid_headers`` with its body, and the next message is delivered."""
+    from tests.integration.delay_helpers import dead_letters, header
+    from tests.integration.test_directed_inputs import _deep, recursion_limit
+
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "target")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        channel = await amqp.channel()
+        in_ex = await channel.get_exchange(s.in_exchange, ensure=False)
+        headers = {**_deep(2000), "x-delay": 0, "x-target-exchange": sink.exchange}
+        with recursion_limit(20_000):
+            await in_ex.publish(
+                aio_pika.Message(b"poison body", headers=headers, message_id="poison"), "rk"
+            )
+        await client.send(b"after", sink.exchange, delay_ms=0, message_id="after")
+        await sink.wait_for(1)
+        assert sink.ids() == ["after"]
+        (dead,) = await dead_letters(amqp, s, 1)
+        assert dead.message_id == "poison" and dead.body == b"poison body"
+        assert header(dead, "x-dead-reason") == "invalid_headers"
+        assert "nested deeper" in header(dead, "x-dead-detail")
+        assert worker.link is not None and worker.link.reconnects == 0
+        assert worker.ready()[0]
+        await channel.close()
