@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiormq
+import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from bridge.errors import BridgeError
@@ -475,7 +475,7 @@ async def _each_name(
             channel = await conn.channel()
             try:
                 await op(channel, kind, name)
-            except aiormq.exceptions.ChannelNotFoundEntity:
+            except aio_pika.exceptions.ChannelNotFoundEntity:
                 pass
             except Exception as exc:
                 problems.append(f"{kind} {name} ({type(exc).__name__})")
