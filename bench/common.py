@@ -145,8 +145,18 @@ class CpuWatch:
 class WorkerProcess:
     """``python -m bridge.cli run <workers>`` as a subprocess (uvloop, its own CPU core)."""
 
-    def __init__(self, workers: list[str], *, state_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        workers: list[str],
+        *,
+        state_dir: Path,
+        env: dict[str, str],
+        tree: Path | None = None,
+    ) -> None:
+        """``tree``: run the code of another checkout (a git worktree of an earlier commit,
+        for a side-by-side comparison in the same run) instead of this one's."""
         self.workers = workers
+        self.tree = tree
         self.state_dir = state_dir
         self.port = free_port()
         self.log = state_dir / "worker.log"
@@ -169,9 +179,13 @@ class WorkerProcess:
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
+            env = self.env
+            if self.tree is not None:
+                env = {**env, "PYTHONPATH": str(self.tree)}
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "run", *self.workers],
-                env=self.env,
+                env=env,
+                cwd=self.tree,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

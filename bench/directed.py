@@ -118,13 +118,18 @@ async def delete_topology(url: str, exchanges: list[str], queues: list[str]) -> 
 class Directed:
     """A worker subprocess with unique names, and a client connected to it."""
 
-    def __init__(self, root: Path, queue_type: str, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, root: Path, queue_type: str, synchronous: str = "FULL", tree: Path | None = None
+    ) -> None:
         self.token = unique("bench-directed")
         self.names = names_for(self.token)
         self.settings = DirectedSettings(**self.names, pull_queue_type=queue_type)  # type: ignore[arg-type]
         self.state = root / self.token
         self.worker = WorkerProcess(
-            ["directed"], state_dir=self.state, env=worker_env(self.names, queue_type, synchronous)
+            ["directed"],
+            state_dir=self.state,
+            env=worker_env(self.names, queue_type, synchronous),
+            tree=tree,
         )
         self.conn: Any = None
         self.client: DirectedClient | None = None
@@ -581,30 +586,55 @@ async def echo_round(args: argparse.Namespace, echo: EchoServer, r: int) -> dict
 
 
 async def bench_pulls(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Worker and echo rounds interleaved, so both see the same background load."""
+    """Worker and echo rounds interleaved, so both see the same background load; with
+    ``--against TREE`` also the worker of that checkout (an earlier commit), interleaved."""
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
-        q: {"worker": [], "echo": []} for q in args.queue_types
+        q: {"worker": [], "echo": [], "against": []} for q in args.queue_types
     }
     async with contextlib.AsyncExitStack() as stack:
         workers = {
             q: await stack.enter_async_context(Directed(root, q, args.synchronous))
             for q in args.queue_types
         }
+        against = {
+            q: await stack.enter_async_context(
+                Directed(root, q, args.synchronous, tree=args.against)
+            )
+            for q in (args.queue_types if args.against else ())
+        }
         echoes = {q: await stack.enter_async_context(EchoServer(args, q)) for q in args.queue_types}
         for r in range(args.repeats):
             for q in args.queue_types:
                 rounds[q]["worker"].append(await pull_round(args, root, workers[q], q, r))
+                if q in against:
+                    progress(f"  (the same round against {args.against})")
+                    rounds[q]["against"].append(await pull_round(args, root, against[q], q, r))
                 rounds[q]["echo"].append(await echo_round(args, echoes[q], r))
     out: dict[str, Any] = {}
     for q in args.queue_types:
-        w, e = rounds[q]["worker"], rounds[q]["echo"]
+        w, e, a = rounds[q]["worker"], rounds[q]["echo"], rounds[q]["against"]
         out[q] = {
             **summarise_rounds(w),
             "ratio_to_echo_rpc_median": rnd(
-                median(a["pulls_per_s"] / b["pulls_per_s"] for a, b in zip(w, e, strict=True))
+                median(x["pulls_per_s"] / y["pulls_per_s"] for x, y in zip(w, e, strict=True))
             ),
             "echo_rpc_baseline": summarise_rounds(e),
         }
+        if a:
+            out[q]["against"] = {
+                "tree": str(args.against),
+                **summarise_rounds(a),
+                "ratio_pulls_per_s_median": rnd(
+                    median(x["pulls_per_s"] / y["pulls_per_s"] for x, y in zip(w, a, strict=True))
+                ),
+                "ratio_worker_cpu_per_pull_median": rnd(
+                    median(
+                        x["cpu_ms_per_pull"].get("worker", 0.0)
+                        / max(y["cpu_ms_per_pull"].get("worker", 0.0), 1e-9)
+                        for x, y in zip(w, a, strict=True)
+                    )
+                ),
+            }
     return out
 
 
@@ -985,6 +1015,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="py-spy the worker; adds top frames to the JSON"
     )
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="also run the pull rounds with the worker of this checkout (e.g. a git worktree "
+        "of the commit before a change), interleaved, and report the ratios",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.targets = min(args.targets, 500)
