@@ -129,21 +129,41 @@ class ConfirmTracker:
                 return True
         return False
 
-    def on_channel_closed(self, reply_code: int, reply_text: str) -> list[Outcome]:
-        """The broker closed the channel: every unsettled publish fails. Those to the
-        exchange a 404/403 names fail with ``exchange_not_found``/``access_refused``, the
-        others (never processed, or processed and never confirmed) with
+    def on_channel_closed(
+        self, reply_code: int, reply_text: str
+    ) -> tuple[list[Outcome], list[Any]]:
+        """The broker closed the channel: returns the failed publishes and the tokens of
+        those to write again (in write order) on the reopened channel.
+
+        When a 404/403 names an exchange, the first unsettled publish to it is what the
+        broker refused: it and every later one to that exchange fail with
+        ``exchange_not_found``/``access_refused``; the publishes before it were processed
+        and may have been routed, their confirm lost (``connection_lost``); the others after
+        it were discarded unread by the broker (it ignores a closing channel's frames), so
+        they are to be written again. Any other close fails every unsettled publish with
         ``connection_lost``. Tags start again at 1 on the reopened channel."""
-        outcomes: list[Outcome] = []
         text = reply_text or ""
-        for entry in self._drain():
-            reason = CONNECTION_LOST
-            if reply_code in (403, 404) and f"exchange '{entry.exchange}'" in text:
-                reason = EXCHANGE_NOT_FOUND if reply_code == 404 else ACCESS_REFUSED
-            outcomes.append(
-                (entry.token, PublishFailed(reason, f"channel closed by the broker: {text}"))
+        entries = self._drain()
+        refused = None
+        if reply_code in (403, 404):
+            refused = next(
+                (e.exchange for e in entries if f"exchange '{e.exchange}'" in text), None
             )
-        return outcomes
+        failed: list[Outcome] = []
+        resend: list[Any] = []
+        seen = False
+        for entry in entries:
+            if refused is not None and entry.exchange == refused:
+                seen = True
+                reason = EXCHANGE_NOT_FOUND if reply_code == 404 else ACCESS_REFUSED
+                failed.append((entry.token, PublishFailed(reason, f"channel closed: {text}")))
+            elif seen:
+                resend.append(entry.token)
+            else:
+                failed.append(
+                    (entry.token, PublishFailed(CONNECTION_LOST, f"channel closed: {text}"))
+                )
+        return failed, resend
 
     def on_connection_lost(self, why: str = "connection lost") -> list[Outcome]:
         """The connection went: every unsettled publish fails with ``connection_lost``."""

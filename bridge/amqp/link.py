@@ -146,6 +146,9 @@ class Channel:
     def on_writable(self) -> None:
         """Writing may go on (connection unblocked, socket buffer drained, channel open)."""
 
+    def flush(self) -> None:
+        """Write now what waits for the next loop turn (acks, publishes): before a close."""
+
     def write(self, data: bytes) -> None:
         self.link.write(data)
 
@@ -276,7 +279,8 @@ class Link:
         if proto is not None and proto.transport is not None and not proto.lost.done():
             for channel in self.channels:
                 with contextlib.suppress(Exception):
-                    channel.on_writable()  # last flush
+                    channel.flush()  # before connection.close, which makes the broker drop
+                    # whatever follows it
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self.call(0, F.ConnectionClose(reply_code=200), F.ConnectionCloseOk), 2

@@ -183,7 +183,11 @@ class Publisher(Channel):
             )
 
     def on_closed(self, code: int, text: str) -> None:
-        self._deliver(self.tracker.on_channel_closed(code, text))
+        failed, resend = self.tracker.on_channel_closed(code, text)
+        self._deliver(failed)
+        # never read by the broker (it discards a closing channel's frames): written again,
+        # first, in their order, once the channel is open again
+        self._queue.extendleft(reversed(resend))
 
     def on_lost(self) -> None:
         self._deliver(self.tracker.on_connection_lost())
@@ -192,9 +196,10 @@ class Publisher(Channel):
         failed = 0
         now = time.monotonic()
         observe = self.confirm_seconds
-        for (fut, queued_at), error in outcomes:
+        for queued, error in outcomes:
+            fut = queued[6]
             if observe is not None:
-                observe(now - queued_at)
+                observe(now - queued[7])
             if fut.done():
                 continue
             if error is None:
@@ -203,6 +208,9 @@ class Publisher(Channel):
                 fut.set_exception(error)
                 failed += 1
         return failed
+
+    def flush(self) -> None:
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -220,9 +228,8 @@ class Publisher(Channel):
         out: list[bytes] = []
         written: list[asyncio.Future[None]] = []
         while queue and room > 0:
-            exchange, routing_key, body, props, message_id, mandatory, fut, queued_at = (
-                queue.popleft()
-            )
+            queued = queue.popleft()
+            exchange, routing_key, body, props, message_id, mandatory, fut, queued_at = queued
             if fut.done():  # the caller gave up on it
                 continue
             key = (exchange, routing_key, mandatory)
@@ -239,7 +246,7 @@ class Publisher(Channel):
             out.append(method)
             out.append(F.content_frames(number, props, body, frame_max))
             if confirms:
-                tracker.sent((fut, queued_at), exchange, routing_key, message_id, queued_at)
+                tracker.sent(queued, exchange, routing_key, message_id, queued_at)
             else:
                 written.append(fut)
             room -= 1
