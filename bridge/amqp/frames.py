@@ -340,7 +340,6 @@ class Method:
     INDEX: ClassVar[tuple[int, int]] = (0, 0)
     NAME: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[tuple[str, str, Any], ...]] = ()  # name, type, default
-    SYNCHRONOUS: ClassVar[bool] = False
 
     def __init__(self, **fields: Any) -> None:
         for name, kind, default in self.FIELDS:
@@ -473,9 +472,7 @@ class UnknownMethod(Method):
 METHODS: dict[tuple[int, int], type[Method]] = {}
 
 
-def _define(
-    name: str, cls_id: int, meth_id: int, fields: str = "", *, synchronous: bool = False
-) -> Any:
+def _define(name: str, cls_id: int, meth_id: int, fields: str = "") -> Any:
     """Define the method ``name``; ``fields`` is "name:type[=default] ...", a name starting
     with ``_`` is a reserved field written with its default."""
     parsed = []
@@ -503,7 +500,6 @@ def _define(
             "INDEX": (cls_id, meth_id),
             "NAME": name,
             "FIELDS": tuple(parsed),
-            "SYNCHRONOUS": synchronous,
         },
     )
     METHODS[(cls_id, meth_id)] = cls

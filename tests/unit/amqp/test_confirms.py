@@ -30,6 +30,9 @@ from bridge.errors import PublishFailed
 EXCHANGES = ["", "a", "ab", "orders", "a b", "ünï", "x.y"]
 ROUTING_KEYS = ["", "k", "k2", "q.1"]
 MESSAGE_IDS = [None, "", "m1", "m2"]
+PUBLISH_KEYS = st.tuples(
+    st.sampled_from(EXCHANGES), st.sampled_from(ROUTING_KEYS), st.sampled_from(MESSAGE_IDS)
+)
 
 
 def reasons(outcomes: list[confirms.Outcome]) -> dict[Any, str | None]:
@@ -103,12 +106,12 @@ class TrackerMachine(RuleBasedStateMachine):
 
     # -- rules
 
-    @rule(
-        exchange=st.sampled_from(EXCHANGES),
-        routing_key=st.sampled_from(ROUTING_KEYS),
-        message_id=st.sampled_from(MESSAGE_IDS),
-    )
-    def sent(self, exchange: str, routing_key: str, message_id: str | None) -> None:
+    @rule(publishes=st.lists(PUBLISH_KEYS, min_size=1, max_size=4))
+    def sent(self, publishes: list[tuple[str, str, str | None]]) -> None:
+        for exchange, routing_key, message_id in publishes:
+            self.send(exchange, routing_key, message_id)
+
+    def send(self, exchange: str, routing_key: str, message_id: str | None) -> None:
         token = self.next_token
         self.next_token += 1
         tag = self.tracker.sent(token, exchange, routing_key, message_id, now=self.now)
@@ -128,13 +131,9 @@ class TrackerMachine(RuleBasedStateMachine):
             publish.token, tag, publish.exchange, publish.routing_key, publish.message_id, self.now
         )
 
-    def _tags(self) -> st.SearchStrategy[int]:
-        # tags sent, settled, never sent, and 0
-        return st.integers(0, self.next_tag + 2)
-
-    @rule(data=st.data(), multiple=st.booleans(), nack=st.booleans())
-    def answer(self, data: st.DataObject, multiple: bool, nack: bool) -> None:
-        tag = data.draw(self._tags(), label="tag")
+    @rule(pick=st.integers(0, 2**16), multiple=st.booleans(), nack=st.booleans())
+    def answer(self, pick: int, multiple: bool, nack: bool) -> None:
+        tag = pick % (self.next_tag + 3)  # tags sent, settled, never sent, and 0
         if multiple:
             hit = [p for t, p in self.unsettled.items() if t <= tag]
         else:
@@ -147,10 +146,14 @@ class TrackerMachine(RuleBasedStateMachine):
         self.settle(outcomes, expected)
 
     @precondition(lambda self: self.unsettled)
-    @rule(data=st.data(), reply_text=st.sampled_from(["NO_ROUTE", "NO_CONSUMERS"]))
-    def returned(self, data: st.DataObject, reply_text: str) -> None:
-        target = data.draw(st.sampled_from(sorted(self.unsettled)), label="publish")
-        publish = self.unsettled[target]
+    @rule(
+        pick=st.integers(0, 2**16),
+        reply_text=st.sampled_from(["NO_ROUTE", "NO_CONSUMERS"]),
+        no_message_id=st.sampled_from([None, ""]),
+    )
+    def returned(self, pick: int, reply_text: str, no_message_id: str | None) -> None:
+        tags = sorted(self.unsettled)
+        publish = self.unsettled[tags[pick % len(tags)]]
         keys = (publish.exchange, publish.routing_key, publish.message_id or None)
         # the first unconfirmed publish after the last one returned with the same keys
         match = next(
@@ -164,7 +167,7 @@ class TrackerMachine(RuleBasedStateMachine):
             None,
         )
         # the broker's return carries no message id property when the publish had none
-        message_id = publish.message_id or data.draw(st.sampled_from([None, ""]))
+        message_id = publish.message_id or no_message_id
         found = self.tracker.on_return(
             312, reply_text, publish.exchange, publish.routing_key, message_id
         )
@@ -209,8 +212,9 @@ class TrackerMachine(RuleBasedStateMachine):
     def advance(self, dt: float) -> None:
         self.now += dt
 
-    @rule(timeout=st.sampled_from([0.0, 1.0, 2.5, 10.0]))
-    def expire(self, timeout: float) -> None:
+    @rule(dt=st.sampled_from([0.0, 1.0, 3.0]), timeout=st.sampled_from([0.0, 1.0, 2.5, 10.0]))
+    def expire(self, dt: float, timeout: float) -> None:
+        self.now += dt
         expected = {
             p.token: TIMEOUT for p in self.unsettled.values() if self.now - p.sent_at > timeout
         }
@@ -235,7 +239,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
 
 TrackerMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -347,14 +351,18 @@ def test_other_channel_closes_and_connection_loss_are_connection_lost() -> None:
 def test_timeout_and_a_late_ack_ignored() -> None:
     tracker = ConfirmTracker()
     tracker.sent("old", "x", "k", now=0.0)
+    tracker.sent("old2", "x", "k", now=0.5)
     tracker.sent("new", "x", "k", now=4.0)
     assert tracker.oldest() == 0.0
     assert tracker.expire(5.0, 5.0) == []  # not more than the timeout yet
-    ((token, failure),) = tracker.expire(5.5, 5.0)
-    assert token == "old" and failure is not None and failure.reason == TIMEOUT
+    outcomes = tracker.expire(5.6, 5.0)
+    assert reasons(outcomes) == {"old": TIMEOUT, "old2": TIMEOUT}
+    assert "no confirm within 5s" in str(outcomes[0][1])
     assert tracker.oldest() == 4.0
-    assert tracker.on_ack(1, False) == []  # the late ack
-    assert tracker.on_ack(2, True) == [("new", None)]
+    assert len(tracker) == 1
+    assert tracker.on_ack(1, False) == []  # the late acks
+    assert tracker.on_nack(2, False) == []
+    assert tracker.on_ack(3, True) == [("new", None)]
     assert tracker.oldest() is None
 
 
@@ -394,6 +402,18 @@ def test_returns_for_the_same_keys_match_in_order() -> None:
         "second": UNROUTABLE,
         "third": None,
     }
+
+
+def test_a_return_belongs_to_a_publish_after_the_previous_return() -> None:
+    # the broker handles a channel's publishes in order: after the return of "b", a return
+    # for "k1" is that of "c", not of "a" (whose return would have come before b's)
+    tracker = ConfirmTracker()
+    tracker.sent("a", "ex", "k1")
+    tracker.sent("b", "ex", "k2")
+    tracker.sent("c", "ex", "k1")
+    assert tracker.on_return(312, "NO_ROUTE", "ex", "k2", None) is True
+    assert tracker.on_return(312, "NO_ROUTE", "ex", "k1", None) is True
+    assert reasons(tracker.on_ack(3, True)) == {"a": None, "b": UNROUTABLE, "c": UNROUTABLE}
 
 
 def test_a_return_after_its_predecessor_was_confirmed() -> None:
