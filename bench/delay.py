@@ -6,6 +6,11 @@
 
 Parts, each measured in the same run against its baseline:
 
+- ``steady``: 2,000 msg/s published with ``x-delay`` 1 s over 10 topics while the earlier
+  ones fall due (ingest and delivery at once, consumers in their own process): worker CPU
+  per message from /proc (lanes included) and lateness end to end; with ``--against TREE``
+  the same rounds with that checkout's worker (a git worktree of the commit before a
+  change), interleaved, and the ratio;
 - ``ingest``: messages/s stored by the worker (publisher confirms on, the worker acknowledges
   after its group commit) vs. a plain confirmed publish loop of the same messages through
   the same topology with nobody consuming (a topic exchange bound '#' to a quorum queue, as
@@ -147,8 +152,10 @@ def free_port() -> int:
 class Worker:
     """``bridge run delay`` as a subprocess with its own names and state directory."""
 
-    def __init__(self, tag: str, state: Path, **settings: Any) -> None:
+    def __init__(self, tag: str, state: Path, tree: Path | None = None, **settings: Any) -> None:
+        """``tree``: run another checkout's code (a git worktree of an earlier commit)."""
         self.tag = tag
+        self.tree = tree
         self.state = state
         self.port = free_port()
         self.names = {
@@ -183,9 +190,13 @@ class Worker:
         self.state.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         with open(self.state / "worker.log", "ab") as out:
+            env = self.env
+            if self.tree is not None:
+                env = {**env, "PYTHONPATH": str(self.tree)}
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "run", "delay"],
-                env=self.env,
+                env=env,
+                cwd=self.tree,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -860,7 +871,142 @@ async def bench_scale(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         )
 
 
+async def steady_round(
+    args: argparse.Namespace, tmp: Path, tree: Path | None, rate: int, seconds: float
+) -> dict[str, Any]:
+    """Publish at ``rate``/s for ``seconds`` with ``x-delay`` 1 s over 10 topics while the
+    earlier ones fall due: ingest and delivery at the same time, the consumers in a process
+    of their own. Worker CPU (from /proc, lanes included) per message, lateness end to end."""
+    delay_ms = 1000
+    topics = [f"t{i}" for i in range(10)]
+    tag = f"bs-{uuid.uuid4().hex[:6]}"
+    worker = Worker(tag, tmp / tag, tree=tree).start()
+    conn = await aio_pika.connect_robust(url())
+    n = int(rate * seconds)
+    group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
+    try:
+        await group.start(deadline=time.time() + seconds + 60)
+        channel = await conn.channel(publisher_confirms=True)
+        ex = await channel.get_exchange(worker.names["in_exchange"], ensure=False)
+        body = b"x" * 100
+        slots = asyncio.Semaphore(1000)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(i: int) -> None:
+            async with slots:
+                due = now_ms() + delay_ms
+                await ex.publish(
+                    aio_pika.Message(
+                        body,
+                        headers={
+                            "x-delay": delay_ms,
+                            "x-target-exchange": f"{tag}.{topics[i % 10]}",
+                            "bench-due": due,
+                        },
+                        message_id=f"{i}",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key="bench",
+                )
+
+        cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
+        tick = 0.01
+        per_tick = max(1, round(rate * tick))
+        i = 0
+        while i < n:
+            target = t0 + (i / rate)
+            wait = target - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            for _ in range(min(per_tick, n - i)):
+                task = asyncio.ensure_future(one(i))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                i += 1
+        publish_s = time.perf_counter() - t0
+        await asyncio.gather(*pending)
+        arrivals = Arrivals()
+        arrivals.merge(await group.result())
+        wall = time.perf_counter() - t0
+        cpu = worker.cpu_seconds() - cpu0
+        late = list(arrivals.late.values())
+        return {
+            "tree": str(tree) if tree else "this checkout",
+            "published_per_s": round(n / publish_s, 1),
+            "delivered": len(late),
+            "expected": n,
+            "duplicates": arrivals.duplicates,
+            "early": arrivals.early,
+            "end_to_end": summary(late),
+            "worker_view": worker.lateness_from_histogram(),
+            "worker_cpu_cores": round(cpu / wall, 3),
+            "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
+        }
+    finally:
+        group.kill()
+        await conn.close()
+        worker.stop()
+        await delete_names(
+            [
+                *(f"{tag}.{t}" for t in topics),
+                worker.names["in_exchange"],
+                worker.names["dead_exchange"],
+                worker.names["control_exchange"],
+            ],
+            [
+                *(f"{tag}.{t}.q" for t in topics),
+                worker.names["in_queue"],
+                worker.names["dead_queue"],
+                worker.names["control_queue"],
+            ],
+        )
+
+
+async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The issue's steady state: 2,000 msg/s published and delivered at once; with
+    ``--against TREE`` the same rounds with that checkout's worker, interleaved."""
+    rate = 2000
+    seconds = 5.0 if args.quick else 20.0
+    rounds: dict[str, list[dict[str, Any]]] = {"worker": [], "against": []}
+    for r in range(args.rounds):
+        for name, tree in (("worker", None), ("against", args.against)):
+            if name == "against" and tree is None:
+                continue
+            progress(f"steady round {r}: {rate}/s for {seconds:g} s, x-delay 1 s, {name}")
+            rounds[name].append(await steady_round(args, tmp, tree, rate, seconds))
+            res = rounds[name][-1]
+            progress(
+                f"  cpu {res['worker_cpu_us_per_message']} us/msg, p99 "
+                f"{res['end_to_end']['p99_ms']} ms, delivered {res['delivered']}/{res['expected']}"
+            )
+    out: dict[str, Any] = {
+        "rate_per_s": rate,
+        "publish_seconds": seconds,
+        "rounds": rounds,
+        "goal_worker_cpu_us_per_message_at_most": 120,
+        "goal_p99_ms_below": 50,
+    }
+    for name, rs in rounds.items():
+        if rs:
+            out[f"{name}_median"] = {
+                "worker_cpu_us_per_message": statistics.median(
+                    x["worker_cpu_us_per_message"] for x in rs
+                ),
+                "p99_ms": statistics.median(x["end_to_end"]["p99_ms"] or 0 for x in rs),
+            }
+    if rounds["against"]:
+        out["ratio_cpu_per_message_median"] = round(
+            statistics.median(
+                a["worker_cpu_us_per_message"] / b["worker_cpu_us_per_message"]
+                for a, b in zip(rounds["worker"], rounds["against"], strict=True)
+            ),
+            2,
+        )
+    return out
+
+
 PARTS = {
+    "steady": bench_steady,
     "ingest": bench_ingest,
     "lateness": bench_lateness,
     "isolation": bench_isolation,
@@ -907,7 +1053,16 @@ def cli() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaled down smoke run")
-    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds (alternating)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="ingest and steady rounds (alternating)"
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="steady part: also run this checkout's worker (a git worktree of an earlier "
+        "commit), interleaved, and report the ratio",
+    )
     parser.add_argument(
         "--only",
         type=lambda v: [p for p in v.split(",") if p],
