@@ -79,6 +79,7 @@ from bench.common import (
     unique,
 )
 from bench.gateway import gateway_env
+from bridge.amqp.frames import Properties
 from workers.gateway.backend import BackendServer, Reply, ServerEvent
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.config import GatewaySettings
@@ -723,9 +724,14 @@ def _confirm_ledger(worker: Any) -> tuple[list[tuple[str, int, int]], list[tuple
     failed: list[tuple[str, int, int]] = []
     publish = worker.publisher.publish
 
-    def recording(routing_key: str, body: bytes, properties: Any) -> Any:
-        fut = publish(routing_key, body, properties)
-        parsed = parse(body) if (properties.headers or {}).get("x-event") == "data" else None
+    def recording(
+        exchange: str, routing_key: str, body: bytes, properties: Any = None, **kw: Any
+    ) -> Any:
+        fut = publish(exchange, routing_key, body, properties, **kw)
+        if isinstance(properties, bytes):  # encoded, as the gateway keeps a session's
+            properties = Properties.decode(properties)
+        headers = (properties.headers if properties is not None else None) or {}
+        parsed = parse(body) if headers.get("x-event") == "data" else None
         if parsed is not None:
 
             def settled(f: asyncio.Future[None]) -> None:

@@ -2,6 +2,7 @@
 
     python -m bench.gateway             # full run (a few minutes)
     python -m bench.gateway --quick     # smoke run, well under a minute
+    python -m bench.gateway --quick --against ../gw-base   # and an earlier commit's gateway
 
 Prints one JSON object on stdout (progress on stderr). Measured in one run, on one machine:
 
@@ -21,6 +22,10 @@ Prints one JSON object on stdout (progress on stderr). Measured in one run, on o
 Messages/s and round-trip p50/p99 are measured after a warm-up, by the load generator
 (this process, uvloop). Every process shares the machine's cores, so CPU use per process is
 reported next to each figure. ``--profile`` records the gateway with py-spy during (1).
+
+``--against TREE`` also runs the gateway of another checkout (a ``git worktree`` of the
+commit before a change), with its own echo backend, interleaved with (1) and (2), and
+reports this tree's figures against it (``against``; ratios: this tree / that one).
 """
 
 from __future__ import annotations
@@ -374,14 +379,21 @@ async def wait_alive(gateway: WorkerProcess, server_id: str, timeout: float = 30
 
 
 async def idle_memory(
-    args: argparse.Namespace, root: Path, prefix: str, broker_pid: int
+    args: argparse.Namespace,
+    root: Path,
+    prefix: str,
+    broker_pid: int,
+    tree: Path | None = None,
 ) -> dict[str, Any]:
     """RSS of a fresh gateway before and after ``args.idle`` idle connections."""
     import json
 
     port = free_port()
     gateway = WorkerProcess(
-        ["gateway"], state_dir=root / "idle", env=gateway_env(prefix + "-idle", port)
+        ["gateway"],
+        state_dir=root / f"idle-{prefix}",
+        env=gateway_env(prefix + "-idle", port),
+        tree=tree,
     )
     gateway.start()
     backend = Child(
@@ -425,7 +437,7 @@ async def idle_memory(
             "bytes_per_connection": round((after - before) / max(connections, 1)),
             "connects_per_s": rnd(args.idle / connect_s, 1),
         }
-        progress("idle", result)
+        progress(f"idle {prefix}", result)
         return result
     finally:
         backend.stop()
@@ -480,20 +492,6 @@ def enable_stomp() -> None:
     raise RuntimeError("the STOMP plugin did not start listening on 61613")
 
 
-def amqp_path(args: argparse.Namespace) -> str:
-    """The gateway's AMQP data path in this run (``--amqp-path`` sets it for the children)."""
-    from workers.gateway.config import GatewaySettings
-
-    if args.amqp_path:
-        os.environ["BRIDGE_GATEWAY__AMQP_LINK"] = str(args.amqp_path == "link").lower()
-    raw = os.environ.get("BRIDGE_GATEWAY__AMQP_LINK")
-    if raw is None:
-        link = bool(GatewaySettings.model_fields["amqp_link"].default)
-    else:
-        link = raw.strip().lower() in ("1", "true", "yes", "on")
-    return "link" if link else "aiormq"
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     _raise_fd_limit(args.idle + args.clients + 1000)
     root = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -506,7 +504,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "payload_bytes": len(PAYLOAD),
         "seconds": args.seconds,
         "repeats": args.repeats,
-        "amqp_path": amqp_path(args),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -518,16 +515,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     gateway = WorkerProcess(["gateway"], state_dir=root / "gw", env=env)
     backend: Child | None = None
     direct: Child | None = None
+    base: WorkerProcess | None = None
+    base_backend: Child | None = None
+    base_port = free_port()
+    base_env = gateway_env(prefix + "-base", base_port)
     try:
         gateway.start()
         backend = Child(["echo-backend", "s1"], env, root / "backend.log")
         await wait_alive(gateway, "s1")
+        if args.against:
+            base = WorkerProcess(
+                ["gateway"], state_dir=root / "gw-base", env=base_env, tree=args.against
+            )
+            base.start()
+            base_backend = Child(["echo-backend", "s1"], base_env, root / "backend-base.log")
+            await wait_alive(base, "s1")
         if args.stomp:
             enable_stomp()
         queue = f"{prefix}.server.s1"
-        runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "stomp": []}
-        # Interleaved, so that a change in what else runs on the machine hits both paths.
-        # The gateway process stays up (idle) during the STOMP runs: one tick a second.
+        runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "against": [], "stomp": []}
+        # Interleaved, so that a change in what else runs on the machine hits every path.
+        # The gateways stay up (idle) during the other runs: one tick a second.
         for repeat in range(args.repeats):
             pids = {"gateway": gateway.pid, "backend": backend.pid, "broker": info["pid"]}
             profiler = None
@@ -542,6 +550,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if backend_profiler is not None:
                 out["backend_profile"] = {"gateway": backend_profiler.stop(30)}
             runs["gateway"].append(run)
+            if base is not None and base_backend is not None:
+                base_pids = {
+                    "gateway": base.pid,
+                    "backend": base_backend.pid,
+                    "broker": info["pid"],
+                }
+                profiler = None
+                if args.profile and repeat == 0:
+                    profiler = Profiler(base.pid, root / "gateway-against.collapsed")
+                runs["against"].append(
+                    await echo_load(
+                        "gateway (against)", base_port, lambda r: FramedClient(r), args, base_pids
+                    )
+                )
+                if profiler is not None:
+                    out["against_profile"] = profiler.stop()
             if args.stomp:
                 if args.profile_backend and repeat == 0:
                     backend_profiler = Profiler(backend.pid, root / "backend-stomp.collapsed")
@@ -559,9 +583,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for name, results in runs.items():
             if results:
                 out[name] = summarise(results)
-        backend.stop()
-        backend = None
+        if runs["against"]:
+            out["against"] = {"tree": str(args.against), **out["against"]}
+        for child in (backend, base_backend):
+            if child is not None:
+                child.stop()
+        backend = base_backend = None
         gateway.stop()
+        if base is not None:
+            base.stop()
 
         direct_port = free_port()
         direct = Child(["tcp-echo", str(direct_port)], {}, root / "direct.log")
@@ -573,28 +603,37 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.idle:
             out["idle"] = await idle_memory(args, root, prefix, info["pid"])
+            if args.against:
+                out["idle_against"] = await idle_memory(
+                    args, root, prefix + "-base", info["pid"], args.against
+                )
         out["publish_encoding"] = publish_encoding()
     finally:
-        for child in (backend, direct):
+        for child in (backend, base_backend, direct):
             if child is not None:
                 child.stop()
         gateway.stop()
-        await cleanup([prefix, prefix + "-idle"], ["s1", "idle"])
+        if base is not None:
+            base.stop()
+        await cleanup(
+            [prefix, prefix + "-idle", prefix + "-base", prefix + "-base-idle"], ["s1", "idle"]
+        )
     out["goals"] = goals(out)
     return out
 
 
 def publish_encoding(count: int = 20_000) -> dict[str, Any]:
-    """CPU of encoding one DATA publish: pamqp (the baseline, what aiormq does) against the
-    gateway's prepared properties (``amqp_io.Prepared``), in this process, same inputs."""
-    from types import SimpleNamespace
-
+    """CPU of encoding one DATA publish, in this process, same inputs: pamqp (what aiormq
+    does per message, the baseline) against bridge.amqp as the gateway uses it: the
+    session's properties encoded once (``frames.Properties.encode``, kept in the session),
+    the ``basic.publish`` frame cached per routing key (as the Publisher does), and
+    ``frames.content_frames`` per message."""
     from aiormq.abc import ChannelFrame
     from pamqp.body import ContentBody
     from pamqp.commands import Basic
     from pamqp.header import ContentHeader
 
-    from workers.gateway.amqp_io import BatchPublisher, Prepared, Properties
+    from bridge.amqp import frames
 
     fields: dict[str, Any] = {
         "headers": {
@@ -607,30 +646,27 @@ def publish_encoding(count: int = 20_000) -> dict[str, Any]:
         "reply_to": "gateway.reply.host-1234",
         "delivery_mode": 2,
     }
-    channel = SimpleNamespace(number=1, max_content_size=131064)
     rk = "gateway.server.s1"
     started = time.perf_counter()
-    for i in range(count):
-        properties = Properties(**fields, message_id=f"m{i:x}")
-        frames: list[Any] = [
+    for _ in range(count):
+        properties = Basic.Properties(**fields)
+        pamqp_frames: list[Any] = [
             Basic.Publish(exchange="", routing_key=rk, mandatory=True),
             ContentHeader(properties=properties, body_size=len(PAYLOAD)),
             ContentBody(PAYLOAD),
         ]
-        ChannelFrame.marshall(channel_number=1, frames=frames)
+        ChannelFrame.marshall(channel_number=1, frames=pamqp_frames)
     pamqp_s = time.perf_counter() - started
-    publisher = BatchPublisher.__new__(BatchPublisher)
-    publisher._methods = {}
-    prepared = Prepared(Properties(**fields))
-    loop = asyncio.new_event_loop()
-    try:
-        fut = loop.create_future()
-        started = time.perf_counter()
-        for i in range(count):
-            publisher._encode(channel, (rk, PAYLOAD, prepared, fut, 0.0), f"m{i:x}")  # type: ignore[arg-type]
-        prepared_s = time.perf_counter() - started
-    finally:
-        loop.close()
+    prepared = frames.Properties(**fields).encode()
+    methods: dict[tuple[str, str, bool], bytes] = {}
+    started = time.perf_counter()
+    for _ in range(count):
+        key = ("", rk, True)
+        method = methods.get(key)
+        if method is None:
+            method = methods[key] = frames.publish_frame(1, "", rk, True)
+        b"".join((method, frames.content_frames(1, prepared, PAYLOAD, 131072)))
+    prepared_s = time.perf_counter() - started
     result = {
         "publishes": count,
         "pamqp_us_per_publish": rnd(pamqp_s / count * 1e6, 1),
@@ -666,6 +702,21 @@ def goals(out: dict[str, Any]) -> dict[str, Any]:
         result["cpu_per_round_trip_vs_stomp"] = rnd(
             gw["cpu_us_per_round_trip"]["total"] / stomp["cpu_us_per_round_trip"]["total"], 2
         )
+    base = out.get("against")
+    if gw and base:
+        # this tree's gateway / the other checkout's, medians of the interleaved runs
+        result["vs_against"] = {
+            "gateway_cpu_us_per_round_trip": rnd(
+                gw["cpu_us_per_round_trip"]["gateway"] / base["cpu_us_per_round_trip"]["gateway"],
+                2,
+            ),
+            "messages_per_s": rnd(gw["messages_per_s"] / base["messages_per_s"], 2),
+            "p99_ms": rnd(gw["p99_ms"] / base["p99_ms"], 2),
+            "total_cpu_us_per_round_trip": rnd(
+                gw["cpu_us_per_round_trip"]["total"] / base["cpu_us_per_round_trip"]["total"], 2
+            ),
+        }
+        result["gateway_cpu_at_most_70_us"] = gw["cpu_us_per_round_trip"]["gateway"] <= 70
     idle = out.get("idle")
     if idle:
         result["idle_kib_per_connection"] = rnd(idle["bytes_per_connection"] / 1024, 2)
@@ -698,14 +749,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="py-spy the echo backend in the first gateway and STOMP runs",
     )
     parser.add_argument(
-        "--amqp-path",
-        choices=("link", "aiormq"),
-        help="the gateway's AMQP data path (BRIDGE_GATEWAY__AMQP_LINK; default: the setting's)",
+        "--against",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="also run the gateway of this checkout (e.g. a git worktree of the commit "
+        "before a change), interleaved, and report the ratios",
     )
     parser.add_argument(
         "--encoding-only",
         action="store_true",
-        help="only the publish-encoding micro benchmark (pamqp vs prepared properties)",
+        help="only the publish-encoding micro benchmark (pamqp vs bridge.amqp frames)",
     )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

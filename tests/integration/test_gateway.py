@@ -34,9 +34,8 @@ from workers.gateway.worker import GatewayWorker
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
-async def test_balanced_assignment_and_round_trips(broker_url, tmp_path, unique, amqp_link):
-    s = gateway_settings(unique, amqp_link=amqp_link)
+async def test_balanced_assignment_and_round_trips(broker_url, tmp_path, unique):
+    s = gateway_settings(unique)
     async with running_gateway(broker_url, tmp_path, s) as gw:
         clients = [await gw.connect(client_id=f"c{i}") for i in range(21)]
         per_server = Counter(c.server for c in clients)
@@ -169,9 +168,8 @@ async def test_expiry_offline_messages_and_reregistration(broker_url, amqp, tmp_
         gw.servers["s2"] = await gw.start_server("s2")
 
 
-@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
-async def test_x_close_and_undeliverable_replies(broker_url, amqp, tmp_path, unique, amqp_link):
-    s = gateway_settings(unique, amqp_link=amqp_link)
+async def test_x_close_and_undeliverable_replies(broker_url, amqp, tmp_path, unique):
+    s = gateway_settings(unique)
 
     def handler(event: ServerEvent) -> list[Reply]:
         if event.body == b"close me":
@@ -273,11 +271,10 @@ async def test_broker_backpressure_stops_reading(broker_url, tmp_path, unique):
         await cleanup(broker_url, s, gw_names)
 
 
-@pytest.mark.parametrize("amqp_link", [True, False], ids=["link", "aiormq"])
-async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, unique, amqp_link):
+async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, unique):
     parts = urlsplit(broker_url)
     proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
-    s = gateway_settings(unique, amqp_link=amqp_link)
+    s = gateway_settings(unique)
     worker = GatewayWorker(s)
     proxied = proxy.url(parts.username or "guest", parts.password or "guest")
     try:
@@ -296,11 +293,9 @@ async def test_broker_connection_cut_sessions_survive(broker_url, tmp_path, uniq
                 assert await client.request(b"after") == b"after"
                 assert worker.sessions[client.session].server == "s1"
                 families = {m.name: m for m in host.registry.collect()}
-                if amqp_link:  # the data path's own connection came back, and says so
-                    assert families["bridge_gateway_link_reconnects"].samples[0].value >= 1
-                    assert families["bridge_gateway_link_up"].samples[0].value == 1
-                else:
-                    assert "bridge_gateway_link_up" not in families
+                # the data path's own connection came back, and says so
+                assert families["bridge_gateway_link_reconnects"].samples[0].value >= 1
+                assert families["bridge_gateway_link_up"].samples[0].value == 1
                 await client.bye()
             finally:
                 for server in gw.servers.values():

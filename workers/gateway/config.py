@@ -25,6 +25,7 @@ H_CLIENT_ADDR = "x-client-addr"
 H_GATEWAY = "x-gateway"
 H_CLOSE = "x-close"
 H_DEAD_REASON = "x-dead-reason"
+H_DEAD_DETAIL = "x-dead-detail"
 
 EVENT_CONNECT = "connect"
 EVENT_DATA = "data"
@@ -48,6 +49,7 @@ E_UNAVAILABLE = "unavailable"
 # x-dead-reason values on gateway.undeliverable.
 DEAD_SESSION_GONE = "session_gone"
 DEAD_NO_SESSION = "missing_session"
+DEAD_INVALID_HEADERS = "invalid_headers"  # the reply's headers table could not be decoded
 
 # A server id becomes part of a queue name, so it is held to a safe alphabet and length.
 SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
@@ -166,11 +168,6 @@ class GatewaySettings(BaseSettings):
     )
     session_in_flight: int = Field(
         default=32, ge=1, description="unconfirmed publishes per connection before reading stops"
-    )
-    amqp_link: bool = Field(
-        default=True,
-        description="true: publishes and replies go over the gateway's own AMQP connection "
-        "(amqp_link.py, hand-written per-message frames); false: over aiormq channels",
     )
     close_flush_s: float = Field(
         default=2.0, gt=0, description="how long a closing socket may take to flush"

@@ -70,31 +70,15 @@ class Housekeeper:
             log.warning("gateway state not saved", extra={"error": str(exc)})
 
     async def _run(self) -> None:
-        ensuring: asyncio.Task[bool] | None = None
-        try:
-            while True:
-                await asyncio.sleep(self.tick)
-                # After a reconnect the robust channel is new underneath: consume again. In a
-                # task of its own, since it waits for the broker, and the sweep must not:
-                # HELLO and idle timeouts hold during a broker outage too.
-                if ensuring is None or ensuring.done():
-                    if ensuring is not None and (exc := ensuring.exception()) is not None:
-                        log.warning("reply queue not consumed (yet)", extra={"error": str(exc)})
-                    ensuring = asyncio.get_running_loop().create_task(
-                        self.worker.reply_consumer.ensure()
-                    )
-                try:
-                    self.sweep(time.monotonic())
-                    if time.monotonic() - self._last_save >= self.worker.settings.state_flush_s:
-                        self._last_save = time.monotonic()
-                        await self.save()
-                except Exception:
-                    log.exception("gateway housekeeping failed")
-        finally:
-            if ensuring is not None:
-                if ensuring.done() and not ensuring.cancelled():
-                    ensuring.exception()  # retrieved: nobody waits for it any more
-                ensuring.cancel()
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.sweep(time.monotonic())
+                if time.monotonic() - self._last_save >= self.worker.settings.state_flush_s:
+                    self._last_save = time.monotonic()
+                    await self.save()
+            except Exception:
+                log.exception("gateway housekeeping failed")
 
     def sweep(self, now: float) -> None:
         worker = self.worker

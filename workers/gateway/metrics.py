@@ -87,7 +87,7 @@ class _StateCollector(Collector):
             value=len(balancer.replicas(now)),
         )
         link = worker.link
-        if link is not None:  # the data path's own connection (BRIDGE_GATEWAY__AMQP_LINK)
+        if link is not None:  # the data path's own connection (bridge.amqp.link.Link)
             yield CounterMetricFamily(
                 "bridge_gateway_link_reconnects",
                 "times the gateway's data-path AMQP connection was re-established",
@@ -96,7 +96,7 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily(
                 "bridge_gateway_link_up",
                 "1 while the data-path connection publishes and consumes replies",
-                value=1 if link.connected and link.consuming else 0,
+                value=1 if link.ready else 0,
             )
 
 

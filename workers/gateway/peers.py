@@ -23,6 +23,13 @@ Both are best effort: a lost report is replaced by the next one, a lost sticky r
 that client its stickiness, never a message. Times cross hosts as wall-clock seconds and are
 turned into this process's monotonic clock on arrival (clamped, so a skewed clock cannot
 make news from the future).
+
+Declarations and the reports' consumer are on aio-pika channels of the host's connection;
+the stream is consumed, and everything is published, on the gateway's data-path
+:class:`~bridge.amqp.link.Link` (a publisher of its own, so that a deleted peers exchange
+closes that channel, not the one client messages are published on). The link consumes
+the stream again after a reconnect, from the offset after the last record read, and
+declares it again if it is deleted under the gateway (then from the retention window).
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
-from aiormq.abc import DeliveredMessage
+import aio_pika.exceptions
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.amqp import declare_exchange
+from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.frames import Delivery, Properties
+from bridge.amqp.link import Link
+from bridge.amqp.publisher import Publisher
 from workers.gateway.config import SERVER_ID_RE
 from workers.gateway.session import OPEN
 
@@ -60,6 +69,7 @@ OP_MARKER = "marker"
 MAX_CLIENT_ID = 4096  # a HELLO is at most max_hello_frame bytes anyway
 CHUNK = 1000  # sticky records per stream message
 MAX_PENDING = 100_000  # sticky records waiting for the broker; older ones are dropped
+STREAM_PREFETCH = 64  # a stream consumer needs one; records come in chunks of CHUNK
 
 
 class PeerMessageError(ValueError):
@@ -106,6 +116,24 @@ def to_monotonic(wall: float, *, wall_now: float, mono_now: float, max_age: floa
     return mono_now - age
 
 
+class _StreamConsumer(Consumer):
+    """The sticky stream's consumer: each time it (re)subscribes it asks for the offset to
+    read from, which moves on with every record read."""
+
+    def __init__(self, peers: Peers, link: Link, spec: QueueSpec) -> None:
+        self.peers = peers
+        super().__init__(
+            link, spec, peers.on_stream, prefetch=STREAM_PREFETCH, name=f"consumer {spec.name}"
+        )
+
+    async def setup(self) -> None:
+        if self.cancelled_by_broker:
+            # someone deleted the stream: the one declared again numbers from 0 again
+            self.peers.stream_restarted()
+        self.arguments = {"x-stream-offset": self.peers.read_from()}
+        await super().setup()
+
+
 class Peers:
     """Count reports and sticky records, sent and received, for one replica."""
 
@@ -121,23 +149,31 @@ class Peers:
         self._last_seq: dict[str, tuple[str, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._offset: int | None = None  # next stream offset to read (after a reconnect)
-        self._underlay: Any = None
-        self._consumer_tag: str | None = None
         self._last_refresh = time.monotonic()
-        self._exchange: AbstractExchange | None = None
         self._channel: AbstractChannel | None = None
-        self._stream_channel: AbstractChannel | None = None
+        self._publisher: Publisher | None = None
+        self._stream: _StreamConsumer | None = None
         self._marker = ""
         self.stream_ok = False
-        self._broker: Broker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, broker: Broker) -> None:
+    async def attach(self, broker: Broker, link: Link) -> None:
+        """Before the link starts: a publisher of our own on it, and the stream (declared
+        here, on aio-pika) with its consumer."""
         s = self.settings
-        self._broker = broker
-        self._channel = await broker.channel(confirms=True)
-        self._exchange = await declare_exchange(self._channel, s.peers_exchange_name, "fanout")
+        self._publisher = Publisher(link, name="gateway peers", window=64, timeout=s.peer_ttl_s)
+        self.stream_ok = await self._declare_stream(broker)
+        if self.stream_ok:
+            spec = QueueSpec(s.sticky_stream_name, durable=True, arguments=self._stream_arguments())
+            self._stream = _StreamConsumer(self, link, spec)
+
+    async def start(self, broker: Broker) -> None:
+        """Once the link is up: this replica's report queue, consumed (aio-pika); the
+        stream read up to now (bounded by peer_catchup_s); then report."""
+        s = self.settings
+        self._channel = await broker.channel(confirms=False)
+        exchange = await declare_exchange(self._channel, s.peers_exchange_name, "fanout")
         queue = await self._channel.declare_queue(
             s.peers_queue,
             exclusive=True,
@@ -148,16 +184,18 @@ class Peers:
                 "x-max-length": 10_000,
             },
         )
-        await queue.bind(self._exchange, routing_key="")
+        await queue.bind(exchange, routing_key="")
         await queue.consume(self._on_report, no_ack=True)
 
-        self._stream_channel = await broker.channel(confirms=False)
-        self.stream_ok = await self._declare_stream(broker)
+        assert self._publisher is not None
+        self._publisher.start_expiry()
         if self.stream_ok:
             try:
-                await self.ensure_consuming()
                 self._marker = uuid.uuid4().hex
-                await self._publish_stream({"op": OP_MARKER, "marker": self._marker})
+                await asyncio.wait_for(
+                    self._publish_stream({"op": OP_MARKER, "marker": self._marker}),
+                    s.peer_catchup_s,
+                )
                 await asyncio.wait_for(self.caught_up.wait(), s.peer_catchup_s)
             except TimeoutError:
                 log.warning(
@@ -167,27 +205,29 @@ class Peers:
                 )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-peers")
 
-    async def _declare_stream(self, broker: Broker) -> bool:
+    def _stream_arguments(self) -> dict[str, Any]:
         s = self.settings
-        name = s.sticky_stream_name
-        arguments: dict[str, Any] = {
+        return {
             "x-queue-type": "stream",
             "x-max-age": f"{s.sticky_stream_max_age_s}s",
             "x-max-length-bytes": s.sticky_stream_max_bytes,
             "x-stream-max-segment-size-bytes": 4 * 1024 * 1024,
         }
+
+    async def _declare_stream(self, broker: Broker) -> bool:
+        name = self.settings.sticky_stream_name
         channel = await broker.channel(confirms=False)
         try:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
+            await channel.declare_queue(name, durable=True, arguments=self._stream_arguments())
             return True
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
             # Declared by a replica with another retention: it exists, use it as it is.
             log.warning(
                 "sticky stream exists with other arguments; using it as it is",
                 extra={"stream": name, "detail": str(exc)[:200]},
             )
             return True
-        except aiormq.exceptions.AMQPError as exc:
+        except aio_pika.exceptions.AMQPError as exc:
             log.error(
                 "sticky stream cannot be declared (RabbitMQ 3.9+ with the stream_queue "
                 "feature flag is needed); sticky client_ids stay local to each replica",
@@ -198,23 +238,34 @@ class Peers:
             with contextlib.suppress(Exception):
                 await channel.close()
 
-    async def close(self) -> None:
+    def read_from(self) -> int | datetime.datetime:
+        """Where the stream's consumer starts: after the last record read, or at the
+        retention window at the first start."""
+        if self._offset is not None:
+            return self._offset
+        start = time.time() - self.settings.sticky_retention_s - 1
+        return datetime.datetime.fromtimestamp(start, tz=datetime.UTC)
+
+    def stream_restarted(self) -> None:
+        log.warning("sticky stream consumer cancelled by the broker; declaring it again")
+        self._offset = None
+
+    async def close(self, timeout: float = 3.0) -> None:
         """Publish what is pending, say goodbye, stop consuming (best effort, bounded)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.publish(leaving=True), 3.0)
-        underlay, tag = self._underlay, self._consumer_tag
-        self._underlay = self._consumer_tag = None
-        if underlay is not None and tag is not None and not underlay.is_closed:
+            await asyncio.wait_for(self.publish(leaving=True), timeout)
+        if self._stream is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stream.cancel(), 1.0)
+        if self._publisher is not None:
+            self._publisher.stop_expiry()
+        if self._channel is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(underlay.basic_cancel(tag), 2.0)
-        for channel in (self._channel, self._stream_channel):
-            if channel is not None:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await self._channel.close()
 
     # -- what this replica says --------------------------------------------------------
 
@@ -245,8 +296,6 @@ class Peers:
             self._changed.clear()
             last_report = time.monotonic()
             try:
-                if self.stream_ok:
-                    await asyncio.wait_for(self.ensure_consuming(), s.peer_ttl_s)
                 await asyncio.wait_for(self.publish(), s.peer_ttl_s)
                 failures = 0
             except asyncio.CancelledError:
@@ -285,26 +334,28 @@ class Peers:
         }
         if not leaving:
             doc["counts"] = {k: n for k, n in worker.balancer.counts().items() if n}
-        assert self._exchange is not None
-        await self._exchange.publish(
-            aio_pika.Message(
-                json.dumps(doc, separators=(",", ":")).encode(),
+        assert self._publisher is not None
+        # transient, expiring with the report's usefulness; not mandatory (no replica but
+        # this one may be listening)
+        await self._publisher.publish(
+            s.peers_exchange_name,
+            "",
+            json.dumps(doc, separators=(",", ":")).encode(),
+            Properties(
                 content_type="application/json",
-                expiration=s.peer_ttl_s,
+                expiration=str(max(1, int(s.peer_ttl_s * 1000))),
             ),
-            routing_key="",
+            mandatory=False,
         )
 
     async def _publish_stream(self, doc: dict[str, Any]) -> None:
-        assert self._channel is not None
+        assert self._publisher is not None
         doc = {"v": 1, "replica": self.settings.instance, "boot": self.boot, **doc}
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                json.dumps(doc, separators=(",", ":")).encode(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=self.settings.sticky_stream_name,
+        await self._publisher.publish(
+            "",
+            self.settings.sticky_stream_name,
+            json.dumps(doc, separators=(",", ":")).encode(),
+            _STREAM_PROPERTIES,
         )
 
     # -- what the others say -----------------------------------------------------------
@@ -356,47 +407,16 @@ class Peers:
         )
         balancer.set_remote_counts(replica, counts, mono, sent_at=sent_at)
 
-    async def ensure_consuming(self) -> bool:
-        """Consume the sticky stream on the channel's current underlying channel, from
-        where we left off (or from the retention window at the first start)."""
-        assert self._stream_channel is not None
-        underlay = await self._stream_channel.get_underlay_channel()
-        if underlay is self._underlay and not underlay.is_closed:
-            if self._consumer_tag in underlay.consumers:
-                return False
-            # The broker cancelled the consumer (someone deleted the stream): declare it
-            # again and read on from where we were.
-            log.warning("sticky stream consumer cancelled by the broker; consuming again")
-            self._offset = None  # a new stream numbers from 0 again
-            if self._broker is not None and not await self._declare_stream(self._broker):
-                return False
-        offset: Any
-        if self._offset is not None:
-            offset = self._offset
-        else:
-            start = time.time() - self.settings.sticky_retention_s - 1
-            offset = datetime.datetime.fromtimestamp(start, tz=datetime.UTC)
-        await underlay.basic_qos(prefetch_count=64)
-        ok = await underlay.basic_consume(
-            self.settings.sticky_stream_name,
-            self._on_stream,
-            no_ack=False,
-            arguments={"x-stream-offset": offset},
-        )
-        self._underlay, self._consumer_tag = underlay, ok.consumer_tag
-        return True
-
-    async def _on_stream(self, message: DeliveredMessage) -> None:
+    def on_stream(self, delivery: Delivery) -> None:
         try:
-            self._apply_stream(message)
+            self._apply_stream(delivery)
         finally:
-            tag = message.delivery_tag
-            if tag is not None and not message.channel.is_closed:
-                await message.channel.basic_ack(tag)
+            if self._stream is not None:
+                self._stream.ack(delivery)
 
-    def _apply_stream(self, message: DeliveredMessage) -> None:
+    def _apply_stream(self, message: Delivery) -> None:
         metrics = self.worker.metrics.peer_messages
-        headers = message.header.properties.headers or {}
+        headers = message.headers or {}
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             self._offset = offset + 1
@@ -432,3 +452,6 @@ class Peers:
                 to_monotonic(at, wall_now=wall, mono_now=mono, max_age=retention + 1),
                 mono,
             )
+
+
+_STREAM_PROPERTIES = Properties(content_type="application/json", delivery_mode=2).encode()

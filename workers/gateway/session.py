@@ -115,8 +115,8 @@ class Session(asyncio.Protocol):
         self.paused = False
         self.waiting = False  # queued in the hub for a free slot in the publish window
         self.close_reason: str | None = None
-        # The DATA publish properties, encoded once (amqp_io.Prepared); set on first DATA.
-        self.prepared: Any = None
+        # The DATA publish properties, encoded once (frames.Properties.encode); first DATA.
+        self.prepared: bytes | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------
 

@@ -5,10 +5,15 @@ queues, reply consumer) and the publish window; each connection is a
 :class:`~workers.gateway.session.Session`, and the choice of server is the pure
 :class:`~workers.gateway.balancer.Balancer`'s.
 
+Per-message traffic (client events to the server queues, replies, undeliverable replies,
+the replicas' sticky stream) goes over one :class:`~bridge.amqp.link.Link` of the
+gateway's own, through :mod:`bridge.amqp`; declarations and the registry consumer stay on
+aio-pika channels of the host's connection.
+
 Ordering and backpressure. Everything a session publishes goes through its own FIFO
-(``Session.pending``) and then through one confirm channel; publishes of one session start
-in order and aio-pika's channel lock is FIFO, so a server sees connect, the DATA in the
-order the client sent it, then disconnect. A session publishes at most
+(``Session.pending``) and then through one confirm channel (a
+:class:`~bridge.amqp.publisher.Publisher` writes in call order), so a server sees connect,
+the DATA in the order the client sent it, then disconnect. A session publishes at most
 ``session_in_flight`` messages ahead of their confirms and the gateway at most
 ``publish_window``; a session that cannot publish stops reading its socket, so a slow
 broker slows the clients down instead of filling the gateway's memory.
@@ -28,24 +33,19 @@ import urllib.parse
 from collections import deque
 from typing import Any
 
-import aiormq
+import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aiormq.abc import DeliveredMessage
 
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
+from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.frames import Delivery, Properties
+from bridge.amqp.link import Link, LinkError
+from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
-from workers.gateway.amqp_codec import Delivery
-from workers.gateway.amqp_io import (
-    BatchPublisher,
-    Prepared,
-    Properties,
-    RawConsumer,
-    RawPublisher,
-)
-from workers.gateway.amqp_link import AmqpLink, LinkError
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
+    DEAD_INVALID_HEADERS,
     DEAD_NO_SESSION,
     DEAD_SESSION_GONE,
     E_NO_SERVER,
@@ -53,6 +53,7 @@ from workers.gateway.config import (
     EVENT_DATA,
     EVENT_DISCONNECT,
     H_CLOSE,
+    H_DEAD_DETAIL,
     H_DEAD_REASON,
     H_SESSION,
     OP_DEREGISTER,
@@ -69,6 +70,10 @@ from workers.gateway.session import JOINING, OPEN, STATE_NAMES, Session
 from workers.gateway.store import GatewayStore
 
 log = logging.getLogger("bridge.gateway")
+
+# How long a publish may wait (for a reconnect, a resource alarm, a confirm) before it fails.
+PUBLISH_TIMEOUT_S = 30.0
+UNDELIVERABLE_WINDOW = 64
 
 
 def _truthy(value: Any) -> bool:
@@ -108,7 +113,7 @@ class GatewayWorker:
         self._consuming = False
         self._stopping = False
         self.sticky_dirty: set[str] = set()
-        self.link: AmqpLink | None = None  # the data path when settings.amqp_link
+        self.link: Link | None = None  # the data path (bridge.amqp), set up by start()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -121,96 +126,71 @@ class GatewayWorker:
         saved_servers = await self.housekeeper.restore()
 
         broker = ctx.broker
-        self._broker_url = broker.url
-        self._broker_heartbeat = broker.settings.heartbeat_s
-        self.publisher: BatchPublisher | AmqpLink
-        self._channels = []
-        if not s.amqp_link:  # else the link, started below, publishes
-            channel = await broker.channel(confirms=True, on_return_raises=True)
-            self._channels.append(channel)
-            self.publisher = BatchPublisher(
-                channel, confirm_seconds=self.metrics.confirm_seconds.observe
-            )
-            self.publisher.start()
-        self._reply_channel = await broker.channel(confirms=True, on_return_raises=True)
-        self._dead_publisher = RawPublisher(self._reply_channel)
+        # Declarations on aio-pika channels of the host's connection (control plane). Server
+        # queues are declared on a channel of their own: a failed declaration closes its
+        # channel, which must not be the one the registry is consumed on.
         self._registry_channel = await broker.channel(confirms=False)
-        # Server queues are declared on a channel of their own: a failed declaration
-        # closes its channel, which must not be the one the registry is consumed on.
         self._declare_channel = await broker.channel(confirms=False)
-        self._channels += [
-            self._reply_channel,
-            self._registry_channel,
-            self._declare_channel,
-        ]
-
+        self._channels = [self._registry_channel, self._declare_channel]
         servers_ex = await declare_exchange(self._registry_channel, s.servers_exchange, "fanout")
-        await declare_quorum_queue(self._reply_channel, s.undeliverable_queue)
-        # Not exclusive: an exclusive queue dies with the connection, and with it every
-        # reply in it or published while the gateway reconnects, although the sessions
-        # survive. Durable, so that it is there when the servers come back after a broker
-        # restart, before this gateway does. It expires once nobody consumes it; the
-        # consumer is exclusive instead.
-        try:
-            reply_q = await self._reply_channel.declare_queue(
-                s.reply_queue,
-                durable=True,
-                auto_delete=False,
-                arguments=self._reply_queue_arguments(),
-            )
-        except aiormq.exceptions.ChannelLockedResource as exc:
-            raise ConfigError(
-                f"queue {s.reply_queue} is held by another connection: two gateway replicas "
-                "share BRIDGE_GATEWAY__INSTANCE; give each its own"
-            ) from exc
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigError(
-                f"queue {s.reply_queue} exists with other arguments (left by another version "
-                "or another reply_queue_expires_s); it expires once unused, or delete it"
-            ) from exc
-        registry_q = await self._registry_channel.declare_queue(
-            s.registry_queue, exclusive=True, auto_delete=True
-        )
-        await registry_q.bind(servers_ex, routing_key="")
-        for server_id in saved_servers:
-            await self._declare_server_queue(server_id)
+        await declare_quorum_queue(self._declare_channel, s.undeliverable_queue)
 
-        in_use = ConfigError(
-            f"queue {s.reply_queue} is consumed by another gateway: two replicas share "
-            "BRIDGE_GATEWAY__INSTANCE; give each its own"
+        # The data path: one connection of the gateway's own (bridge.amqp).
+        link = self.link = Link(
+            broker.url, name=f"gateway {s.instance}", heartbeat_s=broker.settings.heartbeat_s
         )
-        self.reply_consumer: RawConsumer | AmqpLink
-        if s.amqp_link:
-            self.link = AmqpLink(
-                self._broker_url,
-                reply_q.name,
-                self._on_link_reply,
-                reply_queue_arguments=self._reply_queue_arguments(),
-                heartbeat_s=self._broker_heartbeat,
-                confirm_seconds=self.metrics.confirm_seconds.observe,
-                name=f"gateway {s.instance}",
-            )
-            try:
-                await self.link.start()
-            except LinkError as exc:
-                if exc.code == 403:
-                    raise in_use from exc
-                raise
-            self.publisher = self.reply_consumer = self.link
-        else:
-            self.reply_consumer = RawConsumer(self._reply_channel, reply_q.name, self._on_reply)
-            try:
-                await self.reply_consumer.ensure()
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise in_use from exc
-        self._consumers.append(
-            (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
+        self.publisher = Publisher(
+            link,
+            name="gateway publisher",
+            # the sessions' publishes are bounded by publish_window (pump); the rest is room
+            # for undeliverable replies, so that they do not hold back client messages
+            window=s.publish_window + UNDELIVERABLE_WINDOW,
+            timeout=PUBLISH_TIMEOUT_S,
+            confirm_seconds=self.metrics.confirm_seconds.observe,
+        )
+        # The reply queue is not exclusive: an exclusive queue dies with the connection, and
+        # with it every reply in it or published while the gateway reconnects, although the
+        # sessions survive. Durable, so that it is there when the servers come back after a
+        # broker restart, before this gateway does. It expires once nobody consumes it
+        # (declared at every setup of the consumer: after a long outage it may have
+        # expired); the consumer is exclusive instead, so a second replica with the same
+        # instance is refused here, before it declares its other per-instance queues.
+        self.reply_consumer = Consumer(
+            link,
+            QueueSpec(s.reply_queue, durable=True, arguments=self._reply_queue_arguments()),
+            self._on_reply,
+            no_ack=True,
+            exclusive=True,
+            declare=True,
+            name=f"consumer {s.reply_queue}",
         )
         if s.peers:
-            # Before listening: the first clients are placed on the global view, and a
-            # returning client_id finds the server another replica gave it.
             self.peers = Peers(self)
-            await self.peers.start(broker)
+            await self.peers.attach(broker, link)
+        try:
+            await link.start()
+        except LinkError as exc:
+            error = self._start_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        try:
+            registry_q = await self._registry_channel.declare_queue(
+                s.registry_queue, exclusive=True, auto_delete=True
+            )
+            await registry_q.bind(servers_ex, routing_key="")
+            for server_id in saved_servers:
+                await self._declare_server_queue(server_id)
+            self._consumers.append(
+                (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
+            )
+            if self.peers is not None:
+                # Before listening: the first clients are placed on the global view, and a
+                # returning client_id finds the server another replica gave it.
+                await self.peers.start(broker)
+        except BaseException:
+            await link.close()  # a worker whose start failed is not stopped
+            raise
         self._consuming = True
 
         loop = asyncio.get_running_loop()
@@ -240,6 +220,28 @@ class GatewayWorker:
     def _reply_queue_arguments(self) -> dict[str, Any]:
         return {"x-expires": max(1, round(self.settings.reply_queue_expires_s * 1000))}
 
+    def _start_error(self, exc: LinkError) -> Exception:
+        """What the broker refused about the reply queue at start, as the operator's fix."""
+        queue = self.settings.reply_queue
+        if f"'{queue}'" not in exc.text:
+            return exc
+        if exc.code == 403 and "exclusive" in exc.text:
+            return ConfigError(
+                f"queue {queue} is consumed by another gateway: two replicas share "
+                "BRIDGE_GATEWAY__INSTANCE; give each its own"
+            )
+        if exc.code == 405:
+            return ConfigError(
+                f"queue {queue} is held by another connection: two gateway replicas "
+                "share BRIDGE_GATEWAY__INSTANCE; give each its own"
+            )
+        if exc.code == 406:
+            return ConfigError(
+                f"queue {queue} exists with other arguments (left by another version "
+                "or another reply_queue_expires_s); it expires once unused, or delete it"
+            )
+        return exc
+
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
         if s.tls_cert is None or s.tls_key is None:
@@ -259,47 +261,60 @@ class GatewayWorker:
 
     async def stop(self, grace: float) -> None:
         self._stopping = True
-        deadline = time.monotonic() + max(grace - 1.0, 0.5)
-        for server in self.listeners:
-            server.close()
-        for session in list(self.sessions.values()):
-            session.close_gracefully("shutdown")
-        # Sockets flush their BYE and close; their disconnect events and any DATA read
-        # before are still published. Then whatever is left is cut.
-        while time.monotonic() < deadline:
-            if not (self.sessions or self.in_flight or self._waiting):
-                break
-            await asyncio.sleep(0.02)
-        for session in list(self.sessions.values()):
-            if session.transport is not None:
-                session.transport.abort()
-        for server in self.listeners:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1)
-        self._consuming = False
-        with contextlib.suppress(Exception):
-            await self.reply_consumer.cancel()
-        for queue, tag in self._consumers:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consumers.clear()
-        if self.housekeeper is not None:
-            await self.housekeeper.close()
-        if self.peers is not None:
-            await self.peers.close()  # the last sticky records, then "leave"
-        if hasattr(self, "publisher"):
-            await self.publisher.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for channel in self._channels:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        if self.store is not None:
-            self.store.close()
+        began = time.monotonic()
+        deadline = began + max(grace - 1.0, 0.5)
+        try:
+            for server in self.listeners:
+                server.close()
+            for session in list(self.sessions.values()):
+                session.close_gracefully("shutdown")
+            # Sockets flush their BYE and close; their disconnect events and any DATA read
+            # before are still published. Then whatever is left is cut.
+            while time.monotonic() < deadline:
+                if not (self.sessions or self.in_flight or self._waiting):
+                    break
+                await asyncio.sleep(0.02)
+            for session in list(self.sessions.values()):
+                if session.transport is not None:
+                    session.transport.abort()
+            for server in self.listeners:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 1)
+            self._consuming = False
+            if hasattr(self, "reply_consumer"):  # deliveries stop at once; the cancel-ok
+                with contextlib.suppress(TimeoutError):  # may not come (a stalled broker)
+                    await asyncio.wait_for(self.reply_consumer.cancel(), 1.0)
+            for queue, tag in self._consumers:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            self._consumers.clear()
+            if self.housekeeper is not None:
+                await self.housekeeper.close()
+            if self.peers is not None:
+                # the last sticky records, then "leave", in what is left of the grace
+                left = began + grace - 0.5 - time.monotonic()
+                await self.peers.close(timeout=min(3.0, max(left, 0.2)))
+        finally:
+            # Also when the host gave up waiting (cancelled): the connection is closed and
+            # what was never written is failed.
+            if self.link is not None:
+                await self.link.close()
+            if hasattr(self, "publisher"):
+                self.publisher.close()
+            for task in list(self._tasks):
+                task.cancel()
+            for channel in self._channels:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            if self.store is not None:
+                self.store.close()
 
     def ready(self) -> tuple[bool, str]:
-        if not self._consuming or not self.reply_consumer.consuming:
+        if not self._consuming:
             return False, "not consuming"
+        link = self.link
+        if link is None or not link.ready:
+            return False, "; ".join(link.not_ready() if link is not None else ["no broker link"])
         if not self.listeners:
             return False, "not listening"
         return True, f"listening {self.ports}, {len(self.sessions)} connections"
@@ -318,14 +333,15 @@ class GatewayWorker:
                 "states": states,
                 "publish_in_flight": self.in_flight,
                 "publishes_per_write": round(
-                    self.publisher.published / max(self.publisher.batches, 1), 2
+                    self.publisher.published / max(self.publisher.flushes, 1), 2
                 ),
                 "sessions_waiting_for_window": len(self._waiting),
-                "amqp_link": None
+                "link": None
                 if self.link is None
                 else {
                     "connected": self.link.connected,
-                    "consuming": self.link.consuming,
+                    "ready": self.link.ready,
+                    "not_ready": self.link.not_ready() if not self.link.ready else [],
                     "reconnects": self.link.reconnects,
                 },
                 "servers_alive": self.balancer.alive(),
@@ -458,21 +474,29 @@ class GatewayWorker:
 
     def _send(self, session: Session, event: str, payload: bytes, *, retry: bool = True) -> None:
         server = session.server or ""
-        properties: Properties | Prepared | None = None
-        if event == EVENT_DATA:
-            properties = session.prepared
-        if properties is None:
-            properties = Properties(
-                headers=session.headers(event, self.settings.instance),
-                reply_to=self.settings.reply_queue,
-                delivery_mode=2,
-            )
-            if event == EVENT_DATA:
-                try:
-                    properties = session.prepared = Prepared(properties)
-                except Exception:  # unencodable (e.g. a lone surrogate): fails in the publisher
-                    pass
-        fut = self.publisher.publish(self.settings.server_queue(server), payload, properties)
+        # A session's DATA properties (its five headers, reply_to, persistence) are encoded
+        # once and kept; every DATA publish writes those bytes as they are. Returns are
+        # matched to their publish by exchange and routing key, in order (bridge.amqp's
+        # confirm tracker), so no message id per publish.
+        encoded: bytes | None = session.prepared if event == EVENT_DATA else None
+        fut: asyncio.Future[None]
+        if encoded is None:
+            try:
+                encoded = Properties(
+                    headers=session.headers(event, self.settings.instance),
+                    reply_to=self.settings.reply_queue,
+                    delivery_mode=2,
+                ).encode()
+            except Exception as exc:
+                # frames.EncodeError, and UnicodeEncodeError for a lone surrogate (which
+                # frames lets through; parse_hello refuses such a client_id anyway)
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(PublishFailed(UNENCODABLE, f"{type(exc).__name__}: {exc}"))
+            else:
+                if event == EVENT_DATA:
+                    session.prepared = encoded
+        if encoded is not None:
+            fut = self.publisher.publish("", self.settings.server_queue(server), payload, encoded)
         if event == EVENT_DATA:
             if session.unsettled is None:
                 session.unsettled = deque()
@@ -566,7 +590,7 @@ class GatewayWorker:
             name = self.settings.server_queue(server_id)
             try:
                 await declare_quorum_queue(self._declare_channel, name)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
                 # The server (or an operator) declared it with other arguments, e.g. a
                 # length limit for offline messages: it exists, which is all we need.
                 log.warning(
@@ -620,19 +644,16 @@ class GatewayWorker:
 
     # -- replies -----------------------------------------------------------------------
 
-    async def _on_reply(self, message: DeliveredMessage) -> None:
-        reason = self._route_reply(message.header.properties.headers, message.body)
+    def _on_reply(self, delivery: Delivery) -> None:
+        properties = delivery.properties
+        if properties.headers is None and properties.error is not None:
+            # The headers table could not be decoded (nested too deep, malformed): which
+            # session it is for is unknown. Kept for an operator; the next reply goes on.
+            self._undeliverable(delivery, DEAD_INVALID_HEADERS, properties.error)
+            return
+        reason = self._route_reply(properties.headers, delivery.body)
         if reason is not None:
-            await self._undeliverable(message.header.properties, message.body, reason)
-
-    def _on_link_reply(self, delivery: Delivery) -> None:
-        reason = self._route_reply(delivery.headers, delivery.body)
-        if reason is not None:
-            try:
-                properties = delivery.properties()
-            except Exception:
-                properties = Properties(headers=delivery.headers)
-            self._spawn(self._undeliverable(properties, delivery.body, reason))
+            self._undeliverable(delivery, reason)
 
     def _route_reply(self, headers: dict[str, Any] | None, body: bytes) -> str | None:
         """Write a reply to its session; the undeliverable reason if there is none."""
@@ -651,26 +672,46 @@ class GatewayWorker:
             session.close_gracefully("server_close")
         return None
 
-    async def _undeliverable(self, original: Properties, body: bytes, reason: str) -> None:
+    def _undeliverable(self, delivery: Delivery, reason: str, detail: str | None = None) -> None:
+        """Keep a reply nobody can take in ``gateway.undeliverable``: its body, properties
+        and headers, persistent, with ``x-dead-reason`` (and ``x-dead-detail`` when its
+        headers were dropped). ``reply_to``, ``expiration``, ``user_id`` and ``cluster_id``
+        are not carried over: the kept reply answers nobody, must not expire on the
+        server's TTL, and a ``user_id`` other than the gateway's would make the broker
+        close the publishing channel."""
         self.metrics.undeliverable.labels(reason).inc()
-        headers = dict(original.headers or {})
-        headers[H_DEAD_REASON] = reason
-        properties = Properties(
-            content_type=original.content_type,
-            content_encoding=original.content_encoding,
+        original = delivery.properties
+        if detail is None:
+            headers = dict(original.headers or {})
+            headers[H_DEAD_REASON] = reason
+        else:
+            headers = {H_DEAD_REASON: reason, H_DEAD_DETAIL: detail[:500]}
+        properties = original.copy(
             headers=headers,
             delivery_mode=2,
-            priority=original.priority,
-            correlation_id=original.correlation_id,
-            message_id=original.message_id,
-            timestamp=original.timestamp,
-            message_type=original.message_type,
-            app_id=original.app_id,
+            reply_to=None,
+            expiration=None,
+            user_id=None,
+            cluster_id=None,
         )
         try:
-            await self._dead_publisher.publish(self.settings.undeliverable_queue, body, properties)
-        except PublishFailed as exc:
+            fut = self.publisher.publish(
+                "", self.settings.undeliverable_queue, delivery.body, properties.encode()
+            )
+        except Exception as exc:  # frames.EncodeError / UnicodeEncodeError: see _send
             log.error(
                 "undeliverable reply could not be kept",
-                extra={"reason": reason, "error": str(exc)},
+                extra={"reason": reason, "error": f"{type(exc).__name__}: {exc}"},
             )
+            return
+        fut.add_done_callback(functools.partial(_undeliverable_done, reason))
+
+
+def _undeliverable_done(reason: str, fut: asyncio.Future[None]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        log.error(
+            "undeliverable reply could not be kept", extra={"reason": reason, "error": str(exc)}
+        )
