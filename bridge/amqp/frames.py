@@ -70,15 +70,22 @@ class EncodeError(FrameError, ValueError):
 # -- field values ------------------------------------------------------------------------
 
 
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: not Unicode text
+        raise EncodeError(f"not encodable as UTF-8: {exc}") from exc
+
+
 def _shortstr(value: str) -> bytes:
-    data = value.encode("utf-8")
+    data = _utf8(value)
     if len(data) > 255:
         raise EncodeError(f"short string of {len(data)} bytes (at most 255): {value[:40]!r}...")
     return bytes((len(data),)) + data
 
 
 def _longstr(value: str | bytes) -> bytes:
-    data = value.encode("utf-8") if isinstance(value, str) else value
+    data = _utf8(value) if isinstance(value, str) else value
     return _U32.pack(len(data)) + data
 
 
@@ -133,7 +140,7 @@ def _value(value: Any, depth: int) -> bytes:
     if isinstance(value, int):
         return _table_int(value)
     if isinstance(value, str):
-        data = value.encode("utf-8")
+        data = _utf8(value)
         return b"S" + _U32.pack(len(data)) + data
     if isinstance(value, bytes):  # a long string that is not UTF-8, kept as it came
         return b"S" + _U32.pack(len(value)) + value
@@ -180,7 +187,7 @@ def encode_table(table: dict[str, Any] | None, depth: int = 0) -> bytes:
     for key, value in items:
         if not isinstance(key, str):
             raise EncodeError(f"table keys must be strings, not {type(key).__name__}")
-        raw = key.encode("utf-8")
+        raw = _utf8(key)
         if len(raw) > 128:
             raw = raw[:128].decode("utf-8", "ignore").encode("utf-8")
         parts.append(bytes((len(raw),)))

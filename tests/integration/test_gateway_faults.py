@@ -640,29 +640,13 @@ async def test_reply_published_while_the_gateway_reconnects_is_delivered(
         await cleanup(broker_url, s, ["s1"])
 
 
-# bridge/amqp/frames.py lets UnicodeEncodeError (a lone surrogate in a string) out of
-# Properties.encode and publish_frame instead of turning it into its EncodeError, so the
-# Publisher raises it from publish() (a header) or from its flush (a routing key, after
-# counting the publishes before it as written: the delivery tags go out of step with the
-# broker's). Reported to the owner of bridge/amqp; these two pass once that is fixed.
-_SURROGATE_BUG = "bridge.amqp.frames lets UnicodeEncodeError out (lone surrogate)"
-
-
 @pytest.mark.parametrize(
     "bad",
     [
         pytest.param({"x": 2**70}, id="header-integer-out-of-range"),
         pytest.param("k" * 300, id="routing-key-over-255-bytes"),
-        pytest.param(
-            {"x": "\ud800"},
-            id="header-lone-surrogate",
-            marks=pytest.mark.xfail(strict=True, reason=_SURROGATE_BUG),
-        ),
-        pytest.param(
-            "k\udfff",
-            id="routing-key-lone-surrogate",
-            marks=pytest.mark.xfail(strict=True, reason=_SURROGATE_BUG),
-        ),
+        pytest.param({"x": "\ud800"}, id="header-lone-surrogate"),
+        pytest.param("k\udfff", id="routing-key-lone-surrogate"),
     ],
 )
 async def test_a_message_that_cannot_be_encoded_fails_alone(broker_url, tmp_path, unique, bad):

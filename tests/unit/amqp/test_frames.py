@@ -1066,3 +1066,20 @@ def test_unknown_method_decodes_to_unknown_method(index: tuple[int, int]) -> Non
     assert unknown.payload == payload
     assert unknown.encode() == payload
     assert events[1] == (4, frames.BasicAck(delivery_tag=1, multiple=False))
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda: frames.encode_table({"k": "\ud800"}),
+        lambda: frames.encode_table({"\udfff": 1}),
+        lambda: frames.Properties(message_id="\ud800").encode(),
+        lambda: frames.publish_frame(1, "", "k\udfff", True),
+    ],
+    ids=["table-value", "table-key", "property", "routing-key"],
+)
+def test_a_lone_surrogate_is_an_encode_error(encode) -> None:
+    """Not Unicode text: the codec's own error (the publisher fails that publish alone as
+    ``unencodable``), never UnicodeEncodeError."""
+    with pytest.raises(frames.EncodeError, match="UTF-8"):
+        encode()
