@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiormq
+import aio_pika.exceptions
 import pytest
 
 from tests.conftest import delete_names, running_host
@@ -227,7 +227,7 @@ async def queue_depth(amqp: Any, queue: str) -> int:
     try:
         q = await channel.declare_queue(queue, passive=True)
         return int(q.declaration_result.message_count or 0)
-    except aiormq.exceptions.ChannelNotFoundEntity:
+    except aio_pika.exceptions.ChannelNotFoundEntity:
         return -1
     finally:
         with contextlib.suppress(Exception):

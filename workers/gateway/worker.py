@@ -7,8 +7,8 @@ queues, reply consumer) and the publish window; each connection is a
 
 Per-message traffic (client events to the server queues, replies, undeliverable replies,
 the replicas' sticky stream) goes over one :class:`~bridge.amqp.link.Link` of the
-gateway's own, through :mod:`bridge.amqp`; declarations and the registry consumer stay on
-aio-pika channels of the host's connection.
+gateway's own, through :mod:`bridge.amqp`, and so does the servers' registry;
+declarations stay on an aio-pika channel of the host's connection.
 
 Ordering and backpressure. Everything a session publishes goes through its own FIFO
 (``Session.pending``) and then through one confirm channel (a
@@ -34,7 +34,7 @@ from collections import deque
 from typing import Any
 
 import aio_pika.exceptions
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel
 
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.amqp.consumer import Consumer, QueueSpec
@@ -108,12 +108,12 @@ class GatewayWorker:
         self._declared: dict[str, asyncio.Future[None]] = {}
         self._registry_lock = asyncio.Lock()
         self._server_up = asyncio.Event()
-        self._consumers: list[tuple[AbstractQueue, str]] = []
         self._channels: list[AbstractChannel] = []
         self._consuming = False
         self._stopping = False
         self.sticky_dirty: set[str] = set()
         self.link: Link | None = None  # the data path (bridge.amqp), set up by start()
+        self._registry: Consumer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -126,13 +126,10 @@ class GatewayWorker:
         saved_servers = await self.housekeeper.restore()
 
         broker = ctx.broker
-        # Declarations on aio-pika channels of the host's connection (control plane). Server
-        # queues are declared on a channel of their own: a failed declaration closes its
-        # channel, which must not be the one the registry is consumed on.
-        self._registry_channel = await broker.channel(confirms=False)
+        # Declarations on an aio-pika channel of the host's connection (control plane).
         self._declare_channel = await broker.channel(confirms=False)
-        self._channels = [self._registry_channel, self._declare_channel]
-        servers_ex = await declare_exchange(self._registry_channel, s.servers_exchange, "fanout")
+        self._channels = [self._declare_channel]
+        await declare_exchange(self._declare_channel, s.servers_exchange, "fanout")
         await declare_quorum_queue(self._declare_channel, s.undeliverable_queue)
 
         # The data path: one connection of the gateway's own (bridge.amqp).
@@ -164,6 +161,26 @@ class GatewayWorker:
             declare=True,
             name=f"consumer {s.reply_queue}",
         )
+        for server_id in saved_servers:
+            await self._declare_server_queue(server_id)
+        # The servers' registry: an exclusive queue of the link's connection, declared (and
+        # bound) at every setup of the consumer, so again after each reconnect. Anyone may
+        # publish to the servers exchange: its messages are decoded by the data path's
+        # codec, which refuses what it cannot read without dropping the connection.
+        self._registry = Consumer(
+            link,
+            QueueSpec(
+                s.registry_queue,
+                durable=False,
+                exclusive=True,
+                auto_delete=True,
+                bindings=((s.servers_exchange, ""),),
+            ),
+            self._on_registry,
+            no_ack=True,
+            declare=True,
+            name=f"consumer {s.registry_queue}",
+        )
         if s.peers:
             self.peers = Peers(self)
             await self.peers.attach(broker, link)
@@ -175,15 +192,6 @@ class GatewayWorker:
                 raise
             raise error from exc
         try:
-            registry_q = await self._registry_channel.declare_queue(
-                s.registry_queue, exclusive=True, auto_delete=True
-            )
-            await registry_q.bind(servers_ex, routing_key="")
-            for server_id in saved_servers:
-                await self._declare_server_queue(server_id)
-            self._consumers.append(
-                (registry_q, await registry_q.consume(self._on_registry, no_ack=True))
-            )
             if self.peers is not None:
                 # Before listening: the first clients are placed on the global view, and a
                 # returning client_id finds the server another replica gave it.
@@ -284,10 +292,9 @@ class GatewayWorker:
             if hasattr(self, "reply_consumer"):  # deliveries stop at once; the cancel-ok
                 with contextlib.suppress(TimeoutError):  # may not come (a stalled broker)
                     await asyncio.wait_for(self.reply_consumer.cancel(), 1.0)
-            for queue, tag in self._consumers:
-                with contextlib.suppress(Exception):
-                    await queue.cancel(tag)
-            self._consumers.clear()
+            if self._registry is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._registry.cancel(), 1.0)
             if self.housekeeper is not None:
                 await self.housekeeper.close()
             if self.peers is not None:
@@ -606,7 +613,7 @@ class GatewayWorker:
             return
         await fut
 
-    async def _on_registry(self, message: AbstractIncomingMessage) -> None:
+    async def _on_registry(self, message: Delivery) -> None:
         try:
             doc = json.loads(message.body)
             op = doc["op"]
