@@ -332,6 +332,21 @@ async def delete_names(exchanges: list[str], queues: list[str]) -> None:
         await conn.close()
 
 
+async def delete_worker_names(worker: Worker, topics: Sequence[str]) -> None:
+    """The worker's exchanges and queues and the target topics' (``<tag>.<topic>``, and
+    its queue ``<tag>.<topic>.q``)."""
+    n, tag = worker.names, worker.tag
+    await delete_names(
+        [
+            *(f"{tag}.{t}" for t in topics),
+            n["in_exchange"],
+            n["dead_exchange"],
+            n["control_exchange"],
+        ],
+        [*(f"{tag}.{t}.q" for t in topics), n["in_queue"], n["dead_queue"], n["control_queue"]],
+    )
+
+
 async def publish_all(
     channel: Any, exchange: str, messages: list[tuple[dict[str, Any], str]], window: int = 500
 ) -> float:
@@ -605,7 +620,6 @@ async def run_schedule(
     worker = Worker(tag, state, lanes=lanes, **settings).start()
     conn = await aio_pika.connect_robust(url())
     topics = sorted({t for t, _ in schedule})
-    exchanges = [f"{tag}.{t}" for t in topics]
     per_topic: dict[str, int] = {}
     for topic, _ in schedule:
         per_topic[topic] = per_topic.get(topic, 0) + 1
@@ -664,20 +678,7 @@ async def run_schedule(
             group.kill()
         await conn.close()
         worker.stop()
-        await delete_names(
-            [
-                *exchanges,
-                worker.names["in_exchange"],
-                worker.names["dead_exchange"],
-                worker.names["control_exchange"],
-            ],
-            [
-                *(f"{tag}.{t}.q" for t in topics),
-                worker.names["in_queue"],
-                worker.names["dead_queue"],
-                worker.names["control_queue"],
-            ],
-        )
+        await delete_worker_names(worker, topics)
 
 
 async def bench_lateness(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -946,20 +947,7 @@ async def steady_round(
         group.kill()
         await conn.close()
         worker.stop()
-        await delete_names(
-            [
-                *(f"{tag}.{t}" for t in topics),
-                worker.names["in_exchange"],
-                worker.names["dead_exchange"],
-                worker.names["control_exchange"],
-            ],
-            [
-                *(f"{tag}.{t}.q" for t in topics),
-                worker.names["in_queue"],
-                worker.names["dead_queue"],
-                worker.names["control_queue"],
-            ],
-        )
+        await delete_worker_names(worker, topics)
 
 
 async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
