@@ -328,8 +328,9 @@ class Link:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if proto is not None and proto.transport is not None:
-                    proto.transport.abort()
+                # the attempt's connection (also one that timed out in the handshake: its
+                # transport is open and its waiters are pending) is dropped for good
+                self._abandon(self._proto)
                 if self._first is not None and not self._first.done():
                     if not isinstance(exc, LinkError):
                         exc = BrokerUnavailable(describe_connect_error(self.url, exc))
@@ -348,6 +349,14 @@ class Link:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
             self.reconnects += 1
+
+    def _abandon(self, proto: _Protocol | None) -> None:
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
+        for _, _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.cancel()
+        self._waiters.clear()
 
     async def _connect(self) -> _Protocol:
         e = self.endpoint
@@ -552,7 +561,7 @@ class Link:
 
     def _resolve(self, number: int, method: F.Method) -> bool:
         for i, (ch, kind, fut) in enumerate(self._waiters):
-            if ch == number and isinstance(method, kind):
+            if ch == number and isinstance(method, kind) and not fut.done():
                 del self._waiters[i]
                 if not fut.done():
                     fut.set_result(method)

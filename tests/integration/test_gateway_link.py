@@ -177,3 +177,42 @@ async def test_replies_are_routed_to_their_sessions(broker_url, amqp, tmp_path, 
             await b.recv()
         assert info.value.code == "bye"
         await a.bye()
+
+
+async def test_ready_again_after_a_black_hole_longer_than_the_connect_timeout(
+    broker_url, tmp_path, unique
+):
+    """The broker (or a load balancer in front of it) accepts connections but says nothing
+    for longer than a reconnect attempt waits; once it answers, the gateway is ready again
+    and the session that survived gets its replies. (A handshake that timed out used to
+    leave its connection open and its waiter behind, and every later attempt's
+    connection.start went to that stale waiter: the link never connected again.)"""
+    parts = urlsplit(broker_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    s = gateway_settings(unique)
+    worker = GatewayWorker(s)
+    proxied = proxy.url(parts.username or "guest", parts.password or "guest")
+    try:
+        async with running_host(proxied, tmp_path, [worker]) as host:
+            gw = Gateway(worker, host, s, broker_url)
+            try:
+                await gw.start_server("s1")
+                client = await gw.connect(client_id="patient")
+                assert await client.request(b"before") == b"before"
+                assert worker.link is not None
+                worker.link.connect_timeout = 2.0  # well below the broker's 10 s
+                proxy.stall()
+                proxy.cut()  # connections dropped; new ones accepted, and silent
+                await wait_until(lambda: not host.readiness()[0], "not ready while cut")
+                await asyncio.sleep(6)  # two reconnect attempts time out in the handshake
+                proxy.resume()
+                await wait_until(lambda: host.readiness()[0], "ready again", timeout=30)
+                assert await client.request(b"after", timeout=30) == b"after"
+                await client.bye()
+            finally:
+                for server in gw.servers.values():
+                    await server.stop()
+                gw.close_clients()
+    finally:
+        await proxy.stop()
+        await cleanup(broker_url, s, ["s1"])
