@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractChannel
 
 from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
 from bridge.amqp.consumer import Consumer, QueueSpec
-from bridge.amqp.frames import Delivery, Properties
+from bridge.amqp.frames import Delivery, EncodeError, Properties
 from bridge.amqp.link import Link, LinkError
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import ConfigError, PublishFailed
@@ -494,9 +494,7 @@ class GatewayWorker:
                     reply_to=self.settings.reply_queue,
                     delivery_mode=2,
                 ).encode()
-            except Exception as exc:
-                # frames.EncodeError, and UnicodeEncodeError for a lone surrogate (which
-                # frames lets through; parse_hello refuses such a client_id anyway)
+            except EncodeError as exc:  # parse_hello refuses what could cause it
                 fut = asyncio.get_running_loop().create_future()
                 fut.set_exception(PublishFailed(UNENCODABLE, f"{type(exc).__name__}: {exc}"))
             else:
@@ -705,7 +703,7 @@ class GatewayWorker:
             fut = self.publisher.publish(
                 "", self.settings.undeliverable_queue, delivery.body, properties.encode()
             )
-        except Exception as exc:  # frames.EncodeError / UnicodeEncodeError: see _send
+        except EncodeError as exc:
             log.error(
                 "undeliverable reply could not be kept",
                 extra={"reason": reason, "error": f"{type(exc).__name__}: {exc}"},
