@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,7 +212,7 @@ class Consumer(Channel):
             if not self.no_ack and not self.ack_on_receipt:
                 self.nack(delivery, requeue=True)
             return
-        if inspect.isawaitable(result):
+        if result is not None:  # a coroutine (a plain handler returns None)
             task = asyncio.ensure_future(self._run(delivery, result))
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)

@@ -135,6 +135,17 @@ def _timestamp(value: datetime.datetime | time.struct_time) -> bytes:
 
 
 def _value(value: Any, depth: int) -> bytes:
+    kind = type(value)
+    if kind is str:  # the common case first
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EncodeError(f"not encodable as UTF-8: {exc}") from exc
+        return b"S" + _U32.pack(len(data)) + data
+    if kind is bool:
+        return b"t\x01" if value else b"t\x00"
+    if kind is int and -128 <= value <= 127:
+        return b"b" + _I8.pack(value)
     if isinstance(value, bool):
         return b"t" + (b"\x01" if value else b"\x00")
     if isinstance(value, int):
@@ -184,17 +195,30 @@ def encode_table(table: dict[str, Any] | None, depth: int = 0) -> bytes:
         items = sorted(table.items())
     except TypeError as exc:
         raise EncodeError(f"table keys must be strings: {exc}") from exc
+    keys = _KEYS
     for key, value in items:
-        if not isinstance(key, str):
-            raise EncodeError(f"table keys must be strings, not {type(key).__name__}")
-        raw = _utf8(key)
-        if len(raw) > 128:
-            raw = raw[:128].decode("utf-8", "ignore").encode("utf-8")
-        parts.append(bytes((len(raw),)))
-        parts.append(raw)
+        encoded = keys.get(key)
+        if encoded is None:
+            encoded = _key(key)
+        parts.append(encoded)
         parts.append(_value(value, depth))
     data = b"".join(parts)
     return _U32.pack(len(data)) + data
+
+
+_KEYS: dict[str, bytes] = {}  # encoded table keys: headers repeat the same few names
+
+
+def _key(key: Any) -> bytes:
+    if not isinstance(key, str):
+        raise EncodeError(f"table keys must be strings, not {type(key).__name__}")
+    raw = _utf8(key)
+    if len(raw) > 128:
+        raw = raw[:128].decode("utf-8", "ignore").encode("utf-8")
+    encoded = bytes((len(raw),)) + raw
+    if len(_KEYS) < 4096 and type(key) is str:
+        _KEYS[key] = encoded
+    return encoded
 
 
 class _Reader:
@@ -238,84 +262,134 @@ class _Reader:
     def longstr_raw(self) -> bytes:
         return self.take(self.unpack(_U32))
 
-    def table(self, depth: int = 0) -> dict[str, Any]:
+    def table(self) -> dict[str, Any]:
         size = self.unpack(_U32)
-        end = self.pos + size
-        if end > self.end:
-            raise DecodeError("table longer than its frame")
-        if depth > MAX_DEPTH:
-            raise DecodeError(f"tables and arrays nested deeper than {MAX_DEPTH} levels")
-        out: dict[str, Any] = {}
-        outer, self.end = self.end, end
-        try:
-            while self.pos < end:
-                key = self.shortstr()
-                out[key] = self._value(depth)
-        finally:
-            self.end = outer
-        if self.pos != end:
-            raise DecodeError("table overruns its length")
-        return out
+        start = self.pos
+        self.take(size)
+        return _table_bytes(self.data, start, start + size)
 
-    def _array(self, depth: int) -> list[Any]:
-        size = self.unpack(_U32)
-        end = self.pos + size
-        if end > self.end:
-            raise DecodeError("array longer than its frame")
-        if depth > MAX_DEPTH:
-            raise DecodeError(f"tables and arrays nested deeper than {MAX_DEPTH} levels")
-        out: list[Any] = []
-        outer, self.end = self.end, end
-        try:
-            while self.pos < end:
-                out.append(self._value(depth))
-        finally:
-            self.end = outer
-        return out
 
-    def _value(self, depth: int) -> Any:
-        kind = self.octet()
+_unpack_u32 = _U32.unpack_from
+_TOO_DEEP = f"tables and arrays nested deeper than {MAX_DEPTH} levels"
+
+
+def _table_body(buf: bytes, pos: int, end: int, depth: int) -> dict[str, Any]:
+    """The fields of a table whose content (after its length) is ``buf[pos:end]``. Raises
+    DecodeError (or IndexError/struct.error, which :func:`_table_bytes` turns into it).
+    Positions, not slices: a deep table is never copied level by level."""
+    if depth > MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
+    out: dict[str, Any] = {}
+    while pos < end:
+        kend = pos + 1 + buf[pos]
+        if kend >= end:
+            raise DecodeError("table key overruns the table")
+        raw = buf[pos + 1 : kend]
+        try:
+            key = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            key = raw.decode("utf-8", "replace")
+        kind = buf[kend]
+        pos = kend + 1
         if kind == 0x53:  # S
-            raw = self.longstr_raw()
+            if pos + 4 > end:
+                raise DecodeError("long string overruns the table")
+            vend = pos + 4 + _unpack_u32(buf, pos)[0]
+            if vend > end:
+                raise DecodeError("long string overruns the table")
+            raw = buf[pos + 4 : vend]
             try:
-                return raw.decode("utf-8")
+                out[key] = raw.decode("utf-8")
             except UnicodeDecodeError:
-                return raw  # as pamqp: bytes when not UTF-8
-        if kind == 0x74:  # t
-            return bool(self.octet())
-        if kind == 0x62:  # b
-            return self.unpack(_I8)
-        if kind == 0x42:  # B
-            return self.octet()
-        if kind == 0x73:  # s
-            return self.unpack(_I16)
-        if kind == 0x75:  # u
-            return self.unpack(_U16)
-        if kind == 0x49:  # I
-            return self.unpack(_I32)
-        if kind == 0x69:  # i
-            return self.unpack(_U32)
-        if kind == 0x6C or kind == 0x4C:  # l, L (pamqp reads both as signed)
-            return self.unpack(_I64)
-        if kind == 0x66:  # f
-            return self.unpack(_F32)
-        if kind == 0x64:  # d
-            return self.unpack(_F64)
-        if kind == 0x44:  # D
-            scale = self.octet()
-            raw = self.unpack(_I32)
-            return decimal.Decimal(raw) * (decimal.Decimal(10) ** -scale)
-        if kind == 0x54:  # T
-            return _to_datetime(self.unpack(_U64))
-        if kind == 0x46:  # F
-            return self.table(depth + 1)
-        if kind == 0x41:  # A
-            return self._array(depth + 1)
-        if kind == 0x56 or kind == 0:  # V (and 0, seen in the wild, as pamqp)
-            return None
-        if kind == 0x78:  # x
-            return bytearray(self.longstr_raw())
-        raise DecodeError(f"unknown field type {kind:#x}")
+                out[key] = raw  # as pamqp: bytes when not UTF-8
+            pos = vend
+        elif kind == 0x74:  # t
+            if pos >= end:
+                raise DecodeError("boolean overruns the table")
+            out[key] = bool(buf[pos])
+            pos += 1
+        else:
+            out[key], pos = _any(buf, pos, end, kind, depth)
+    if pos != end:
+        raise DecodeError("table overruns its length")
+    return out
+
+
+def _array_body(buf: bytes, pos: int, end: int, depth: int) -> list[Any]:
+    if depth > MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
+    out: list[Any] = []
+    while pos < end:
+        kind = buf[pos]
+        value, pos = _any(buf, pos + 1, end, kind, depth)
+        out.append(value)
+    if pos != end:
+        raise DecodeError("array overruns its length")
+    return out
+
+
+_SCALARS: dict[int, struct.Struct] = {
+    0x62: _I8,  # b
+    0x73: _I16,  # s
+    0x75: _U16,  # u
+    0x49: _I32,  # I
+    0x69: _U32,  # i
+    0x6C: _I64,  # l
+    0x4C: _I64,  # L (pamqp reads it signed)
+    0x66: _F32,  # f
+    0x64: _F64,  # d
+}
+
+
+def _any(buf: bytes, pos: int, end: int, kind: int, depth: int) -> tuple[Any, int]:
+    """A field value of type ``kind`` at ``pos``; returns it and the position after."""
+    st = _SCALARS.get(kind)
+    if st is not None:
+        vend = pos + st.size
+        if vend > end:
+            raise DecodeError("value overruns the table")
+        return st.unpack_from(buf, pos)[0], vend
+    if kind == 0x46 or kind == 0x41 or kind == 0x53 or kind == 0x78:  # F, A, S, x
+        if pos + 4 > end:
+            raise DecodeError("value overruns the table")
+        start = pos + 4
+        vend = start + _unpack_u32(buf, pos)[0]
+        if vend > end:
+            raise DecodeError("value overruns the table")
+        if kind == 0x46:
+            return _table_body(buf, start, vend, depth + 1), vend
+        if kind == 0x41:
+            return _array_body(buf, start, vend, depth + 1), vend
+        raw = buf[start:vend]
+        if kind == 0x78:
+            return bytearray(raw), vend
+        try:
+            return raw.decode("utf-8"), vend
+        except UnicodeDecodeError:
+            return raw, vend  # as pamqp: bytes when not UTF-8
+    if kind == 0x74 or kind == 0x42:  # t, B
+        if pos >= end:
+            raise DecodeError("value overruns the table")
+        return (bool(buf[pos]) if kind == 0x74 else buf[pos]), pos + 1
+    if kind == 0x44:  # D
+        if pos + 5 > end:
+            raise DecodeError("decimal overruns the table")
+        scale, raw_int = _DEC.unpack_from(buf, pos)
+        return decimal.Decimal(raw_int) * (decimal.Decimal(10) ** -scale), pos + 5
+    if kind == 0x54:  # T
+        if pos + 8 > end:
+            raise DecodeError("timestamp overruns the table")
+        return _to_datetime(_U64.unpack_from(buf, pos)[0]), pos + 8
+    if kind == 0x56 or kind == 0:  # V (and 0, seen in the wild, as pamqp)
+        return None, pos
+    raise DecodeError(f"unknown field type {kind:#x}")
+
+
+def _table_bytes(buf: bytes, pos: int = 0, end: int | None = None) -> dict[str, Any]:
+    try:
+        return _table_body(buf, pos, len(buf) if end is None else end, 0)
+    except (IndexError, struct.error) as exc:
+        raise DecodeError(f"table shorter than its fields: {exc}") from None
 
 
 def _to_datetime(seconds: int) -> datetime.datetime:
@@ -330,11 +404,9 @@ def _to_datetime(seconds: int) -> datetime.datetime:
 
 def decode_table(data: bytes) -> dict[str, Any]:
     """A complete encoded field table (with its length) as a dict."""
-    reader = _Reader(data)
-    table = reader.table()
-    if reader.pos != len(data):
-        raise DecodeError("bytes after the table")
-    return table
+    if len(data) < 4 or _unpack_u32(data, 0)[0] != len(data) - 4:
+        raise DecodeError("not one table: its length and the bytes given differ")
+    return _table_bytes(data, 4)
 
 
 # -- methods -----------------------------------------------------------------------------
@@ -699,12 +771,13 @@ class Properties:
         """Property flags and the fields that are set (the content header after its size)."""
         flags = 0
         out: list[bytes] = []
-        for name, kind, bit in _PROPERTIES:
-            value = getattr(self, name)
-            if value is None or value == "":  # as pamqp: an empty string is not sent
-                continue
-            flags |= bit
-            try:
+        name = ""
+        try:
+            for name, kind, bit in _PROPERTIES:
+                value = getattr(self, name)
+                if value is None or value == "":  # as pamqp: an empty string is not sent
+                    continue
+                flags |= bit
                 if kind == "shortstr":
                     out.append(_shortstr(value))
                 elif kind == "table":
@@ -713,44 +786,67 @@ class Properties:
                     out.append(_U8.pack(value))
                 else:
                     out.append(_timestamp(value))
-            except EncodeError as exc:
-                raise EncodeError(f"property {name}: {exc}") from exc
-            except (struct.error, TypeError, AttributeError) as exc:
-                raise EncodeError(f"property {name}: {exc}") from exc
+        except EncodeError as exc:
+            raise EncodeError(f"property {name}: {exc}") from exc
+        except (struct.error, TypeError, AttributeError) as exc:
+            raise EncodeError(f"property {name}: {exc}") from exc
         return _U16.pack(flags) + b"".join(out)
 
     @classmethod
     def decode(cls, data: bytes, pos: int = 0) -> Properties:
-        reader = _Reader(data, pos)
-        flags = reader.unpack(_U16)
+        try:
+            return cls._decode(data, pos)
+        except (IndexError, struct.error) as exc:
+            raise DecodeError(f"content header shorter than its properties: {exc}") from None
+
+    @classmethod
+    def _decode(cls, data: bytes, pos: int) -> Properties:
+        n = len(data)
+        flags = _U16.unpack_from(data, pos)[0]
+        pos += 2
         last = flags
         while last & 1:  # continuation words: no properties are defined in them
-            last = reader.unpack(_U16)
+            last = _U16.unpack_from(data, pos)[0]
+            pos += 2
         props = cls.__new__(cls)
         props.error = None
         for name, kind, bit in _PROPERTIES:
-            value: Any = None
-            if flags & bit:
-                if kind == "shortstr":
-                    value = reader.shortstr()
-                elif kind == "octet":
-                    value = reader.octet()
-                elif kind == "timestamp":
-                    raw = reader.unpack(_U64)
-                    try:
-                        value = _to_datetime(raw)
-                    except DecodeError as exc:
-                        props.error = f"timestamp: {exc}"
-                else:
-                    size = reader.unpack(_U32)
-                    start = reader.pos
-                    reader.take(size)  # the table's extent is known whatever its content
-                    try:
-                        value = _Reader(data, start - 4, start + size).table()
-                    except DecodeError as exc:
-                        props.error = f"headers: {exc}"
+            if not flags & bit:
+                setattr(props, name, None)
+                continue
+            if kind == "shortstr":
+                end = pos + 1 + data[pos]
+                if end > n:
+                    raise DecodeError(f"property {name} overruns the content header")
+                raw = data[pos + 1 : end]
+                try:
+                    value: Any = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    value = raw.decode("utf-8", "replace")
+                pos = end
+            elif kind == "octet":
+                value = data[pos]
+                pos += 1
+            elif kind == "timestamp":
+                stamp = _U64.unpack_from(data, pos)[0]
+                pos += 8
+                try:
+                    value = _to_datetime(stamp)
+                except DecodeError as exc:
+                    props.error = f"timestamp: {exc}"
+                    value = None
+            else:  # the headers table: its extent is known whatever its content
+                end = pos + 4 + _unpack_u32(data, pos)[0]
+                if end > n:
+                    raise DecodeError("headers overrun the content header")
+                try:
+                    value = _table_bytes(data, pos + 4, end)
+                except DecodeError as exc:
+                    props.error = f"headers: {exc}"
+                    value = None
+                pos = end
             setattr(props, name, value)
-        if reader.pos != len(data):
+        if pos != n:
             raise DecodeError("content header: bytes after its properties")
         return props
 

@@ -233,6 +233,7 @@ class Link:
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._numbers = 0
+        self._by_number: dict[int, Channel] = {}
 
     # -- the owner's side --------------------------------------------------------------
 
@@ -243,6 +244,7 @@ class Link:
             raise LinkError(504, f"more than {CHANNEL_MAX - 1} channels on one link")
         channel.number = self._numbers
         self.channels.append(channel)
+        self._by_number[channel.number] = channel
         if self._up:
             self.spawn(self._open_channel(channel, self._proto), f"open {channel.name}")
 
@@ -538,7 +540,7 @@ class Link:
     def dispatch(self, proto: _Protocol, events: list[F.Event]) -> None:
         if proto is not self._proto:
             return
-        by_number = {c.number: c for c in self.channels}
+        by_number = self._by_number
         for number, event in events:
             if number == 0:
                 if event is not F.HEARTBEAT_EVENT:
