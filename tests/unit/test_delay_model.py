@@ -616,8 +616,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.entries: dict[int, Entry] = {}  # pending and in flight
         self.flight: dict[int, int] = {}  # mid -> lane
         self.lanes: dict[int, tuple[str, list[int]]] = {}  # lane -> (topic, mids)
-        # ticket -> (topic, mids): batches whose lane was released, waiting for confirms
-        self.held: dict[int, tuple[str, list[int]]] = {}
         self.keyed: dict[str, int] = {}
         self.accepted: set[int] = set()
         self.completed: list[int] = []
@@ -642,8 +640,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
 
     def _lane_topics(self) -> set[str]:
-        """Topics with a batch out: on a lane, or released and waiting for confirms."""
-        return {topic for topic, _ in (*self.lanes.values(), *self.held.values())}
+        """Topics with a batch out on a lane."""
+        return {topic for topic, _ in self.lanes.values()}
 
     @rule(
         topic=st.sampled_from(TOPICS),
@@ -735,23 +733,9 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.lanes)
     @rule(data=st.data())
-    def release(self, data: st.DataObject) -> None:
-        lane = data.draw(st.sampled_from(sorted(self.lanes)))
-        ticket = self.s.release(lane)
-        assert ticket not in self.held and ticket >= self.n_lanes
-        self.held[ticket] = topic_mids = self.lanes.pop(lane)
-        for mid in topic_mids[1]:
-            self.flight[mid] = ticket
-        with pytest.raises(ValueError):
-            self.s.release(lane)  # the lane is idle now
-        with pytest.raises(ValueError):
-            self.s.release(ticket)  # a ticket is not a lane
-
-    @precondition(lambda self: self.lanes or self.held)
-    @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
-        lane = data.draw(st.sampled_from(sorted([*self.lanes, *self.held])))
-        topic, mids = self.lanes.pop(lane) if lane in self.lanes else self.held.pop(lane)
+        lane = data.draw(st.sampled_from(sorted(self.lanes)))
+        topic, mids = self.lanes.pop(lane)
         retry = set(data.draw(st.lists(st.sampled_from(mids), unique=True, max_size=len(mids))))
         done = [m for m in mids if m not in retry]
         self.s.complete(lane, done, sorted(retry))
@@ -796,9 +780,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         assert len(self.s) == len(self.entries)
         assert self.s.busy_lanes() == set(self.lanes)
-        for lane, (topic, _) in (*self.lanes.items(), *self.held.items()):
+        for lane, (topic, _) in self.lanes.items():
             assert self.s.lane_of(topic) == lane
-        assert self.s.held_batches() == len(self.held)
         busy = self._lane_topics()
         free_dues = [e.due_ms for e in self._pending() if e.topic not in busy]
         assert self.s.next_due_ms() == (min(free_dues) if free_dues else None)
@@ -823,12 +806,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(10_000):
             got = self.s.assign(self.now)
             self._check_assign(got)
-            if not self.lanes and not self.held:
+            if not self.lanes:
                 break
-            for lane, (topic, mids) in [*self.lanes.items(), *self.held.items()]:
+            for lane, (topic, mids) in list(self.lanes.items()):
                 self.s.complete(lane, mids)
                 self.lanes.pop(lane, None)
-                self.held.pop(lane, None)
                 for mid in mids:
                     del self.flight[mid]
                     self.completed.append(mid)
@@ -848,28 +830,3 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSchedulerMachine = SchedulerMachine.TestCase
-
-
-def test_release_frees_the_lane_but_the_topic_keeps_its_batch() -> None:
-    """A lane that wrote its batch (only confirms outstanding) serves another topic, while
-    the released topic gets no second batch until the first one completes."""
-    s = Scheduler(lanes=1, batch=2)
-    for mid, topic, due in ((1, "hot", 0), (2, "hot", 0), (3, "hot", 0), (4, "cold", 1)):
-        s.add(Entry(mid, topic, due))
-    [a] = s.assign(1)
-    assert (a.lane, a.topic, [e.mid for e in a.entries]) == (0, "hot", [1, 2])
-    assert s.assign(1) == []  # the only lane is busy
-    ticket = s.release(0)
-    assert s.has_idle_lane() and s.busy_lanes() == set() and s.held_batches() == 1
-    assert s.in_flight(1) and s.lane_of("hot") == ticket
-    [b] = s.assign(1)
-    assert (b.lane, b.topic) == (0, "cold")  # not "hot": it still holds its batch
-    s.complete(0, [4])
-    assert s.assign(1) == []  # hot's next batch waits for its confirms
-    with pytest.raises(ValueError):
-        s.complete(ticket, [1])  # the whole batch must be named
-    s.complete(ticket, [1], retry=[2])
-    [c] = s.assign(1)
-    assert (c.topic, [e.mid for e in c.entries]) == ("hot", [2, 3])  # retried first, in order
-    with pytest.raises(ValueError):
-        s.complete(ticket, [])  # a completed ticket is gone

@@ -270,9 +270,6 @@ class Scheduler:
         self._waiting: deque[_Topic] = deque()
         self._returned: list[_Topic] = []
         self._lanes: list[_Lane | None] = [None] * lanes
-        # Batches whose lane was released (written, waiting for confirms), by ticket.
-        self._held: dict[int, _Lane] = {}
-        self._next_ticket = lanes
         self._free: list[int] = list(range(lanes))  # heap: lowest idle lane first
         # Lanes numbered >= this get no new batch (the adapter starts lanes as needed).
         self._active = lanes
@@ -370,31 +367,10 @@ class Scheduler:
             out.append(Assignment(lane, topic.name, tuple(batch)))
         return out
 
-    def release(self, lane: int) -> int:
-        """Lane ``lane`` has written its whole batch and only waits for the broker's confirms:
-        it may take another topic's batch now. The topic keeps its batch (it gets no lane and
-        no other batch) until ``complete(ticket, ...)`` with the returned ticket, so a topic
-        still has one batch out at a time and a retried entry still goes out before later
-        ones. Raises ValueError if the lane holds no batch.
-        """
-        record = self._record(lane)
-        if lane not in range(self._n_lanes):
-            raise ValueError(f"{lane!r} is not a lane holding a batch")
-        ticket = self._next_ticket
-        self._next_ticket += 1
-        self._held[ticket] = record
-        for mid in record.mids:
-            self._flight[mid] = ticket
-        record.topic.lane = ticket
-        self._lanes[lane] = None
-        heappush(self._free, lane)
-        return ticket
-
     def complete(self, lane: int, done: Iterable[int], retry: Iterable[int] = ()) -> None:
         """Lane ``lane`` finished its batch: ``done`` mids leave, ``retry`` mids are pending again.
 
-        ``lane`` is the lane, or the ticket ``release()`` returned for the batch. Together
-        ``done`` and ``retry`` must name exactly the batch; anything else is an adapter bug and
+        Together ``done`` and ``retry`` must name exactly the batch; anything else is an adapter bug and
         raises ValueError without changing state. Retried entries keep their due time, so they
         go out first when the topic next gets a lane.
         """
@@ -430,11 +406,8 @@ class Scheduler:
             heappush(topic.heap, (entry.due_ms, mid))
             topic.pending += 1
 
-        if lane in self._held:
-            del self._held[lane]
-        else:
-            self._lanes[lane] = None
-            heappush(self._free, lane)
+        self._lanes[lane] = None
+        heappush(self._free, lane)
         topic.lane = None
         if topic.pending:
             topic.state = _RETURNED
@@ -444,11 +417,8 @@ class Scheduler:
 
     def _record(self, lane: object) -> _Lane:
         record: _Lane | None = None
-        if isinstance(lane, int) and not isinstance(lane, bool):
-            if 0 <= lane < self._n_lanes:
-                record = self._lanes[lane]
-            else:
-                record = self._held.get(lane)
+        if isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane < self._n_lanes:
+            record = self._lanes[lane]
         if record is None:
             raise ValueError(f"lane {lane!r} holds no batch")
         return record
@@ -517,10 +487,6 @@ class Scheduler:
 
     def busy_lanes(self) -> set[int]:
         return {i for i, record in enumerate(self._lanes) if record is not None}
-
-    def held_batches(self) -> int:
-        """Batches released by their lane and not yet complete (waiting for confirms)."""
-        return len(self._held)
 
     def __len__(self) -> int:
         """Entries held: pending plus in flight."""

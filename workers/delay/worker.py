@@ -330,11 +330,9 @@ class DelayWorker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        # Lanes finish the batch in hand and wait for the confirms of released batches; their
-        # reports journal the deletes.
-        while self.scheduler is not None and (
-            self.scheduler.busy_lanes() or self.scheduler.held_batches()
-        ):
+        # Lanes finish the batch in hand (its confirms included); their reports journal the
+        # deletes.
+        while self.scheduler is not None and self.scheduler.busy_lanes():
             if time.monotonic() > deadline:
                 log.warning(
                     "stopping with batches unconfirmed; they are sent again after the restart",
