@@ -27,7 +27,7 @@ from typing import Any
 
 from bridge.amqp import declare_dead_letter, declare_exchange, declare_quorum_queue
 from bridge.amqp.consumer import Consumer, QueueSpec, cancel_all, drain_all
-from bridge.amqp.frames import Delivery
+from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from bridge.errors import PublishFailed
@@ -50,7 +50,6 @@ from workers.delay.lanes import (
     Lane,
     LaneReport,
     Verified,
-    carried_properties,
     login_user,
     start_lanes,
 )
@@ -297,16 +296,16 @@ class DelayWorker:
         """A message that belongs to another shard: hand it to the owner's queue (confirmed)
         before acknowledging it here."""
         assert self._ingress is not None
-        props = props_dict(delivered.properties)
-        if new_id is not None:
-            props["message_id"] = new_id
         headers = forwarded_headers(delivered.properties.headers, due_ms, self.shard)
+        props = self._carried(delivered, headers)
+        if new_id is not None:
+            props.message_id = new_id
         try:
             await self.publisher.publish(
                 "",
                 shard_queue(self.settings.in_queue, owner),
                 delivered.body,
-                carried_properties(props, headers, self._user),
+                props,
             )
         except PublishFailed as exc:
             log.error(
@@ -542,12 +541,19 @@ class DelayWorker:
 
         barrier.add_done_callback(done)
 
+    def _carried(self, delivered: Delivery, headers: dict[str, Any]) -> Properties:
+        """The delivery's properties with other headers, minus a ``user_id`` that is not the
+        worker's (the broker would close the channel; see ``lanes.carried_properties``)."""
+        props = delivered.properties.copy(headers=headers)
+        if props.user_id is not None and props.user_id != self._user:
+            props.user_id = None
+        return props
+
     async def dead_letter_delivery(
         self, delivered: Delivery, consumer: Consumer, reason: str, detail: str
     ) -> None:
         """Dead-letter a consumed message with its reason (confirmed), then acknowledge it;
         requeue it if the dead-letter publish failed."""
-        props = props_dict(delivered.properties)
         dead_headers = dict(delivered.properties.headers or {})
         dead_headers[H_DEAD_REASON] = reason
         dead_headers[H_DEAD_DETAIL] = detail[:500]
@@ -556,7 +562,7 @@ class DelayWorker:
                 self.settings.dead_exchange,
                 delivered.routing_key,
                 delivered.body,
-                carried_properties(props, dead_headers, self._user),
+                self._carried(delivered, dead_headers),
             )
         except PublishFailed as exc:
             log.error(
