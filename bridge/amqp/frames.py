@@ -26,7 +26,6 @@ import datetime
 import decimal
 import struct
 import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 FRAME_METHOD = 1
@@ -896,10 +895,6 @@ def content_frames(channel: int, properties: bytes, body: bytes, frame_max: int)
     return b"".join(out)
 
 
-_ACK_HEAD = b"\x01"  # frame type method
-_ACK_SIZE = _U32.pack(13)
-
-
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:
     return b"".join(
         (
@@ -1152,7 +1147,3 @@ class Decoder:
     def reset_channel(self, channel: int) -> None:
         """Forget a content being assembled on a channel that closed."""
         self._content.pop(channel, None)
-
-
-def encode_frames(channel: int, methods: Iterable[Method]) -> bytes:
-    return b"".join(method_frame(channel, m) for m in methods)

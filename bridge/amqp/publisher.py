@@ -263,16 +263,3 @@ class Publisher(Channel):
 
     def close(self) -> None:
         self.fail_all("publisher closed")
-
-
-async def publish_and_wait(
-    publisher: Publisher,
-    exchange: str,
-    routing_key: str,
-    body: bytes,
-    properties: F.Properties | bytes | None = None,
-    *,
-    mandatory: bool = True,
-) -> None:
-    """Publish one message and wait for its outcome (raises PublishFailed)."""
-    await publisher.publish(exchange, routing_key, body, properties, mandatory=mandatory)
