@@ -237,7 +237,7 @@ class Consumer(Channel):
     def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.link.loop.call_soon(self.flush)
+            self.link.request_flush(self)
 
     def flush(self) -> None:
         """Write the settlements made so far (done once per loop turn by itself)."""

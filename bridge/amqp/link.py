@@ -16,8 +16,10 @@ objects attached to it; the link owns what they share:
   publishers' writes back; nothing is dropped or written twice, everything waits;
 - :attr:`ready`: connected, and every consumer consuming.
 
-Frames out are written with one ``transport.write`` per channel flush; frames in are
-decoded once and handed to their channel. Nothing here reads a library's private state.
+Frames out: a channel with something to write (publishes, acks) asks the link for a flush
+(:meth:`Link.request_flush`); once per loop turn the link lets every such channel write and
+sends it all with one ``transport.write``. Frames in are decoded once and handed to their
+channel. Nothing here reads a library's private state.
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ class Link:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._numbers = 0
         self._by_number: dict[int, Channel] = {}
+        self._dirty: list[Channel] = []  # channels that asked for a flush this loop turn
+        self._flush_handle: asyncio.Handle | None = None
+        self._gather: list[bytes] | None = None  # frames written during a flush
 
     # -- the owner's side --------------------------------------------------------------
 
@@ -514,7 +519,40 @@ class Link:
         proto = self._proto
         if proto is None or proto.transport is None or proto.lost.done():
             raise LinkError(320, "not connected")
+        if self._gather is not None:
+            self._gather.append(data)  # sent with the rest of the flush
+            return
         proto.transport.write(data)
+        self.last_write = self.loop.time()
+
+    def request_flush(self, channel: Channel) -> None:
+        """Call ``channel.flush()`` later in this loop turn's callbacks, together with every
+        other channel that asked: what they write goes out in one socket write. The channel
+        asks once until flushed (its own flag)."""
+        self._dirty.append(channel)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        gather = self._gather = []
+        try:
+            for channel in dirty:
+                try:
+                    channel.flush()
+                except Exception:  # one channel's failure must not hold the others back
+                    log.exception(
+                        "flush failed", extra={"link": self.name, "channel": channel.name}
+                    )
+        finally:
+            self._gather = None
+        if not gather:
+            return
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.lost.done():
+            return  # lost meanwhile: the channels' on_lost settles what was in it
+        proto.transport.write(gather[0] if len(gather) == 1 else b"".join(gather))
         self.last_write = self.loop.time()
 
     def writable(self) -> None:

@@ -95,7 +95,7 @@ class Publisher(Channel):
         )
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.link.loop.call_soon(self._flush)
+            self.link.request_flush(self)
         return fut
 
     @property
@@ -164,7 +164,7 @@ class Publisher(Channel):
     def on_writable(self) -> None:
         if self._queue and not self._flush_scheduled:
             self._flush_scheduled = True
-            self.link.loop.call_soon(self._flush)
+            self.link.request_flush(self)
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, F.BasicAck):

@@ -23,6 +23,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 from bridge.amqp import declare_dead_letter, declare_exchange, declare_quorum_queue
@@ -81,6 +82,7 @@ from workers.delay.store import (
 )
 
 log = logging.getLogger("bridge.delay")
+_json = json.JSONEncoder(separators=(",", ":")).encode  # stored properties, compact
 
 
 def now_ms() -> int:
@@ -143,6 +145,7 @@ class DelayWorker:
             gc.set_threshold(young, middle, s.gc_gen2_threshold)
         self._loop = asyncio.get_running_loop()
         self.metrics = DelayMetrics(ctx.registry, self)
+        self._accepted = self.metrics.received.labels("accepted")
         self.scheduler = Scheduler(lanes=s.lanes, batch=s.batch)
         if s.lane_grow_ms > 0:
             self.scheduler.set_active_lanes(1)
@@ -447,7 +450,11 @@ class DelayWorker:
 
     # -- ingress -----------------------------------------------------------------------
 
-    async def _on_ingress(self, delivered: Delivery) -> None:
+    def _on_ingress(self, delivered: Delivery) -> Coroutine[Any, Any, None] | None:
+        """One ingress delivery. The common path (stored, then acknowledged after the
+        commit) runs here and in :meth:`_ingress_stored` without a task of its own; a
+        dead letter or a forward to another shard is returned as a coroutine, which the
+        consumer runs as a task."""
         s = self.settings
         scheduler = self.scheduler
         ingress = self._ingress
@@ -463,14 +470,12 @@ class DelayWorker:
             )
         if isinstance(decision, Reject):
             self.metrics.received.labels("rejected").inc()
-            await self.dead_letter_delivery(delivered, ingress, decision.reason, decision.detail)
-            return
+            return self.dead_letter_delivery(delivered, ingress, decision.reason, decision.detail)
         if self.shard.sharded and decision.key is None:
             owner, new_id = self._owner(delivered)
             if owner != self.shard.index:
                 if not headers or H_FORWARDED_FROM not in headers:
-                    await self._forward(delivered, decision.due_ms, owner, new_id)
-                    return
+                    return self._forward(delivered, decision.due_ms, owner, new_id)
                 # forwarded here by a shard that thinks this one owns it: keep it (never
                 # forward twice) and say that the shards disagree on the shard count
                 log.error(
@@ -497,18 +502,40 @@ class DelayWorker:
             routing_key=routing_key,
             key=key,
             message_id=message_id,
-            props=json.dumps(props, separators=(",", ":")),
+            props=_json(props),
             headers=encode_headers(strip_control_headers(headers)),
             body=delivered.body,
         )
         self._journal.append(op)
-        await self._stored()
+        self._stored().add_done_callback(
+            functools.partial(self._ingress_stored, delivered, op, replace)
+        )
+        return None
+
+    def _ingress_stored(
+        self,
+        delivered: Delivery,
+        op: Insert,
+        replace: KeyDelete | None,
+        stored: asyncio.Future[None],
+    ) -> None:
+        """The commit that holds ``op`` is done (or failed: the delivery goes back)."""
+        ingress = self._ingress
+        assert ingress is not None
+        error = None if stored.cancelled() else stored.exception()
+        if stored.cancelled() or error is not None:
+            log.error(
+                "ingress commit failed; the message goes back to its queue",
+                extra={"error": repr(error) if error else "cancelled"},
+            )
+            ingress.nack(delivered, requeue=True)
+            return
         if op.in_window:
-            self._admit(mid, op.due_ms, op.topic, key)
+            self._admit(op.mid, op.due_ms, op.topic, op.key)
             self._kick()
         if replace is not None and replace.deleted:
             self.metrics.replaced.inc(replace.deleted)
-        self.metrics.received.labels("accepted").inc()
+        self._accepted.inc()
         ingress.ack(delivered)
 
     def _stored(self) -> asyncio.Future[None]:
