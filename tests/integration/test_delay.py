@@ -19,7 +19,7 @@ from tests.integration.delay_helpers import (
     now_ms,
     wait_stored,
 )
-from workers.delay.model import CONTROL_HEADERS
+from workers.delay.wire import CONTROL_HEADERS
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.integration.delay_helpers import delay_settings, delay_worker, make_sink
 from tests.integration.test_directed_inputs import header_value
-from workers.delay.model import REJECT_REASONS
+from workers.delay.wire import REJECT_REASONS
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from bridge.rpc import WorkerClient
 from workers.delay.config import DelaySettings
-from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
+from workers.delay.wire import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 
 class DelayClient(WorkerClient):

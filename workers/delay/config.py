@@ -2,7 +2,7 @@
 
 Every exchange and queue name is the default of a setting. The control headers a producer
 sends (``x-delay``, ``x-deliver-at``, ``x-target-exchange``, ``x-delay-key``) are defined
-once in :mod:`workers.delay.model`; the headers and reasons the worker adds are here.
+once in :mod:`workers.delay.wire`; the headers and reasons the worker adds are here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
-from workers.delay.model import INVALID_HEADERS, REJECT_REASONS
+from workers.delay.wire import INVALID_HEADERS, REJECT_REASONS
 
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"

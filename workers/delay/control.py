@@ -1,116 +1,182 @@
-"""The delay control RPC as pure functions: request parsing, cursors and replies.
+"""The control RPC of the delay worker on ``delay.control``: cancel, counts and list.
 
-Requests are JSON objects published to ``delay.control`` with ``reply_to`` and
-``correlation_id``:
-
-- ``{"op": "cancel", "message_id": "..."}`` or ``{"op": "cancel", "key": "..."}``
-- ``{"op": "counts"}``
-- ``{"op": "list", "topic": "...", "limit": N, "after": "<cursor>" | null}``
-
-Errors come back as ``{"error": {"code": "...", "message": "..."}}``.
+Requests are parsed by :mod:`workers.delay.wire`; answers go to ``reply_to`` through the
+default exchange (``mandatory`` off: a requester that left is not an error). Counts and
+lists are read from SQLite (read-only connection), not from the in-memory window.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
 from typing import Any
 
-OPS = ("cancel", "counts", "list")
+from prometheus_client import Counter
+
+from bridge.amqp.consumer import Consumer
+from bridge.amqp.frames import Delivery
+from bridge.amqp.messages import reply
+from bridge.amqp.publisher import Publisher
+from workers.delay import shards as sharding
+from workers.delay import wire
+from workers.delay.config import MISSING_REPLY_TO, DelaySettings
+from workers.delay.deadletter import DeadLetters
+from workers.delay.ledger import Ledger
+from workers.delay.shards import DelayShards
+from workers.delay.store import DelayStore, Delete
+
+log = logging.getLogger("bridge.delay")
 
 
-class ControlError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class ControlServer:
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: DelaySettings,
+        *,
+        shards: DelayShards | None,
+        replies: Publisher,
+        dead: DeadLetters,
+        cancelled: Counter,
+    ) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.shards = shards
+        self.replies = replies
+        self.dead = dead
+        self.cancelled = cancelled
 
+    async def handle(self, message: Delivery, consumer: Consumer) -> None:
+        s = self.settings
+        if not message.reply_to:
+            await self.dead.reject(
+                message,
+                consumer,
+                MISSING_REPLY_TO,
+                "a control request needs reply_to to be answered",
+            )
+            return
+        try:
+            if self.shards is not None and not _is_local(message.body, s.max_control_bytes):
+                body = wire.dumps(await self._sharded(message.body))
+                reply(self.replies, message, body)
+                consumer.ack(message)
+                return
+            request = wire.parse_request(
+                message.body, max_bytes=s.max_control_bytes, list_max=s.list_max
+            )
+            if isinstance(request, wire.Cancel):
+                body = wire.dumps(await self._cancel(request))
+            elif isinstance(request, wire.Counts):
+                body = wire.dumps(await self._counts())
+            else:
+                body = wire.dumps(await self._list(request))
+        except wire.ControlError as exc:
+            body = wire.encode_error(exc.code, exc.message)
+        reply(self.replies, message, body)
+        consumer.ack(message)
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    by: str  # "message_id" | "key"
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ListPending:
-    topic: str
-    limit: int
-    after: tuple[int, int] | None
-
-
-Request = Cancel | Counts | ListPending
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _name(doc: dict[str, Any], field: str) -> str:
-    value = doc.get(field)
-    if not isinstance(value, str) or not value or len(value.encode()) > 255:
-        raise ControlError(
-            "invalid_request", f"'{field}' must be a non-empty string, got {_short(value)}"
+    async def _sharded(self, raw: bytes) -> dict[str, Any]:
+        """A request on the shared control queue: this shard's answer merged with the other
+        shards' (see workers.delay.shards)."""
+        s = self.settings
+        shards = self.shards
+        assert shards is not None
+        cursor = None
+        doc: Any = None
+        if len(raw) <= s.max_control_bytes:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, RecursionError):
+                doc = None
+        if isinstance(doc, dict) and doc.get("op") == "list" and doc.get("after") is not None:
+            cursor = sharding.decode_cursor(doc["after"])
+            doc = {**doc, "after": None}
+            raw = wire.dumps(doc)
+        request = wire.parse_request(raw, max_bytes=s.max_control_bytes, list_max=s.list_max)
+        me = shards.shard.index
+        if isinstance(request, wire.Cancel):
+            own = await self._cancel(request)
+            replies, missing = await shards.gather(lambda i: doc, own)
+            return sharding.DelayShards.merge_cancel(replies, missing)
+        if isinstance(request, wire.Counts):
+            own = await self._counts()
+            replies, missing = await shards.gather(lambda i: doc, own)
+            return sharding.DelayShards.merge_counts(replies, missing)
+        mine = wire.ListPending(
+            request.topic,
+            request.limit,
+            wire.decode_cursor(sharding.local_after(cursor, me)),
         )
-    return value
+        own = await self._list(mine)
+        replies, missing = await shards.gather(
+            lambda i: {**doc, "after": sharding.local_after(cursor, i)}, own
+        )
+        return sharding.DelayShards.merge_list(request.topic, request.limit, replies, missing)
+
+    async def _cancel(self, request: wire.Cancel) -> dict[str, Any]:
+        ledger = self.ledger
+        store, scheduler, committer = ledger.store, ledger.scheduler, ledger.committer
+        await committer.barrier()  # messages consumed before this request are stored
+        rows = await store.read(DelayStore.select, request.by, request.value)
+        doomed: list[tuple[int, str]] = []
+        in_flight = False
+        for mid, topic in rows:
+            if mid in ledger.deleting:
+                continue  # confirmed at its target; the delete is being committed
+            if scheduler.remove(mid) == "in_flight":
+                in_flight = True
+                continue
+            doomed.append((mid, topic))  # removed from the window, or beyond it
+        cancelled = 0
+        if doomed:
+            op = Delete(doomed)
+            ledger.append(op)
+            await committer.barrier()
+            cancelled = op.deleted
+        if cancelled:
+            self.cancelled.inc(cancelled)
+            return {"cancelled": True, "count": cancelled}
+        return {"cancelled": False, "state": "in_flight" if in_flight else "sent_or_unknown"}
+
+    async def _counts(self) -> dict[str, Any]:
+        store = self.ledger.store
+        counts = await store.read(DelayStore.counts)
+        return {
+            "topics": {
+                topic: {"pending": n, "next_due_ms": first} for topic, (n, first) in counts.items()
+            },
+            "total": sum(n for n, _ in counts.values()),
+        }
+
+    async def _list(self, request: wire.ListPending) -> dict[str, Any]:
+        store = self.ledger.store
+        rows = await store.read(DelayStore.page, request.topic, request.after, request.limit)
+        messages = [
+            {
+                "id": message_id,
+                "mid": mid,
+                "key": key,
+                "due_ms": due,
+                "routing_key": routing_key,
+                "size": size,
+            }
+            for mid, due, key, routing_key, message_id, size in rows
+        ]
+        last = rows[-1] if len(rows) == request.limit else None
+        return {
+            "topic": request.topic,
+            "messages": messages,
+            "next": wire.encode_cursor(last[1], last[0]) if last else None,
+        }
 
 
-def encode_cursor(due_ms: int, mid: int) -> str:
-    return f"{due_ms}:{mid}"
-
-
-def decode_cursor(raw: Any) -> tuple[int, int] | None:
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        due, sep, mid = raw.partition(":")
-        if sep and due.lstrip("-").isdigit() and mid.isdigit():
-            return int(due), int(mid)
-    raise ControlError(
-        "invalid_request", f"'after' must be a cursor from a reply, got {_short(raw)}"
-    )
-
-
-def parse_request(body: bytes, *, max_bytes: int, list_max: int) -> Request:
-    if len(body) > max_bytes:
-        raise ControlError("too_large", f"body of {len(body)} bytes exceeds {max_bytes}")
+def _is_local(raw: bytes, max_bytes: int) -> bool:
+    """A shard's own question to another shard (``"local": true``), answered alone."""
+    if len(raw) > max_bytes or b'"local"' not in raw:
+        return False
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ControlError("bad_json", f"body is not JSON: {str(exc)[:100]}") from None
-    if not isinstance(doc, dict):
-        raise ControlError("bad_json", "body must be a JSON object")
-    op = doc.get("op")
-    if op == "cancel":
-        has_id, has_key = "message_id" in doc, "key" in doc
-        if has_id == has_key:
-            raise ControlError(
-                "invalid_request", "cancel needs exactly one of 'message_id' and 'key'"
-            )
-        field = "message_id" if has_id else "key"
-        return Cancel(field, _name(doc, field))
-    if op == "counts":
-        return Counts()
-    if op == "list":
-        topic = _name(doc, "topic")
-        limit = doc.get("limit", 100)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ControlError(
-                "invalid_request", f"'limit' must be an integer >= 1, got {_short(limit)}"
-            )
-        return ListPending(topic, min(limit, list_max), decode_cursor(doc.get("after")))
-    raise ControlError("unknown_op", f"op {_short(op)} is not one of {', '.join(OPS)}")
-
-
-def dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), default=str).encode()
-
-
-def encode_error(code: str, message: str) -> bytes:
-    return dumps({"error": {"code": code, "message": message}})
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("local") is True

@@ -3,7 +3,7 @@
 Each lane is a thread with its own event loop, its own AMQP connection (a
 :class:`bridge.amqp.link.Link` with one confirm-mode :class:`~bridge.amqp.publisher.Publisher`)
 and its own read-only SQLite connection. The worker's scheduler hands a lane one
-:class:`~workers.delay.model.Assignment` at a time (one topic, at most ``batch`` messages in
+:class:`~workers.delay.core.Assignment` at a time (one topic, at most ``batch`` messages in
 due order); the lane reads the rows, publishes them with ``mandatory`` (the publisher writes
 up to ``publish_window`` unconfirmed publishes per socket write and resolves each one's
 outcome from the broker's confirms and returns), dead-letters what the broker could not
@@ -43,8 +43,9 @@ from workers.delay.config import (
     UNROUTABLE,
     DelaySettings,
 )
-from workers.delay.model import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE, Assignment, Entry
+from workers.delay.core import Assignment, Entry
 from workers.delay.store import StoredMessage, build_properties, fetch_messages, open_reader
+from workers.delay.wire import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 log = logging.getLogger("bridge.delay.lane")
 

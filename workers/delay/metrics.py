@@ -6,18 +6,14 @@ Lanes update the lateness histogram and their busy counter from their own thread
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.delay.config import DEAD_REASONS
-
-if TYPE_CHECKING:
-    from workers.delay.worker import DelayWorker
+from workers.delay.config import DEAD_REASONS, DelaySettings
+from workers.delay.ledger import Ledger
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -45,45 +41,47 @@ LATENCY_BUCKETS = (
 class _StateCollector(Collector):
     """Gauges computed at scrape time, including the bounded per-topic scheduled count."""
 
-    def __init__(self, metrics: DelayMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, ledger: Ledger, scheduled_topics: int) -> None:
+        self.ledger = ledger
+        self.scheduled_topics = scheduled_topics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        worker = self.metrics.worker
+        ledger = self.ledger
+        scheduler = ledger.scheduler
         scheduled = GaugeMetricFamily(
             "bridge_delay_scheduled_messages",
             "stored messages not yet confirmed at their target, per topic (only the N largest "
             "topics, BRIDGE_DELAY__SCHEDULED_METRIC_TOPICS)",
             labels=["topic"],
         )
-        for topic, count in self.metrics.top_topics(worker.settings.scheduled_metric_topics):
+        for topic, count in ledger.top_topics(self.scheduled_topics):
             scheduled.add_metric([topic], count)
         yield scheduled
         yield GaugeMetricFamily(
             "bridge_delay_stored_messages",
             "stored messages not yet confirmed at their target, all topics",
-            value=sum(worker.topic_counts.values()),
+            value=ledger.stored_total,
         )
         yield GaugeMetricFamily(
             "bridge_delay_window_messages",
             "messages held in the in-memory window (pending and in flight)",
-            value=len(worker.scheduler) if worker.scheduler is not None else 0,
+            value=len(scheduler),
         )
         yield GaugeMetricFamily(
             "bridge_delay_active_lanes",
             "lanes in use (more are started when due topics wait, up to LANES)",
-            value=worker.scheduler.active_lanes if worker.scheduler is not None else 0,
+            value=scheduler.active_lanes,
         )
         yield GaugeMetricFamily(
             "bridge_delay_busy_lanes",
             "sender lanes publishing a batch right now",
-            value=len(worker.scheduler.busy_lanes()) if worker.scheduler is not None else 0,
+            value=len(scheduler.busy_lanes()),
         )
 
 
 class DelayMetrics:
-    def __init__(self, registry: CollectorRegistry, worker: DelayWorker) -> None:
-        self.worker = worker
+    def __init__(self, registry: CollectorRegistry, settings: DelaySettings) -> None:
+        self.settings = settings
         self.registry = registry
         self.received = Counter(
             "bridge_delay_received_total",
@@ -139,20 +137,17 @@ class DelayMetrics:
             ["lane"],
             registry=registry,
         )
-        self._busy_children = [self.lane_busy.labels(str(i)) for i in range(worker.settings.lanes)]
+        self._busy_children = [self.lane_busy.labels(str(i)) for i in range(settings.lanes)]
         self.commit_seconds = Histogram(
             "bridge_delay_commit_seconds",
             "group commit duration",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        registry.register(_StateCollector(self))
+
+    def watch(self, ledger: Ledger) -> None:
+        """Report the ledger's state (stored, window, lanes) at each scrape."""
+        self.registry.register(_StateCollector(ledger, self.settings.scheduled_metric_topics))
 
     def add_busy(self, lane: int, seconds: float) -> None:
         self._busy_children[lane].inc(seconds)
-
-    def top_topics(self, n: int) -> list[tuple[str, int]]:
-        if n <= 0:
-            return []
-        counts = dict(self.worker.topic_counts)
-        return heapq.nlargest(n, counts.items(), key=lambda kv: kv[1])

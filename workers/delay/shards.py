@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.rpc import RpcClient
 from bridge.sharding import Shard, shard_queue
-from workers.delay import control
+from workers.delay import wire
 from workers.delay.config import DelaySettings
-from workers.delay.model import X_DELAY, X_DELAY_KEY, X_DELIVER_AT
+from workers.delay.wire import X_DELAY, X_DELAY_KEY, X_DELIVER_AT
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
@@ -87,7 +87,7 @@ def decode_cursor(raw: Any) -> tuple[int, int, int] | None:
             and all(p.isdigit() for p in parts[1:])
         ):
             return int(parts[0]), int(parts[1]), int(parts[2])
-    raise control.ControlError(
+    raise wire.ControlError(
         "invalid_request", f"'after' must be a cursor from a sharded reply, got {raw!r:.80}"
     )
 
@@ -100,8 +100,8 @@ def local_after(cursor: tuple[int, int, int] | None, shard: int) -> str | None:
         return None
     due, cshard, mid = cursor
     if shard == cshard:
-        return control.encode_cursor(due, mid)
-    return control.encode_cursor(due, _AFTER_ALL if shard < cshard else 0)
+        return wire.encode_cursor(due, mid)
+    return wire.encode_cursor(due, _AFTER_ALL if shard < cshard else 0)
 
 
 class DelayShards:

@@ -1,5 +1,4 @@
-"""Pure parts of the delay adapter: control RPC parsing, cursors, the message codec, and the
-store's journal applied to an in-memory SQLite (no broker)."""
+"""The delay store (workers.delay.store): the message codec and the journal in SQL."""
 
 from __future__ import annotations
 
@@ -9,12 +8,10 @@ import json
 import sqlite3
 
 import pamqp.encode
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.amqp.frames import Properties
-from workers.delay import control
 from workers.delay.store import (
     MAX_MID,
     SCHEMA,
@@ -29,56 +26,8 @@ from workers.delay.store import (
     props_dict,
 )
 
-# ---------------------------------------------------------------- control requests
-
-PARSE = [
-    (b'{"op": "counts"}', control.Counts()),
-    (b'{"op": "cancel", "message_id": "m1"}', control.Cancel("message_id", "m1")),
-    (b'{"op": "cancel", "key": "k"}', control.Cancel("key", "k")),
-    (b'{"op": "list", "topic": "t"}', control.ListPending("t", 100, None)),
-    (b'{"op": "list", "topic": "t", "limit": 5000}', control.ListPending("t", 1000, None)),
-    (
-        b'{"op": "list", "topic": "t", "limit": 2, "after": "17:4"}',
-        control.ListPending("t", 2, (17, 4)),
-    ),
-]
-
-ERRORS = [
-    (b"", "bad_json"),
-    (b"nope", "bad_json"),
-    (b"[1]", "bad_json"),
-    (b'{"op": 1}', "unknown_op"),
-    (b'{"op": "status"}', "unknown_op"),
-    (b"{}", "unknown_op"),
-    (b'{"op": "cancel"}', "invalid_request"),
-    (b'{"op": "cancel", "message_id": "a", "key": "b"}', "invalid_request"),
-    (b'{"op": "cancel", "message_id": ""}', "invalid_request"),
-    (b'{"op": "cancel", "key": 5}', "invalid_request"),
-    (b'{"op": "list"}', "invalid_request"),
-    (b'{"op": "list", "topic": "t", "limit": 0}', "invalid_request"),
-    (b'{"op": "list", "topic": "t", "limit": true}', "invalid_request"),
-    (b'{"op": "list", "topic": "t", "after": "x:1"}', "invalid_request"),
-    (b'{"op": "list", "topic": "t", "after": [1, 2]}', "invalid_request"),
-    (b'{"op": "counts", "pad": "' + b"x" * 200 + b'"}', "too_large"),
-]
-
-
-@pytest.mark.parametrize(("body", "expected"), PARSE)
-def test_parse_request(body: bytes, expected: control.Request) -> None:
-    assert control.parse_request(body, max_bytes=100, list_max=1000) == expected
-
-
-@pytest.mark.parametrize(("body", "code"), ERRORS)
-def test_parse_request_errors(body: bytes, code: str) -> None:
-    with pytest.raises(control.ControlError) as err:
-        control.parse_request(body, max_bytes=100, list_max=1000)
-    assert err.value.code == code
-    assert json.loads(control.encode_error(err.value.code, err.value.message))["error"]["code"]
-
-
-@given(st.integers(-(10**15), 10**15), st.integers(0, MAX_MID))
-def test_cursor_round_trip(due: int, mid: int) -> None:
-    assert control.decode_cursor(control.encode_cursor(due, mid)) == (due, mid)
+NOW = 1_700_000_000_000
+HORIZON = 60_000
 
 
 # ---------------------------------------------------------------- message codec
@@ -210,17 +159,3 @@ def test_schema_statements_are_idempotent() -> None:
         for statement in SCHEMA:
             conn.execute(statement)
     conn.close()
-
-
-def test_every_delay_setting_is_documented() -> None:
-    from pathlib import Path
-
-    from workers.delay.config import DelaySettings
-
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "delay.md").read_text()
-    missing = [
-        f"BRIDGE_DELAY__{name.upper()}"
-        for name in DelaySettings.model_fields
-        if f"`BRIDGE_DELAY__{name.upper()}`" not in doc
-    ]
-    assert not missing, f"undocumented in docs/delay.md: {missing}"

@@ -1,8 +1,6 @@
-"""Pure-core tests for workers.delay.model: ingress decisions and sender-lane scheduling."""
+"""Pure core of the delay worker (workers.delay.core): sender-lane scheduling."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -15,164 +13,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from workers.delay.model import (
-    CONTROL_HEADERS,
-    REJECT_REASONS,
-    Assignment,
-    Entry,
-    Reject,
-    Schedule,
-    Scheduler,
-    parse_ingress,
-    strip_control_headers,
-)
+from workers.delay.core import Assignment, Entry, Scheduler
 
 NOW = 1_700_000_000_000
 HORIZON = 60_000
-
-# ---------------------------------------------------------------- parse_ingress
-
-T = {"x-target-exchange": "orders"}
-
-PARSE_CASES: list[tuple[str, dict[str, object] | None, str | None, Schedule | str]] = [
-    # valid forms
-    ("int delay", {"x-delay": 5000, **T}, None, Schedule(NOW + 5000, "orders", None)),
-    ("zero delay", {"x-delay": 0, **T}, None, Schedule(NOW, "orders", None)),
-    ("str delay", {"x-delay": "5000", **T}, None, Schedule(NOW + 5000, "orders", None)),
-    ("bytes delay", {"x-delay": b"5000", **T}, None, Schedule(NOW + 5000, "orders", None)),
-    (
-        "deliver-at future",
-        {"x-deliver-at": NOW + 10, **T},
-        None,
-        Schedule(NOW + 10, "orders", None),
-    ),
-    ("deliver-at past", {"x-deliver-at": NOW - 10**9, **T}, None, Schedule(NOW, "orders", None)),
-    ("deliver-at zero", {"x-deliver-at": 0, **T}, None, Schedule(NOW, "orders", None)),
-    (
-        "deliver-at str",
-        {"x-deliver-at": str(NOW + 7), **T},
-        None,
-        Schedule(NOW + 7, "orders", None),
-    ),
-    ("delay at horizon", {"x-delay": HORIZON, **T}, None, Schedule(NOW + HORIZON, "orders", None)),
-    (
-        "deliver-at at horizon",
-        {"x-deliver-at": NOW + HORIZON, **T},
-        None,
-        Schedule(NOW + HORIZON, "orders", None),
-    ),
-    ("default target", {"x-delay": 1}, "fallback", Schedule(NOW + 1, "fallback", None)),
-    ("explicit beats default", {"x-delay": 1, **T}, "fallback", Schedule(NOW + 1, "orders", None)),
-    (
-        "bytes target",
-        {"x-delay": 1, "x-target-exchange": b"orders"},
-        None,
-        Schedule(NOW + 1, "orders", None),
-    ),
-    ("target 255 bytes", {"x-delay": 1, "x-target-exchange": "t" * 255}, None, "ok"),
-    (
-        "str key",
-        {"x-delay": 1, "x-delay-key": "order-7", **T},
-        None,
-        Schedule(NOW + 1, "orders", "order-7"),
-    ),
-    ("bytes key", {"x-delay": 1, "x-delay-key": b"k", **T}, None, Schedule(NOW + 1, "orders", "k")),
-    ("key 255 bytes", {"x-delay": 1, "x-delay-key": "k" * 255, **T}, None, "ok"),
-    # ambiguous / missing
-    ("both delay headers", {"x-delay": 1, "x-deliver-at": NOW, **T}, None, "ambiguous_delay"),
-    ("no delay header", dict(T), None, "missing_delay"),
-    ("no headers at all", None, "fallback", "missing_delay"),
-    ("empty headers", {}, "fallback", "missing_delay"),
-    # invalid delay
-    ("negative delay", {"x-delay": -1, **T}, None, "invalid_delay"),
-    ("negative str delay", {"x-delay": "-1", **T}, None, "invalid_delay"),
-    ("bool delay", {"x-delay": True, **T}, None, "invalid_delay"),
-    ("float delay", {"x-delay": 5000.0, **T}, None, "invalid_delay"),
-    ("nan delay", {"x-delay": math.nan, **T}, None, "invalid_delay"),
-    ("text delay", {"x-delay": "soon", **T}, None, "invalid_delay"),
-    ("float text delay", {"x-delay": "5.5", **T}, None, "invalid_delay"),
-    ("padded text delay", {"x-delay": " 5000", **T}, None, "invalid_delay"),
-    ("underscore text delay", {"x-delay": "5_000", **T}, None, "invalid_delay"),
-    ("arabic-indic digits", {"x-delay": "\u0665", **T}, None, "invalid_delay"),
-    ("empty text delay", {"x-delay": "", **T}, None, "invalid_delay"),
-    ("none delay", {"x-delay": None, **T}, None, "invalid_delay"),
-    ("list delay", {"x-delay": [1], **T}, None, "invalid_delay"),
-    ("non-utf8 bytes delay", {"x-delay": b"\xff", **T}, None, "invalid_delay"),
-    ("huge digit string", {"x-delay": "9" * 5000, **T}, None, "invalid_delay"),
-    ("float deliver-at", {"x-deliver-at": float(NOW), **T}, None, "invalid_delay"),
-    ("bool deliver-at", {"x-deliver-at": False, **T}, None, "invalid_delay"),
-    ("text deliver-at", {"x-deliver-at": "tomorrow", **T}, None, "invalid_delay"),
-    # horizon
-    ("delay horizon + 1", {"x-delay": HORIZON + 1, **T}, None, "beyond_horizon"),
-    ("deliver-at horizon + 1", {"x-deliver-at": NOW + HORIZON + 1, **T}, None, "beyond_horizon"),
-    ("enormous delay", {"x-delay": 10**30, **T}, None, "beyond_horizon"),
-    # target
-    ("no target, no default", {"x-delay": 1}, None, "missing_target"),
-    ("no target, empty default", {"x-delay": 1}, "", "missing_target"),
-    ("empty target", {"x-delay": 1, "x-target-exchange": ""}, "fallback", "missing_target"),
-    ("int target", {"x-delay": 1, "x-target-exchange": 7}, None, "missing_target"),
-    ("none target", {"x-delay": 1, "x-target-exchange": None}, "fallback", "missing_target"),
-    ("target 256 bytes", {"x-delay": 1, "x-target-exchange": "t" * 256}, None, "missing_target"),
-    (
-        "target 256 utf8 bytes",
-        {"x-delay": 1, "x-target-exchange": "é" * 128},
-        None,
-        "missing_target",
-    ),
-    ("non-utf8 target", {"x-delay": 1, "x-target-exchange": b"\xff"}, None, "missing_target"),
-    # key
-    ("empty key", {"x-delay": 1, "x-delay-key": "", **T}, None, "invalid_key"),
-    ("int key", {"x-delay": 1, "x-delay-key": 5, **T}, None, "invalid_key"),
-    ("none key", {"x-delay": 1, "x-delay-key": None, **T}, None, "invalid_key"),
-    ("key 256 bytes", {"x-delay": 1, "x-delay-key": "k" * 256, **T}, None, "invalid_key"),
-    ("non-utf8 key", {"x-delay": 1, "x-delay-key": b"\xfe", **T}, None, "invalid_key"),
-    # first failing check wins: delay, horizon, target, key
-    ("bad delay and target", {"x-delay": "x"}, None, "invalid_delay"),
-    ("far and no target", {"x-delay": HORIZON + 1}, None, "beyond_horizon"),
-    ("no target and bad key", {"x-delay": 1, "x-delay-key": ""}, None, "missing_target"),
-]
-
-
-@pytest.mark.parametrize(
-    ("headers", "default", "expected"),
-    [c[1:] for c in PARSE_CASES],
-    ids=[c[0] for c in PARSE_CASES],
-)
-def test_parse_ingress(
-    headers: dict[str, object] | None, default: str | None, expected: Schedule | str
-) -> None:
-    got = parse_ingress(headers, NOW, horizon_ms=HORIZON, default_target=default)
-    if isinstance(expected, Schedule):
-        assert got == expected
-    elif expected == "ok":
-        assert isinstance(got, Schedule)
-    else:
-        assert isinstance(got, Reject)
-        assert got.reason == expected
-        assert got.reason in REJECT_REASONS
-        assert got.detail
-
-
-def test_every_reject_reason_is_covered_by_the_table() -> None:
-    covered = {c[3] for c in PARSE_CASES if isinstance(c[3], str)}
-    assert set(REJECT_REASONS) <= covered
-
-
-def test_reject_detail_names_the_value_and_is_truncated() -> None:
-    got = parse_ingress({"x-delay": "soon", **T}, NOW, horizon_ms=HORIZON, default_target=None)
-    assert isinstance(got, Reject) and "'soon'" in got.detail
-    long = "x" * 10_000
-    got = parse_ingress({"x-delay": long, **T}, NOW, horizon_ms=HORIZON, default_target=None)
-    assert isinstance(got, Reject)
-    assert "xxxx" in got.detail and len(got.detail) < 200
-
-
-def test_strip_control_headers() -> None:
-    headers: dict[str, object] = {h: 1 for h in CONTROL_HEADERS}
-    headers.update({"x-trace": "abc", "X-Delay": "case differs, kept"})
-    assert strip_control_headers(headers) == {"x-trace": "abc", "X-Delay": "case differs, kept"}
-    assert strip_control_headers(None) == {}
-    assert "x-delay" in headers, "the input is not modified"
 
 
 # ---------------------------------------------------------------- scheduler tables

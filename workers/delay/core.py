@@ -1,202 +1,22 @@
-"""Pure core of the ``delay`` worker: whether a message is accepted, and which topic sends next.
+"""Pure core of the ``delay`` worker: which topic sends next.
 
-This module owns two decisions and does no I/O:
+``Scheduler`` holds the near-term window of pending messages and hands out sender lanes.
+The topic of a message is its target exchange. A topic holds at most one lane at a time, for
+at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
+100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
 
-* ``parse_ingress`` turns the headers of a message published to ``delay.in`` into a
-  ``Schedule`` (when, and into which exchange, to publish it) or a ``Reject`` whose ``reason``
-  becomes the ``x-dead-reason`` header on ``delay.dead``.
-* ``Scheduler`` holds the near-term window of pending messages and hands out sender lanes.
-  The topic of a message is its target exchange. A topic holds at most one lane at a time, for
-  at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
-  100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
-
-Time comes in as integer epoch milliseconds. The adapter owns the SQLite store and the AMQP
-channels: it feeds events in (``add``, ``remove``, ``complete``) and acts on the decisions that
-come out (``Schedule``/``Reject``, ``Assignment``, replaced entries).
+Time comes in as integer epoch milliseconds. No I/O: the adapters own the SQLite store and
+the AMQP channels; they feed events in (``add``, ``remove``, ``complete``) and act on the
+decisions that come out (``Assignment``, replaced entries).
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush, nsmallest
 from typing import Literal
-
-X_DELAY = "x-delay"
-X_DELIVER_AT = "x-deliver-at"
-X_TARGET_EXCHANGE = "x-target-exchange"
-X_DELAY_KEY = "x-delay-key"
-CONTROL_HEADERS = (X_DELAY, X_DELIVER_AT, X_TARGET_EXCHANGE, X_DELAY_KEY)
-
-INVALID_DELAY = "invalid_delay"
-AMBIGUOUS_DELAY = "ambiguous_delay"
-MISSING_DELAY = "missing_delay"
-MISSING_TARGET = "missing_target"
-BEYOND_HORIZON = "beyond_horizon"
-INVALID_KEY = "invalid_key"
-INVALID_HEADERS = "invalid_headers"  # the data path could not decode them (bridge.amqp.frames)
-# Every value ``Reject.reason`` can take, so metrics can pre-create their label set.
-REJECT_REASONS = (
-    INVALID_DELAY,
-    AMBIGUOUS_DELAY,
-    MISSING_DELAY,
-    MISSING_TARGET,
-    BEYOND_HORIZON,
-    INVALID_KEY,
-)
-
-# AMQP shortstr limit: exchange names, and keys we may echo back in one.
-_MAX_NAME_BYTES = 255
-_MAX_DETAIL_VALUE = 100
-# ASCII digits only: str.isdigit() and int() also accept other scripts' digits, "5_000" and
-# surrounding whitespace, none of which a producer means as a delay.
-_INT_TEXT = re.compile(r"-?[0-9]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """Accepted: publish into exchange ``topic`` at ``due_ms``; ``key`` is for replace/cancel."""
-
-    due_ms: int
-    topic: str
-    key: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """Refused: ``reason`` is the ``x-dead-reason`` header, ``detail`` a sentence for humans."""
-
-    reason: str
-    detail: str
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    if len(text) > _MAX_DETAIL_VALUE:
-        text = text[: _MAX_DETAIL_VALUE - 3] + "..."
-    return text
-
-
-def _as_text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
-    # pamqp hands some header strings over as bytes, depending on the producer's client.
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return None
-
-
-def _as_int(value: object) -> int | None:
-    # bool is an int subclass; True as "1 ms" would be a silent misreading.
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    text = _as_text(value)
-    if text is None or not _INT_TEXT.fullmatch(text):
-        return None
-    try:
-        return int(text)
-    except ValueError:  # more digits than int() agrees to parse
-        return None
-
-
-def _as_name(value: object) -> str | None:
-    text = _as_text(value)
-    if not text or len(text.encode("utf-8")) > _MAX_NAME_BYTES:
-        return None
-    return text
-
-
-def parse_ingress(
-    headers: Mapping[str, object] | None,
-    now_ms: int,
-    *,
-    horizon_ms: int,
-    default_target: str | None,
-) -> Schedule | Reject:
-    """Decide what to do with a message from ``delay.in``.
-
-    Checks run in this order and the first failure is reported: the delay headers, the
-    horizon, the target exchange, the key. An ``x-deliver-at`` in the past is due now: late is
-    better than dead-lettered, and the producer cannot fix a clock race anyway.
-    """
-    h: Mapping[str, object] = headers if headers is not None else {}
-    has_delay = X_DELAY in h
-    has_at = X_DELIVER_AT in h
-    if has_delay and has_at:
-        return Reject(AMBIGUOUS_DELAY, "both x-delay and x-deliver-at are set; send only one")
-    if has_delay:
-        raw = h[X_DELAY]
-        delay = _as_int(raw)
-        if delay is None or delay < 0:
-            return Reject(
-                INVALID_DELAY,
-                f"x-delay must be a whole number of milliseconds >= 0, got {_show(raw)}",
-            )
-        due_ms = now_ms + delay
-    elif has_at:
-        raw = h[X_DELIVER_AT]
-        at = _as_int(raw)
-        if at is None:
-            return Reject(
-                INVALID_DELAY,
-                f"x-deliver-at must be whole epoch milliseconds, got {_show(raw)}",
-            )
-        due_ms = max(at, now_ms)
-    else:
-        return Reject(MISSING_DELAY, "neither x-delay nor x-deliver-at is set")
-
-    if due_ms - now_ms > horizon_ms:
-        return Reject(
-            BEYOND_HORIZON,
-            f"due in {_show(due_ms - now_ms)} ms, beyond the horizon of {horizon_ms} ms",
-        )
-
-    if X_TARGET_EXCHANGE in h:
-        # An explicit but unusable target is refused even with a default configured: the
-        # producer asked for a specific exchange, and the default is not what it meant.
-        raw = h[X_TARGET_EXCHANGE]
-        topic = _as_name(raw)
-        if topic is None:
-            return Reject(
-                MISSING_TARGET,
-                "x-target-exchange must be a non-empty exchange name of at most "
-                f"{_MAX_NAME_BYTES} bytes, got {_show(raw)}",
-            )
-    elif default_target:
-        topic = default_target
-    else:
-        return Reject(
-            MISSING_TARGET, "x-target-exchange is not set and no default target is configured"
-        )
-
-    key: str | None = None
-    if X_DELAY_KEY in h:
-        raw = h[X_DELAY_KEY]
-        key = _as_name(raw)
-        if key is None:
-            return Reject(
-                INVALID_KEY,
-                f"x-delay-key must be a non-empty string of at most {_MAX_NAME_BYTES} bytes, "
-                f"got {_show(raw)}",
-            )
-    return Schedule(due_ms=due_ms, topic=topic, key=key)
-
-
-def strip_control_headers(headers: Mapping[str, object] | None) -> dict[str, object]:
-    """The headers to publish onward: everything the producer sent except ours."""
-    if not headers:
-        return {}
-    return {k: v for k, v in headers.items() if k not in CONTROL_HEADERS}
-
-
-# --------------------------------------------------------------------------- scheduler
 
 
 @dataclass(slots=True)

@@ -1,0 +1,186 @@
+"""The ingress of the delay worker: messages published to ``delay.in`` (or its shard queue).
+
+A delivery's headers are parsed (:func:`workers.delay.wire.parse_ingress`); a refused one is
+dead-lettered with its reason; on sharded workers a keyless message that another shard owns
+is forwarded to that shard's queue; the rest is journaled as an insert and acknowledged once
+the commit that holds it is done. A message due within the window goes into it then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from prometheus_client import Counter
+
+from bridge.amqp.consumer import Consumer
+from bridge.amqp.frames import Delivery
+from bridge.amqp.publisher import Publisher
+from bridge.errors import PublishFailed
+from bridge.sharding import Shard, shard_queue
+from workers.delay.config import DelaySettings
+from workers.delay.deadletter import DeadLetters
+from workers.delay.ledger import Ledger, now_ms
+from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
+from workers.delay.store import Insert, KeyDelete, encode_headers, props_dict
+from workers.delay.wire import INVALID_HEADERS, Reject, parse_ingress, strip_control_headers
+
+log = logging.getLogger("bridge.delay")
+_json = json.JSONEncoder(separators=(",", ":")).encode  # stored properties, compact
+
+
+class Ingress:
+    """Handles the ingress consumer's deliveries; :attr:`consumer` is set by the worker."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        settings: DelaySettings,
+        shard: Shard,
+        *,
+        forwards: Publisher,
+        dead: DeadLetters,
+        received: Counter,
+        replaced: Counter,
+        kick: Callable[[], None],
+    ) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.shard = shard
+        self.forwards = forwards
+        self.dead = dead
+        self.received = received
+        self._accepted = received.labels("accepted")
+        self.replaced = replaced
+        self.kick = kick
+        self.consumer: Consumer | None = None
+
+    def on_delivery(self, delivered: Delivery) -> Coroutine[Any, Any, None] | None:
+        """One ingress delivery. The common path (stored, then acknowledged after the
+        commit) runs here and in :meth:`_stored` without a task of its own; a dead letter or
+        a forward to another shard is returned as a coroutine, which the consumer runs as a
+        task."""
+        s = self.settings
+        ledger = self.ledger
+        scheduler = ledger.scheduler
+        consumer = self.consumer
+        assert consumer is not None
+        properties = delivered.properties
+        headers = properties.headers
+        if properties.error:
+            decision: Any = Reject(INVALID_HEADERS, f"not decodable: {properties.error}")
+        else:
+            decision = parse_ingress(
+                headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
+            )
+        if isinstance(decision, Reject):
+            self.received.labels("rejected").inc()
+            return self.dead.reject(delivered, consumer, decision.reason, decision.detail)
+        if self.shard.sharded and decision.key is None:
+            owner, new_id = self._owner(delivered)
+            if owner != self.shard.index:
+                if not headers or H_FORWARDED_FROM not in headers:
+                    return self._forward(delivered, decision.due_ms, owner, new_id)
+                # forwarded here by a shard that thinks this one owns it: keep it (never
+                # forward twice) and say that the shards disagree on the shard count
+                log.error(
+                    "forwarded message not owned by this shard: check SHARD_COUNT on every shard",
+                    extra={"owner": owner, "shard": self.shard.index},
+                )
+        mid = ledger.next_mid()
+        props = props_dict(properties)
+        message_id = props.get("message_id")
+        if not message_id:
+            # A stable id: a re-publish after a crash carries the same one.
+            message_id = props["message_id"] = uuid.uuid4().hex
+        key = decision.key
+        replace: KeyDelete | None = None
+        if key is not None:
+            scheduler.remove_key(key)
+            replace = KeyDelete(key, mid, scheduler.key_mids(key))
+            ledger.append(replace)
+        op = Insert(
+            mid=mid,
+            due_ms=decision.due_ms,
+            topic=decision.topic,
+            routing_key=delivered.routing_key,
+            key=key,
+            message_id=message_id,
+            props=_json(props),
+            headers=encode_headers(strip_control_headers(headers)),
+            body=delivered.body,
+        )
+        ledger.append(op)
+        ledger.stored().add_done_callback(functools.partial(self._stored, delivered, op, replace))
+        return None
+
+    def _stored(
+        self,
+        delivered: Delivery,
+        op: Insert,
+        replace: KeyDelete | None,
+        stored: asyncio.Future[None],
+    ) -> None:
+        """The commit that holds ``op`` is done (or failed: the delivery goes back)."""
+        consumer = self.consumer
+        assert consumer is not None
+        error = None if stored.cancelled() else stored.exception()
+        if stored.cancelled() or error is not None:
+            log.error(
+                "ingress commit failed; the message goes back to its queue",
+                extra={"error": repr(error) if error else "cancelled"},
+            )
+            consumer.nack(delivered, requeue=True)
+            return
+        if op.in_window:
+            self.ledger.admit(op.mid, op.due_ms, op.topic, op.key)
+            self.kick()
+        if replace is not None and replace.deleted:
+            self.replaced.inc(replace.deleted)
+        self._accepted.inc()
+        consumer.ack(delivered)
+
+    def _owner(self, delivered: Delivery) -> tuple[int, str | None]:
+        """The shard that owns a keyless message (by message_id) and, for one without an id,
+        the stable id it is forwarded with. A keyed message stays where the exchange put it:
+        the exchange hashes the header's typed value, every version of a key alike."""
+        props = delivered.properties
+        message_id = props.message_id
+        if not message_id:
+            message_id = digest_id(delivered.routing_key or "", props.headers, delivered.body)
+            return self.shard.owner(message_id), message_id
+        return self.shard.owner(message_id), None
+
+    async def _forward(
+        self, delivered: Delivery, due_ms: int, owner: int, new_id: str | None
+    ) -> None:
+        """A message that belongs to another shard: hand it to the owner's queue (confirmed)
+        before acknowledging it here."""
+        consumer = self.consumer
+        assert consumer is not None
+        headers = forwarded_headers(delivered.properties.headers, due_ms, self.shard)
+        props = self.dead.carried(delivered, headers)
+        if new_id is not None:
+            props.message_id = new_id
+        try:
+            await self.forwards.publish(
+                "",
+                shard_queue(self.settings.in_queue, owner),
+                delivered.body,
+                props,
+            )
+        except PublishFailed as exc:
+            log.error(
+                "forward to the key's shard failed; requeueing",
+                extra={"owner": owner, "error": str(exc)},
+            )
+            await asyncio.sleep(1)
+            consumer.nack(delivered)
+            return
+        self.received.labels("forwarded").inc()
+        consumer.ack(delivered)
