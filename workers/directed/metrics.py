@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.metrics import LATENCY_BUCKETS
+from workers.directed.config import DirectedSettings
+from workers.directed.model import DirectedCore
 
-if TYPE_CHECKING:
-    from workers.directed.worker import DirectedWorker
+
+def top_backlog(core: DirectedCore, n: int) -> list[tuple[str, int]]:
+    """The ``n`` targets with the most queued ids."""
+    if n <= 0:
+        return []
+    return heapq.nlargest(n, ((t, core.backlog(t)) for t in core.targets()), key=lambda kv: kv[1])
 
 
 class _StateCollector(Collector):
     """Gauges computed at scrape time from the core, including a bounded per-target backlog."""
 
-    def __init__(self, metrics: DirectedMetrics) -> None:
-        self.metrics = metrics
+    def __init__(
+        self, core: DirectedCore, cache_bytes: Callable[[], int], backlog_targets: int
+    ) -> None:
+        self.core = core
+        self.cache_bytes = cache_bytes
+        self.backlog_targets = backlog_targets
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        worker = self.metrics.worker
-        core = worker.core
-        if core is None:
-            return
+        core = self.core
         yield GaugeMetricFamily(
             "bridge_directed_messages",
             "messages whose content is stored",
@@ -42,17 +48,18 @@ class _StateCollector(Collector):
             "queued ids per target (only the largest N targets, BRIDGE_DIRECTED__BACKLOG_METRIC_TARGETS)",
             labels=["target"],
         )
-        for target, count in self.metrics.top_backlog(worker.settings.backlog_metric_targets):
+        for target, count in top_backlog(core, self.backlog_targets):
             backlog.add_metric([target], count)
         yield backlog
         yield GaugeMetricFamily(
-            "bridge_directed_cache_bytes", "content cache size", value=worker._cache.bytes
+            "bridge_directed_cache_bytes", "content cache size", value=self.cache_bytes()
         )
 
 
 class DirectedMetrics:
-    def __init__(self, registry: CollectorRegistry, worker: DirectedWorker) -> None:
-        self.worker = worker
+    def __init__(self, registry: CollectorRegistry, settings: DirectedSettings) -> None:
+        self.registry = registry
+        self.settings = settings
         self.requests = Counter(
             "bridge_directed_requests_total",
             "requests consumed, by outcome",
@@ -117,15 +124,12 @@ class DirectedMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        registry.register(_StateCollector(self))
+
+    def watch(self, core: DirectedCore, cache_bytes: Callable[[], int]) -> None:
+        """Report the core's state (messages, targets, backlog) and the cache at each scrape."""
+        self.registry.register(
+            _StateCollector(core, cache_bytes, self.settings.backlog_metric_targets)
+        )
 
     def on_commit(self, items: int, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
-
-    def top_backlog(self, n: int) -> list[tuple[str, int]]:
-        core = self.worker.core
-        if core is None or n <= 0:
-            return []
-        return heapq.nlargest(
-            n, ((t, core.backlog(t)) for t in core.targets()), key=lambda kv: kv[1]
-        )

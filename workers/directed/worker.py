@@ -49,7 +49,7 @@ from workers.directed.config import (
     H_SHARD,
     DirectedSettings,
 )
-from workers.directed.metrics import DirectedMetrics
+from workers.directed.metrics import DirectedMetrics, top_backlog
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
 from workers.directed.store import Batch, Content, DirectedStore
 
@@ -125,7 +125,7 @@ class DirectedWorker:
 
     async def start(self, ctx: WorkerContext) -> None:
         s = self.settings
-        self.metrics = DirectedMetrics(ctx.registry, self)
+        self.metrics = DirectedMetrics(ctx.registry, s)
         self.store = DirectedStore(
             ctx.state_dir(self.name), synchronous=s.synchronous, identity=self.shard.identity()
         )
@@ -139,6 +139,7 @@ class DirectedWorker:
             overflow=OverflowPolicy(s.overflow),
             max_batch=s.max_batch,
         )
+        self.metrics.watch(self.core, lambda: self._cache.bytes)
         log.info(
             "state restored",
             extra={
@@ -325,7 +326,7 @@ class DirectedWorker:
                 "cache_bytes": self._cache.bytes,
             }
         if view == "backlog":
-            return dict(self.metrics.top_backlog(100))
+            return dict(top_backlog(core, 100))
         if view.startswith("message/"):
             return core.status(view[len("message/") :])
         return None
