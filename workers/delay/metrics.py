@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from workers.delay.config import DEAD_REASONS
@@ -48,8 +48,14 @@ class _StateCollector(Collector):
     def __init__(self, metrics: DelayMetrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         worker = self.metrics.worker
+        yield CounterMetricFamily(
+            "bridge_delay_commit_failures",
+            "state commits that failed (disk full, read-only, I/O error) and are retried; "
+            "nothing is acknowledged meanwhile",
+            value=worker.committer.failures if worker.committer is not None else 0,
+        )
         scheduled = GaugeMetricFamily(
             "bridge_delay_scheduled_messages",
             "stored messages not yet confirmed at their target, per topic (only the N largest "

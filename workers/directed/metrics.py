@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.metrics import LATENCY_BUCKETS
@@ -22,8 +22,14 @@ class _StateCollector(Collector):
     def __init__(self, metrics: DirectedMetrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         worker = self.metrics.worker
+        yield CounterMetricFamily(
+            "bridge_directed_commit_failures",
+            "state commits that failed (disk full, read-only, I/O error) and are retried; "
+            "nothing is acknowledged meanwhile",
+            value=worker.committer.failures if worker.committer is not None else 0,
+        )
         core = worker.core
         if core is None:
             return
