@@ -106,7 +106,7 @@ def common(job: str, worker: str) -> list[dict[str, Any]]:
     return [
         panel(
             "Ready",
-            [(f'bridge_worker_ready{sel(job, f"worker={json.dumps(worker)}")}', "{{instance}}")],
+            [(f"bridge_worker_ready{sel(job, f'worker={json.dumps(worker)}')}", "{{instance}}")],
             kind="stat",
             unit="bool_yes_no",
             width=6,
@@ -174,7 +174,12 @@ def panels(worker: str) -> list[dict[str, Any]]:
             *common(job, worker),
             panel(
                 "Requests / s by outcome",
-                [(f"sum by (outcome) (rate(bridge_directed_requests_total{s}[{Q}]))", "{{outcome}}")],
+                [
+                    (
+                        f"sum by (outcome) (rate(bridge_directed_requests_total{s}[{Q}]))",
+                        "{{outcome}}",
+                    )
+                ],
                 unit="reqps",
             ),
             panel(
@@ -185,8 +190,14 @@ def panels(worker: str) -> list[dict[str, Any]]:
                 ],
                 unit="ops",
             ),
-            panel("Pull time (percentiles)", quantiles("bridge_directed_pull_seconds", job), unit="s"),
-            panel("Commit time (percentiles)", quantiles("bridge_directed_commit_seconds", job), unit="s"),
+            panel(
+                "Pull time (percentiles)", quantiles("bridge_directed_pull_seconds", job), unit="s"
+            ),
+            panel(
+                "Commit time (percentiles)",
+                quantiles("bridge_directed_commit_seconds", job),
+                unit="s",
+            ),
             panel(
                 "Backlog: largest target queues",
                 [
@@ -196,15 +207,29 @@ def panels(worker: str) -> list[dict[str, Any]]:
             ),
             panel(
                 "Dead letters by reason",
-                [(f"sum by (reason) (increase(bridge_directed_dead_letters_total{s}[{Q}]))", "{{reason}}")],
+                [
+                    (
+                        f"sum by (reason) (increase(bridge_directed_dead_letters_total{s}[{Q}]))",
+                        "{{reason}}",
+                    )
+                ],
             ),
             panel(
                 "Drops, expirations, forwarded pulls",
                 [
-                    (f"sum(increase(bridge_directed_overflow_drops_total{s}[{Q}]))", "overflow drops"),
+                    (
+                        f"sum(increase(bridge_directed_overflow_drops_total{s}[{Q}]))",
+                        "overflow drops",
+                    ),
                     (f"sum(increase(bridge_directed_expirations_total{s}[{Q}]))", "expired"),
-                    (f"sum(increase(bridge_directed_pulls_forwarded_total{s}[{Q}]))", "forwarded pulls"),
-                    (f"sum(increase(bridge_directed_commit_failures_total{s}[{Q}]))", "commit failures"),
+                    (
+                        f"sum(increase(bridge_directed_pulls_forwarded_total{s}[{Q}]))",
+                        "forwarded pulls",
+                    ),
+                    (
+                        f"sum(increase(bridge_directed_commit_failures_total{s}[{Q}]))",
+                        "commit failures",
+                    ),
                 ],
             ),
             panel(
@@ -219,13 +244,20 @@ def panels(worker: str) -> list[dict[str, Any]]:
             panel(
                 "Received and published / s",
                 [
-                    (f"sum by (outcome) (rate(bridge_delay_received_total{s}[{Q}]))", "received {{outcome}}"),
+                    (
+                        f"sum by (outcome) (rate(bridge_delay_received_total{s}[{Q}]))",
+                        "received {{outcome}}",
+                    ),
                     (f"sum(rate(bridge_delay_published_total{s}[{Q}]))", "published"),
                 ],
                 unit="ops",
             ),
-            panel("Lateness (percentiles)", quantiles("bridge_delay_lateness_seconds", job), unit="s"),
-            panel("Commit time (percentiles)", quantiles("bridge_delay_commit_seconds", job), unit="s"),
+            panel(
+                "Lateness (percentiles)", quantiles("bridge_delay_lateness_seconds", job), unit="s"
+            ),
+            panel(
+                "Commit time (percentiles)", quantiles("bridge_delay_commit_seconds", job), unit="s"
+            ),
             panel(
                 "Backlog: stored and in the window",
                 [
@@ -236,23 +268,37 @@ def panels(worker: str) -> list[dict[str, Any]]:
             ),
             panel(
                 "Dead letters by reason",
-                [(f"sum by (reason) (increase(bridge_delay_dead_letters_total{s}[{Q}]))", "{{reason}}")],
+                [
+                    (
+                        f"sum by (reason) (increase(bridge_delay_dead_letters_total{s}[{Q}]))",
+                        "{{reason}}",
+                    )
+                ],
             ),
             panel(
                 "Lanes",
                 [
                     (f"sum(bridge_delay_busy_lanes{s})", "busy"),
                     (f"sum(bridge_delay_active_lanes{s})", "active"),
-                    (f"sum(rate(bridge_delay_lane_busy_seconds_total{s}[{Q}]))", "busy seconds / s"),
+                    (
+                        f"sum(rate(bridge_delay_lane_busy_seconds_total{s}[{Q}]))",
+                        "busy seconds / s",
+                    ),
                 ],
             ),
             panel(
                 "Retries, cancels, replacements, commit failures",
                 [
-                    (f"sum(increase(bridge_delay_publish_retries_total{s}[{Q}]))", "publish retries"),
+                    (
+                        f"sum(increase(bridge_delay_publish_retries_total{s}[{Q}]))",
+                        "publish retries",
+                    ),
                     (f"sum(increase(bridge_delay_cancelled_total{s}[{Q}]))", "cancelled"),
                     (f"sum(increase(bridge_delay_replaced_total{s}[{Q}]))", "replaced"),
-                    (f"sum(increase(bridge_delay_commit_failures_total{s}[{Q}]))", "commit failures"),
+                    (
+                        f"sum(increase(bridge_delay_commit_failures_total{s}[{Q}]))",
+                        "commit failures",
+                    ),
                 ],
             ),
         ]
@@ -295,15 +341,24 @@ def panels(worker: str) -> list[dict[str, Any]]:
         panel(
             "Dead letters: undeliverable replies and failed publishes by reason",
             [
-                (f"sum by (reason) (increase(bridge_gateway_undeliverable_total{s}[{Q}]))", "undeliverable {{reason}}"),
-                (f"sum by (reason) (increase(bridge_gateway_publish_failures_total{s}[{Q}]))", "publish failed {{reason}}"),
+                (
+                    f"sum by (reason) (increase(bridge_gateway_undeliverable_total{s}[{Q}]))",
+                    "undeliverable {{reason}}",
+                ),
+                (
+                    f"sum by (reason) (increase(bridge_gateway_publish_failures_total{s}[{Q}]))",
+                    "publish failed {{reason}}",
+                ),
             ],
         ),
         panel(
             "Data-path link",
             [
                 (f"bridge_gateway_link_up{s}", "up {{instance}}"),
-                (f"increase(bridge_gateway_link_reconnects_total{s}[{Q}])", "reconnects {{instance}}"),
+                (
+                    f"increase(bridge_gateway_link_reconnects_total{s}[{Q}])",
+                    "reconnects {{instance}}",
+                ),
             ],
         ),
     ]
