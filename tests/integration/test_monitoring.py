@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -30,6 +29,7 @@ import bridge
 from tests.integration import delay_helpers, directed_helpers, gateway_helpers
 from tests.integration.procs import WorkerProcess, free_port
 from tests.monitoring import sync
+from tests.monitoring.tools import prometheus_tool
 
 pytestmark = pytest.mark.integration
 
@@ -98,9 +98,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus; .ci/run does it)")
+    binary = prometheus_tool("prometheus")
     tmp = tmp_path_factory.mktemp("monitoring")
     unique = "t" + uuid.uuid4().hex[:10]
     ds = directed_helpers.directed_settings(unique)

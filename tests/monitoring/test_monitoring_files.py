@@ -19,15 +19,13 @@ import pytest
 import yaml
 
 from tests.monitoring import sync
+from tests.monitoring.tools import prometheus_tool
 
 RULE_FILE = sync.RULES
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus; .ci/run does it)")
-    return path
+    return prometheus_tool("promtool")
 
 
 def alerts() -> dict[str, dict[str, Any]]:

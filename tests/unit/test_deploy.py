@@ -18,6 +18,7 @@ import yaml
 
 from bridge.host import available_workers
 from bridge.settings import HostSettings
+from tests.monitoring.tools import prometheus_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.31.0"
@@ -103,9 +104,7 @@ def test_monitoring_objects_fit_the_workloads(overlay, tmp_path):
         assert doc["metadata"]["name"] in ("bridge-directed", "bridge-delay", "bridge-gateway")
         (container,) = doc["spec"]["template"]["spec"]["containers"]
         assert ports <= {p.get("name") for p in container["ports"]}
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus; .ci/run does it)")
+    promtool = prometheus_tool("promtool")
     (rule,) = rules
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
