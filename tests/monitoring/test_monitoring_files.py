@@ -34,14 +34,7 @@ def alerts() -> dict[str, dict[str, Any]]:
 
 def test_derived_files_are_generated_from_the_sources():
     """One source for each rule expression: the PrometheusRule is the rules file's groups."""
-    out = subprocess.run(
-        ["python", "-m", "tests.monitoring.sync", "--check"],
-        cwd=sync.ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert sync.main(["--check"]) == 0, "run: python -m tests.monitoring.sync"
     generated = yaml.safe_load((sync.COMPONENT / "prometheusrule.yaml").read_text())
     assert generated["spec"]["groups"] == sync.load_rules()["groups"]
 
