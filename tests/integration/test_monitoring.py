@@ -30,11 +30,13 @@ from tests.integration import delay_helpers, directed_helpers, gateway_helpers
 from tests.integration.procs import WorkerProcess, free_port
 from tests.monitoring import sync
 from tests.monitoring.tools import prometheus_tool
+from workers.delay.client import DelayClient
 
 pytestmark = pytest.mark.integration
 
 WORKERS = sync.WORKERS
 DEADLINE = 60.0  # generous: the machine is shared
+SINK = "monitoring-sink"
 
 
 class Prometheus:
@@ -135,7 +137,7 @@ def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for proc in procs.values():
             proc.wait_ready(DEADLINE)
         prometheus = Prometheus(binary, tmp, {f"bridge-{w}": p.port for w, p in procs.items()})
-        yield prometheus, procs
+        yield prometheus, procs, ys, unique
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -145,14 +147,15 @@ def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
         async def cleanup() -> None:
             await directed_helpers.cleanup(broker_url, ds)
-            await delay_helpers.cleanup(broker_url, ys, [], [])
+            sink = f"{unique}.{SINK}"
+            await delay_helpers.cleanup(broker_url, ys, [sink], [f"{sink}.q"])
             await gateway_helpers.cleanup(broker_url, gs, [])
 
         asyncio.run(cleanup())
 
 
 def test_prometheus_scrapes_every_worker_and_answers_queries(stack):
-    prometheus, _ = stack
+    prometheus, *_ = stack
 
     def ready_series() -> list[Any]:
         result = prometheus.query("bridge_worker_ready == 1")["data"]["result"]
@@ -208,7 +211,7 @@ def rule_exprs() -> dict[str, list[str]]:
 
 
 def test_every_metric_in_the_rules_and_dashboards_is_exposed_by_its_worker(stack):
-    _, procs = stack
+    _, procs, *_ = stack
     rules = rule_exprs()
     for worker, proc in procs.items():
         status, body = proc.http("/metrics")
@@ -225,7 +228,7 @@ def promql(expr: str) -> str:
 
 
 def test_every_rule_and_dashboard_expression_is_valid_promql(stack):
-    prometheus, _ = stack
+    prometheus, *_ = stack
     exprs = [e for w in WORKERS for e in dashboard_exprs(w) if not e.startswith("label_values")]
     exprs += [e for w in WORKERS for e in rule_exprs()[w]]
     assert prometheus.query("sum(rate(nope[1m])")["status"] == "error", "must reject bad PromQL"
@@ -245,7 +248,7 @@ def test_every_rule_and_dashboard_expression_is_valid_promql(stack):
 
 def test_an_alert_follows_a_real_worker_state(stack):
     """No backend server registered with the gateway: BridgeGatewayNoServer goes pending."""
-    prometheus, _ = stack
+    prometheus, *_ = stack
 
     def pending() -> list[Any]:
         alerts = prometheus.get("/api/v1/alerts")["data"]["alerts"]
@@ -254,3 +257,31 @@ def test_an_alert_follows_a_real_worker_state(stack):
     (alert,) = prometheus.wait_for("BridgeGatewayNoServer pending", pending)
     assert alert["state"] in ("pending", "firing")
     assert alert["labels"]["job"] == "bridge-gateway"
+
+
+async def test_lateness_percentiles_of_real_deliveries_come_back_from_prometheus(stack, amqp):
+    """The dashboard's p99 lateness query, over what the real delay worker observed."""
+    prometheus, _, settings, unique = stack
+    sink = await delay_helpers.make_sink(amqp, unique, SINK)
+    client = await DelayClient(amqp, settings).open()
+    try:
+        for i in range(20):
+            await client.send(b"x", sink.exchange, delay_ms=0, message_id=f"m{i}")
+        await sink.wait_for(20)
+    finally:
+        await client.close()
+    (p99,) = [
+        e
+        for e in dashboard_exprs("delay")
+        if e.startswith("histogram_quantile(0.99") and "lateness" in e
+    ]
+
+    def answer() -> float | None:
+        result = prometheus.query(promql(p99))["data"]["result"]
+        value = float(result[0]["value"][1]) if result else float("nan")
+        return value if value == value else None  # NaN until a rate exists
+
+    value = await asyncio.to_thread(prometheus.wait_for, "a p99 lateness", answer)
+    assert 0 <= value <= 300  # within the histogram's buckets
+    published = prometheus.query('bridge_delay_published_total{job="bridge-delay"}')
+    assert float(published["data"]["result"][0]["value"][1]) >= 20
