@@ -4,8 +4,10 @@ Sources (edit these): ``k8s/components/monitoring/bridge-rules.yml`` (every rule
 and the panel tables below (every dashboard query). Derived (never edit by hand):
 
 - ``prometheusrule.yaml``: the same groups as a Prometheus Operator ``PrometheusRule``;
-- ``replacements.yaml``: one kustomize replacement per threshold (the number after " > "
-  of each alert named in ``thresholds/thresholds.env``);
+- ``thresholds/thresholds.env``: the default thresholds, the number after " > " of each
+  alert whose expression has one, keyed by the alert's name;
+- ``replacements.yaml``: one kustomize replacement per threshold, from the ConfigMap made
+  of that file (and what an overlay merges into it) into the ``PrometheusRule``;
 - ``dashboards/bridge-<worker>.json``: one Grafana dashboard per worker.
 
 ``python -m tests.monitoring.sync`` writes them; ``--check`` exits 1 naming what differs
@@ -34,8 +36,23 @@ def load_rules() -> dict[str, Any]:
 
 
 def thresholds() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in THRESHOLDS.read_text().splitlines() if line.strip())
-    return {k.strip(): v.strip() for k, v in pairs}
+    """Alert name -> the number after " > " in its expression: the default thresholds."""
+    return {
+        rule["alert"]: rule["expr"].split(DELIMITER)[1]
+        for group in load_rules()["groups"]
+        for rule in group["rules"]
+        if DELIMITER in rule["expr"]
+    }
+
+
+def thresholds_env() -> str:
+    lines = [f"{name}={value}" for name, value in thresholds().items()]
+    header = GENERATED.format(source=RULES.relative_to(COMPONENT))
+    return (
+        header
+        + "# Override in your overlay (configMapGenerator, behavior: merge).\n"
+        + ("\n".join(lines) + "\n")
+    )
 
 
 def prometheusrule() -> str:
@@ -58,6 +75,10 @@ def replacements() -> str:
         for rule in group["rules"]:
             if DELIMITER not in rule["expr"]:
                 continue
+            if rule["expr"].count(DELIMITER) != 1:
+                raise ValueError(
+                    f"{rule['alert']}: one {DELIMITER!r} at most, before the threshold"
+                )
             out.append(
                 {
                     "source": {
@@ -76,7 +97,7 @@ def replacements() -> str:
                     ],
                 }
             )
-    source = f"{RULES.relative_to(COMPONENT)} and thresholds/thresholds.env"
+    source = RULES.relative_to(COMPONENT)
     return GENERATED.format(source=source) + yaml.safe_dump(out, sort_keys=False, width=1000)
 
 
@@ -426,6 +447,7 @@ def derived() -> dict[Path, str]:
     files = {
         COMPONENT / "prometheusrule.yaml": prometheusrule(),
         COMPONENT / "replacements.yaml": replacements(),
+        THRESHOLDS: thresholds_env(),
     }
     for worker in WORKERS:
         files[COMPONENT / "dashboards" / f"bridge-{worker}.json"] = dashboard(worker)
