@@ -324,3 +324,17 @@ def test_dashboards_are_provisioning_ready_and_have_the_panels_an_operator_needs
         assert re.search(r"histogram_quantile\(0\.99, sum by \(le\) \(rate\(\w+_bucket", text)
         assert "dead_letters_total" in text or "undeliverable_total" in text
         assert f'job="bridge-{worker}"' in text
+
+
+def test_the_operations_doc_lists_every_alert_with_its_delay_and_default_threshold():
+    doc = (sync.ROOT / "docs" / "operations.md").read_text()
+    listed: dict[str, str] = {}
+    for line in doc.splitlines():
+        if line.startswith("| `Bridge"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for name in re.findall(r"`(Bridge\w+)`", cells[0]):
+                listed[name] = cells[-1]
+                assert cells[-2] == alerts()[name].get("for", "—"), line
+    defaults = sync.thresholds()
+    assert set(listed) == set(alerts())
+    assert {n: v for n, v in listed.items() if v != "—"} == defaults
