@@ -12,16 +12,20 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, Info, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
 
+from bridge import __version__
 from bridge.amqp import Broker
 from bridge.errors import ConfigError
 from bridge.http import HttpEndpoint
+from bridge.metrics import ScrapeCollector
 from bridge.settings import HostSettings
 
 log = logging.getLogger("bridge.host")
@@ -104,22 +108,38 @@ class Host:
             registry=self.registry,
         )
         self._up.set_function(lambda: 1.0 if self.broker.connected else 0.0)
+        Info("bridge_build", "version of the running release", registry=self.registry).info(
+            {"version": __version__}
+        )
+        self.registry.register(ScrapeCollector(self._ready_gauge))
+
+    def worker_states(self) -> dict[str, tuple[bool, str]]:
+        """Each worker's (ready, reason): "starting" until its start() returned."""
+        started = {w.name for w in self.started}
+        return {
+            w.name: w.ready() if w.name in started else (False, "starting") for w in self.workers
+        }
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         checks: dict[str, str] = {
             "broker": "connected" if self.broker.connected else "not connected"
         }
         ok = self.broker.connected
-        started = {w.name for w in self.started}
-        for worker in self.workers:
-            if worker.name not in started:
-                checks[worker.name] = "starting"
-                ok = False
-                continue
-            w_ok, reason = worker.ready()
-            checks[worker.name] = reason
+        for name, (w_ok, reason) in self.worker_states().items():
+            checks[name] = reason
             ok = ok and w_ok
         return ok, checks
+
+    def _ready_gauge(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "bridge_worker_ready",
+            "1 while the worker is started and its own readiness check passes (the worker's "
+            "entry in /readyz; the broker connection is bridge_broker_connected)",
+            labels=["worker"],
+        )
+        for name, (ok, _) in self.worker_states().items():
+            gauge.add_metric([name], 1.0 if ok else 0.0)
+        yield gauge
 
     def admin(self, path: str) -> Any:
         name, _, view = path.partition("/")

@@ -186,6 +186,7 @@ class GroupCommitter(Generic[T]):
         self.apply = apply
         self.on_commit = on_commit
         self.failing: str | None = None
+        self.failures = 0  # failed attempts (each retry counts): the metric alerts watch
         self.commits = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -221,6 +222,7 @@ class GroupCommitter(Generic[T]):
                     break
                 except Exception as exc:  # disk full, read-only, I/O error: keep the batch
                     reason = f"{type(exc).__name__}: {exc}"
+                    self.failures += 1
                     if self.failing != reason:
                         log.error(
                             "state commit failed; not acknowledging until it succeeds",

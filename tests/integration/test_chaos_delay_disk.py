@@ -161,6 +161,8 @@ async def test_delay_state_disk_fault_holds_acks_then_recovers_without_restart(
         assert log.count("state commit failed") == 1, "one line per distinct failure"
         # nothing acknowledged, nothing delivered: the broker still holds the five
         assert metric(proc, "bridge_delay_received_total", 'outcome="accepted"') == 1.0
+        assert metric(proc, "bridge_delay_commit_failures_total") >= 1, "what the alert watches"
+        assert metric(proc, "bridge_worker_ready", 'worker="delay"') == 0
         await asyncio.sleep(1.0)
         assert sink.ids() == ["before"]
 

@@ -227,6 +227,13 @@ async def test_full_disk_holds_acks_then_recovers_without_restart(
         # acknowledged only after the commit: none of the five is
         labels = 'outcome="accepted"'
         assert metric(proc, "bridge_directed_requests_total", labels) == 1.0
+        assert metric(proc, "bridge_worker_ready", 'worker="directed"') == 0.0
+        failures = re.search(
+            r"^bridge_directed_commit_failures_total (\S+)$",
+            proc.http("/metrics")[1].decode(),
+            re.M,
+        )
+        assert failures and float(failures.group(1)) >= 1, "the alert on commit failures needs it"
         reply = await client.pull("n1", None, max=10)
         assert reply["error"]["code"] == "unavailable", reply
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import bridge
 from tests.integration.directed_helpers import cleanup, directed_settings, env_for
 from tests.integration.procs import WorkerProcess, free_port
 
@@ -73,6 +74,9 @@ def test_probes_metrics_and_sigterm_drain(broker_url, tmp_path, unique):
             "bridge_broker_connected 1.0",
             "bridge_directed_requests_total",
             "bridge_directed_pull_seconds_bucket",
+            'bridge_worker_ready{worker="directed"} 1.0',
+            f'bridge_build_info{{version="{bridge.__version__}"}} 1.0',
+            "bridge_directed_commit_failures_total 0.0",
         ):
             assert name in text
         assert proc.http("/admin/directed")[0] == 200

@@ -18,6 +18,7 @@ import yaml
 
 from bridge.host import available_workers
 from bridge.settings import HostSettings
+from tests.monitoring.tools import prometheus_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.31.0"
@@ -66,7 +67,51 @@ def test_overlay_objects_validate_strictly(overlay):
     kinds = {d["kind"] for d in docs}
     assert {"StatefulSet", "Deployment", "Service", "ConfigMap"} <= kinds
     for doc in docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            # no offline schema for the Prometheus Operator's CRDs: checked below and in
+            # tests/monitoring (promtool on the rendered rules)
+            continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _matches(selector: dict, labels: dict[str, str]) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        ok = ok and labels.get(expr["key"]) in expr["values"]
+    return ok
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_monitoring_objects_fit_the_workloads(overlay, tmp_path):
+    """The PodMonitor scrapes every worker pod on a port it has, under the job names the
+    rules and dashboards use; the PrometheusRule's rules load in promtool."""
+    docs = render(overlay)
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+    if not monitors and not rules:
+        pytest.skip(f"{overlay} does not include k8s/components/monitoring")
+    (monitor,) = monitors
+    spec = monitor["spec"]
+    ports = {e["port"] for e in spec["podMetricsEndpoints"]}
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    assert workloads
+    for doc in workloads:
+        assert doc["metadata"].get("namespace") == monitor["metadata"].get("namespace")
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert _matches(spec["selector"], labels), doc["metadata"]["name"]
+        assert labels[spec["jobLabel"]] == doc["metadata"]["name"]
+        assert doc["metadata"]["name"] in ("bridge-directed", "bridge-delay", "bridge-gateway")
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        assert ports <= {p.get("name") for p in container["ports"]}
+    promtool = prometheus_tool("promtool")
+    (rule,) = rules
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    out = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -86,7 +131,11 @@ def test_manifests_only_set_settings_the_code_reads(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down_and_drain_in_time(overlay):
     docs = render(overlay)
-    drain = float(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["BRIDGE_DRAIN_SECONDS"])
+    drain = float(
+        next(d for d in docs if d["metadata"]["name"].startswith("bridge-settings"))["data"][
+            "BRIDGE_DRAIN_SECONDS"
+        ]
+    )
     for doc in docs:
         if doc["kind"] not in ("StatefulSet", "Deployment"):
             continue

@@ -119,6 +119,7 @@ async def test_group_committer_holds_barriers_while_failing_and_recovers(tmp_pat
             break
         await asyncio.sleep(0.01)
     assert committer.failing and "full" in committer.failing
+    assert committer.failures >= 1
     assert not barrier.done(), "nothing may be acknowledged while the commit fails"
     await store.db.run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     await asyncio.wait_for(barrier, 10)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from workers.delay.config import DEAD_REASONS, DelaySettings
@@ -45,9 +45,15 @@ class _StateCollector(Collector):
         self.ledger = ledger
         self.scheduled_topics = scheduled_topics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         ledger = self.ledger
         scheduler = ledger.scheduler
+        yield CounterMetricFamily(
+            "bridge_delay_commit_failures",
+            "state commits that failed (disk full, read-only, I/O error) and are retried; "
+            "nothing is acknowledged meanwhile",
+            value=ledger.committer.failures,
+        )
         scheduled = GaugeMetricFamily(
             "bridge_delay_scheduled_messages",
             "stored messages not yet confirmed at their target, per topic (only the N largest "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.metrics import LATENCY_BUCKETS
+from bridge.store import GroupCommitter
 from workers.directed.config import DirectedSettings
 from workers.directed.model import DirectedCore
 
@@ -25,13 +27,24 @@ class _StateCollector(Collector):
     """Gauges computed at scrape time from the core, including a bounded per-target backlog."""
 
     def __init__(
-        self, core: DirectedCore, cache_bytes: Callable[[], int], backlog_targets: int
+        self,
+        core: DirectedCore,
+        committer: GroupCommitter[Any],
+        cache_bytes: Callable[[], int],
+        backlog_targets: int,
     ) -> None:
         self.core = core
+        self.committer = committer
         self.cache_bytes = cache_bytes
         self.backlog_targets = backlog_targets
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield CounterMetricFamily(
+            "bridge_directed_commit_failures",
+            "state commits that failed (disk full, read-only, I/O error) and are retried; "
+            "nothing is acknowledged meanwhile",
+            value=self.committer.failures,
+        )
         core = self.core
         yield GaugeMetricFamily(
             "bridge_directed_messages",
@@ -125,10 +138,13 @@ class DirectedMetrics:
             registry=registry,
         )
 
-    def watch(self, core: DirectedCore, cache_bytes: Callable[[], int]) -> None:
-        """Report the core's state (messages, targets, backlog) and the cache at each scrape."""
+    def watch(
+        self, core: DirectedCore, committer: GroupCommitter[Any], cache_bytes: Callable[[], int]
+    ) -> None:
+        """Report the core's state (messages, targets, backlog), the commit failures and the
+        cache at each scrape."""
         self.registry.register(
-            _StateCollector(core, cache_bytes, self.settings.backlog_metric_targets)
+            _StateCollector(core, committer, cache_bytes, self.settings.backlog_metric_targets)
         )
 
     def on_commit(self, items: int, seconds: float) -> None:

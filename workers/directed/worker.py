@@ -139,7 +139,6 @@ class DirectedWorker:
             overflow=OverflowPolicy(s.overflow),
             max_batch=s.max_batch,
         )
-        self.metrics.watch(self.core, lambda: self._cache.bytes)
         log.info(
             "state restored",
             extra={
@@ -152,6 +151,7 @@ class DirectedWorker:
             self.store.db, self._take, self.store.apply, on_commit=self.metrics.on_commit
         )
         self.committer.start()
+        self.metrics.watch(self.core, self.committer, lambda: self._cache.bytes)
 
         broker = ctx.broker
         # Declarations through aio-pika (control plane); per-message traffic on the link.
