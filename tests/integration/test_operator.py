@@ -281,3 +281,72 @@ async def test_data_path_link_names_a_wrong_virtual_host(broker_url):
     with pytest.raises(BrokerUnavailable) as info:
         await link.start()
     assert VHOST_MESSAGE in str(info.value)
+
+
+async def test_delay_try_it_delivers_to_a_watch_and_logs_dead_letters_per_interval(
+    broker_url, amqp, tmp_path, unique
+):
+    """docs/delay.md's first example, with a watch as the docs say; then messages nobody can
+    receive: dead-lettered, and logged as a few counted lines, not one per message."""
+    s = delay_helpers.delay_settings(unique)
+    env = {
+        **delay_helpers.env_for(s),
+        "BRIDGE_AMQP_URL": broker_url,
+        "BRIDGE_STATE_DIR": str(tmp_path),
+    }
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(["delay"], broker_url=broker_url, state_dir=tmp_path, env=env, log=log)
+    worker.start()
+    watch = None
+    try:
+        worker.wait_ready()
+        watch = await asyncio.to_thread(
+            subprocess.Popen,
+            [str(COMMAND), "delay", "watch", "amq.topic", f"{unique}.#", "--count", "1"],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert watch.stderr is not None
+        assert watch.stderr.readline().startswith("watching amq.topic")  # bound from now on
+        sent = await asyncio.to_thread(
+            run_cli,
+            "delay",
+            "send",
+            "--to",
+            "amq.topic",
+            "--routing-key",
+            f"{unique}.a",
+            "--delay-ms",
+            "200",
+            "hello",
+            env=env,
+        )
+        assert sent.returncode == 0, sent.stderr
+        out, _ = await asyncio.to_thread(watch.communicate, timeout=60)
+        assert watch.returncode == 0
+        assert f'"routing_key": "{unique}.a"' in out and '"body": "hello"' in out
+
+        total = 100
+        client = await delay_helpers.DelayClient(amqp, s).open()
+        try:
+            for i in range(total):
+                await client.send(b"x", "amq.topic", delay_ms=0, routing_key=f"{unique}.nobody.{i}")
+        finally:
+            await client.close()
+        dead = await delay_helpers.dead_letters(amqp, s, total, timeout=60)
+        assert len(dead) == total
+    finally:
+        if watch is not None and watch.poll() is None:
+            watch.kill()
+        assert worker.terminate() == 0
+        await delay_helpers.cleanup(broker_url, s, [], [])
+    lines = [
+        line
+        for line in log.read_text().splitlines()
+        if "due messages dead-lettered instead of delivered" in line
+    ]
+    assert lines and all("reason=unroutable target=amq.topic" in line for line in lines), lines
+    assert sum(int(line.split(" count=")[1].split()[0]) for line in lines) == total
+    assert len(lines) < total / 10  # counted, not one line per message

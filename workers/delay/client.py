@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 import uuid
 from typing import Any
 
 import aio_pika
+import aio_pika.exceptions
 from aio_pika.abc import AbstractRobustConnection
 
 from bridge.errors import InvalidRequest
@@ -179,6 +181,44 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return asyncio.run(_with_client(go))
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """Print what arrives at an exchange: a queue of this command's own (exclusive, deleted
+    when it exits) bound with the routing-key pattern; one JSON line per message."""
+
+    async def go(client: DelayClient) -> int:
+        channel = await client.connection.channel()
+        try:
+            exchange = await channel.get_exchange(args.exchange, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise InvalidRequest(f"exchange {args.exchange!r} does not exist") from exc
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=args.routing_key)
+        print(
+            f"watching {args.exchange} ({args.routing_key}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        seen = 0
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                doc = {
+                    "routing_key": message.routing_key,
+                    "message_id": message.message_id,
+                    "body": message.body.decode("utf-8", "replace"),
+                    "received_ms": int(time.time() * 1000),
+                }
+                print(json.dumps(doc), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        return 0
+
+    try:
+        return asyncio.run(_with_client(go))
+    except KeyboardInterrupt:
+        return 0
+
+
 def add_commands(sub: Any) -> None:
     parser = sub.add_parser("delay", help="client helpers for the delay worker")
     cmds = parser.add_subparsers(dest="delay_command", metavar="ACTION", required=True)
@@ -205,3 +245,10 @@ def add_commands(sub: Any) -> None:
     lst.add_argument("--after", help="cursor ('next' of the previous page)")
     add_timeout_option(lst)
     lst.set_defaults(func=_cmd_list)
+    watch = cmds.add_parser(
+        "watch", help="print the messages that arrive at an exchange (to see deliveries)"
+    )
+    watch.add_argument("exchange", help="the exchange to watch, e.g. a target exchange")
+    watch.add_argument("routing_key", nargs="?", default="#", help="binding key (default '#')")
+    watch.add_argument("--count", type=int, default=0, help="exit after N messages")
+    watch.set_defaults(func=_cmd_watch)
