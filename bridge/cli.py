@@ -43,10 +43,10 @@ def _settings():  # type: ignore[no-untyped-def]
     return load_host_settings()
 
 
-def _all_settings(names: list[str]):  # type: ignore[no-untyped-def]
-    """The host's settings and the named workers' (classes, settings); every problem of every
-    one of them in one :class:`ConfigError`, one line each."""
-    from bridge.host import worker_classes, worker_settings
+def _prepare(names: list[str]):  # type: ignore[no-untyped-def]
+    """The host's settings and the named workers, built; every problem of every one of them
+    in one :class:`ConfigError`, one line each."""
+    from bridge.host import load_workers
 
     problems: list[str] = []
     settings = None
@@ -54,15 +54,14 @@ def _all_settings(names: list[str]):  # type: ignore[no-untyped-def]
         settings = _settings()
     except ConfigError as exc:
         problems.extend(exc.problems)
-    classes = worker_classes(names)
-    loaded = []
+    workers = []
     try:
-        loaded = worker_settings(classes)
+        workers = load_workers(names)
     except ConfigError as exc:
         problems.extend(exc.problems)
     if problems:
         raise ConfigError(*problems)
-    return settings, classes, loaded
+    return settings, workers
 
 
 def version() -> str:
@@ -90,11 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bridge.host import Host, check_ports, settings_warnings
     from bridge.logs import setup_logging
 
-    settings, classes, loaded = _all_settings(args.workers)
+    settings, workers = _prepare(args.workers)
     setup_logging(settings.log_level, settings.log_format)
     for warning in settings_warnings():
         logging.getLogger("bridge.settings").warning(warning)
-    workers = [cls() if s is None else cls(s) for cls, s in zip(classes, loaded, strict=True)]
     check_ports(settings, workers)
     _use_uvloop()
     host = Host(settings, workers)
@@ -138,12 +136,13 @@ async def _check(settings) -> list[tuple[str, bool, str]]:  # type: ignore[no-un
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0: all good; 1: the broker or the state directory failed; 2: invalid settings
-    (of the host or of any installed worker: what ``run`` would stop on)."""
+    (of the host or of any installed worker, built as ``run`` builds it: what ``run`` would
+    stop on before it connects)."""
     from bridge.host import available_workers, settings_warnings
 
     warnings = settings_warnings()
     try:
-        settings, _, _ = _all_settings(["all"])
+        settings, _ = _prepare(["all"])
     except ConfigError as exc:
         if args.json:
             doc = {"settings": {"ok": False, "detail": exc.problems}}

@@ -153,9 +153,20 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def load_workers(names: list[str]) -> list[Worker]:
+    """The named workers built with their validated settings; a :class:`ConfigError` lists
+    every problem (settings, then what a constructor refuses, such as a missing shard index)."""
     classes = worker_classes(names)
     settings = worker_settings(classes)
-    return [cls() if s is None else cls(s) for cls, s in zip(classes, settings, strict=True)]
+    workers: list[Worker] = []
+    problems: list[str] = []
+    for cls, loaded in zip(classes, settings, strict=True):
+        try:
+            workers.append(cls() if loaded is None else cls(loaded))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems)
+    return workers
 
 
 class Host:

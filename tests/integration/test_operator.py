@@ -68,6 +68,21 @@ def test_check_and_run_refuse_an_invalid_setting_in_one_line(tmp_path, variable,
     assert "Traceback" not in run.stdout + run.stderr
 
 
+def test_check_finds_what_a_worker_refuses_to_be_built_with(tmp_path):
+    env = {
+        "BRIDGE_DIRECTED__SHARD_COUNT": "3",
+        "HOSTNAME": "laptop",  # no StatefulSet ordinal, no SHARD_INDEX
+        "BRIDGE_STATE_DIR": str(tmp_path),
+        "BRIDGE_AMQP_URL": wrong_url(),
+    }
+    expected = "directed: shard_count is 3 but no shard index: set BRIDGE_DIRECTED__SHARD_INDEX"
+    check = run_cli("check", env=env)
+    assert check.returncode == 2 and expected in check.stdout, check.stdout
+    run = run_cli("run", "directed", env=env)
+    assert run.returncode == 2 and expected in run.stderr, run.stderr
+    assert "broker" not in run.stdout + run.stderr
+
+
 def test_every_problem_of_every_worker_is_listed(tmp_path):
     env = {
         "BRIDGE_DIRECTED__QUEUE_LIMIT": "abc",
