@@ -45,3 +45,15 @@ class NoAnswer(BridgeError, TimeoutError):
             f"no {worker} worker answered on {exchange} within {timeout:g} s: "
             f'is "rabbitmq-bridge run {worker}" running?'
         )
+
+
+class NotDeclared(BridgeError):
+    """A worker's exchange does not exist: the worker never ran on this broker (and vhost),
+    or runs with other names."""
+
+    def __init__(self, worker: str, exchange: str) -> None:
+        super().__init__(
+            f"exchange {exchange} does not exist: the {worker} worker declares it when it "
+            f'starts; has "rabbitmq-bridge run {worker}" run against this broker and vhost, '
+            f"with the same BRIDGE_{worker.upper()}__* names?"
+        )

@@ -15,9 +15,10 @@ import uuid
 from typing import Any, Self
 
 import aio_pika
+import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from bridge.errors import NoAnswer
+from bridge.errors import NoAnswer, NotDeclared
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -105,6 +106,16 @@ class WorkerClient:
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         await self.rpc.close()
+
+    async def publish(self, exchange: str, message: aio_pika.Message, routing_key: str) -> None:
+        """Publish to one of the worker's exchanges, confirmed; :class:`NotDeclared` if the
+        exchange does not exist (the worker never ran here, or under other names)."""
+        assert self._channel is not None, "open() first"
+        target = await self._channel.get_exchange(exchange, ensure=False)
+        try:
+            await target.publish(message, routing_key=routing_key)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise NotDeclared(self.worker, exchange) from exc
 
 
 def add_timeout_option(parser: argparse.ArgumentParser) -> None:

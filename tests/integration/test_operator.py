@@ -211,6 +211,31 @@ async def test_client_command_without_worker_says_so_and_its_request_expires(
         await delete_names(broker_url, [name], [queue])
 
 
+@pytest.mark.parametrize(
+    ("worker", "args"),
+    [
+        ("directed", ["directed", "send", "--to", "node-1", "hi"]),
+        ("delay", ["delay", "send", "--to", "amq.topic", "--delay-ms", "5", "hi"]),
+    ],
+)
+def test_send_before_the_worker_ever_ran_says_so(broker_url, tmp_path, unique, worker, args):
+    if worker == "directed":
+        s = directed_helpers.directed_settings(unique)
+        env, exchange = directed_helpers.env_for(s), s.requests_exchange
+    else:
+        d = delay_helpers.delay_settings(unique)
+        env, exchange = delay_helpers.env_for(d), d.in_exchange
+    out = run_cli(
+        *args, env={**env, "BRIDGE_AMQP_URL": broker_url, "BRIDGE_STATE_DIR": str(tmp_path)}
+    )
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"rabbitmq-bridge: exchange {exchange} does not exist: the {worker} worker declares it "
+        f'when it starts; has "rabbitmq-bridge run {worker}" run against this broker and vhost, '
+        f"with the same BRIDGE_{worker.upper()}__* names?"
+    ]
+
+
 async def test_delay_send_refuses_what_the_worker_would_dead_letter(
     broker_url, amqp, tmp_path, unique
 ):

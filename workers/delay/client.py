@@ -80,8 +80,8 @@ class DelayClient(WorkerClient):
                 f"the delay worker would refuse this ({decision.reason}): {decision.detail}"
             )
         properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
-        exchange = await self._channel.get_exchange(self.settings.in_exchange, ensure=False)
-        await exchange.publish(
+        await self.publish(
+            self.settings.in_exchange,
             aio_pika.Message(body, headers=hdrs, message_id=message_id, **properties),
             routing_key=routing_key,
         )

@@ -42,7 +42,6 @@ class DirectedClient(WorkerClient):
     ) -> None:
         """Publish a request (confirmed by the broker; the worker applies it asynchronously)."""
         assert self._channel is not None
-        exchange = await self._channel.get_exchange(self.settings.requests_exchange, ensure=False)
         if len(targets) <= HEADER_TARGET_LIMIT:
             hdrs: dict[str, Any] = dict(headers or {})
             hdrs[H_TARGETS] = list(targets)
@@ -70,7 +69,7 @@ class DirectedClient(WorkerClient):
                 message_id=message_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
-        await exchange.publish(message, routing_key="")
+        await self.publish(self.settings.requests_exchange, message, routing_key="")
 
     async def _call(
         self, exchange_name: str, routing_key: str, doc: Any, timeout: float
