@@ -53,8 +53,9 @@ class WorkerContext:
 class Worker(Protocol):
     """A worker. Optionally its class names its settings (``settings_class``, a
     pydantic-settings class): the host then reads and validates them before anything starts,
-    passes them to the constructor, and knows their variables (``rabbitmq-bridge check`` warns about
-    misspelled ones)."""
+    passes them to the constructor, and knows their variables (``check`` warns about misspelled
+    ones). Optional too: ``listen_ports()`` (checked before the broker) and ``describe()``
+    (what the ``ready`` line says)."""
 
     name: str
 
@@ -121,8 +122,9 @@ def settings_warnings() -> list[str]:
 
 def check_ports(settings: HostSettings, workers: list[Worker]) -> None:
     """Bind each port the process will listen on (the HTTP endpoint's and those a worker's
-    optional ``listen_ports()`` names, as ``(variable, host, port)``) and let it go again, before
-    anything connects to the broker: a port in use is one :class:`ConfigError` line each."""
+    optional ``listen_ports()`` names, as ``(variable, host, port)``) and let it go again,
+    before anything connects to the broker: a port in use (or named twice) is one
+    :class:`ConfigError` line each."""
     wanted: list[tuple[str, str, int]] = []
     if settings.http_port:
         wanted.append(("BRIDGE_HTTP_PORT", settings.http_host, settings.http_port))
@@ -131,9 +133,14 @@ def check_ports(settings: HostSettings, workers: list[Worker]) -> None:
         if callable(listen_ports):
             wanted.extend(listen_ports())
     problems = []
+    taken: dict[int, str] = {}
     for variable, host, port in wanted:
         if not port:
             continue  # any free port
+        if port in taken:
+            problems.append(f"{variable}={port}: the same port as {taken[port]}")
+            continue
+        taken[port] = variable
         try:
             with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
                 # as asyncio's create_server binds: a port in TIME_WAIT is free

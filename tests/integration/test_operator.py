@@ -302,6 +302,22 @@ def test_port_in_use_is_found_before_the_broker(tmp_path, taken):
     assert "broker" not in out.stdout + out.stderr
 
 
+def test_one_port_named_twice_is_found_before_the_broker(tmp_path):
+    port = str(free_port())
+    env = {
+        "BRIDGE_AMQP_URL": wrong_url(),
+        "BRIDGE_STATE_DIR": str(tmp_path),
+        "BRIDGE_HTTP_PORT": port,
+        "BRIDGE_GATEWAY__PORT": port,
+    }
+    out = run_cli("run", "gateway", env=env, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"rabbitmq-bridge: configuration error: BRIDGE_GATEWAY__PORT={port}: the same port as "
+        "BRIDGE_HTTP_PORT"
+    ]
+
+
 VHOST_MESSAGE = (
     "refused virtual host 'no-such-vhost': it does not exist or user 'guest' has no access to it"
 )
