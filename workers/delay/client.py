@@ -58,7 +58,7 @@ class DelayClient(WorkerClient):
 
         What the worker would dead-letter at once (a negative delay, no target, beyond the
         horizon of these settings, ...) raises :class:`InvalidRequest` instead: the worker's
-        own check (:func:`workers.delay.model.parse_ingress`) runs here first."""
+        own check (:func:`workers.delay.wire.parse_ingress`) runs here first."""
         assert self._channel is not None
         hdrs: dict[str, Any] = dict(headers or {})
         if delay_ms is not None:
