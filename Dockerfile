@@ -7,7 +7,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY bridge ./bridge
 COPY workers ./workers
 RUN pip install --no-cache-dir .
@@ -26,5 +26,5 @@ WORKDIR /var/lib/bridge
 USER 10001:10001
 EXPOSE 9100 7000
 # Exec form: the worker is PID 1 and receives SIGTERM directly, so the drain runs.
-ENTRYPOINT ["bridge"]
+ENTRYPOINT ["rabbitmq-bridge"]
 CMD ["run", "all"]

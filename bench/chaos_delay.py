@@ -1,6 +1,6 @@
 """Fault scenarios of the ``delay`` worker for ``python -m bench.chaos``.
 
-Each scenario runs its own worker process (``bridge run delay``, unique exchange and queue
+Each scenario runs its own worker process (``rabbitmq-bridge run delay``, unique exchange and queue
 names, deleted at the end) under load from :class:`Load`: producers publish delayed messages
 with publisher confirms, retrying an unconfirmed publish with the same ``message_id``, into
 ``TOPICS`` target exchanges, each with a quorum queue that a consumer here reads (manual

@@ -25,7 +25,7 @@ Parts, each measured in the same run against its baseline:
   store size on disk and time from process start to ready, with the in-memory window full
   (the worker's bound, ``window_max_entries``).
 
-The worker runs as a subprocess (``bridge run delay``, uvloop), like in production; the
+The worker runs as a subprocess (``rabbitmq-bridge run delay``, uvloop), like in production; the
 producer and the consumer run in this process. Lateness is measured end to end (consumer
 arrival, so it includes the broker's delivery to the consumer); the worker's own view
 (publish time minus due time, from its histogram) is reported next to it.
@@ -150,7 +150,7 @@ def free_port() -> int:
 
 
 class Worker:
-    """``bridge run delay`` as a subprocess with its own names and state directory."""
+    """``rabbitmq-bridge run delay`` as a subprocess with its own names and state directory."""
 
     def __init__(self, tag: str, state: Path, tree: Path | None = None, **settings: Any) -> None:
         """``tree``: run another checkout's code (a git worktree of an earlier commit)."""

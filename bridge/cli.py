@@ -1,4 +1,5 @@
-"""The ``bridge`` command: run workers, check configuration, and small client helpers."""
+"""The ``rabbitmq-bridge`` command (alias ``bridge``): run workers, check configuration, and
+small client helpers."""
 
 from __future__ import annotations
 
@@ -10,19 +11,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
+from bridge import __version__
+from bridge.errors import BridgeError, BrokerUnavailable, ConfigError, InvalidRequest
 
-from bridge.errors import BridgeError, BrokerUnavailable, ConfigError
+PROG = "rabbitmq-bridge"
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
-  bridge run all                       run every installed worker in this process
-  bridge run directed                  run one worker (what a Kubernetes pod does)
-  bridge check                         validate settings and reach the broker (exit 0 = ok)
-  bridge demo                          the three flows end to end against the broker
-  bridge directed send --to node-1,node-2 'hello'
-  bridge directed pull node-1          pull (and acknowledge) as target node-1
-  bridge directed status <message_id>
+  {PROG} run all                       run every installed worker in this process
+  {PROG} run directed                  run one worker (what a Kubernetes pod does)
+  {PROG} check                         validate settings, reach the broker, check the
+                                                state dir: exit 0 ok, 1 failed, 2 bad settings
+  {PROG} demo                          the three flows end to end against the broker
+  {PROG} directed send --to node-1,node-2 'hello'
+  {PROG} directed pull node-1 --ack    pull as target node-1 and acknowledge the batch
+  {PROG} directed status <message_id>
 
 configuration comes from environment variables (BRIDGE_AMQP_URL, BRIDGE_STATE_DIR,
 BRIDGE_HTTP_PORT, BRIDGE_<WORKER>__<SETTING>) and from files in BRIDGE_SECRETS_DIR;
@@ -37,11 +40,32 @@ CLIENT_MODULES = ("workers.directed.client", "workers.delay.client", "workers.ga
 def _settings():  # type: ignore[no-untyped-def]
     from bridge.settings import load_host_settings
 
+    return load_host_settings()
+
+
+def _prepare(names: list[str]):  # type: ignore[no-untyped-def]
+    """The host's settings and the named workers, built; every problem of every one of them
+    in one :class:`ConfigError`, one line each."""
+    from bridge.host import load_workers
+
+    problems: list[str] = []
+    settings = None
     try:
-        return load_host_settings()
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from exc
+        settings = _settings()
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    workers = []
+    try:
+        workers = load_workers(names)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems)
+    return settings, workers
+
+
+def version() -> str:
+    return __version__
 
 
 def _use_uvloop() -> None:
@@ -54,12 +78,16 @@ def _use_uvloop() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bridge.host import Host, load_workers
+    import logging
+
+    from bridge.host import Host, check_ports, settings_warnings
     from bridge.logs import setup_logging
 
-    settings = _settings()
+    settings, workers = _prepare(args.workers)
     setup_logging(settings.log_level, settings.log_format)
-    workers = load_workers(args.workers)
+    for warning in settings_warnings():
+        logging.getLogger("bridge.settings").warning(warning)
+    check_ports(settings, workers)
     _use_uvloop()
     host = Host(settings, workers)
     try:
@@ -101,17 +129,35 @@ async def _check(settings) -> list[tuple[str, bool, str]]:  # type: ignore[no-un
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bridge.host import available_workers
+    """Exit 0: all good; 1: the broker or the state directory failed; 2: invalid settings
+    (of the host or of any installed worker, built as ``run`` builds it: what ``run`` would
+    stop on before it connects)."""
+    from bridge.host import available_workers, settings_warnings
 
-    settings = _settings()
+    warnings = settings_warnings()
+    try:
+        settings, _ = _prepare(["all"])
+    except ConfigError as exc:
+        if args.json:
+            doc = {"settings": {"ok": False, "detail": exc.problems}}
+            print(json.dumps({"ok": False, "checks": doc, "warnings": warnings}))
+        else:
+            for line in exc.problems:
+                print(f"FAIL settings   {line}")
+            for line in warnings:
+                print(f"warn settings   {line}")
+        return 2
     results = asyncio.run(_check(settings))
     results.append(("workers", True, ", ".join(sorted(available_workers())) or "none installed"))
     ok = all(r[1] for r in results)
     if args.json:
-        print(json.dumps({"ok": ok, "checks": {n: {"ok": o, "detail": d} for n, o, d in results}}))
+        checks = {n: {"ok": o, "detail": d} for n, o, d in results}
+        print(json.dumps({"ok": ok, "checks": checks, "warnings": warnings}))
     else:
         for name, good, detail in results:
             print(f"{'ok ' if good else 'FAIL'} {name:<10} {detail}")
+        for line in warnings:
+            print(f"warn settings   {line}")
     return 0 if ok else 1
 
 
@@ -131,12 +177,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bridge",
+        prog=PROG,
         description="Worker processes that run beside RabbitMQ: targeted distribution (directed), "
         "delayed delivery (delay) and a TCP gateway (gateway).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser(
         "run",
@@ -146,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("workers", nargs="+", metavar="WORKER", help="worker names, or 'all'")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser(
-        "check", help="validate settings and reach the broker; exit 1 on failure"
+        "check",
+        help="validate settings, reach the broker, check the state dir; "
+        "exit 0 ok, 1 failed, 2 invalid settings",
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(func=cmd_check)
@@ -184,10 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"bridge: configuration error: {exc}", file=sys.stderr)
+        for line in exc.problems:
+            print(f"{PROG}: configuration error: {line}", file=sys.stderr)
+        return 2
+    except InvalidRequest as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except BridgeError as exc:
-        print(f"bridge: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
 
 

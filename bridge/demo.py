@@ -1,4 +1,4 @@
-"""``bridge demo``: the three bundled workers in this process, each flow driven end to end
+"""``rabbitmq-bridge demo``: the three bundled workers in this process, each flow driven end to end
 against the configured broker, then a summary table; nothing is left behind.
 
 Every exchange and queue the demo touches has a name under one ``demo...`` prefix (the
@@ -599,7 +599,7 @@ async def _cleanup_broker(url: str, names: DemoNames, say: Progress) -> bool:
 
 
 def run_demo(base: HostSettings, prefix: str | None = None, *, verbose: bool = False) -> int:
-    """The ``bridge demo`` command: 0 only if every flow succeeded and the broker is clean."""
+    """The ``rabbitmq-bridge demo`` command: 0 only if every flow succeeded and the broker is clean."""
     from bridge.amqp import connect_once
     from bridge.logs import setup_logging
 
@@ -613,7 +613,7 @@ def run_demo(base: HostSettings, prefix: str | None = None, *, verbose: bool = F
             update={"state_dir": state, "http_port": 0, "drain_seconds": 5.0}
         )
         print(
-            f"bridge demo against {redact_url(settings.amqp_url)}: names {prefix}.*, "
+            f"rabbitmq-bridge demo against {redact_url(settings.amqp_url)}: names {prefix}.*, "
             f"state in {state}",
             flush=True,
         )
@@ -629,10 +629,10 @@ def run_demo(base: HostSettings, prefix: str | None = None, *, verbose: bool = F
 
         results, clean = asyncio.run(main())
     except KeyboardInterrupt:
-        print("bridge demo: interrupted; cleaned up", file=sys.stderr)
+        print("rabbitmq-bridge demo: interrupted; cleaned up", file=sys.stderr)
         return 130
     except asyncio.CancelledError:  # SIGTERM
-        print("bridge demo: terminated; cleaned up", file=sys.stderr)
+        print("rabbitmq-bridge demo: terminated; cleaned up", file=sys.stderr)
         return 143
     finally:
         shutil.rmtree(state, ignore_errors=True)

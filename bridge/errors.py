@@ -6,7 +6,13 @@ class BridgeError(Exception):
 
 
 class ConfigError(BridgeError):
-    """Settings are invalid or inconsistent; the message says which and how to fix it."""
+    """Settings are invalid or inconsistent; the message says which and how to fix it.
+
+    Several problems found at once are kept apart in ``problems``, one line each."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 class BrokerUnavailable(BridgeError):
@@ -24,3 +30,30 @@ class PublishFailed(BridgeError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class InvalidRequest(BridgeError):
+    """A client request the worker would refuse, caught before it is sent."""
+
+
+class NoAnswer(BridgeError, TimeoutError):
+    """No worker answered a control-plane request within the caller's timeout (a
+    TimeoutError too, for callers that treat a silent worker like any other timeout)."""
+
+    def __init__(self, worker: str, exchange: str, timeout: float) -> None:
+        super().__init__(
+            f"no {worker} worker answered on {exchange} within {timeout:g} s: "
+            f'is "rabbitmq-bridge run {worker}" running?'
+        )
+
+
+class NotDeclared(BridgeError):
+    """A worker's exchange does not exist: the worker never ran on this broker (and vhost),
+    or runs with other names."""
+
+    def __init__(self, worker: str, exchange: str) -> None:
+        super().__init__(
+            f"exchange {exchange} does not exist: the {worker} worker declares it when it "
+            f'starts; has "rabbitmq-bridge run {worker}" run against this broker and vhost, '
+            f"with the same BRIDGE_{worker.upper()}__* names?"
+        )

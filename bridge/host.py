@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -20,13 +21,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Gauge, Info, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
+from pydantic_settings import BaseSettings
 
 from bridge import __version__
 from bridge.amqp import Broker
 from bridge.errors import ConfigError
 from bridge.http import HttpEndpoint
 from bridge.metrics import ScrapeCollector
-from bridge.settings import HostSettings
+from bridge.settings import HostSettings, load_settings, unknown_variables
 
 log = logging.getLogger("bridge.host")
 
@@ -53,6 +55,12 @@ class WorkerContext:
 
 @runtime_checkable
 class Worker(Protocol):
+    """A worker. Optionally its class names its settings (``settings_class``, a
+    pydantic-settings class): the host then reads and validates them before anything starts,
+    passes them to the constructor, and knows their variables (``check`` warns about misspelled
+    ones). Optional too: ``listen_ports()`` (checked before the broker) and ``describe()``
+    (what the ``ready`` line says)."""
+
     name: str
 
     async def start(self, ctx: WorkerContext) -> None:
@@ -73,7 +81,8 @@ def available_workers() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_workers(names: list[str]) -> list[Worker]:
+def worker_classes(names: list[str]) -> list[Any]:
+    """The classes of the named workers (``all``: every installed one), in that order."""
     found = available_workers()
     if not names or names == ["all"]:
         names = sorted(found)
@@ -82,10 +91,92 @@ def load_workers(names: list[str]) -> list[Worker]:
         raise ConfigError(
             f"unknown worker(s) {', '.join(unknown)}; installed: {', '.join(sorted(found)) or 'none'}"
         )
+    return [found[name].load() for name in dict.fromkeys(names)]
+
+
+def worker_settings(classes: list[Any]) -> list[BaseSettings | None]:
+    """Each worker's settings (its optional ``settings_class``, read from the environment),
+    all validated before any is used: a :class:`ConfigError` lists every problem of every
+    worker, one line each, so ``check`` finds what ``run`` would stop on."""
+    loaded: list[BaseSettings | None] = []
+    problems: list[str] = []
+    for cls in classes:
+        settings_class = getattr(cls, "settings_class", None)
+        if settings_class is None:
+            loaded.append(None)
+            continue
+        try:
+            loaded.append(load_settings(settings_class))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems)
+    return loaded
+
+
+def settings_warnings() -> list[str]:
+    """``BRIDGE_*`` variables that neither the host nor an installed worker reads."""
+    classes: list[type[BaseSettings]] = [HostSettings]
+    for ep in available_workers().values():
+        settings_class = getattr(ep.load(), "settings_class", None)
+        if settings_class is not None:
+            classes.append(settings_class)
+    return unknown_variables(classes)
+
+
+def check_ports(settings: HostSettings, workers: list[Worker]) -> None:
+    """Bind each port the process will listen on (the HTTP endpoint's and those a worker's
+    optional ``listen_ports()`` names, as ``(variable, host, port)``) and let it go again,
+    before anything connects to the broker: a port in use (or named twice) is one
+    :class:`ConfigError` line each."""
+    wanted: list[tuple[str, str, int]] = []
+    if settings.http_port:
+        wanted.append(("BRIDGE_HTTP_PORT", settings.http_host, settings.http_port))
+    for worker in workers:
+        listen_ports = getattr(worker, "listen_ports", None)
+        if callable(listen_ports):
+            wanted.extend(listen_ports())
+    problems = []
+    taken: dict[int, str] = {}
+    for variable, host, port in wanted:
+        if not port:
+            continue  # any free port
+        if port in taken:
+            problems.append(f"{variable}={port}: the same port as {taken[port]}")
+            continue
+        taken[port] = variable
+        try:
+            with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+                # as asyncio's create_server binds: a port in TIME_WAIT is free
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as exc:
+            problems.append(
+                f"{variable}={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                "stop what listens there or choose another port"
+            )
+    if problems:
+        raise ConfigError(*problems)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def load_workers(names: list[str]) -> list[Worker]:
+    """The named workers built with their validated settings; a :class:`ConfigError` lists
+    every problem (settings, then what a constructor refuses, such as a missing shard index)."""
+    classes = worker_classes(names)
+    settings = worker_settings(classes)
     workers: list[Worker] = []
-    for name in dict.fromkeys(names):
-        cls = found[name].load()
-        workers.append(cls())
+    problems: list[str] = []
+    for cls, loaded in zip(classes, settings, strict=True):
+        try:
+            workers.append(cls() if loaded is None else cls(loaded))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems)
     return workers
 
 
@@ -161,16 +252,32 @@ class Host:
                     loop.add_signal_handler(sig, self._signal, sig)
         if self.settings.http_port:
             self.http = HttpEndpoint(registry=self.registry, ready=self.readiness, admin=self.admin)
-            await self.http.start(self.settings.http_host, self.settings.http_port)
+            try:
+                await self.http.start(self.settings.http_host, self.settings.http_port)
+            except OSError as exc:  # taken since check_ports
+                raise ConfigError(
+                    f"BRIDGE_HTTP_PORT={self.settings.http_port}: cannot listen on "
+                    f"{self.settings.http_host}:{self.settings.http_port} ({exc.strerror or exc})"
+                ) from exc
         try:
             await self.broker.connect(stop=self._stop)
             for worker in self.workers:
                 await worker.start(self.ctx)
                 self.started.append(worker)
-                log.info("worker started", extra={"worker": worker.name})
+                log.info("ready", extra={"worker": worker.name, **self._describe(worker)})
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _describe(self, worker: Worker) -> dict[str, Any]:
+        """What a started worker listens on and consumes (its optional ``describe()``)."""
+        out: dict[str, Any] = {}
+        if self.http is not None:
+            out["http"] = f"{self.settings.http_host}:{self.http.port}"
+        describe = getattr(worker, "describe", None)
+        if callable(describe):
+            out.update(describe())
+        return out
 
     def _signal(self, sig: signal.Signals) -> None:
         log.info(
@@ -194,7 +301,7 @@ class Host:
             except Exception:
                 log.exception("worker failed to stop cleanly", extra={"worker": worker.name})
 
-        # Concurrently: `bridge run all` must drain within one grace period, not one per worker.
+        # Concurrently: `rabbitmq-bridge run all` must drain within one grace period, not one per worker.
         await asyncio.gather(*(stop(w) for w in self.started))
         self.started.clear()
         await self.broker.close()

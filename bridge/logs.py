@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -53,3 +54,54 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     for noisy in ("aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aio_pika.robust_connection").setLevel(logging.CRITICAL)
+
+
+class Tally:
+    """Counts repeated events and logs them as one line per kind per interval, never one line
+    per event: the first event after a quiet interval at once, the rest summed up at the end
+    of each interval (with ``count``). Runs on an event loop's thread."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        *,
+        interval_s: float = 10.0,
+        level: int = logging.WARNING,
+    ) -> None:
+        self.logger = logger
+        self.message = message
+        self.interval_s = interval_s
+        self.level = level
+        self._counts: dict[tuple[tuple[str, str], ...], int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, n: int = 1, **fields: str) -> None:
+        key = tuple(sorted(fields.items()))
+        if self._timer is None:
+            self._emit(key, n)
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._flush)
+            return
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def _flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            self._emit(key, n)
+        self._timer = (
+            asyncio.get_running_loop().call_later(self.interval_s, self._flush) if counts else None
+        )
+
+    def _emit(self, key: tuple[tuple[str, str], ...], n: int) -> None:
+        self.logger.log(
+            self.level, self.message, extra={**dict(key), "count": n, "interval_s": self.interval_s}
+        )
+
+    def close(self) -> None:
+        """Log what was counted and not yet logged (at shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            self._emit(key, n)

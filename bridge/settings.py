@@ -9,20 +9,37 @@ is how a Kubernetes Secret is mounted: one file per setting, named like the vari
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bridge.errors import ConfigError
+
 DEFAULT_SECRETS_DIR = "/run/secrets/bridge"
+ENV_PREFIX = "BRIDGE_"
+SECRETS_DIR_VARIABLE = "BRIDGE_SECRETS_DIR"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# values of these settings are never repeated in an error message
+_SECRET_WORDS = ("url", "token", "password", "secret")
+
+S = TypeVar("S", bound=BaseSettings)
+
+# Kubernetes adds <SERVICE>_SERVICE_HOST, <SERVICE>_PORT=tcp://... and the like for every
+# Service in the namespace ("bridge-delay" gives BRIDGE_DELAY_PORT): not settings, not typos.
+_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT\w*)$|_PORT_\d+_(TCP|UDP|SCTP)\w*$")
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
 
 
 def secrets_dir() -> str | None:
     """The secrets directory: ``BRIDGE_SECRETS_DIR`` if set, else the default if it exists."""
-    configured = os.environ.get("BRIDGE_SECRETS_DIR")
+    configured = os.environ.get(SECRETS_DIR_VARIABLE)
     if configured:
         return configured
     return DEFAULT_SECRETS_DIR if Path(DEFAULT_SECRETS_DIR).is_dir() else None
@@ -42,7 +59,7 @@ class HostSettings(BaseSettings):
     """Settings of the host process (shared by all workers it runs)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="BRIDGE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="ignore",
         case_sensitive=False,
@@ -59,7 +76,7 @@ class HostSettings(BaseSettings):
     http_port: int = Field(
         default=9100, ge=0, le=65535, description="/livez, /readyz, /metrics; 0 disables."
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: str = Field(default="json", description="json (one object per line) or text.")
     drain_seconds: float = Field(
         default=20.0, gt=0, description="Grace period for a SIGTERM drain."
@@ -78,27 +95,102 @@ class HostSettings(BaseSettings):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(
-                f"BRIDGE_AMQP_URL must start with amqp:// or amqps://, got {redact_url(value)!r}"
-            )
+            raise ValueError(f"must start with amqp:// or amqps://, got {redact_url(value)!r}")
         if not parts.hostname:
-            raise ValueError("BRIDGE_AMQP_URL has no host name")
+            raise ValueError("has no host name")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
 
     @field_validator("log_format")
     @classmethod
     def _check_format(cls, value: str) -> str:
         if value not in ("json", "text"):
-            raise ValueError("BRIDGE_LOG_FORMAT must be 'json' or 'text'")
+            raise ValueError("must be 'json' or 'text'")
         return value
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """A settings class read from the environment and the secrets directory; invalid values
+    raise :class:`ConfigError` with one line per problem, naming the variable."""
+    directory = secrets_dir()
+    try:
+        if directory:
+            return cls(_secrets_dir=directory, **overrides)  # type: ignore[call-arg]
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(*settings_problems(cls, exc)) from exc
 
 
 def load_host_settings(**overrides: Any) -> HostSettings:
     """Read host settings from the environment and the secrets directory."""
-    directory = secrets_dir()
-    if directory:
-        return HostSettings(_secrets_dir=directory, **overrides)  # type: ignore[call-arg]
-    return HostSettings(**overrides)
+    return load_settings(HostSettings, **overrides)
+
+
+def variable_name(cls: type[BaseSettings], loc: Iterable[int | str]) -> str:
+    """The environment variable of a setting: the class's prefix, then the field path joined
+    by the nested delimiter (``BRIDGE_DIRECTED__QUEUE_LIMIT``)."""
+    prefix = str(cls.model_config.get("env_prefix") or "")
+    delimiter = str(cls.model_config.get("env_nested_delimiter") or "__")
+    path = delimiter.join(str(p).upper() for p in loc if not isinstance(p, int))
+    return f"{prefix}{path}" if path else f"{prefix.rstrip('_')}_*"
+
+
+def settings_problems(cls: type[BaseSettings], exc: ValidationError) -> list[str]:
+    """One line per invalid value: the variable, the value (unless secret), what is wrong."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = variable_name(cls, error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        secret = any(word in name.lower() for word in _SECRET_WORDS)
+        if error["loc"] and not secret and isinstance(value, str | int | float):
+            lines.append(f"{name}={value}: {message}")
+        else:
+            lines.append(f"{name}: {message}")
+    return lines
+
+
+def variable_names(cls: type[BaseModel], prefix: str, delimiter: str = "__") -> set[str]:
+    """Every variable a settings class reads (nested models included)."""
+    names: set[str] = set()
+    for field, info in cls.model_fields.items():
+        name = f"{prefix}{field.upper()}"
+        names.add(name)
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names |= variable_names(kind, f"{name}{delimiter}", delimiter)
+    return names
+
+
+def unknown_variables(
+    classes: Iterable[type[BaseSettings]], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One warning per ``BRIDGE_*`` variable no settings class reads, naming the closest
+    valid one: a misspelled setting is otherwise silently ignored."""
+    known = {SECRETS_DIR_VARIABLE}
+    for cls in classes:
+        prefix = str(cls.model_config.get("env_prefix") or "").upper()
+        known |= variable_names(cls, prefix, str(cls.model_config.get("env_nested_delimiter")))
+    warnings = []
+    env = os.environ if environ is None else environ
+    for raw, value in sorted(env.items()):
+        name = raw.upper()
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        if _SERVICE_LINK.search(name) or (
+            name.endswith("_PORT") and _SERVICE_LINK_VALUE.match(value)
+        ):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a setting of this program and is ignored{hint}")
+    return warnings
 
 
 def redact_url(url: str) -> str:

@@ -337,9 +337,10 @@ class Link:
             except Exception as exc:
                 # the attempt's connection (also one that timed out in the handshake: its
                 # transport is open and its waiters are pending) is dropped for good
+                in_handshake = not self._up  # a LinkError then is the broker's connection.close
                 self._abandon(self._proto)
                 if self._first is not None and not self._first.done():
-                    if not isinstance(exc, LinkError):
+                    if not isinstance(exc, LinkError) or in_handshake:
                         exc = BrokerUnavailable(describe_connect_error(self.url, exc))
                     self._first.set_exception(exc)
                     return
@@ -705,12 +706,26 @@ def _retrieved(fut: asyncio.Future[Any]) -> None:
 
 
 def describe_connect_error(url: str, exc: BaseException) -> str:
-    """One line an operator can act on."""
+    """One line an operator can act on: the one mapping of a failed connection (this link's
+    handshake, aio-pika's for the control plane) to what to check."""
     reason = f"{type(exc).__name__}: {exc}".strip()
     hint = "is RabbitMQ running and reachable? set BRIDGE_AMQP_URL (or its secrets file)"
     text = str(exc).lower()
-    if "access_refused" in text or "login" in text or "auth" in text:
+    code = exc.code if isinstance(exc, LinkError) else None
+    if code == 530 or "vhost" in text or "not_allowed" in text or "connection.openok" in text:
+        # aio-pika reports a refused connection.open as "Expected one of
+        # ['Connection.OpenOk'], got <Connection.Close ...>", without the broker's text
+        try:
+            e = Endpoint.parse(url)
+        except ValueError:
+            e = None
+        if e is not None:
+            return (
+                f"broker at {redact_url(url)} refused virtual host {e.vhost!r}: it does not "
+                f"exist or user {e.user!r} has no access to it (create it, or grant access "
+                "with rabbitmqctl set_permissions; the vhost is the path of BRIDGE_AMQP_URL, "
+                "'/' written as %2F)"
+            )
+    if code == 403 or "access_refused" in text or "login" in text or "auth" in text:
         hint = "the broker refused the credentials: check the user and password in BRIDGE_AMQP_URL"
-    elif "vhost" in text or "not_allowed" in text:
-        hint = "the virtual host in BRIDGE_AMQP_URL does not exist or the user has no access to it"
     return f"broker unreachable at {redact_url(url)} ({reason}); {hint}"

@@ -1,7 +1,7 @@
 """The fast subset of the delay fault suite (``bench/chaos_delay.py``), run in every test run.
 
 The same scenario code as ``python -m bench.chaos --workers delay``, shortened: a real
-``bridge run delay`` process under load from producers with confirms (``x-delay``,
+``rabbitmq-bridge run delay`` process under load from producers with confirms (``x-delay``,
 ``x-deliver-at`` in the past and ahead, pairs replaced by ``x-delay-key``), five kill -9 at
 seeded moments with restarts, then, through a TCP proxy, every connection dropped and
 refused for a while, a short stall and a slow link. The ledger checks: nothing confirmed is

@@ -383,7 +383,14 @@ async def test_metrics_and_admin_views(broker_url, amqp, tmp_path, unique):
         await client.send(b"b", sink.exchange, delay_ms=60_000, message_id="b")
         await client.send(b"c", sink.exchange, delay_ms=60_000, message_id="c", key="k")
         await client.send(b"d", sink.exchange, delay_ms=60_000, message_id="d", key="k")
-        await client.send(b"e", sink.exchange, message_id="e")  # missing delay
+        # missing delay (raw: the client refuses to send what the worker would refuse)
+        channel = await amqp.channel()
+        ingress = await channel.get_exchange(s.in_exchange)
+        await ingress.publish(
+            aio_pika.Message(b"e", headers={"x-target-exchange": sink.exchange}, message_id="e"),
+            routing_key="",
+        )
+        await channel.close()
         await sink.wait_for(1)
         await wait_stored(client, 2)
         assert (await client.cancel(message_id="b"))["cancelled"]

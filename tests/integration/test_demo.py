@@ -1,4 +1,4 @@
-"""``bridge demo`` as a user runs it: a subprocess against the test broker that must succeed
+"""``rabbitmq-bridge demo`` as a user runs it: a subprocess against the test broker that must succeed
 and leave no exchange, queue or state directory behind."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gateway replicas as real processes (`bridge run gateway`) sharing one server registry:
+"""Gateway replicas as real processes (`rabbitmq-bridge run gateway`) sharing one server registry:
 balance on the global view, sticky client_ids across replicas and across a replica's
 restart, and a replica killed with kill -9 leaving the global view.
 

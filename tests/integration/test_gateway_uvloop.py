@@ -1,4 +1,4 @@
-"""The gateway on uvloop, as `bridge run` runs it: uvloop's transports are not
+"""The gateway on uvloop, as `rabbitmq-bridge run` runs it: uvloop's transports are not
 asyncio.Transport subclasses and its flow control differs, so the socket paths run here too."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The host as a real process: probes, metrics, SIGTERM drain, broker outages, `bridge check`."""
+"""The host as a real process: probes, metrics, SIGTERM drain, broker outages, `rabbitmq-bridge check`."""
 
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ def test_dockerfile_lints_clean_and_runs_as_non_root_with_exec_entrypoint():
     assert out.returncode == 0, out.stdout + out.stderr
     final_stage = dockerfile.split("\nFROM ")[-1]
     assert re.search(r"^USER 10001", final_stage, re.M)
-    assert re.search(r'^ENTRYPOINT \["bridge"\]', final_stage, re.M), (
+    assert re.search(r'^ENTRYPOINT \["rabbitmq-bridge"\]', final_stage, re.M), (
         "exec form so SIGTERM reaches the worker"
     )
     assert (ROOT / ".dockerignore").exists()

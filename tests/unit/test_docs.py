@@ -40,3 +40,32 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q" in readme and ".venv/bin/python -m pytest -q" in ci
+
+
+def test_console_command_has_a_distinctive_name_used_everywhere():
+    import re
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert list(scripts) == ["rabbitmq-bridge", "bridge"]  # the alias second
+    assert scripts["bridge"] == scripts["rabbitmq-bridge"]
+    bare = re.compile(r"(?<![\w./-])bridge (run|check|demo|workers|directed|delay|gateway) ")
+    texts = [ROOT / "README.md", ROOT / "Dockerfile", *sorted((ROOT / "docs").glob("*.md"))]
+    texts += sorted((ROOT / "k8s").rglob("*.yaml"))
+    found = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in texts
+        for line in path.read_text().splitlines()
+        if bare.search(line) and "RabbitMQ bridge" not in line and "ruff check" not in line
+    ]
+    assert not found, found
+
+
+def test_the_declared_license_file_is_there():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    for name in project["license-files"]:
+        text = (ROOT / name).read_text()
+        assert "Apache License" in text and "Version 2.0, January 2004" in text

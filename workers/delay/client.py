@@ -10,19 +10,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 import uuid
 from typing import Any
 
 import aio_pika
+import aio_pika.exceptions
 from aio_pika.abc import AbstractRobustConnection
 
-from bridge.rpc import WorkerClient
+from bridge.errors import InvalidRequest
+from bridge.rpc import WorkerClient, add_timeout_option
 from workers.delay.config import DelaySettings
-from workers.delay.wire import X_DELAY, X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
+from workers.delay.wire import (
+    X_DELAY,
+    X_DELAY_KEY,
+    X_DELIVER_AT,
+    X_TARGET_EXCHANGE,
+    Reject,
+    parse_ingress,
+)
 
 
 class DelayClient(WorkerClient):
+    worker = "delay"
+
     def __init__(
         self, connection: AbstractRobustConnection, settings: DelaySettings | None = None
     ) -> None:
@@ -42,7 +54,11 @@ class DelayClient(WorkerClient):
         headers: dict[str, Any] | None = None,
         **properties: Any,
     ) -> None:
-        """Publish one delayed message (confirmed by the broker into ``delay.in``)."""
+        """Publish one delayed message (confirmed by the broker into ``delay.in``).
+
+        What the worker would dead-letter at once (a negative delay, no target, beyond the
+        horizon of these settings, ...) raises :class:`InvalidRequest` instead: the worker's
+        own check (:func:`workers.delay.wire.parse_ingress`) runs here first."""
         assert self._channel is not None
         hdrs: dict[str, Any] = dict(headers or {})
         if delay_ms is not None:
@@ -53,9 +69,19 @@ class DelayClient(WorkerClient):
             hdrs[X_TARGET_EXCHANGE] = target
         if key is not None:
             hdrs[X_DELAY_KEY] = key
+        decision = parse_ingress(
+            hdrs,
+            int(time.time() * 1000),
+            horizon_ms=self.settings.horizon_ms,
+            default_target=self.settings.default_target,
+        )
+        if isinstance(decision, Reject):
+            raise InvalidRequest(
+                f"the delay worker would refuse this ({decision.reason}): {decision.detail}"
+            )
         properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
-        exchange = await self._channel.get_exchange(self.settings.in_exchange, ensure=False)
-        await exchange.publish(
+        await self.publish(
+            self.settings.in_exchange,
             aio_pika.Message(body, headers=hdrs, message_id=message_id, **properties),
             routing_key=routing_key,
         )
@@ -89,11 +115,12 @@ class DelayClient(WorkerClient):
 
 async def _with_client(fn: Any) -> int:
     from bridge.amqp import connect_once
-    from bridge.settings import load_host_settings
+    from bridge.settings import load_host_settings, load_settings
 
+    settings = load_settings(DelaySettings)
     conn = await connect_once(load_host_settings().amqp_url)
     try:
-        client = await DelayClient(conn).open()
+        client = await DelayClient(conn, settings).open()
         return int(await fn(client) or 0)
     finally:
         await conn.close()
@@ -101,7 +128,7 @@ async def _with_client(fn: Any) -> int:
 
 def _cmd_send(args: argparse.Namespace) -> int:
     if (args.delay_ms is None) == (args.at_ms is None):
-        raise SystemExit("bridge delay send: give exactly one of --delay-ms and --at-ms")
+        raise SystemExit("rabbitmq-bridge delay send: give exactly one of --delay-ms and --at-ms")
 
     async def go(client: DelayClient) -> int:
         message_id = args.message_id or uuid.uuid4().hex
@@ -128,26 +155,68 @@ def _print_reply(reply: dict[str, Any]) -> int:
 
 def _cmd_counts(args: argparse.Namespace) -> int:
     async def go(client: DelayClient) -> int:
-        return _print_reply(await client.counts())
+        return _print_reply(await client.counts(timeout=args.timeout))
 
     return asyncio.run(_with_client(go))
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     if (args.message_id is None) == (args.key is None):
-        raise SystemExit("bridge delay cancel: give exactly one of --message-id and --key")
+        raise SystemExit("rabbitmq-bridge delay cancel: give exactly one of --message-id and --key")
 
     async def go(client: DelayClient) -> int:
-        return _print_reply(await client.cancel(message_id=args.message_id, key=args.key))
+        return _print_reply(
+            await client.cancel(message_id=args.message_id, key=args.key, timeout=args.timeout)
+        )
 
     return asyncio.run(_with_client(go))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     async def go(client: DelayClient) -> int:
-        return _print_reply(await client.list(args.topic, limit=args.limit, after=args.after))
+        return _print_reply(
+            await client.list(args.topic, limit=args.limit, after=args.after, timeout=args.timeout)
+        )
 
     return asyncio.run(_with_client(go))
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """Print what arrives at an exchange: a queue of this command's own (exclusive, deleted
+    when it exits) bound with the routing-key pattern; one JSON line per message."""
+
+    async def go(client: DelayClient) -> int:
+        channel = await client.connection.channel()
+        try:
+            exchange = await channel.get_exchange(args.exchange, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise InvalidRequest(f"exchange {args.exchange!r} does not exist") from exc
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=args.routing_key)
+        print(
+            f"watching {args.exchange} ({args.routing_key}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        seen = 0
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                doc = {
+                    "routing_key": message.routing_key,
+                    "message_id": message.message_id,
+                    "body": message.body.decode("utf-8", "replace"),
+                    "received_ms": int(time.time() * 1000),
+                }
+                print(json.dumps(doc), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        return 0
+
+    try:
+        return asyncio.run(_with_client(go))
+    except KeyboardInterrupt:
+        return 0
 
 
 def add_commands(sub: Any) -> None:
@@ -163,13 +232,23 @@ def add_commands(sub: Any) -> None:
     send.add_argument("body", help="message body (text)")
     send.set_defaults(func=_cmd_send)
     counts = cmds.add_parser("counts", help="pending messages and next due time per topic")
+    add_timeout_option(counts)
     counts.set_defaults(func=_cmd_counts)
     cancel = cmds.add_parser("cancel", help="cancel a pending message by id or key")
     cancel.add_argument("--message-id")
     cancel.add_argument("--key")
+    add_timeout_option(cancel)
     cancel.set_defaults(func=_cmd_cancel)
     lst = cmds.add_parser("list", help="pending messages of a topic, paged")
     lst.add_argument("topic", help="target exchange")
     lst.add_argument("--limit", type=int, default=20)
     lst.add_argument("--after", help="cursor ('next' of the previous page)")
+    add_timeout_option(lst)
     lst.set_defaults(func=_cmd_list)
+    watch = cmds.add_parser(
+        "watch", help="print the messages that arrive at an exchange (to see deliveries)"
+    )
+    watch.add_argument("exchange", help="the exchange to watch, e.g. a target exchange")
+    watch.add_argument("routing_key", nargs="?", default="#", help="binding key (default '#')")
+    watch.add_argument("--count", type=int, default=0, help="exit after N messages")
+    watch.set_defaults(func=_cmd_watch)

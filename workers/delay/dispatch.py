@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 
+from bridge.logs import Tally
 from workers.delay.config import DelaySettings
 from workers.delay.lanes import Lane, LaneReport
 from workers.delay.ledger import Ledger, now_ms
@@ -42,6 +43,9 @@ class Dispatcher:
         self._lane_batch = [0] * n
         self._lanes_wanted_at = time.monotonic()
         self._grown_at = 0.0
+        # due messages the target refused (unroutable, no such exchange): at most one line
+        # per reason and target per interval, however many messages
+        self.dead_log = Tally(log, "due messages dead-lettered instead of delivered")
 
     def start(self) -> None:
         self.running = True
@@ -182,6 +186,9 @@ class Dispatcher:
             self.metrics.published.inc(len(r.sent))
         for _, reason in r.dead:
             self.metrics.dead_letters.labels(reason).inc()
+            self.dead_log.add(
+                reason=reason, target=r.topic, dead_exchange=self.settings.dead_exchange
+            )
         if r.retry:
             self.metrics.retries.inc(len(r.retry))
         self.kick()

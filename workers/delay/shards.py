@@ -113,7 +113,7 @@ class DelayShards:
         self.rpc: RpcClient | None = None
 
     async def open(self, connection: AbstractRobustConnection) -> None:
-        self.rpc = await RpcClient(connection).open()
+        self.rpc = await RpcClient(connection, "delay").open()
 
     async def close(self) -> None:
         if self.rpc is not None:

@@ -58,6 +58,7 @@ log = logging.getLogger("bridge.delay")
 
 class DelayWorker:
     name = "delay"
+    settings_class = DelaySettings
 
     def __init__(self, settings: DelaySettings | None = None) -> None:
         self.settings = settings or DelaySettings()
@@ -259,6 +260,8 @@ class DelayWorker:
         for lane in self.lanes:
             await asyncio.to_thread(lane.join, max(deadline - time.monotonic(), 0.5))
         await asyncio.sleep(0)  # reports the lanes queued while stopping
+        if self.dispatcher is not None:
+            self.dispatcher.dead_log.close()
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 await self.ledger.committer.close()
@@ -275,6 +278,10 @@ class DelayWorker:
                 await channel.close()
         if self.store is not None:
             self.store.close()
+
+    def describe(self) -> dict[str, Any]:
+        """For the host's ``ready`` line: the queues this process consumes."""
+        return {"consumes": ", ".join(c.queue for c in self.consumers)}
 
     def ready(self) -> tuple[bool, str]:
         if self.committer is not None and self.committer.failing:

@@ -15,13 +15,15 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from bridge.rpc import WorkerClient
+from bridge.rpc import WorkerClient, add_timeout_option
 from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
 
 HEADER_TARGET_LIMIT = 2000  # larger lists go in an envelope body (AMQP headers must fit one frame)
 
 
 class DirectedClient(WorkerClient):
+    worker = "directed"
+
     def __init__(
         self, connection: AbstractRobustConnection, settings: DirectedSettings | None = None
     ) -> None:
@@ -40,7 +42,6 @@ class DirectedClient(WorkerClient):
     ) -> None:
         """Publish a request (confirmed by the broker; the worker applies it asynchronously)."""
         assert self._channel is not None
-        exchange = await self._channel.get_exchange(self.settings.requests_exchange, ensure=False)
         if len(targets) <= HEADER_TARGET_LIMIT:
             hdrs: dict[str, Any] = dict(headers or {})
             hdrs[H_TARGETS] = list(targets)
@@ -68,7 +69,7 @@ class DirectedClient(WorkerClient):
                 message_id=message_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
-        await exchange.publish(message, routing_key="")
+        await self.publish(self.settings.requests_exchange, message, routing_key="")
 
     async def _call(
         self, exchange_name: str, routing_key: str, doc: Any, timeout: float
@@ -109,11 +110,12 @@ def decode_messages(reply: dict[str, Any]) -> list[tuple[str, bytes]]:
 
 async def _with_client(fn: Any) -> int:
     from bridge.amqp import connect_once
-    from bridge.settings import load_host_settings
+    from bridge.settings import load_host_settings, load_settings
 
+    settings = load_settings(DirectedSettings)
     conn = await connect_once(load_host_settings().amqp_url)
     try:
-        client = await DirectedClient(conn).open()
+        client = await DirectedClient(conn, settings).open()
         return int(await fn(client) or 0)
     finally:
         await conn.close()
@@ -134,9 +136,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     async def go(client: DirectedClient) -> int:
-        reply = await client.pull(args.target, args.record_id, args.max, args.wait_ms)
+        reply = await client.pull(
+            args.target, args.record_id, args.max, args.wait_ms, timeout=args.timeout
+        )
         if args.ack and reply.get("record_id"):
-            await client.pull(args.target, reply["record_id"], 0)
+            await client.pull(args.target, reply["record_id"], 0, timeout=args.timeout)
         for m in reply.get("messages", []):
             m["body_text"] = base64.b64decode(m["body"]).decode("utf-8", "replace")
         print(json.dumps(reply, indent=1))
@@ -147,7 +151,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     async def go(client: DirectedClient) -> int:
-        reply = await client.status(args.message_id)
+        reply = await client.status(args.message_id, timeout=args.timeout)
         print(json.dumps(reply, indent=1))
         return 1 if "error" in reply else 0
 
@@ -163,13 +167,19 @@ def add_commands(sub: Any) -> None:
     send.add_argument("--ttl-ms", type=int, help="how long the content waits for its targets")
     send.add_argument("body", help="message body (text)")
     send.set_defaults(func=_cmd_send)
-    pull = cmds.add_parser("pull", help="pull as a target; --ack acknowledges what was received")
+    pull = cmds.add_parser(
+        "pull",
+        help="pull as a target; the batch stays unacknowledged (and comes again) unless --ack "
+        "or the next pull names its record id",
+    )
     pull.add_argument("target")
     pull.add_argument("--record-id", help="record id from the previous reply (acknowledges it)")
     pull.add_argument("--max", type=int, default=10)
     pull.add_argument("--wait-ms", type=int, default=0)
     pull.add_argument("--ack", action="store_true", help="acknowledge the batch right away")
+    add_timeout_option(pull)
     pull.set_defaults(func=_cmd_pull)
     status = cmds.add_parser("status", help="acknowledged / pending / expired counts of a message")
     status.add_argument("message_id")
+    add_timeout_option(status)
     status.set_defaults(func=_cmd_status)

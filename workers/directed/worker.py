@@ -99,6 +99,7 @@ class ContentCache:
 
 class DirectedWorker:
     name = "directed"
+    settings_class = DirectedSettings
 
     def __init__(self, settings: DirectedSettings | None = None) -> None:
         self.settings = settings or DirectedSettings()
@@ -160,7 +161,7 @@ class DirectedWorker:
         requests_q, pull_q, control_qs = await self._declare_topology(broker)
         if self.shard.sharded:
             assert broker.connection is not None
-            self._rpc = await RpcClient(broker.connection).open()
+            self._rpc = await RpcClient(broker.connection, "directed").open()
 
         link = self.link = Link(broker.url, name=self.name, heartbeat_s=broker.settings.heartbeat_s)
         self.publisher = Publisher(link, name="dead letters")
@@ -294,6 +295,10 @@ class DirectedWorker:
         await close_channels(getattr(self, "_channel", None), getattr(self, "_pull_channel", None))
         if self.store is not None:
             self.store.close()
+
+    def describe(self) -> dict[str, Any]:
+        """For the host's ``ready`` line: the queues this process consumes."""
+        return {"consumes": ", ".join(c.queue for c in self.consumers)}
 
     def ready(self) -> tuple[bool, str]:
         if self.committer is not None and self.committer.failing:

@@ -15,7 +15,7 @@ use it as their backend:
 A message without ``x-event`` is treated as data and answered to its ``reply_to`` as is, so
 the same backend also serves plain AMQP or STOMP request/reply clients.
 
-Run it with ``bridge gateway echo-server --id s1``.
+Run it with ``rabbitmq-bridge gateway echo-server --id s1``.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ class BackendServer:
 
 
 async def run_echo_server(url: str, server_id: str, heartbeat_s: float) -> None:
-    """Run until SIGINT/SIGTERM (the ``bridge gateway echo-server`` command)."""
+    """Run until SIGINT/SIGTERM (the ``rabbitmq-bridge gateway echo-server`` command)."""
     import signal
 
     stop = asyncio.Event()

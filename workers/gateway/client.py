@@ -1,10 +1,10 @@
-"""A small client of the gateway's TCP framing, and the ``bridge gateway ...`` commands.
+"""A small client of the gateway's TCP framing, and the ``rabbitmq-bridge gateway ...`` commands.
 
-:class:`GatewayClient` is what the tests, the benchmark and ``bridge gateway connect`` use:
+:class:`GatewayClient` is what the tests, the benchmark and ``rabbitmq-bridge gateway connect`` use:
 HELLO, WELCOME, DATA both ways, automatic PONG, BYE. The commands::
 
-    bridge gateway echo-server --id s1        a reference backend (registers, echoes)
-    bridge gateway connect --port 7000        stdin lines -> DATA, replies -> stdout
+    rabbitmq-bridge gateway echo-server --id s1        a reference backend (registers, echoes)
+    rabbitmq-bridge gateway connect --port 7000        stdin lines -> DATA, replies -> stdout
 """
 
 from __future__ import annotations

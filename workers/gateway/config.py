@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
-from bridge.settings import secrets_dir, worker_settings_config
+from bridge.settings import worker_settings_config
 
 # AMQP headers of the contract (gateway -> server and server -> gateway).
 H_EVENT = "x-event"
@@ -241,11 +241,3 @@ class GatewaySettings(BaseSettings):
         """Name of the state file: the instance if it was set, else the host name (the
         default instance has the pid in it, which changes at every restart)."""
         return self.instance if "instance" in self.model_fields_set else socket.gethostname()
-
-
-def load_gateway_settings(**overrides: Any) -> GatewaySettings:
-    """Gateway settings from the environment and the secrets directory (tokens are secrets)."""
-    directory = secrets_dir()
-    if directory:
-        return GatewaySettings(_secrets_dir=directory, **overrides)  # type: ignore[call-arg]
-    return GatewaySettings(**overrides)

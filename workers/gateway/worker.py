@@ -43,6 +43,7 @@ from bridge.amqp.link import Link, LinkError
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import ConfigError, PublishFailed
 from bridge.host import WorkerContext
+from bridge.settings import load_settings
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     DEAD_INVALID_HEADERS,
@@ -60,7 +61,6 @@ from workers.gateway.config import (
     REGISTRY_OPS,
     SERVER_ID_RE,
     GatewaySettings,
-    load_gateway_settings,
 )
 from workers.gateway.housekeeping import Housekeeper
 from workers.gateway.metrics import GatewayMetrics
@@ -86,9 +86,10 @@ def _truthy(value: Any) -> bool:
 
 class GatewayWorker:
     name = "gateway"
+    settings_class = GatewaySettings
 
     def __init__(self, settings: GatewaySettings | None = None) -> None:
-        self.settings = settings or load_gateway_settings()
+        self.settings = settings or load_settings(GatewaySettings)
         s = self.settings
         self.balancer = Balancer(
             server_ttl_s=s.server_ttl_s,
@@ -315,6 +316,28 @@ class GatewayWorker:
                     await channel.close()
             if self.store is not None:
                 self.store.close()
+
+    def listen_ports(self) -> list[tuple[str, str, int]]:
+        """The listeners' (variable, host, port), for the host to check before it connects."""
+        s = self.settings
+        ports = []
+        if s.plain_listener:
+            ports.append(("BRIDGE_GATEWAY__PORT", s.host, s.port))
+        if s.tls_cert is not None:
+            ports.append(("BRIDGE_GATEWAY__TLS_PORT", s.host, s.tls_port))
+        return ports
+
+    def describe(self) -> dict[str, Any]:
+        """For the host's ``ready`` line: the listeners and the queues consumed."""
+        queues = [c.queue for c in (self.reply_consumer, self._registry) if c is not None]
+        if self.peers is not None:
+            queues += [self.settings.peers_queue, self.settings.sticky_stream_name]
+        return {
+            "listens": ", ".join(
+                f"{kind} {self.settings.host}:{p}" for kind, p in self.ports.items()
+            ),
+            "consumes": ", ".join(queues),
+        }
 
     def ready(self) -> tuple[bool, str]:
         if not self._consuming:
