@@ -11,24 +11,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from workers.gateway.config import E_HELLO_TIMEOUT, E_IDLE_TIMEOUT
+from workers.gateway.hub import GatewayHub
 from workers.gateway.protocol import PING_FRAME
 from workers.gateway.session import HANDSHAKE, JOINING, OPEN
 from workers.gateway.store import GatewayStore
-
-if TYPE_CHECKING:
-    from workers.gateway.worker import GatewayWorker
 
 log = logging.getLogger("bridge.gateway")
 
 
 class Housekeeper:
-    def __init__(self, worker: GatewayWorker, store: GatewayStore) -> None:
-        self.worker = worker
+    def __init__(self, hub: GatewayHub, store: GatewayStore) -> None:
+        self.hub = hub
         self.store = store
-        s = worker.settings
+        s = hub.settings
         # Often enough that every timeout fires within half its length of being due.
         self.tick = max(
             0.02, min(s.tick_s, s.hello_timeout_s / 2, s.heartbeat_s / 2, s.server_ttl_s / 3)
@@ -39,16 +36,16 @@ class Housekeeper:
 
     async def restore(self) -> list[str]:
         """Load what the previous run saved; return the servers believed alive."""
-        worker = self.worker
-        s = worker.settings
+        hub = self.hub
+        s = hub.settings
         wall, mono = time.time(), time.monotonic()
         saved = await self.store.load(
             since_sticky=wall - s.sticky_retention_s, since_server=wall - s.server_ttl_s
         )
         for server_id, last in saved.servers.items():
-            worker.balancer.register(server_id, mono - (wall - last))
+            hub.balancer.register(server_id, mono - (wall - last))
         for client_id, server_id, released in saved.sticky:
-            worker.balancer.restore_sticky(client_id, server_id, mono - (wall - released))
+            hub.balancer.restore_sticky(client_id, server_id, mono - (wall - released))
         if saved.servers or saved.sticky:
             log.info(
                 "gateway state restored",
@@ -74,23 +71,23 @@ class Housekeeper:
             await asyncio.sleep(self.tick)
             try:
                 self.sweep(time.monotonic())
-                if time.monotonic() - self._last_save >= self.worker.settings.state_flush_s:
+                if time.monotonic() - self._last_save >= self.hub.settings.state_flush_s:
                     self._last_save = time.monotonic()
                     await self.save()
             except Exception:
                 log.exception("gateway housekeeping failed")
 
     def sweep(self, now: float) -> None:
-        worker = self.worker
-        s = worker.settings
-        worker.publisher.expire(now)
-        for server_id in worker.balancer.expire(now):
+        hub = self.hub
+        s = hub.settings
+        hub.publisher.expire(now)
+        for server_id in hub.balancer.expire(now):
             log.warning(
                 "server missed its heartbeats; no new clients go to it",
                 extra={"server": server_id, "ttl_s": s.server_ttl_s},
             )
         hello_timeout, heartbeat, idle_timeout = s.hello_timeout_s, s.heartbeat_s, s.idle_timeout_s
-        for session in list(worker.sessions.values()):
+        for session in list(hub.sessions.values()):
             state = session.state
             if state == HANDSHAKE:
                 if now - session.accepted_at > hello_timeout:
@@ -107,20 +104,20 @@ class Housekeeper:
                 pass  # bounded by no_server_wait_s
 
     async def save(self) -> None:
-        worker = self.worker
-        s = worker.settings
+        hub = self.hub
+        s = hub.settings
         wall, mono = time.time(), time.monotonic()
         if mono - self._last_refresh > max(s.sticky_retention_s / 2, s.state_flush_s):
             # Rows of long-lived connections would age out of the retention window.
             self._last_refresh = mono
-            worker.sticky_dirty.update(
-                x.client_id for x in worker.sessions.values() if x.client_id is not None
+            hub.sticky_dirty.update(
+                x.client_id for x in hub.sessions.values() if x.client_id is not None
             )
-        dirty, worker.sticky_dirty = worker.sticky_dirty, set()
+        dirty, hub.sticky_dirty = hub.sticky_dirty, set()
         upserts: list[tuple[str, str, float]] = []
         deletes: list[str] = []
         for client_id in dirty:
-            record = worker.balancer.sticky_record(client_id)
+            record = hub.balancer.sticky_record(client_id)
             if record is None:
                 deletes.append(client_id)
                 continue
@@ -128,7 +125,7 @@ class Housekeeper:
             # A live client counts as released now: if this process dies, that is the last
             # moment it was known to be connected.
             upserts.append((client_id, server, wall if live else wall - (mono - released)))
-        snapshot = worker.balancer.snapshot(mono)["servers"]
+        snapshot = hub.balancer.snapshot(mono)["servers"]
         servers = {
             sid: wall - info["last_heartbeat_age_s"]
             for sid, info in snapshot.items()
@@ -142,6 +139,6 @@ class Housekeeper:
                 upserts, deletes, servers, forget_before=wall - s.sticky_retention_s
             )
         except Exception:
-            worker.sticky_dirty |= dirty  # try again next time
+            hub.sticky_dirty |= dirty  # try again next time
             raise
         self._servers_saved = servers

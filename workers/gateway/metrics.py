@@ -7,17 +7,29 @@ a lock on every ``inc``, which on the DATA path costs more than the rest of the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sized
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bridge.amqp.link import Link
 from bridge.metrics import LATENCY_BUCKETS
+from workers.gateway.balancer import Balancer
 
-if TYPE_CHECKING:
-    from workers.gateway.worker import GatewayWorker
+
+class GatewayState(Protocol):
+    """What the scrape reads of the gateway (its hub)."""
+
+    @property
+    def sessions(self) -> Sized: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def balancer(self) -> Balancer: ...
 
 
 class WireCounters:
@@ -34,9 +46,10 @@ class WireCounters:
 
 
 class _StateCollector(Collector):
-    def __init__(self, wire: WireCounters, worker: Callable[[], GatewayWorker]) -> None:
+    def __init__(self, wire: WireCounters, state: GatewayState, link: Link) -> None:
         self.wire = wire
-        self.worker = worker
+        self.state = state
+        self.link = link
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         w = self.wire
@@ -48,16 +61,16 @@ class _StateCollector(Collector):
             ("bytes_out", "bytes sent to clients", w.bytes_out),
         ):
             yield CounterMetricFamily(f"bridge_gateway_{name}", doc, value=value)
-        worker = self.worker()
+        state = self.state
         yield GaugeMetricFamily(
-            "bridge_gateway_connections", "open client connections", value=len(worker.sessions)
+            "bridge_gateway_connections", "open client connections", value=len(state.sessions)
         )
         yield GaugeMetricFamily(
             "bridge_gateway_publish_in_flight",
             "publishes waiting for the broker's confirm",
-            value=worker.in_flight,
+            value=state.in_flight,
         )
-        balancer = worker.balancer
+        balancer = state.balancer
         yield GaugeMetricFamily(
             "bridge_gateway_servers_alive",
             "servers taking new clients",
@@ -86,22 +99,22 @@ class _StateCollector(Collector):
             "other gateway replicas heard from within peer_ttl_s",
             value=len(balancer.replicas(now)),
         )
-        link = worker.link
-        if link is not None:  # the data path's own connection (bridge.amqp.link.Link)
-            yield CounterMetricFamily(
-                "bridge_gateway_link_reconnects",
-                "times the gateway's data-path AMQP connection was re-established",
-                value=link.reconnects,
-            )
-            yield GaugeMetricFamily(
-                "bridge_gateway_link_up",
-                "1 while the data-path connection publishes and consumes replies",
-                value=1 if link.ready else 0,
-            )
+        link = self.link  # the data path's own connection (bridge.amqp.link.Link)
+        yield CounterMetricFamily(
+            "bridge_gateway_link_reconnects",
+            "times the gateway's data-path AMQP connection was re-established",
+            value=link.reconnects,
+        )
+        yield GaugeMetricFamily(
+            "bridge_gateway_link_up",
+            "1 while the data-path connection publishes and consumes replies",
+            value=1 if link.ready else 0,
+        )
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, worker: Callable[[], GatewayWorker]) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.wire = WireCounters()
         self.refused = Counter(
             "bridge_gateway_refused_total",
@@ -145,4 +158,7 @@ class GatewayMetrics:
             ["kind"],
             registry=registry,
         )
-        registry.register(_StateCollector(self.wire, worker))
+
+    def watch(self, state: GatewayState, link: Link) -> None:
+        """Report the sessions, the publish window, the servers and the link at each scrape."""
+        self.registry.register(_StateCollector(self.wire, state, link))

@@ -54,11 +54,11 @@ from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from workers.gateway.config import SERVER_ID_RE
+from workers.gateway.hub import GatewayHub
 from workers.gateway.session import OPEN
 
 if TYPE_CHECKING:
     from bridge.amqp import Broker
-    from workers.gateway.worker import GatewayWorker
 
 log = logging.getLogger("bridge.gateway")
 
@@ -137,9 +137,9 @@ class _StreamConsumer(Consumer):
 class Peers:
     """Count reports and sticky records, sent and received, for one replica."""
 
-    def __init__(self, worker: GatewayWorker) -> None:
-        self.worker = worker
-        self.settings = worker.settings
+    def __init__(self, hub: GatewayHub) -> None:
+        self.hub = hub
+        self.settings = hub.settings
         self.boot = uuid.uuid4().hex[:16]
         self.seq = 0
         self.pending: deque[tuple[str, str, float]] = deque()
@@ -269,6 +269,13 @@ class Peers:
 
     # -- what this replica says --------------------------------------------------------
 
+    def associated(self, client_id: str | None, server: str) -> None:
+        """A client was associated with ``server`` or released from it (the hub's
+        ``on_association``): counts changed, and a ``client_id``'s sticky record too."""
+        self.changed()
+        if client_id is not None:
+            self.note(client_id, server)
+
     def changed(self) -> None:
         """Counts changed: report them within the debounce."""
         self._changed.set()
@@ -307,13 +314,13 @@ class Peers:
 
     async def publish(self, *, leaving: bool = False) -> None:
         s = self.settings
-        worker = self.worker
+        hub = self.hub
         mono = time.monotonic()
         if self.stream_ok and mono - self._last_refresh >= max(1.0, s.sticky_retention_s / 3):
             # Records of long-lived connections would age out of the other replicas' view.
             self._last_refresh = mono
             wall = time.time()
-            for session in list(worker.sessions.values()):
+            for session in list(hub.sessions.values()):
                 if session.state == OPEN and session.client_id and session.server:
                     self.pending.append((session.client_id, session.server, wall))
         while self.pending:
@@ -333,7 +340,7 @@ class Peers:
             "sent": time.time(),
         }
         if not leaving:
-            doc["counts"] = {k: n for k, n in worker.balancer.counts().items() if n}
+            doc["counts"] = {k: n for k, n in hub.balancer.counts().items() if n}
         assert self._publisher is not None
         # transient, expiring with the report's usefulness; not mandatory (no replica but
         # this one may be listening)
@@ -361,7 +368,7 @@ class Peers:
     # -- what the others say -----------------------------------------------------------
 
     async def _on_report(self, message: AbstractIncomingMessage) -> None:
-        metrics = self.worker.metrics.peer_messages
+        metrics = self.hub.metrics.peer_messages
         try:
             doc = json.loads(message.body)
             if not isinstance(doc, dict):
@@ -391,7 +398,7 @@ class Peers:
             metrics.labels("stale").inc()
             return
         metrics.labels(op).inc()
-        balancer = self.worker.balancer
+        balancer = self.hub.balancer
         if op == OP_LEAVE:
             self._last_seq.pop(replica, None)
             balancer.forget_replica(replica)
@@ -415,7 +422,7 @@ class Peers:
                 self._stream.ack(delivery)
 
     def _apply_stream(self, message: Delivery) -> None:
-        metrics = self.worker.metrics.peer_messages
+        metrics = self.hub.metrics.peer_messages
         headers = message.headers or {}
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
@@ -442,7 +449,7 @@ class Peers:
         if boot == self.boot:
             return  # ours: already in the balancer
         metrics.labels(OP_STICKY).inc()
-        balancer = self.worker.balancer
+        balancer = self.hub.balancer
         wall, mono = time.time(), time.monotonic()
         retention = self.settings.sticky_retention_s
         for client_id, server, at in records:
