@@ -2,8 +2,8 @@
 
 Broker, in order: ``BRIDGE_AMQP_URL`` / ``AMQP_URL``; a testcontainers RabbitMQ when a
 Docker engine answers (image ``BRIDGE_TEST_RABBITMQ_IMAGE``, default ``rabbitmq:4.3``); the
-local broker on 127.0.0.1:5672. With none, integration tests
-skip with the reason, unless ``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
+local broker on 127.0.0.1:5672. With none, integration tests skip with the reason, unless
+``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
 """
 
 from __future__ import annotations
