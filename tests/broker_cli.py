@@ -1,8 +1,9 @@
-"""The CLI of the broker under test, for tests that raise alarms or restart it.
+"""The CLI of the broker under test, for tests that raise alarms, restart it or ask it.
 
-The command is ``BRIDGE_TEST_RABBITMQCTL`` (split like a shell would, e.g.
-``/work/rmq43/ctl.sh`` or ``docker exec rmq rabbitmqctl``), by default ``rabbitmqctl``.
-:func:`require_cli` skips a test that needs it when it is missing or talks to another node
+``rabbitmqctl`` is ``BRIDGE_TEST_RABBITMQCTL`` and ``rabbitmq-diagnostics`` is
+``BRIDGE_TEST_RABBITMQ_DIAGNOSTICS`` (each split like a shell would, e.g.
+``.ci/rabbitmq43 ctl`` or ``docker exec rmq rabbitmqctl``), by default the tool of that name.
+:func:`require_cli` skips a test that needs one when it is missing or talks to another node
 than the broker under test, and fails it instead under ``BRIDGE_REQUIRE_BROKER=1``.
 """
 
@@ -23,13 +24,28 @@ class BrokerCliError(RuntimeError):
     pass
 
 
-def cli_command() -> list[str]:
-    return shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL") or "rabbitmqctl")
+TOOLS = {
+    "rabbitmqctl": "BRIDGE_TEST_RABBITMQCTL",
+    "rabbitmq-diagnostics": "BRIDGE_TEST_RABBITMQ_DIAGNOSTICS",
+}
+
+
+def cli_command(tool: str = "rabbitmqctl") -> list[str]:
+    return shlex.split(os.environ.get(TOOLS[tool]) or tool)
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
-    """Run the broker's CLI; its stdout, or :class:`BrokerCliError` with what it said."""
-    cmd = [*cli_command(), *args]
+    """Run the broker's rabbitmqctl; its stdout, or :class:`BrokerCliError` with what it said."""
+    return run_cli("rabbitmqctl", *args, timeout=timeout)
+
+
+def diagnostics(*args: str, timeout: float = 60) -> str:
+    """Run the broker's rabbitmq-diagnostics, like :func:`rabbitmqctl`."""
+    return run_cli("rabbitmq-diagnostics", *args, timeout=timeout)
+
+
+def run_cli(tool: str, *args: str, timeout: float = 60) -> str:
+    cmd = [*cli_command(tool), *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -48,11 +64,11 @@ def _amqp_port(url: str | None) -> int:
 
 
 @functools.cache
-def _available(command: tuple[str, ...], port: int) -> bool:
+def _available(tool: str, command: tuple[str, ...], port: int) -> bool:
     if not command or shutil.which(command[0]) is None:
         return False
     try:
-        out = rabbitmqctl("status", "--formatter", "json", timeout=30)
+        out = run_cli(tool, "status", "--formatter", "json", timeout=30)
     except BrokerCliError:
         return False
     try:
@@ -66,20 +82,21 @@ def _available(command: tuple[str, ...], port: int) -> bool:
     )
 
 
-def cli_available(url: str | None = None) -> bool:
-    """The CLI exists and ``status`` answers for the broker at ``url`` (default: the
+def cli_available(url: str | None = None, tool: str = "rabbitmqctl") -> bool:
+    """The tool exists and its ``status`` answers for the broker at ``url`` (default: the
     ``BRIDGE_AMQP_URL``/``AMQP_URL`` or local broker); cached."""
-    return _available(tuple(cli_command()), _amqp_port(url))
+    return _available(tool, tuple(cli_command(tool)), _amqp_port(url))
 
 
-def require_cli(url: str | None = None) -> None:
-    """Skip the calling test without the broker's CLI (fail under BRIDGE_REQUIRE_BROKER=1)."""
-    if cli_available(url):
+def require_cli(url: str | None = None, tool: str = "rabbitmqctl") -> None:
+    """Skip the calling test without the broker's CLI tool (fail under
+    BRIDGE_REQUIRE_BROKER=1)."""
+    if cli_available(url, tool):
         return
     reason = (
-        f"no working broker CLI for the broker under test (port {_amqp_port(url)}): "
-        f"{shlex.join(cli_command())} status failed or reaches another node; "
-        "set BRIDGE_TEST_RABBITMQCTL"
+        f"no working {tool} for the broker under test (port {_amqp_port(url)}): "
+        f"{shlex.join(cli_command(tool))} status failed or reaches another node; "
+        f"set {TOOLS[tool]}"
     )
     if os.environ.get("BRIDGE_REQUIRE_BROKER") == "1":
         pytest.fail(reason + " (BRIDGE_REQUIRE_BROKER=1)")

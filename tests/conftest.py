@@ -1,8 +1,9 @@
 """Test harness: find a RabbitMQ, give each test unique names, run workers in-process.
 
 Broker, in order: ``BRIDGE_AMQP_URL`` / ``AMQP_URL``; a testcontainers RabbitMQ when a
-Docker engine answers; the local broker on 127.0.0.1:5672. With none, integration tests
-skip with the reason, unless ``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
+Docker engine answers (image ``BRIDGE_TEST_RABBITMQ_IMAGE``, default ``rabbitmq:4.3``); the
+local broker on 127.0.0.1:5672. With none, integration tests skip with the reason, unless
+``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+CONTAINER_IMAGE = "rabbitmq:4.3"
 
 
 def _reachable(url: str, timeout: float = 1.0) -> bool:
@@ -63,7 +65,8 @@ def broker_url() -> Iterator[str]:
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        with RabbitMqContainer("rabbitmq:3.13") as container:
+        image = os.environ.get("BRIDGE_TEST_RABBITMQ_IMAGE") or CONTAINER_IMAGE
+        with RabbitMqContainer(image) as container:
             # sharded workers need the consistent-hash exchange (ships with RabbitMQ)
             container.exec("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
             params = container.get_connection_params()

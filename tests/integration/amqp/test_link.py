@@ -227,7 +227,7 @@ async def test_confirmed_publishes_consumed_once_in_order_with_batched_acks(
     link = links.new(broker_url, "flow")
     pub = Publisher(link, name="pub")
     inbox = Inbox()
-    cons = consumer(link, QueueSpec(q, durable=False), inbox, prefetch=200, declare=True)
+    cons = consumer(link, QueueSpec(q), inbox, prefetch=200, declare=True)
     acks = AckCounter(link, cons)
     await link.start()
     assert link.ready and link.not_ready() == []
@@ -267,7 +267,7 @@ async def test_unroutable_and_missing_exchange_fail_alone_on_a_live_connection(
     one = Publisher(link, name="one-at-a-time", window=1)
     background_pub = Publisher(link, name="background")
     inbox = Inbox()
-    cons = consumer(link, QueueSpec(q, durable=False), inbox, declare=True)
+    cons = consumer(link, QueueSpec(q), inbox, declare=True)
     await link.start()
     consumer_epoch, pub_epoch, one_epoch = cons.epoch, pub.epoch, one.epoch
 
@@ -354,7 +354,7 @@ async def test_publishes_written_behind_a_missing_exchange_are_sent_again(
     link = links.new(broker_url, "behind")
     pub = Publisher(link, name="pub")  # default window: all six in one write
     inbox = Inbox()
-    consumer(link, QueueSpec(q, durable=False), inbox, declare=True)
+    consumer(link, QueueSpec(q), inbox, declare=True)
     await link.start()
 
     bad = pub.publish(missing, "k", b"", msg("bad"))
@@ -396,7 +396,7 @@ async def test_consumer_channel_closed_by_the_broker_is_reopened_on_the_same_con
     assert info.value.reason == "unroutable"
 
     ch = await amqp.channel()
-    await ch.declare_queue(q, durable=False)
+    await ch.declare_queue(q, durable=True)
     await until(lambda: link.ready, "the consumer consuming once the queue exists", 30)
     await asyncio.wait_for(pub.publish("", q, b"", msg("now")), 30)
     await inbox.wait_ids({"now"})
@@ -414,7 +414,7 @@ async def test_connection_cut_while_publishing_fails_or_confirms_and_reconnects(
     link = links.new(via(proxy, broker_url), "cut", retry_max_s=1.0)
     pub = Publisher(link, name="pub")
     inbox = Inbox()
-    cons = consumer(link, QueueSpec(q, durable=False), inbox, prefetch=200, declare=True)
+    cons = consumer(link, QueueSpec(q), inbox, prefetch=200, declare=True)
     await link.start()
     futs: dict[str, asyncio.Future[None]] = {}
 
@@ -492,7 +492,7 @@ async def test_stall_longer_than_the_heartbeat_is_noticed_and_reconnected(
     link = links.new(via(proxy, broker_url), "stall", heartbeat_s=1, retry_max_s=1.0)
     pub = Publisher(link, name="pub")
     inbox = Inbox()
-    consumer(link, QueueSpec(q, durable=False), inbox, declare=True)
+    consumer(link, QueueSpec(q), inbox, declare=True)
     await link.start()
     await asyncio.wait_for(pub.publish("", q, b"", msg("before")), 30)
     await inbox.wait_ids({"before"})
@@ -526,7 +526,7 @@ async def test_slow_link_publishes_and_consumes_correctly(
     link = links.new(via(proxy, broker_url), "slow")
     pub = Publisher(link, name="pub")
     inbox = Inbox()
-    consumer(link, QueueSpec(q, durable=False), inbox, prefetch=50, declare=True)
+    consumer(link, QueueSpec(q), inbox, prefetch=50, declare=True)
     await asyncio.wait_for(link.start(), 60)
 
     futs = [pub.publish("", q, b"s%d" % i, msg(str(i))) for i in range(n)]
@@ -601,7 +601,7 @@ async def test_exclusive_consumer_refused_while_another_holds_the_queue(
 ) -> None:
     q = names.queue("exclusive")
     ch = await amqp.channel()
-    await ch.declare_queue(q, durable=False)
+    await ch.declare_queue(q, durable=True)
     first = links.new(broker_url, "holder")
     pub = Publisher(first, name="pub")
     inbox = Inbox()
@@ -627,10 +627,10 @@ async def test_nack_requeues_reject_drops_and_a_stale_ack_is_ignored(
     q = names.queue("settle")
     dead = names.queue("dead")
     ch = await amqp.channel()
-    await ch.declare_queue(dead, durable=False)
+    await ch.declare_queue(dead, durable=True)
     await ch.declare_queue(
         q,
-        durable=False,
+        durable=True,
         arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead},
     )
     proxy = await links.proxy(broker_url)
@@ -725,7 +725,7 @@ async def test_memory_alarm_holds_publishes_until_lifted(
     link = links.new(broker_url, "alarm")
     pub = Publisher(link, name="pub")
     inbox = Inbox()
-    consumer(link, QueueSpec(q, durable=False), inbox, declare=True)
+    consumer(link, QueueSpec(q), inbox, declare=True)
     await link.start()
     restore = await asyncio.to_thread(_watermark_now)
 
