@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from bridge import __version__
 from bridge.errors import BridgeError, BrokerUnavailable, ConfigError, InvalidRequest
@@ -34,7 +34,7 @@ see README.md for every setting.
 
 
 # Each worker's client helpers: a module with add_commands(subparsers).
-CLIENT_MODULES = ("workers.directed.client", "workers.delay.client", "workers.gateway.client")
+COMMANDS_GROUP = "bridge.commands"  # entry points: add_commands(subparsers) of each worker
 
 
 def _settings():  # type: ignore[no-untyped-def]
@@ -215,12 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prefix", help="name prefix, starting with 'demo' (default: demo-<random>)")
     demo.add_argument("--verbose", action="store_true", help="show the workers' log lines")
     demo.set_defaults(func=cmd_demo)
-    for module in CLIENT_MODULES:
-        try:
-            client = importlib.import_module(module)
-        except ModuleNotFoundError:
-            continue
-        client.add_commands(sub)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 

@@ -25,15 +25,10 @@ owning shard whatever the ring looks like; the exchange only makes that hop rare
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import logging
 import os
 import re
-import time
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -233,123 +228,3 @@ SHARD_COUNT_HINT = (
     "drain and re-create the shards as described in docs/operations.md ('Changing the shard "
     "count'); never point a shard at another shard's volume"
 )
-
-
-def exchange_type_missing(exc: BaseException) -> bool:
-    """Whether a declare failed because the broker does not know the exchange type
-    (RabbitMQ closes the whole connection: 503 "unknown exchange type")."""
-    text = str(exc).lower()
-    return "unknown exchange type" in text or "invalid exchange type" in text
-
-
-async def ensure_chx_exchange(
-    url: str,
-    worker: str,
-    name: str,
-    kind: str = CHX_TYPE,
-    arguments: dict[str, Any] | None = None,
-) -> None:
-    """Declare the consistent-hash exchange ``name`` on a throw-away connection: an unknown
-    exchange type makes the broker close the connection, which must not be the worker's."""
-    import aio_pika  # local: this module's hash functions need no AMQP client
-
-    conn = await aio_pika.connect(url)
-    try:
-        channel = await conn.channel()
-        await channel.declare_exchange(name, kind, durable=True, arguments=arguments)
-    except Exception as exc:
-        if exchange_type_missing(exc):
-            raise missing_plugin_error(worker) from exc
-        raise
-    finally:
-        if not conn.is_closed:
-            await conn.close()
-
-
-def missing_plugin_error(worker: str) -> ConfigError:
-    return ConfigError(
-        f"{worker}: sharding needs the exchange type {CHX_TYPE!r}, which this broker does not "
-        f"have: enable the plugin that ships with RabbitMQ with `rabbitmq-plugins enable "
-        f"{CHX_PLUGIN}` (the worker enables nothing inside the broker itself)"
-    )
-
-
-class RingKeeper:
-    """Keeps the consistent-hash exchange's ring in shard order (bucket i is shard i).
-
-    RabbitMQ rebuilds the ring from the bindings when it restarts, in an order of its own (seen
-    here: 242 of 300 keys routed elsewhere after ``stop_app``/``start_app`` with 5 queues), and
-    a binding deleted and re-created moves to the end. Re-binding appends a queue's bucket at
-    the end, so moving every shard queue to the end in shard order restores bucket i = shard i
-    from any order; shards that do this at the same time still end in shard order (the last
-    move of queue i always follows the last move of queue i-1). While it runs, one queue at a
-    time is out of the ring: its messages go to other shards, which forward them.
-
-    Repairs run at start-up, after the broker connection came back, and when a shard sees a
-    message it does not own (at most once per ``min_interval_s`` for that reason).
-    """
-
-    def __init__(
-        self,
-        open_channel: Any,
-        exchange: str,
-        queues: list[str],
-        *,
-        worker: str,
-        min_interval_s: float = 30.0,
-    ) -> None:
-        self._open_channel = open_channel
-        self.exchange = exchange
-        self.queues = queues
-        self.worker = worker
-        self.min_interval_s = min_interval_s
-        self.repairs = 0
-        self._last = -1e9
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    async def repair(self, reason: str) -> None:
-
-        async with self._lock:
-            channel = await self._open_channel()
-            try:
-                raw = await channel.get_underlay_channel()
-                for name in self.queues:
-                    await raw.queue_unbind(queue=name, exchange=self.exchange, routing_key="1")
-                    await raw.queue_bind(queue=name, exchange=self.exchange, routing_key="1")
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-            self.repairs += 1
-            logging.getLogger(f"bridge.{self.worker}").info(
-                "consistent-hash ring put in shard order",
-                extra={"exchange": self.exchange, "reason": reason, "shards": len(self.queues)},
-            )
-
-    def schedule(self, reason: str, *, delay_s: float = 0.0, force: bool = False) -> None:
-        """Repair soon, in the background (rate-limited unless ``force``)."""
-
-        if self._task is not None and not self._task.done():
-            return
-        if not force and time.monotonic() - self._last < self.min_interval_s:
-            return
-        self._last = time.monotonic()
-
-        async def run() -> None:
-            await asyncio.sleep(delay_s)
-            try:
-                await self.repair(reason)
-            except Exception as exc:  # broker away again: the next trigger retries
-                logging.getLogger(f"bridge.{self.worker}").warning(
-                    "consistent-hash ring repair failed", extra={"error": str(exc)}
-                )
-
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to do
-            self._task = asyncio.get_running_loop().create_task(run())
-
-    async def close(self) -> None:
-
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -88,7 +88,7 @@ def broker_url() -> Iterator[str]:
 async def chx_broker(broker_url: str) -> str:
     """The broker, for tests of sharded workers: it must have the consistent-hash exchange."""
     from bridge.errors import ConfigError
-    from bridge.sharding import ensure_chx_exchange
+    from bridge.ring import ensure_chx_exchange
 
     name = "t" + uuid.uuid4().hex[:10] + ".chx-probe"
     try:

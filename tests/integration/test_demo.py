@@ -91,7 +91,7 @@ async def test_demo_runs_every_flow_and_leaves_nothing_behind(broker_url):
 
 async def test_demo_refuses_names_that_exist_and_deletes_nothing(broker_url):
     prefix = "demo-t" + uuid.uuid4().hex[:8]
-    taken = demo_names(prefix).hot_exchange
+    taken = demo_names(prefix).part("delay").hot_exchange
     conn = await aio_pika.connect(broker_url)
     try:
         channel = await conn.channel()

@@ -21,12 +21,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bridge.demo import FLOWS, Context, FlowResult, Progress, delete_names, demo_names
+from bridge.demo import FlowResult, Progress, Tour, delete_names, demo_names
 from tests.broker_cli import BrokerCliError, diagnostics, rabbitmqctl, require_cli
 from tests.conftest import running_host
-from workers.delay.worker import DelayWorker
-from workers.directed.worker import DirectedWorker
-from workers.gateway.worker import GatewayWorker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,16 +52,16 @@ async def test_workers_use_no_deprecated_broker_feature(broker_url: str, tmp_pat
             "(check_if_any_deprecated_features_are_used arrived in 3.13)"
         )
     names = demo_names("demo-t" + uuid.uuid4().hex[:8])
-    gateway = GatewayWorker(names.gateway)
-    workers = [DirectedWorker(names.directed), DelayWorker(names.delay), gateway]
+    workers = [part.worker for part in names.parts]
     connection = await aio_pika.connect_robust(broker_url)
-    ctx = Context(names, gateway, connection, broker_url, Progress())
+    ctx = Tour(connection, broker_url, Progress())
     try:
         async with running_host(broker_url, tmp_path, workers):
             try:
-                for flow, run_flow in FLOWS:
+                for part in names.parts:
+                    flow = part.flow
                     result = FlowResult(flow)
-                    await asyncio.wait_for(run_flow(ctx, result), 60)
+                    await asyncio.wait_for(part.run(ctx, result), 60)
                     assert result.error is None, f"{flow}: {result.error}"
                 # while every queue, consumer and channel of the workers exists
                 try:

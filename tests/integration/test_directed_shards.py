@@ -17,7 +17,8 @@ import aio_pika
 import pytest
 
 from bridge.errors import ConfigError
-from bridge.sharding import CHX_TYPE, Shard, ensure_chx_exchange, shard_queue
+from bridge.ring import ensure_chx_exchange
+from bridge.sharding import CHX_TYPE, Shard, shard_queue
 from tests.conftest import delete_names
 from tests.integration.directed_helpers import directed_settings, env_for
 from tests.integration.procs import WorkerProcess

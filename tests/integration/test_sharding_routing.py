@@ -9,7 +9,8 @@ import random
 import aio_pika
 import pytest
 
-from bridge.sharding import CHX_TYPE, RingKeeper, chx_bucket
+from bridge.ring import RingKeeper
+from bridge.sharding import CHX_TYPE, chx_bucket
 
 pytestmark = [pytest.mark.integration]
 

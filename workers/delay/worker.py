@@ -32,14 +32,8 @@ from bridge.amqp.frames import Delivery
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from bridge.host import WorkerContext
-from bridge.sharding import (
-    CHX_TYPE,
-    RingKeeper,
-    Shard,
-    ensure_chx_exchange,
-    resolve_shard,
-    shard_queue,
-)
+from bridge.ring import RingKeeper, ensure_chx_exchange
+from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
 from bridge.store import GroupCommitter
 from workers.delay.config import DelaySettings
 from workers.delay.control import ControlServer

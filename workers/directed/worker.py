@@ -30,15 +30,9 @@ from bridge.amqp.messages import dead_letter_properties, reply
 from bridge.amqp.publisher import Publisher
 from bridge.errors import PublishFailed
 from bridge.host import WorkerContext
+from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.rpc import RpcClient
-from bridge.sharding import (
-    CHX_TYPE,
-    RingKeeper,
-    Shard,
-    ensure_chx_exchange,
-    resolve_shard,
-    shard_queue,
-)
+from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
 from bridge.store import GroupCommitter
 from workers.directed import wire
 from workers.directed.config import (
