@@ -57,3 +57,14 @@ class NotDeclared(BridgeError):
             f'starts; has "rabbitmq-bridge run {worker}" run against this broker and vhost, '
             f"with the same BRIDGE_{worker.upper()}__* names?"
         )
+
+
+class LinkError(BridgeError):
+    """The broker refused something the link asked for; ``code`` is AMQP's reply code
+    (403 access refused, 404 not found, 405 resource locked, 406 precondition failed, 320
+    connection lost)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text

@@ -23,7 +23,7 @@ from aio_pika.abc import (
     ExchangeType,
 )
 
-from bridge.amqp.link import describe_connect_error
+from bridge.amqp.endpoint import describe_connect_error
 from bridge.errors import BrokerUnavailable
 from bridge.settings import HostSettings, redact_url
 

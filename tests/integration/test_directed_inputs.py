@@ -362,7 +362,7 @@ def _deep(depth: int) -> dict[str, Any]:
 
 POISON = [
     pytest.param(raw_table_keys, {"x-targets": ["a"], b"\xff\xfe": 1}, id="key-not-utf8"),
-    # deeper than the data path decodes (bridge/amqp/frames.py MAX_DEPTH): dead-lettered
+    # deeper than the data path decodes (bridge/amqp/frames/ MAX_DEPTH): dead-lettered
     pytest.param(lambda: recursion_limit(20_000), _deep(2000), id="nested-2000"),
 ]
 

@@ -110,7 +110,7 @@ async def test_reply_queue_held_by_another_connection_is_refused(
 @contextlib.contextmanager
 def nested_headers_allowed() -> Any:
     """Let pamqp (in this test process) encode a table nested deeper than the gateway's
-    decoder takes (bridge/amqp/frames.py MAX_DEPTH)."""
+    decoder takes (bridge/amqp/frames/ MAX_DEPTH)."""
     import sys
 
     before = sys.getrecursionlimit()

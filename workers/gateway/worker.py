@@ -30,9 +30,9 @@ from aio_pika.abc import AbstractChannel
 
 from bridge.amqp import declare_exchange, declare_quorum_queue
 from bridge.amqp.consumer import Consumer, QueueSpec
-from bridge.amqp.link import Link, LinkError
+from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, LinkError
 from bridge.host import WorkerContext
 from bridge.settings import load_settings
 from workers.gateway.balancer import Balancer

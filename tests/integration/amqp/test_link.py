@@ -23,9 +23,9 @@ import pytest
 
 from bridge.amqp import frames as F
 from bridge.amqp.consumer import Consumer, QueueSpec
-from bridge.amqp.link import Link, LinkError
+from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
-from bridge.errors import PublishFailed
+from bridge.errors import LinkError, PublishFailed
 from tests.broker_cli import rabbitmqctl, require_cli
 from tests.conftest import delete_names
 from tests.proxy import TcpProxy

@@ -1,11 +1,11 @@
-"""bridge.amqp.link.Endpoint reads a broker URL as aio-pika does (the host's connection
+"""bridge.amqp.endpoint.Endpoint reads a broker URL as aio-pika does (the host's connection
 and the data path's links are given the same BRIDGE_AMQP_URL)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bridge.amqp.link import Endpoint
+from bridge.amqp.endpoint import Endpoint
 
 
 def test_url_fields() -> None:
