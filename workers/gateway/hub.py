@@ -44,6 +44,7 @@ from workers.gateway.config import (
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.protocol import Hello
 from workers.gateway.session import JOINING, OPEN, Session
+from workers.gateway.states import State
 
 log = logging.getLogger("bridge.gateway")
 
@@ -121,7 +122,7 @@ class GatewayHub:
             if session.state == JOINING and self._assign(session):
                 return
 
-    def lost(self, session: Session, previous_state: int) -> None:
+    def lost(self, session: Session, previous_state: State) -> None:
         self.sessions.pop(session.sid, None)
         if session.server is None:  # never welcomed: nothing announced, nothing associated
             return

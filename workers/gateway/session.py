@@ -5,8 +5,9 @@ of events waiting to be published to its server; the :class:`Hub` (the worker) o
 broker, the balancer and the publish window. Protocol callbacks instead of a reader task per
 connection keep an idle connection at a few kilobytes.
 
-States: HANDSHAKE (accepted, waiting for HELLO) -> JOINING (HELLO accepted, waiting for a
-server) -> OPEN (WELCOME sent) -> CLOSING (BYE or ERROR written) -> CLOSED (socket gone).
+States and their moves are the pure machine of :mod:`workers.gateway.states`: HANDSHAKE
+(accepted, waiting for HELLO) -> JOINING (HELLO accepted, waiting for a server) -> OPEN
+(WELCOME sent) -> CLOSING (BYE or ERROR written) -> CLOSED (socket gone).
 Publishing outlives the socket: DATA already read and the disconnect event are still
 published after CLOSED.
 """
@@ -42,9 +43,10 @@ from workers.gateway.protocol import (
     encode_welcome,
     parse_hello,
 )
+from workers.gateway.states import Event, State, next_state
 
-HANDSHAKE, JOINING, OPEN, CLOSING, CLOSED = range(5)
-STATE_NAMES = ("handshake", "joining", "open", "closing", "closed")
+# module names for the hot path (a global is cheaper than State.OPEN)
+HANDSHAKE, JOINING, OPEN, CLOSING, CLOSED = State
 
 _DATA = FrameType.DATA
 _HELLO = FrameType.HELLO
@@ -64,7 +66,7 @@ class Hub(Protocol):
 
     def pump(self, session: Session) -> None: ...
 
-    def lost(self, session: Session, previous_state: int) -> None: ...
+    def lost(self, session: Session, previous_state: State) -> None: ...
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -128,7 +130,8 @@ class Session(asyncio.Protocol):
         self.transport = transport
         hub.metrics.wire.accepted += 1
         if len(hub.sessions) >= s.max_connections:
-            self.state = CLOSED  # never registered: connection_lost has nothing to undo
+            # never registered: connection_lost has nothing to undo
+            self.state = next_state(self.state, Event.LOST)
             hub.metrics.refused.labels("busy").inc()
             transport.write(encode_error("busy", "the gateway is at its connection limit"))
             transport.close()
@@ -177,9 +180,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
-        self.state = CLOSED
         if previous == CLOSED:
             return
+        self.state = next_state(previous, Event.LOST)
         if self.close_reason is None:
             self.close_reason = "peer_closed" if exc is None else "peer_reset"
         self.hub.lost(self, previous)
@@ -204,14 +207,14 @@ class Session(asyncio.Protocol):
                 self.fail(E_UNAUTHORIZED, "HELLO token missing or not accepted")
                 return
         self.client_id = hello.client_id
-        self.state = JOINING
+        self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
         self.hub.join(self, hello)
 
     def welcome(self, server: str) -> None:
         """The balancer picked ``server``: answer WELCOME and announce the client to it."""
         self.server = server
-        self.state = OPEN
+        self.state = next_state(self.state, Event.WELCOME)
         s = self.hub.settings
         self.write(encode_welcome(self.sid, server, s.heartbeat_s))
         if self.pending is None:
@@ -290,7 +293,8 @@ class Session(asyncio.Protocol):
         if self.state < OPEN:
             self.hub.metrics.refused.labels(reason).inc()
         self.close_reason = reason
-        self.state = CLOSING  # before the write: a full buffer must not recurse into fail()
+        # before the write: a full buffer must not recurse into fail()
+        self.state = next_state(self.state, Event.CLOSE)
         transport = self.transport
         if transport is None:
             return

@@ -45,7 +45,7 @@ from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.peers import Peers
 from workers.gateway.registry import ServerRegistry
 from workers.gateway.replies import Replies
-from workers.gateway.session import STATE_NAMES, Session
+from workers.gateway.session import Session
 from workers.gateway.store import GatewayStore
 
 log = logging.getLogger("bridge.gateway")
@@ -332,7 +332,7 @@ class GatewayWorker:
         if view in ("", "summary"):
             states: dict[str, int] = {}
             for session in self.sessions.values():
-                name = STATE_NAMES[session.state]
+                name = session.state.label
                 states[name] = states.get(name, 0) + 1
             return {
                 "instance": self.settings.instance,
@@ -386,7 +386,7 @@ class GatewayWorker:
                 out.append(
                     {
                         "session": session.sid,
-                        "state": STATE_NAMES[session.state],
+                        "state": session.state.label,
                         "client_id": session.client_id,
                         "client_addr": session.peer,
                         "server": session.server,
