@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.harness.broker import delete_names
+
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTAINER_IMAGE = "rabbitmq:4.3"
 
@@ -114,27 +116,6 @@ async def amqp(broker_url: str) -> AsyncIterator[Any]:
     conn = await aio_pika.connect_robust(broker_url)
     try:
         yield conn
-    finally:
-        await conn.close()
-
-
-async def delete_names(url: str, exchanges: list[str], queues: list[str]) -> None:
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        for q in queues:
-            ch = await conn.channel()
-            with contextlib.suppress(Exception):
-                await ch.queue_delete(q)
-            with contextlib.suppress(Exception):
-                await ch.close()
-        for e in exchanges:
-            ch = await conn.channel()
-            with contextlib.suppress(Exception):
-                await ch.exchange_delete(e)
-            with contextlib.suppress(Exception):
-                await ch.close()
     finally:
         await conn.close()
 

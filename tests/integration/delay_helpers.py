@@ -13,7 +13,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.conftest import delete_names, running_host
+from bench.harness.broker import delete_names
+from tests.conftest import running_host
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
 from workers.delay.worker import DelayWorker

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import delete_names, running_host
+from bench.harness.broker import delete_names
+from tests.conftest import running_host
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 from workers.directed.worker import DirectedWorker

@@ -18,7 +18,8 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from tests.conftest import delete_names, running_host
+from bench.harness.broker import delete_names
+from tests.conftest import running_host
 from workers.gateway.backend import BackendServer, Handler, echo
 from workers.gateway.client import GatewayClient
 from workers.gateway.config import GatewaySettings

@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bench.chaos import parse_args, run_worker
+from bench.chaos.suite import parse_args, run_worker
+from bench.harness.procs import WorkerProcess
+from bench.harness.proxy import TcpProxy
 from tests.integration.delay_helpers import (
     cleanup,
     delay_settings,
@@ -29,15 +31,14 @@ from tests.integration.delay_helpers import (
     make_sink,
     wait_stored,
 )
-from tests.integration.procs import WorkerProcess
-from tests.proxy import TcpProxy
 from workers.delay.client import DelayClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_delay_fault_subset(broker_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("BRIDGE_AMQP_URL", broker_url)  # what bench.common.broker_url() reads
+    # what bench.harness.report.broker_url() reads
+    monkeypatch.setenv("BRIDGE_AMQP_URL", broker_url)
     seed = random.randrange(1 << 30)
     print(f"seed={seed} (replay: python -m bench.chaos --workers delay --quick --seed {seed})")
     args = parse_args(

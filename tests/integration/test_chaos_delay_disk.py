@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.procs import WorkerProcess
 from tests.integration.delay_helpers import cleanup, delay_settings, env_for, make_sink
 from tests.integration.directed_helpers import cleanup as directed_cleanup
 from tests.integration.directed_helpers import directed_settings, wait_applied
 from tests.integration.directed_helpers import env_for as directed_env
-from tests.integration.procs import WorkerProcess
 from workers.delay.client import DelayClient
 from workers.directed.client import DirectedClient
 

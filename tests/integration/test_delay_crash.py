@@ -12,8 +12,8 @@ import time
 import aio_pika
 import pytest
 
+from bench.harness.procs import WorkerProcess
 from tests.integration.delay_helpers import cleanup, delay_settings, env_for, make_sink
-from tests.integration.procs import WorkerProcess
 from workers.delay.client import DelayClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

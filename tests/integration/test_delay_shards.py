@@ -16,10 +16,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from bench.harness.broker import delete_names
+from bench.harness.procs import WorkerProcess
 from bridge.sharding import Shard, shard_queue
-from tests.conftest import delete_names
 from tests.integration.delay_helpers import delay_settings, env_for, make_sink
-from tests.integration.procs import WorkerProcess
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
 

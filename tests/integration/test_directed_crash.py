@@ -9,8 +9,8 @@ import random
 import aio_pika
 import pytest
 
+from bench.harness.procs import WorkerProcess
 from tests.integration.directed_helpers import cleanup, directed_settings, env_for
-from tests.integration.procs import WorkerProcess
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
+from bench.harness.procs import WorkerProcess
+from bench.harness.proxy import TcpProxy
 from tests.conftest import running_host
 from tests.integration.directed_helpers import (
     cleanup,
@@ -37,8 +39,6 @@ from tests.integration.directed_helpers import (
     env_for,
     wait_applied,
 )
-from tests.integration.procs import WorkerProcess
-from tests.proxy import TcpProxy
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 from workers.directed.worker import DirectedWorker

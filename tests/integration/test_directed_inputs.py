@@ -373,8 +373,8 @@ async def test_header_the_decoder_chokes_on_does_not_drop_the_connection(
 ):
     """A header RabbitMQ accepts from other clients but pamqp cannot decode strictly must
     reach the worker (and get an answer) instead of dropping its connection in a loop."""
+    from bench.harness.procs import WorkerProcess
     from tests.integration.directed_helpers import cleanup, env_for
-    from tests.integration.procs import WorkerProcess
 
     s = directed_settings(unique)
     proc = WorkerProcess(

@@ -7,9 +7,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.harness.proxy import TcpProxy
 from tests.conftest import running_host
 from tests.integration.directed_helpers import cleanup, directed_settings, wait_applied
-from tests.proxy import TcpProxy
 from workers.directed.client import DirectedClient
 from workers.directed.worker import DirectedWorker
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from bench.harness.broker import delete_names
+from bench.harness.procs import WorkerProcess
 from bridge.errors import ConfigError
 from bridge.ring import ensure_chx_exchange
 from bridge.sharding import CHX_TYPE, Shard, shard_queue
-from tests.conftest import delete_names
 from tests.integration.directed_helpers import directed_settings, env_for
-from tests.integration.procs import WorkerProcess
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
+from bench.harness.proxy import TcpProxy
 from tests.conftest import running_host
 from tests.integration.gateway_helpers import (
     Gateway,
@@ -24,7 +25,6 @@ from tests.integration.gateway_helpers import (
     small_rcvbuf_socket,
     wait_until,
 )
-from tests.proxy import TcpProxy
 from workers.gateway.backend import Reply, ServerEvent, echo
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.protocol import FrameType, encode_data, encode_hello

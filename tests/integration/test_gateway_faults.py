@@ -1,4 +1,4 @@
-"""The gateway under faults and bad input, the fast subset of ``bench/chaos_gateway.py``.
+"""The gateway under faults and bad input, the fast subset of ``python -m bench.chaos.gateway``.
 
 Broker faults through a proxy (stall, slow link, dropped connection with a reply on its
 way), bad input over real sockets (the checked-in corpus and hypothesis-generated frame
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import sqlite3
 import ssl
 import uuid
@@ -25,6 +24,17 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from bench.chaos.gateway.wire import (
+    CORPUS_LIMITS,
+    Limits,
+    check,
+    corpus,
+    exchange,
+    expected,
+    trickle,
+)
+from bench.harness.procs import WorkerProcess, free_port
+from bench.harness.proxy import TcpProxy
 from bridge.amqp.frames import Properties
 from bridge.errors import PublishFailed
 from tests.broker_cli import rabbitmqctl, require_cli
@@ -40,17 +50,6 @@ from tests.integration.gateway_helpers import (
     small_rcvbuf_socket,
     wait_until,
 )
-from tests.integration.gateway_wire import (
-    CORPUS_LIMITS,
-    Limits,
-    check,
-    corpus,
-    exchange,
-    expected,
-    trickle,
-)
-from tests.integration.procs import WorkerProcess
-from tests.proxy import TcpProxy
 from workers.gateway.backend import BackendServer, Reply, ServerEvent
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.protocol import FrameType, encode_data, encode_hello
@@ -394,7 +393,7 @@ async def test_secrets_never_logged(broker_url, tmp_path, unique):
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "bridge_gateway__tokens").write_text(",".join(tokens))
-    s = gateway_settings(unique, port=_free_port(), server_ttl_s=5)
+    s = gateway_settings(unique, port=free_port(), server_ttl_s=5)
     env = {
         "BRIDGE_SECRETS_DIR": str(secrets),
         "BRIDGE_LOG_LEVEL": "DEBUG",
@@ -451,12 +450,6 @@ async def test_secrets_never_logged(broker_url, tmp_path, unique):
     assert "broker connection lost" in text and "gateway listening" in text, text[-2000:]
     for secret in (password, *tokens, near_miss):
         assert secret not in text, "a secret is in the log"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _alive(proc: WorkerProcess, server: str) -> bool:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
+from bench.harness.proxy import TcpProxy
 from bridge.errors import ConfigError
 from tests.conftest import running_host
 from tests.integration.gateway_helpers import (
@@ -25,7 +26,6 @@ from tests.integration.gateway_helpers import (
     running_gateway,
     wait_until,
 )
-from tests.proxy import TcpProxy
 from workers.gateway.client import GatewayError
 from workers.gateway.worker import GatewayWorker
 

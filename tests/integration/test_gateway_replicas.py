@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import delete_names
+from bench.harness.broker import delete_names
+from bench.harness.procs import WorkerProcess, free_port
 from tests.integration.gateway_helpers import SERVER_HEARTBEAT_S, gateway_settings
-from tests.integration.procs import WorkerProcess, free_port
 from workers.gateway.backend import BackendServer
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.config import GatewaySettings

@@ -10,8 +10,8 @@ import time
 import pytest
 
 import bridge
+from bench.harness.procs import WorkerProcess, free_port
 from tests.integration.directed_helpers import cleanup, directed_settings, env_for
-from tests.integration.procs import WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import bridge
+from bench.harness.procs import WorkerProcess, free_port
 from tests.integration import delay_helpers, directed_helpers, gateway_helpers
-from tests.integration.procs import WorkerProcess, free_port
 from tests.monitoring import sync
 from tests.monitoring.tools import prometheus_tool
 from workers.delay.client import DelayClient

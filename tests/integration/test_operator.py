@@ -15,11 +15,11 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from bench.harness.procs import WorkerProcess, free_port
 from bridge.amqp.link import Link
 from bridge.errors import BrokerUnavailable
 from tests.conftest import delete_names
 from tests.integration import delay_helpers, directed_helpers
-from tests.integration.procs import WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
+from bench.harness.proxy import TcpProxy
 from tests.integration.directed_helpers import directed, directed_settings, wait_applied
-from tests.proxy import TcpProxy
 from workers.directed.client import DirectedClient
 
 pytestmark = pytest.mark.integration

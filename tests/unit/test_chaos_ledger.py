@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.chaos import Ledger, parse_args, total
+from bench.chaos.ledger import Ledger
+from bench.chaos.suite import parse_args, total
 
 
 def test_ledger_counts_losses_and_classifies_duplicates():
@@ -48,7 +49,7 @@ def test_seed_and_defaults():
 async def test_a_standalone_suite_is_merged(tmp_path, monkeypatch):
     """A worker suite that is its own command needs only the registry line."""
 
-    from bench.chaos import run_standalone
+    from bench.chaos.suite import run_standalone
 
     summary = {
         "ok": True,
@@ -85,8 +86,9 @@ def test_overload_seconds_default_and_option():
 
 
 def _delay_load(tmp_path):
-    from bench.chaos import Harness
-    from bench.chaos_delay import Load, Sinks, settings_for
+    from bench.chaos.delay.deployment import Sinks, settings_for
+    from bench.chaos.delay.load import Load
+    from bench.chaos.harness import Harness
 
     h = Harness("delay", parse_args(["--seed", "1", "--workers", "delay"]), tmp_path)
     sinks = Sinks(["t0", "t1"])
@@ -94,7 +96,7 @@ def _delay_load(tmp_path):
 
 
 def _msg(load, mid, topic="t0", kind="delay", published=1000.0, due=2000, key=None):
-    from bench.chaos_delay import Msg
+    from bench.chaos.delay.deployment import Msg
 
     m = Msg(mid, topic, kind, published, due, key=key, attempts=1, confirmed=True)
     load.msgs[mid] = m
@@ -103,13 +105,13 @@ def _msg(load, mid, topic="t0", kind="delay", published=1000.0, due=2000, key=No
 
 
 def _arrive(sinks, m, at, body=None, topic=None):
-    from bench.chaos_delay import Arrival
+    from bench.chaos.delay.deployment import Arrival
 
     sinks.arrivals[m.id].append(Arrival(at, topic or m.topic, body or m.body))
 
 
 def _pair(load, old_due, new_due=1600, published=1000.0):
-    from bench.chaos_delay import Pair
+    from bench.chaos.delay.deployment import Pair
 
     old = _msg(load, "old", kind="keyed_old", published=published, due=old_due, key="k")
     new = _msg(load, "new", "t1", "keyed_new", published + 100, new_due, key="k")
@@ -179,7 +181,7 @@ def test_delay_check_old_winning_a_pair_needs_a_fault(tmp_path):
 
 
 def test_delay_check_classifies_duplicates(tmp_path):
-    from bench.chaos_delay import KILLED, PRODUCER
+    from bench.chaos.delay.deployment import KILLED, PRODUCER
 
     h, load, sinks = _delay_load(tmp_path)
     plain = _msg(load, "plain")

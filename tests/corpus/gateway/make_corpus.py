@@ -6,7 +6,7 @@ token ``corpus-token``, an echo backend).
     python tests/corpus/gateway/make_corpus.py      # rewrite the files (they are checked in)
 
 The expectations are written here by hand from the rejection table; the test replays each
-file against a running gateway and also checks them against ``gateway_wire.expected``.
+file against a running gateway and also checks them against ``bench.chaos.gateway.wire.expected``.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import pytest
 
+from bench.harness.broker import delete_names
+from bench.harness.proxy import TcpProxy
 from bridge.amqp import frames as F
 from bridge.amqp.consumer import Consumer, QueueSpec
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from bridge.errors import LinkError, PublishFailed
 from tests.broker_cli import rabbitmqctl, require_cli
-from tests.conftest import delete_names
-from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 

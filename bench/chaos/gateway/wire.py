@@ -6,7 +6,7 @@ which ERROR code (or HTTP 400, or WELCOME and then which echoes, PONGs and BYE) 
 contract promises when the backend echoes every DATA. :func:`exchange` sends the bytes to a
 running gateway over a real socket and returns what came back; :func:`check` compares the
 two. The corpus in ``tests/corpus/gateway/`` and the hypothesis-generated sequences of
-``test_gateway_faults.py`` (and ``bench/chaos_gateway.py``) all go through these three.
+``test_gateway_faults.py`` (and ``python -m bench.chaos.gateway``) all go through these three.
 
 Blocking sockets on purpose: the callers run them in a thread while the gateway under test
 serves on the event loop, so a sequence can be replayed byte for byte, with no event loop
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "gateway"
+CORPUS = Path(__file__).resolve().parents[3] / "tests" / "corpus" / "gateway"
 
 HELLO, WELCOME, DATA, PING, PONG, ERROR, BYE = range(1, 8)
 FROM_CLIENT_OK = {HELLO, DATA, PING, PONG, BYE}

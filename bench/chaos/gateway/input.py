@@ -1,9 +1,9 @@
-"""The ``input`` scenario of ``bench/chaos_gateway.py``: bad input and secrets, against a
+"""The ``input`` scenario of :mod:`bench.chaos.gateway.suite`: bad input and secrets, against a
 gateway process that valid clients use at the same time.
 
 - the corpus of ``tests/corpus/gateway/`` and seeded mutations of it (bytes flipped,
   inserted, duplicated, LENGTH fields rewritten, cases spliced), each compared with the
-  answer ``tests/integration/gateway_wire.expected`` derives from docs/gateway.md;
+  answer :func:`bench.chaos.gateway.wire.expected` derives from docs/gateway.md;
 - slowloris: connections that trickle a HELLO one byte per second;
 - a client that never reads the echoes of what it sends;
 - a flood of connections beyond ``max_connections``;
@@ -11,8 +11,7 @@ gateway process that valid clients use at the same time.
   with a password, through a proxy that drops it once; neither may appear in its log.
 
 The gateway must answer every sequence as documented, never crash (its log has no
-traceback), and serve the valid clients throughout.
-"""
+traceback), and serve the valid clients throughout."""
 
 from __future__ import annotations
 
@@ -30,28 +29,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.chaos_gateway import (
-    ChaosClient,
-    ServerLedger,
+from bench.chaos.gateway.deployment import (
     alive_at,
-    analyse,
     cleanup,
     env_for,
     finish,
     start_servers,
 )
-from bench.common import (
-    WorkerProcess,
-    broker_url,
-    free_port,
-    percentile,
-    progress,
-    rabbitmqctl,
-    rnd,
-    rss_bytes,
-    unique,
+from bench.chaos.gateway.ledger import (
+    ChaosClient,
+    ServerLedger,
+    analyse,
 )
-from tests.integration.gateway_wire import (
+from bench.chaos.gateway.wire import (
     Expect,
     Limits,
     check,
@@ -60,6 +50,15 @@ from tests.integration.gateway_wire import (
     expected,
     trickle,
 )
+from bench.harness.broker import (
+    rabbitmqctl,
+)
+from bench.harness.cpu import (
+    rss_bytes,
+)
+from bench.harness.procs import WorkerProcess, free_port
+from bench.harness.report import broker_url, progress, unique
+from bench.harness.stats import percentile, rnd
 from workers.gateway.protocol import encode_data, encode_hello
 
 TOKEN = "corpus-token"
@@ -186,7 +185,7 @@ async def bad_input(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     gateway = WorkerProcess(["gateway"], state_dir=root / "input", env=env)
     ledger = ServerLedger()
     servers = []
-    await asyncio.to_thread(gateway.start)
+    await asyncio.to_thread(lambda: gateway.start().wait_ready(60))
     rss_max = 0
     try:
         servers = await start_servers(prefix, ledger, ("s1",))
@@ -295,7 +294,7 @@ async def bad_input(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 async def secrets(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """DEBUG logs of a gateway with tokens and a broker password, through one reconnect."""
-    from tests.proxy import TcpProxy
+    from bench.harness.proxy import TcpProxy
 
     parts = urlsplit(broker_url())
     prefix = unique("chaos-gw-secrets")
@@ -321,7 +320,7 @@ async def secrets(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     servers = []
     try:
         await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*")
-        await asyncio.to_thread(gateway.start)
+        await asyncio.to_thread(lambda: gateway.start().wait_ready(60))
         servers = await start_servers(prefix, ledger, ("s1",))
         await alive_at(gateway, ("s1",))
         client = ChaosClient("sec", lambda: port, window=2, token=tokens[0], seed=1)
@@ -340,7 +339,7 @@ async def secrets(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         proxy.cut()
         await asyncio.sleep(3.0)
         proxy.accepting = True
-        await asyncio.to_thread(_wait_ready, gateway)
+        await asyncio.to_thread(gateway.wait_ready, 60)
         await asyncio.sleep(1.0)
         await finish([client], [task], timeout=60)
     finally:
@@ -362,16 +361,6 @@ async def secrets(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "wrong_tokens_answered": dict(refused),
         "client_round_trips": len(client.answered),
     }
-
-
-def _wait_ready(gateway: WorkerProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if gateway.http("/readyz")[0] == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("gateway not ready again")
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:

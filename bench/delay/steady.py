@@ -1,0 +1,144 @@
+"""``steady``: ingest and delivery at once at a fixed rate, worker CPU per message and lateness end
+to end; with ``--against TREE`` the same rounds with that checkout's worker, interleaved."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from bench.delay.traffic import Arrivals, ConsumerGroup
+from bench.delay.worker import (
+    Worker,
+    delete_worker_names,
+    now_ms,
+    summary,
+)
+from bench.harness.report import broker_url, progress
+
+
+async def steady_round(
+    args: argparse.Namespace, tmp: Path, tree: Path | None, rate: int, seconds: float
+) -> dict[str, Any]:
+    """Publish at ``rate``/s for ``seconds`` with ``x-delay`` 1 s over 10 topics while the
+    earlier ones fall due: ingest and delivery at the same time, the consumers in a process
+    of their own. Worker CPU (from /proc, lanes included) per message, lateness end to end."""
+    delay_ms = 1000
+    topics = [f"t{i}" for i in range(10)]
+    tag = f"bs-{uuid.uuid4().hex[:6]}"
+    worker = Worker(tag, tmp / tag, tree=tree).start()
+    conn = await aio_pika.connect_robust(broker_url())
+    n = int(rate * seconds)
+    group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
+    try:
+        await group.start(deadline=time.time() + seconds + 60)
+        channel = await conn.channel(publisher_confirms=True)
+        ex = await channel.get_exchange(worker.names["in_exchange"], ensure=False)
+        body = b"x" * 100
+        slots = asyncio.Semaphore(1000)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(i: int) -> None:
+            async with slots:
+                due = now_ms() + delay_ms
+                await ex.publish(
+                    aio_pika.Message(
+                        body,
+                        headers={
+                            "x-delay": delay_ms,
+                            "x-target-exchange": f"{tag}.{topics[i % 10]}",
+                            "bench-due": due,
+                        },
+                        message_id=f"{i}",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key="bench",
+                )
+
+        cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
+        tick = 0.01
+        per_tick = max(1, round(rate * tick))
+        i = 0
+        while i < n:
+            target = t0 + (i / rate)
+            wait = target - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            for _ in range(min(per_tick, n - i)):
+                task = asyncio.ensure_future(one(i))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                i += 1
+        publish_s = time.perf_counter() - t0
+        await asyncio.gather(*pending)
+        arrivals = Arrivals()
+        arrivals.merge(await group.result())
+        wall = time.perf_counter() - t0
+        cpu = worker.cpu_seconds() - cpu0
+        late = list(arrivals.late.values())
+        return {
+            "tree": str(tree) if tree else "this checkout",
+            "published_per_s": round(n / publish_s, 1),
+            "delivered": len(late),
+            "expected": n,
+            "duplicates": arrivals.duplicates,
+            "early": arrivals.early,
+            "end_to_end": summary(late),
+            "worker_view": worker.lateness_from_histogram(),
+            "worker_cpu_cores": round(cpu / wall, 3),
+            "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
+        }
+    finally:
+        group.kill()
+        await conn.close()
+        worker.stop()
+        await delete_worker_names(worker, topics)
+
+
+async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The issue's steady state: 2,000 msg/s published and delivered at once; with
+    ``--against TREE`` the same rounds with that checkout's worker, interleaved."""
+    rate = 2000
+    seconds = 5.0 if args.quick else 20.0
+    rounds: dict[str, list[dict[str, Any]]] = {"worker": [], "against": []}
+    for r in range(args.rounds):
+        for name, tree in (("worker", None), ("against", args.against)):
+            if name == "against" and tree is None:
+                continue
+            progress(f"steady round {r}: {rate}/s for {seconds:g} s, x-delay 1 s, {name}")
+            rounds[name].append(await steady_round(args, tmp, tree, rate, seconds))
+            res = rounds[name][-1]
+            progress(
+                f"  cpu {res['worker_cpu_us_per_message']} us/msg, p99 "
+                f"{res['end_to_end']['p99_ms']} ms, delivered {res['delivered']}/{res['expected']}"
+            )
+    out: dict[str, Any] = {
+        "rate_per_s": rate,
+        "publish_seconds": seconds,
+        "rounds": rounds,
+        "goal_worker_cpu_us_per_message_at_most": 120,
+        "goal_p99_ms_below": 50,
+    }
+    for name, rs in rounds.items():
+        if rs:
+            out[f"{name}_median"] = {
+                "worker_cpu_us_per_message": statistics.median(
+                    x["worker_cpu_us_per_message"] for x in rs
+                ),
+                "p99_ms": statistics.median(x["end_to_end"]["p99_ms"] or 0 for x in rs),
+            }
+    if rounds["against"]:
+        out["ratio_cpu_per_message_median"] = round(
+            statistics.median(
+                a["worker_cpu_us_per_message"] / b["worker_cpu_us_per_message"]
+                for a, b in zip(rounds["worker"], rounds["against"], strict=True)
+            ),
+            2,
+        )
+    return out

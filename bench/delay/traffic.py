@@ -1,0 +1,152 @@
+"""The traffic of the parts: a confirmed publisher, and consumers of the target topics, each group
+in a process of its own (``python -m bench.delay --consumer-child SPEC``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from bench.harness.report import broker_url
+
+
+async def publish_all(
+    channel: Any, exchange: str, messages: list[tuple[dict[str, Any], str]], window: int = 500
+) -> float:
+    """Publish with confirms, ``window`` in flight; returns messages/s."""
+    ex = await channel.get_exchange(exchange, ensure=False)
+    slots = asyncio.Semaphore(window)
+    body = b"x" * 100
+
+    async def one(headers: dict[str, Any], message_id: str) -> None:
+        async with slots:
+            await ex.publish(
+                aio_pika.Message(
+                    body,
+                    headers=headers,
+                    message_id=message_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key="bench",
+            )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(h, m) for h, m in messages))
+    return len(messages) / (time.perf_counter() - started)
+
+
+CONSUMER_CHILD = "--consumer-child"
+REPO = str(Path(__file__).resolve().parents[2])
+
+
+class Arrivals:
+    """What the consumers of the target queues saw: (arrival - due) per message id."""
+
+    def __init__(self) -> None:
+        self.late: dict[str, float] = {}
+        self.duplicates = 0
+        self.early = 0
+
+    def merge(self, doc: dict[str, Any]) -> None:
+        for mid, lateness in doc["late"].items():
+            if mid in self.late:
+                self.duplicates += 1
+            else:
+                self.late[mid] = lateness
+        self.duplicates += doc["duplicates"]
+        self.early += doc["early"]
+
+
+async def consume_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Body of a consumer process: one connection and queue per topic (each topic's consumers
+    would have their own), records (arrival - due) per message id until ``expected``
+    messages arrived or ``deadline`` (epoch s) passed."""
+    late: dict[str, float] = {}
+    counts = {"duplicates": 0, "early": 0}
+    done = asyncio.Event()
+    expected = spec["expected"]
+    conns = []
+
+    def on_message(message: AbstractIncomingMessage) -> None:
+        arrived = time.time() * 1000
+        due = (message.headers or {}).get("bench-due")
+        mid = message.message_id or ""
+        if mid in late:
+            counts["duplicates"] += 1
+        elif isinstance(due, int):
+            lateness = arrived - due
+            if lateness < -1:  # allow for the 1 ms resolution of due times
+                counts["early"] += 1
+            late[mid] = round(lateness, 3)
+            if len(late) >= expected:
+                done.set()
+
+    async def on_message_async(message: AbstractIncomingMessage) -> None:
+        on_message(message)
+
+    for queue_name, exchange in spec["queues"]:
+        conn = await aio_pika.connect_robust(spec["url"])
+        conns.append(conn)
+        channel = await conn.channel()
+        await channel.set_qos(prefetch_count=2000)
+        queue = await channel.declare_queue(queue_name, durable=True)
+        ex = await channel.declare_exchange(exchange, "topic", durable=True)
+        await queue.bind(ex, "#")
+        await queue.consume(on_message_async, no_ack=True)
+    print("ready", flush=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), max(0.0, spec["deadline"] - time.time()))
+    for conn in conns:
+        await conn.close()
+    return {"late": late, **counts}
+
+
+class ConsumerGroup:
+    """Consumers of some target topics in a process of their own.
+
+    A topic's consumers are an application of their own: in the isolation part the hot
+    topic's consumer must not share an interpreter (and its event loop) with the cold
+    topics' consumers, or the measurement would include the time the cold messages wait
+    behind the hot ones inside this benchmark.
+    """
+
+    def __init__(self, queues: list[tuple[str, str]], expected: int) -> None:
+        self.queues = queues
+        self.expected = expected
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, deadline: float) -> None:
+        spec = {"url": broker_url(), "queues": self.queues, "expected": self.expected}
+        spec["deadline"] = deadline
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.delay",
+            CONSUMER_CHILD,
+            json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE,
+            limit=2**28,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"consumer process failed to start: {line!r}")
+
+    async def result(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = await self.proc.stdout.read()
+        await self.proc.wait()
+        return dict(json.loads(out))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()

@@ -1,0 +1,234 @@
+"""The load generator: echo clients over the gateway framing and over STOMP, and their
+recorder of round trips."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from bench.harness.cpu import (
+    CpuWatch,
+)
+from bench.harness.report import progress
+from bench.harness.stats import percentile, rnd
+from workers.gateway.protocol import (
+    PONG_FRAME,
+    FrameDecoder,
+    FrameType,
+    encode_data,
+    encode_hello,
+)
+
+PAYLOAD = b"p" * 256
+STOMP_PORT = 61613
+
+
+# -- load generator ---------------------------------------------------------------------
+
+
+class Recorder:
+    """Round trips of all clients; only those inside the measuring window count."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.running = True
+        self.rtts: list[float] = []
+        self.errors = 0
+
+    def done(self, rtt: float) -> bool:
+        """Record one round trip; True if the client should send again."""
+        if self.measuring:
+            self.rtts.append(rtt)
+        return self.running
+
+
+class FramedClient(asyncio.Protocol):
+    """An echo client of the gateway framing (used for the gateway and the direct server)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.decoder = FrameDecoder(1 << 20, 0, role="client")
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent_at = 0.0
+        self.frame = encode_data(PAYLOAD)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is only alike
+        self.transport = transport
+        transport.write(encode_hello())
+
+    def start(self) -> None:
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.frame)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for frame in self.decoder.feed(data):
+            if frame.type is FrameType.DATA:
+                now = time.perf_counter()
+                if self.recorder.done(now - self.sent_at):
+                    self.sent_at = now
+                    self.transport.write(self.frame)
+            elif frame.type is FrameType.WELCOME:
+                self.ready.set_result(None)
+            elif frame.type is FrameType.PING:
+                self.transport.write(PONG_FRAME)
+            elif frame.type is FrameType.ERROR:
+                self.recorder.errors += 1
+                if not self.ready.done():
+                    self.ready.set_exception(RuntimeError(frame.payload.decode()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed before WELCOME"))
+
+
+class StompClient(asyncio.Protocol):
+    """A minimal STOMP 1.2 echo client: SEND to the server queue, reply on a temp queue."""
+
+    def __init__(self, recorder: Recorder, queue: str) -> None:
+        self.recorder = recorder
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.buf = bytearray()
+        self.sent_at = 0.0
+        self.frame = (
+            (
+                f"SEND\ndestination:/amq/queue/{queue}\nreply-to:/temp-queue/r\n"
+                f"content-length:{len(PAYLOAD)}\n\n"
+            ).encode()
+            + PAYLOAD
+            + b"\x00"
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is only alike
+        self.transport = transport
+        transport.write(
+            b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n"
+            b"heart-beat:0,0\n\n\x00"
+        )
+
+    def start(self) -> None:
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.frame)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buf += data
+        while True:
+            while self.buf[:1] in (b"\n", b"\r"):  # heart-beats / EOLs between frames
+                del self.buf[:1]
+            head_end = self.buf.find(b"\n\n")
+            if head_end < 0:
+                return
+            lines = bytes(self.buf[:head_end]).decode().split("\n")
+            headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+            if "content-length" in headers:
+                end = head_end + 2 + int(headers["content-length"])
+                if len(self.buf) < end + 1:
+                    return
+            else:
+                end = self.buf.find(b"\x00", head_end + 2)
+                if end < 0:
+                    return
+            del self.buf[: end + 1]
+            command = lines[0]
+            if command == "MESSAGE":
+                now = time.perf_counter()
+                if self.recorder.done(now - self.sent_at):
+                    self.sent_at = now
+                    self.transport.write(self.frame)
+            elif command == "CONNECTED":
+                self.ready.set_result(None)
+            elif command == "ERROR":
+                self.recorder.errors += 1
+                if not self.ready.done():
+                    self.ready.set_exception(RuntimeError(headers.get("message", "ERROR")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed before CONNECTED"))
+
+
+async def echo_load(
+    name: str,
+    port: int,
+    factory: Callable[[Recorder], FramedClient | StompClient],
+    args: argparse.Namespace,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    recorder = Recorder()
+    clients = []
+    for _ in range(args.clients):
+        _, client = await loop.create_connection(lambda: factory(recorder), "127.0.0.1", port)
+        clients.append(client)
+    await asyncio.wait_for(asyncio.gather(*(c.ready for c in clients)), 30)
+    for client in clients:
+        client.start()
+    await asyncio.sleep(args.warmup)
+    watch = CpuWatch({**pids, "loadgen": os.getpid()}).start()
+    recorder.measuring = True
+    started = time.perf_counter()
+    await asyncio.sleep(args.seconds)
+    recorder.measuring = False
+    elapsed = time.perf_counter() - started
+    cpu = watch.stop()
+    recorder.running = False
+    await asyncio.sleep(0.5)
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+    rtts = recorder.rtts
+    rate = len(rtts) / elapsed
+    # CPU time per round trip of each of our processes: much steadier than the rates when
+    # other jobs share the machine, and it says where the work goes.
+    per_rt = {
+        k.removesuffix("_cores"): round(v * 1e6 / max(rate, 1e-9))
+        for k, v in cpu.items()
+        if k.endswith("_cores") and k != "machine_busy_cores"
+    }
+    result = {
+        "messages_per_s": rnd(len(rtts) / elapsed, 1),
+        "p50_ms": rnd(percentile(rtts, 50) * 1000, 3),
+        "p99_ms": rnd(percentile(rtts, 99) * 1000, 3),
+        "round_trips": len(rtts),
+        "errors": recorder.errors,
+        "cpu_us_per_round_trip": {**per_rt, "total": sum(per_rt.values())},
+        "cpu": cpu,
+    }
+    progress(name, result)
+    return result
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+def stomp_reachable() -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", STOMP_PORT), 2):
+        return True
+    return False
+
+
+def enable_stomp() -> None:
+    if stomp_reachable():
+        return
+    progress("enabling rabbitmq_stomp")
+    subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_stomp"], check=True, timeout=120)
+    for _ in range(100):
+        if stomp_reachable():
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the STOMP plugin did not start listening on 61613")

@@ -1,0 +1,37 @@
+"""Where a benchmark runs and what it prints.
+
+Every benchmark prints one JSON object on stdout and its progress on stderr, runs against
+``BRIDGE_AMQP_URL`` (else the local broker), and names its exchanges and queues uniquely so
+that it can share a broker with tests and other benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+_STARTED = time.monotonic()
+
+
+def broker_url() -> str:
+    return os.environ.get("BRIDGE_AMQP_URL") or os.environ.get("AMQP_URL") or LOCAL_URL
+
+
+def unique(prefix: str = "bench") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def progress(*parts: Any) -> None:
+    print(f"[{time.monotonic() - _STARTED:7.1f}s]", *parts, file=sys.stderr, flush=True)
+
+
+def emit(doc: Any) -> None:
+    """The one JSON object a benchmark prints on stdout."""
+    json.dump(doc, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
