@@ -1,4 +1,4 @@
-"""The fast subset of the delay fault suite (``bench/chaos_delay.py``), run in every test run.
+"""The fast subset of the delay fault suite (``bench/chaos/delay/``), run in every test run.
 
 The same scenario code as ``python -m bench.chaos --workers delay``, shortened: a real
 ``rabbitmq-bridge run delay`` process under load from producers with confirms (``x-delay``,

@@ -1,6 +1,6 @@
 """Per-topic isolation: a hot topic with many messages due at one instant does not make cold
 topics wait for it. The test asserts delivery (correctness); lateness is printed, and
-measured properly by bench/delay.py."""
+measured properly by ``python -m bench.delay``."""
 
 from __future__ import annotations
 

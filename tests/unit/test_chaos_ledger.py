@@ -1,4 +1,4 @@
-"""The fault suite's bookkeeping (bench/chaos.py), which every worker's scenarios share."""
+"""The fault suite's bookkeeping (bench/chaos/), which every worker's scenarios share."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_overload_seconds_default_and_option():
     assert parse_args(["--overload-seconds", "300"]).overload_seconds == 300.0
 
 
-# -- the delay scenarios' check (bench/chaos_delay.py), without a broker ---------------------
+# -- the delay scenarios' check (bench/chaos/delay/), without a broker ---------------------
 
 
 def _delay_load(tmp_path):
