@@ -18,9 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.chaos.ledger import Ledger
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, progress
 

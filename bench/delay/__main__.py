@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import shutil
 import sys
@@ -49,7 +48,6 @@ from bench.delay.isolation import bench_isolation
 from bench.delay.lateness import bench_lateness
 from bench.delay.scale import bench_scale
 from bench.delay.steady import bench_steady
-from bench.delay.traffic import CONSUMER_CHILD, consume_child
 from bench.delay.worker import cpu_pressure, machine_load
 from bench.harness.report import emit
 
@@ -93,12 +91,6 @@ def _install_uvloop() -> None:
 
 
 def cli() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == CONSUMER_CHILD:
-        _install_uvloop()
-        gc.freeze()
-        gc.set_threshold(700, 10, 1000)
-        json.dump(asyncio.run(consume_child(json.loads(sys.argv[2]))), sys.stdout)
-        return
     parser = argparse.ArgumentParser(
         prog="python -m bench.delay", description=__doc__.split("\n\n")[0]
     )

@@ -13,18 +13,9 @@ from typing import Any
 import aio_pika
 
 from bench.delay.traffic import publish_all
-from bench.delay.worker import (
-    Worker,
-    broker_pid,
-    now_ms,
-    stored,
-)
-from bench.harness.broker import (
-    delete_names,
-)
-from bench.harness.cpu import (
-    cpu_seconds,
-)
+from bench.delay.worker import Worker, broker_pid, now_ms, stored
+from bench.harness.broker import delete_names
+from bench.harness.cpu import cpu_seconds
 from bench.harness.report import broker_url, progress
 
 

@@ -10,9 +10,7 @@ from typing import Any
 
 from bench.delay.lateness import run_schedule
 from bench.delay.traffic import Arrivals
-from bench.delay.worker import (
-    summary,
-)
+from bench.delay.worker import summary
 from bench.harness.report import progress
 
 

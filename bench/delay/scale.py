@@ -12,13 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.delay.worker import (
-    Worker,
-    now_ms,
-)
-from bench.harness.broker import (
-    delete_names,
-)
+from bench.delay.worker import Worker, now_ms
+from bench.harness.broker import delete_names
 from bench.harness.report import broker_url, progress
 from workers.delay.store import SCHEMA, SCHEMA_VERSION
 

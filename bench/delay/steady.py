@@ -14,12 +14,7 @@ from typing import Any
 import aio_pika
 
 from bench.delay.traffic import Arrivals, ConsumerGroup
-from bench.delay.worker import (
-    Worker,
-    delete_worker_names,
-    now_ms,
-    summary,
-)
+from bench.delay.worker import Worker, delete_worker_names, now_ms, summary
 from bench.harness.report import broker_url, progress
 
 

@@ -1,10 +1,11 @@
 """The traffic of the parts: a confirmed publisher, and consumers of the target topics, each group
-in a process of its own (``python -m bench.delay --consumer-child SPEC``)."""
+in a process of its own (``python -m bench.delay.traffic SPEC``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -42,7 +43,6 @@ async def publish_all(
     return len(messages) / (time.perf_counter() - started)
 
 
-CONSUMER_CHILD = "--consumer-child"
 REPO = str(Path(__file__).resolve().parents[2])
 
 
@@ -128,8 +128,7 @@ class ConsumerGroup:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.delay",
-            CONSUMER_CHILD,
+            "bench.delay.traffic",
             json.dumps(spec),
             stdout=asyncio.subprocess.PIPE,
             limit=2**28,
@@ -150,3 +149,19 @@ class ConsumerGroup:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
+
+
+def consumer_main() -> None:
+    """``python -m bench.delay.traffic SPEC``: the body of one :class:`ConsumerGroup` process."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    # measuring apparatus: full garbage collections would add their pauses to the lateness
+    gc.freeze()
+    gc.set_threshold(700, 10, 1000)
+    json.dump(asyncio.run(consume_child(json.loads(sys.argv[1]))), sys.stdout)
+
+
+if __name__ == "__main__":
+    consumer_main()

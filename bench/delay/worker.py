@@ -13,10 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness.broker import (
-    broker_info_cached,
-    delete_names,
-)
+from bench.harness.broker import broker_info_cached, delete_names
 from bench.harness.cpu import cpu_seconds, process_tree, pss_bytes, rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url

@@ -14,12 +14,7 @@ from typing import Any
 import aio_pika
 
 from bench.directed.worker import ms
-from bench.harness.broker import (
-    broker_info_cached,
-    broker_memory,
-    disk_blocks_bytes,
-    du_bytes,
-)
+from bench.harness.broker import broker_info_cached, broker_memory, disk_blocks_bytes, du_bytes
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import median, rnd
 

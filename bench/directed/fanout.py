@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.directed.worker import Directed, db_size, ms
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.harness.cpu import rss_bytes
 from bench.harness.profiler import Profiler
 from bench.harness.report import progress
 from bench.harness.stats import histogram_delta, median, rnd

@@ -18,13 +18,8 @@ from typing import Any
 import aio_pika
 
 from bench.directed.worker import Directed, ms
-from bench.harness.broker import (
-    broker_info_cached,
-    delete_names,
-)
-from bench.harness.cpu import (
-    CpuWatch,
-)
+from bench.harness.broker import broker_info_cached, delete_names
+from bench.harness.cpu import CpuWatch
 from bench.harness.profiler import Profiler
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import histogram_delta, histogram_quantile, median, percentile, rnd

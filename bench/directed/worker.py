@@ -11,9 +11,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.harness.broker import (
-    delete_names,
-)
+from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, unique
 from workers.directed.client import DirectedClient

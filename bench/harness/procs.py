@@ -10,7 +10,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from bench.harness.report import broker_url as default_broker_url
 
@@ -21,6 +24,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def settings_env(
+    worker: str, settings: BaseModel, fields: Iterable[str] | None = None
+) -> dict[str, str]:
+    """``settings`` as ``BRIDGE_<WORKER>__<FIELD>`` variables for a worker process: the
+    ``fields`` named, else those set explicitly; unset optional ones (None) are left out
+    (``str(None)`` would be the text "None")."""
+    names = settings.model_fields_set if fields is None else fields
+    values = {f: getattr(settings, f) for f in names}
+    prefix = f"BRIDGE_{worker.upper()}__"
+    return {f"{prefix}{f.upper()}": str(v) for f, v in values.items() if v is not None}
 
 
 class WorkerProcess:

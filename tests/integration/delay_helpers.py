@@ -14,6 +14,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.harness.broker import delete_names
+from bench.harness.procs import settings_env
 from tests.conftest import running_host
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
@@ -53,7 +54,7 @@ def delay_settings(unique: str, **overrides: Any) -> DelaySettings:
 
 def env_for(settings: DelaySettings) -> dict[str, str]:
     """The same settings as BRIDGE_DELAY__* variables, for a worker subprocess."""
-    return {f"BRIDGE_DELAY__{f.upper()}": str(getattr(settings, f)) for f in ENV_FIELDS}
+    return settings_env("delay", settings, ENV_FIELDS)
 
 
 async def cleanup(url: str, s: DelaySettings, exchanges: list[str], queues: list[str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness.broker import delete_names
+from bench.harness.procs import settings_env
 from tests.conftest import running_host
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
@@ -31,24 +32,24 @@ def directed_settings(unique: str, **overrides: Any) -> DirectedSettings:
     return DirectedSettings(**names)
 
 
+ENV_FIELDS = (
+    "requests_exchange",
+    "requests_queue",
+    "pull_exchange",
+    "pull_queue",
+    "control_exchange",
+    "control_queue",
+    "dead_exchange",
+    "dead_queue",
+    "queue_limit",
+    "overflow",
+    "housekeeping_interval_s",
+)
+
+
 def env_for(settings: DirectedSettings) -> dict[str, str]:
     """The same settings as BRIDGE_DIRECTED__* variables, for a worker subprocess."""
-    out = {}
-    for field in (
-        "requests_exchange",
-        "requests_queue",
-        "pull_exchange",
-        "pull_queue",
-        "control_exchange",
-        "control_queue",
-        "dead_exchange",
-        "dead_queue",
-        "queue_limit",
-        "overflow",
-        "housekeeping_interval_s",
-    ):
-        out[f"BRIDGE_DIRECTED__{field.upper()}"] = str(getattr(settings, field))
-    return out
+    return settings_env("directed", settings, ENV_FIELDS)
 
 
 async def cleanup(url: str, s: DirectedSettings) -> None:

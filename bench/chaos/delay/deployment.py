@@ -15,9 +15,8 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from bench.chaos.harness import ChaosProcess, Harness
-from bench.harness.broker import (
-    delete_names,
-)
+from bench.harness.broker import delete_names
+from bench.harness.procs import settings_env
 from workers.delay.config import DelaySettings
 
 TOPICS = 4
@@ -49,7 +48,7 @@ def settings_for(prefix: str, **overrides: Any) -> DelaySettings:
 
 
 def env_for(s: DelaySettings, **host: str) -> dict[str, str]:
-    out = {f"BRIDGE_DELAY__{f.upper()}": str(getattr(s, f)) for f in s.model_fields_set}
+    out = settings_env("delay", s)
     out.update({f"BRIDGE_{k.upper()}": v for k, v in host.items()})
     return out
 

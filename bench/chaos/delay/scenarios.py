@@ -64,12 +64,8 @@ from bench.chaos.delay.deployment import Arrival, Sinks, deployment
 from bench.chaos.delay.load import LOAD_SETTINGS, Load
 from bench.chaos.harness import ChaosProcess, Harness, run_scenarios
 from bench.chaos.probes import QueueDepth, median_or_none, metric, stall, wait_ready_state
-from bench.harness.broker import (
-    delete_names,
-)
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.harness.broker import delete_names
+from bench.harness.cpu import rss_bytes
 from bench.harness.stats import percentile
 from workers.delay.client import DelayClient
 

@@ -14,9 +14,8 @@ from typing import Any
 import aio_pika
 
 from bench.chaos.harness import ChaosProcess, Harness
-from bench.harness.broker import (
-    delete_names,
-)
+from bench.harness.broker import delete_names
+from bench.harness.procs import settings_env
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 
@@ -44,10 +43,7 @@ def settings_for(prefix: str, **overrides: Any) -> DirectedSettings:
 
 
 def env_for(s: DirectedSettings, **host: str) -> dict[str, str]:
-    fields = DirectedSettings.model_fields
-    # unset optional settings stay unset (str(None) would be the text "None")
-    values = {f: getattr(s, f) for f in fields}
-    out = {f"BRIDGE_DIRECTED__{f.upper()}": str(v) for f, v in values.items() if v is not None}
+    out = settings_env("directed", s, DirectedSettings.model_fields)
     out.update({f"BRIDGE_{k.upper()}": v for k, v in host.items()})
     return out
 

@@ -29,9 +29,7 @@ import aio_pika
 from bench.chaos.directed.load import Load, deployment
 from bench.chaos.harness import ChaosProcess, Harness, run_scenarios
 from bench.chaos.probes import QueueDepth, median_or_none, metric, stall, wait_ready_state
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.harness.cpu import rss_bytes
 from bench.harness.stats import percentile
 from workers.directed.client import DirectedClient
 

@@ -14,22 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.chaos.gateway.deployment import (
-    cleanup,
-    finish,
-    settings_for,
-    start_servers,
-)
-from bench.chaos.gateway.ledger import (
-    SERVERS,
-    ChaosClient,
-    ServerLedger,
-    analyse,
-    parse,
-)
-from bench.harness.broker import (
-    rabbitmqctl,
-)
+from bench.chaos.gateway.deployment import cleanup, finish, settings_for, start_servers
+from bench.chaos.gateway.ledger import SERVERS, ChaosClient, ServerLedger, analyse, parse
+from bench.harness.broker import rabbitmqctl
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import rnd
 from bridge.amqp.frames import Properties

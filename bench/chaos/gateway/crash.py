@@ -20,12 +20,7 @@ from bench.chaos.gateway.deployment import (
     settings_for,
     start_servers,
 )
-from bench.chaos.gateway.ledger import (
-    SERVERS,
-    ChaosClient,
-    ServerLedger,
-    analyse,
-)
+from bench.chaos.gateway.ledger import SERVERS, ChaosClient, ServerLedger, analyse
 from bench.harness.procs import WorkerProcess, free_port
 from bench.harness.report import progress, unique
 from bench.harness.stats import percentile, rnd

@@ -10,15 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.chaos.gateway.ledger import (
-    SERVERS,
-    ChaosClient,
-    ServerLedger,
-)
+from bench.chaos.gateway.ledger import SERVERS, ChaosClient, ServerLedger
 from bench.gateway.processes import gateway_env
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url
 from bench.harness.stats import rnd

@@ -29,33 +29,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.chaos.gateway.deployment import (
-    alive_at,
-    cleanup,
-    env_for,
-    finish,
-    start_servers,
-)
-from bench.chaos.gateway.ledger import (
-    ChaosClient,
-    ServerLedger,
-    analyse,
-)
-from bench.chaos.gateway.wire import (
-    Expect,
-    Limits,
-    check,
-    corpus,
-    exchange,
-    expected,
-    trickle,
-)
-from bench.harness.broker import (
-    rabbitmqctl,
-)
-from bench.harness.cpu import (
-    rss_bytes,
-)
+from bench.chaos.gateway.deployment import alive_at, cleanup, env_for, finish, start_servers
+from bench.chaos.gateway.ledger import ChaosClient, ServerLedger, analyse
+from bench.chaos.gateway.wire import Expect, Limits, check, corpus, exchange, expected, trickle
+from bench.harness.broker import rabbitmqctl
+from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess, free_port
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import percentile, rnd
