@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.chaos.gateway.ledger import SERVERS, ChaosClient, ServerLedger
 from bench.gateway.processes import gateway_env
+from bench.harness.broker import delete_names
 from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url
@@ -89,22 +90,12 @@ async def queue_depth(name: str) -> int:
 
 
 async def cleanup(prefix: str) -> None:
-    import aio_pika
-
     s = settings_for(prefix)
-    conn = await aio_pika.connect(broker_url())
-    try:
-        for queue in [s.undeliverable_queue, s.reply_queue, *(s.server_queue(i) for i in SERVERS)]:
-            channel = await conn.channel()
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
-            with contextlib.suppress(Exception):
-                await channel.close()
-        channel = await conn.channel()
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(s.servers_exchange)
-    finally:
-        await conn.close()
+    await delete_names(
+        broker_url(),
+        [s.servers_exchange],
+        [s.undeliverable_queue, s.reply_queue, *(s.server_queue(i) for i in SERVERS)],
+    )
 
 
 class RssWatch:
