@@ -74,7 +74,11 @@ class Prometheus:
             with urllib.request.urlopen(url, timeout=5) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return json.loads(exc.read())
+            body = exc.read()
+            try:
+                return json.loads(body)  # the API's own errors (bad query) are JSON
+            except ValueError:
+                raise exc from None  # "Service Unavailable" while it starts: not yet
 
     def query(self, expr: str) -> Any:
         return self.get("/api/v1/query", query=expr)
