@@ -58,8 +58,10 @@ class Worker(Protocol):
     """A worker. Optionally its class names its settings (``settings_class``, a
     pydantic-settings class): the host then reads and validates them before anything starts,
     passes them to the constructor, and knows their variables (``check`` warns about misspelled
-    ones). Optional too: ``listen_ports()`` (checked before the broker) and ``describe()``
-    (what the ``ready`` line says)."""
+    ones). Optional too: ``listen_ports()`` (checked before the broker), ``describe()``
+    (what the ``ready`` line says) and ``http_routes()`` (aiohttp route definitions served on
+    the host's HTTP port beside the probes, from before the worker started: a handler answers
+    503 itself until its worker is running)."""
 
     name: str
 
@@ -251,7 +253,14 @@ class Host:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._signal, sig)
         if self.settings.http_port:
-            self.http = HttpEndpoint(registry=self.registry, ready=self.readiness, admin=self.admin)
+            self.http = HttpEndpoint(
+                registry=self.registry,
+                ready=self.readiness,
+                admin=self.admin,
+                routes=self._worker_routes(),
+                max_body_bytes=self.settings.http_max_body_bytes,
+                keepalive_s=self.settings.http_keepalive_s,
+            )
             try:
                 await self.http.start(self.settings.http_host, self.settings.http_port)
             except OSError as exc:  # taken since check_ports
@@ -268,6 +277,14 @@ class Host:
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _worker_routes(self) -> list[Any]:
+        routes: list[Any] = []
+        for worker in self.workers:
+            http_routes = getattr(worker, "http_routes", None)
+            if callable(http_routes):
+                routes.extend(http_routes())
+        return routes
 
     def _describe(self, worker: Worker) -> dict[str, Any]:
         """What a started worker listens on and consumes (its optional ``describe()``)."""

@@ -1,7 +1,10 @@
-"""The host's HTTP endpoint: /livez, /readyz, /metrics and read-only admin views.
+"""The host's HTTP endpoint on aiohttp's server: /livez, /readyz, /metrics, read-only admin
+views, and the routes workers contribute (``http_routes()``, such as the directed pull API).
 
-A deliberately tiny HTTP/1.1 server on asyncio streams: probes and Prometheus need GET
-and a status code, nothing more, and it keeps the dependency list short.
+Limits an operator sets on the host (``BRIDGE_HTTP_*``): the largest request body
+(``client_max_size``: 413 beyond) and how long an idle keep-alive connection stays open.
+A request line or header field is at most 8 KiB (aiohttp's limit) and a request carries at
+most 128 header fields.
 """
 
 from __future__ import annotations
@@ -9,26 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger("bridge.http")
 
-Handler = Callable[[str], Awaitable[tuple[int, str, bytes]] | tuple[int, str, bytes]]
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
+PATHS = ["/livez", "/readyz", "/metrics", "/admin/"]
 
 
-def json_response(status: int, payload: Any) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(payload, default=str, indent=1).encode()
+def json_response(status: int, payload: Any) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload, default=str, indent=1).encode(),
+        content_type="application/json",
+    )
 
 
 class HttpEndpoint:
@@ -38,66 +38,83 @@ class HttpEndpoint:
         registry: CollectorRegistry,
         ready: Callable[[], tuple[bool, dict[str, str]]],
         admin: Callable[[str], Any] | None = None,
+        routes: Iterable[web.AbstractRouteDef] = (),
+        max_body_bytes: int = 1024 * 1024,
+        keepalive_s: float = 75.0,
     ) -> None:
         self.registry = registry
         self.ready = ready
         self.admin = admin
-        self.server: asyncio.Server | None = None
+        self.routes = list(routes)
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_s = keepalive_s
+        self.runner: web.AppRunner | None = None
         self.port: int | None = None
 
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._json_404])
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/admin/{view:.*}", self._admin)
+        app.add_routes(self.routes)
+        return app
+
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port, limit=8192)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.runner = web.AppRunner(
+            self.app(),
+            handle_signals=False,  # the host owns SIGTERM
+            access_log=None,
+            keepalive_timeout=self.keepalive_s,
+            max_headers=128,
+        )
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, backlog=1024)
+        try:
+            await site.start()
+        except BaseException:
+            await self.runner.cleanup()
+            self.runner = None
+            raise
+        self.port = int(self.runner.addresses[0][1])
         log.info("http endpoint listening", extra={"host": host, "port": self.port})
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
-    async def route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"only GET\n"
-        path = path.split("?", 1)[0]
-        if path == "/livez":
-            return 200, "text/plain", b"ok\n"
-        if path == "/readyz":
-            ok, reasons = self.ready()
-            return json_response(200 if ok else 503, {"ready": ok, "checks": reasons})
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path.startswith("/admin/") and self.admin is not None:
-            result = self.admin(path[len("/admin/") :])
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result is None:
-                return json_response(404, {"error": "no such admin view"})
-            return json_response(200, result)
-        return json_response(
-            404, {"error": "not found", "paths": ["/livez", "/readyz", "/metrics", "/admin/"]}
-        )
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok, reasons = self.ready()
+        return json_response(200 if ok else 503, {"ready": ok, "checks": reasons})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def _admin(self, request: web.Request) -> web.Response:
+        if self.admin is None:
+            return await self._not_found(request)
+        result = self.admin(request.match_info["view"])
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result is None:
+            return json_response(404, {"error": "no such admin view"})
+        return json_response(200, result)
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        paths = PATHS + sorted({r.path for r in self.routes if isinstance(r, web.RouteDef)})
+        return json_response(404, {"error": "not found", "paths": paths})
+
+    @web.middleware
+    async def _json_404(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """An unknown path is answered in JSON, with the paths there are."""
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            parts = line.decode("latin-1").split()
-            while True:  # headers are not needed; read them to keep clients happy
-                header = await asyncio.wait_for(reader.readline(), 10)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-            if len(parts) < 2:
-                status, ctype, body = 400, "text/plain", b"bad request\n"
-            else:
-                status, ctype, body = await self.route(parts[0], parts[1])
-            head = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + (b"" if parts[:1] == ["HEAD"] else body))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        except Exception:  # never let a probe take the endpoint down
-            log.exception("http handler failed")
-        finally:
-            writer.close()
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPNotFound:
+            return await self._not_found(request)
+        return response

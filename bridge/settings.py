@@ -76,6 +76,16 @@ class HostSettings(BaseSettings):
     http_port: int = Field(
         default=9100, ge=0, le=65535, description="/livez, /readyz, /metrics; 0 disables."
     )
+    http_keepalive_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="How long an idle keep-alive HTTP connection stays open between requests.",
+    )
+    http_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body; beyond, 413 (a worker's API may set a lower cap).",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: str = Field(default="json", description="json (one object per line) or text.")
     drain_seconds: float = Field(

@@ -129,7 +129,13 @@ async def running_host(
     from bridge.settings import HostSettings
 
     settings = HostSettings(
-        amqp_url=broker_url, state_dir=state_dir, http_port=0, drain_seconds=5, **host
+        **{
+            "amqp_url": broker_url,
+            "state_dir": state_dir,
+            "http_port": 0,
+            "drain_seconds": 5,
+            **host,
+        }
     )
     h = Host(settings, workers, install_signals=False)
     task = asyncio.get_running_loop().create_task(h.run())
