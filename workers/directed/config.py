@@ -6,9 +6,10 @@ defined here once.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
 from bridge.settings import worker_settings_config
@@ -23,6 +24,9 @@ H_FORWARDED_FROM = "x-forwarded-from"
 H_ORIGINAL_ROUTING_KEY = "x-routing-key"
 ENVELOPE_CONTENT_TYPE = "application/vnd.bridge.directed-envelope+json"
 REPLY_CONTENT_TYPE = "application/json"
+HTTP_PULL_PATH = "/directed/v1/targets/{target}/pull"
+ANY_TARGET = "*"  # the key of the one token every target may use in HTTP_TOKENS
+_HASHED_TOKEN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class DirectedSettings(ShardFields, BaseSettings):
@@ -87,3 +91,27 @@ class DirectedSettings(ShardFields, BaseSettings):
         default=50, ge=0, description="per-target backlog gauge keeps only the N largest"
     )
     housekeeping_interval_s: float = Field(default=1.0, gt=0)
+    http_tokens: dict[str, str] | None = Field(
+        default=None,
+        description="HTTP pull API: JSON object target -> bearer token ('*': one token for "
+        "every target; a value 'sha256:<hex>' is the token's SHA-256); unset: no authentication",
+    )
+
+    @field_validator("http_tokens")
+    @classmethod
+    def _check_tokens(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty object would refuse every pull; leave it unset instead")
+        for target, token in value.items():
+            if not target:
+                raise ValueError("a target name is empty")
+            if not token:
+                raise ValueError(f"the token of {target!r} is empty")
+            if token.startswith("sha256:") and not _HASHED_TOKEN.fullmatch(token):
+                raise ValueError(
+                    f"the token of {target!r} starts with 'sha256:' but is not 64 lower-case "
+                    "hex digits after it"
+                )
+        return value

@@ -125,6 +125,19 @@ class DirectedMetrics:
             "to the owner (should stay 0; see docs/operations.md)",
             registry=registry,
         )
+        self.http_pulls = Counter(
+            "bridge_directed_http_pulls_total",
+            "requests to the HTTP pull API, by HTTP status (401/403: authentication; 413, 429, "
+            "503: refused; 200: replies and error replies)",
+            ["status"],
+            registry=registry,
+        )
+        self.http_relayed = Counter(
+            "bridge_directed_http_relayed_total",
+            "sharded mode: HTTP pulls for another shard's target, relayed to it through the "
+            "pull exchange (expected: a replica answers for every target)",
+            registry=registry,
+        )
         self.pull_seconds = Histogram(
             "bridge_directed_pull_seconds",
             "pull handling time (long-poll waits included)",

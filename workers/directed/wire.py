@@ -224,7 +224,22 @@ def parse_json_object(body: bytes, settings: DirectedSettings) -> dict[str, Any]
 
 
 def parse_pull(body: bytes, routing_key: str | None, settings: DirectedSettings) -> Pull:
+    """A pull from the pull exchange: ``topic`` is required and equals the routing key
+    (unless the exchange is a fanout)."""
     doc = parse_json_object(body, settings)
+    check = settings.pull_exchange_type != "fanout" and routing_key
+    return _pull_fields(doc, routing_key if check else None, settings)
+
+
+def parse_http_pull(body: bytes, target: str, settings: DirectedSettings) -> Pull:
+    """A pull of ``POST /directed/v1/targets/{target}/pull``: the AMQP pull's body, with
+    ``topic`` optional and, if given, equal to ``target``."""
+    doc = parse_json_object(body, settings)
+    doc.setdefault("topic", target)
+    return _pull_fields(doc, target, settings)
+
+
+def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSettings) -> Pull:
     op = doc.get("op", "pull")
     if op != "pull":
         raise WireError(
@@ -240,10 +255,11 @@ def parse_pull(body: bytes, routing_key: str | None, settings: DirectedSettings)
             f"'topic' must be a non-empty string of 1..{settings.max_target_length} UTF-8 bytes,"
             f" got {_short(topic)}",
         )
-    if settings.pull_exchange_type != "fanout" and routing_key and routing_key != topic:
+    if expected and expected != topic:
         raise WireError(
             "topic_mismatch",
-            f"routing key {routing_key!r} differs from topic {topic!r}; use the target name for both",
+            f"addressed to {expected!r} (routing key or URL path) but 'topic' is {topic!r}; "
+            "use the target name for both",
         )
     record_id = doc.get("record_id")
     if record_id is not None and (not isinstance(record_id, str) or len(record_id) > 128):

@@ -28,7 +28,7 @@ from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.messages import dead_letter_properties, reply
 from bridge.amqp.publisher import Publisher
-from bridge.errors import PublishFailed
+from bridge.errors import NoAnswer, PublishFailed
 from bridge.host import WorkerContext
 from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.rpc import RpcClient
@@ -43,6 +43,7 @@ from workers.directed.config import (
     H_SHARD,
     DirectedSettings,
 )
+from workers.directed.http_api import PullApi
 from workers.directed.metrics import DirectedMetrics, top_backlog
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
 from workers.directed.store import Batch, Content, DirectedStore
@@ -490,31 +491,13 @@ class DirectedWorker:
                 message, "missing_reply_to", "a pull needs reply_to to be answered", acked=True
             )
             return
-        if self._active_pulls > self.settings.max_inflight_pulls:
-            # Pulls are acknowledged on receipt, so prefetch no longer bounds them: refuse
-            # visibly instead of piling up long polls without limit.
-            self.metrics.pull_kind["error"].inc()
-            self._reply(
-                message, wire.encode_error("overloaded", "too many pulls in progress; retry later")
-            )
-            return
-        if self.committer is not None and self.committer.failing:
-            # The reply would have to wait for a commit that cannot happen: say so now (the
-            # core is not touched, so the target retries with the same record id).
-            self.metrics.pull_kind["error"].inc()
-            self._reply(
-                message,
-                wire.encode_error(
-                    "unavailable", "the worker cannot commit its state right now; retry later"
-                ),
-            )
-            return
         forwarded = self.shard.sharded and H_FORWARDED_FROM in (message.headers or {})
         routing_key: str | None = message.routing_key
         if forwarded:
             original = (message.headers or {}).get(H_ORIGINAL_ROUTING_KEY)
             routing_key = original if isinstance(original, str) else None
         try:
+            self._admit()
             pull = wire.parse_pull(message.body, routing_key, self.settings)
         except wire.WireError as exc:
             self.metrics.pull_kind["error"].inc()
@@ -526,6 +509,19 @@ class DirectedWorker:
         body = await self._serve_pull(pull)
         self._reply(message, body)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
+
+    def _admit(self) -> None:
+        """Refuse a pull the worker cannot take now (a :class:`wire.WireError`), before it
+        touches the core, so the target retries with the same record id."""
+        if self._active_pulls > self.settings.max_inflight_pulls:
+            # AMQP pulls are acknowledged on receipt, so prefetch no longer bounds them:
+            # refuse visibly instead of piling up long polls without limit.
+            raise wire.WireError("overloaded", "too many pulls in progress; retry later")
+        if self.committer is not None and self.committer.failing:
+            # The reply would have to wait for a commit that cannot happen: say so now.
+            raise wire.WireError(
+                "unavailable", "the worker cannot commit its state right now; retry later"
+            )
 
     async def _forward_pull(self, message: Delivery, topic: str, forwarded: bool) -> None:
         """A pull for another shard's target: hand it to the owner's queue (the ring of the
@@ -617,6 +613,70 @@ class DirectedWorker:
                 continue  # expired or deleted between the decision and the read
             out.append(wire.encode_message(message_id, content.body, content.props))
         return out
+
+    # -- HTTP pull API -------------------------------------------------------------------
+
+    def http_routes(self) -> list[Any]:
+        """``POST /directed/v1/targets/{target}/pull`` on the host's HTTP port."""
+        return PullApi(
+            tokens=self.settings.http_tokens,
+            max_body_bytes=self.settings.max_pull_bytes,
+            pull=self._http_pull,
+            count=self._count_http,
+        ).routes()
+
+    def _count_http(self, status: int) -> None:
+        metrics = getattr(self, "metrics", None)  # None until start()
+        if metrics is not None:
+            metrics.http_pulls.labels(str(status)).inc()
+
+    async def _http_pull(self, target: str, body: bytes) -> bytes:
+        """The HTTP pull: the same path as an AMQP pull (admission, parsing, the cursor
+        rules, the long poll, the commit before the answer); a pull for another shard's
+        target is relayed to it through the pull exchange and its answer returned."""
+        if not self._consuming or self.core is None:
+            raise wire.WireError(
+                "unavailable", "the worker is not consuming (starting or stopping); retry later"
+            )
+        started = time.perf_counter()
+        self._active_pulls += 1
+        try:
+            try:
+                self._admit()
+                pull = wire.parse_http_pull(body, target, self.settings)
+            except wire.WireError:
+                self.metrics.pull_kind["error"].inc()
+                raise
+            if self.shard.sharded and not self.shard.owns(pull.topic):
+                return await self._relay_pull(pull)
+            reply = await self._serve_pull(pull)
+            self.metrics.pull_seconds.observe(time.perf_counter() - started)
+            return reply
+        finally:
+            self._active_pulls -= 1
+
+    async def _relay_pull(self, pull: wire.Pull) -> bytes:
+        """An HTTP pull for another shard's target: published to the pull exchange under the
+        target's name, which routes it to the owning shard (forwarded on if the ring is out
+        of order), and answered with that shard's reply."""
+        assert self._rpc is not None
+        owner = self.shard.owner(pull.topic)
+        doc = {"topic": pull.topic, "record_id": pull.record_id, "max": pull.max}
+        doc["wait_ms"] = pull.wait_ms
+        timeout = pull.wait_ms / 1000 + self.settings.shard_query_timeout_s
+        try:
+            answer = await self._rpc.call(self.settings.pull_exchange, pull.topic, doc, timeout)
+        except NoAnswer:
+            raise wire.WireError(
+                "unavailable",
+                f"shard {owner}, which owns {pull.topic!r}, did not answer within {timeout:g} s; "
+                "retry with the same record_id",
+            ) from None
+        self.metrics.http_relayed.inc()
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise wire.WireError(str(error.get("code")), str(error.get("message")))
+        return wire.json_dumps(answer)
 
     # -- control -----------------------------------------------------------------------
 
