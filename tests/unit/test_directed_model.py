@@ -33,6 +33,7 @@ from workers.directed.model import (
     PullResult,
     Purge,
     SetBuffer,
+    SetGap,
     SubmitResult,
 )
 
@@ -45,6 +46,7 @@ class ReplayStore:
         self.content: set[int] = set()
         self.queues: dict[str, dict[int, int]] = {}  # target -> {seq: mid}
         self.buffers: dict[str, Buffer] = {}
+        self.gaps: dict[str, tuple[int, tuple[str, ...]]] = {}
 
     def apply(self, ops: list[Op]) -> None:
         for op in ops:
@@ -74,8 +76,18 @@ class ReplayStore:
                         del self.queues[op.target]
                 case SetBuffer():
                     assert op.target not in self.buffers
-                    assert op.mids
-                    self.buffers[op.target] = Buffer(op.record_id, op.mids)
+                    assert op.mids or op.missed, "a batch has messages or a gap"
+                    assert len(op.missed_ids) == min(op.missed, 100)
+                    self.buffers[op.target] = Buffer(
+                        op.record_id, op.mids, op.missed, op.missed_ids
+                    )
+                case SetGap():
+                    assert len(op.missed_ids) == min(op.missed, 100)
+                    if op.missed:
+                        assert op.missed > self.gaps.get(op.target, (0, ()))[0], "gaps only grow"
+                        self.gaps[op.target] = (op.missed, op.missed_ids)
+                    else:
+                        del self.gaps[op.target]
                 case ClearBuffer():
                     del self.buffers[op.target]
                 case Counts():
@@ -99,6 +111,7 @@ class ReplayStore:
             details=[dataclasses.replace(d) for d in self.details.values()],
             queues={t: sorted(q.items()) for t, q in self.queues.items()},
             buffers=dict(self.buffers),
+            gaps=dict(self.gaps),
             **config,
         )
 
@@ -203,6 +216,7 @@ def test_drop_head_removes_the_oldest_and_deletes_content_nobody_holds() -> None
         Enqueue("t", 3, 3),
         Counts(1, 0, 0, 0, 1),
         DeleteContent(1, 7),
+        SetGap("t", 1, ("a",)),  # t lost a before it got it: its next batch says so
     ]
     assert core.status("a") == {
         "message_id": "a",
@@ -226,6 +240,7 @@ def test_drop_head_keeps_content_other_targets_still_hold() -> None:
         Dequeue("t", 1),
         Enqueue("t", 1, 2),  # the queue was emptied, so seqs restart at 1 (as after restore)
         Counts(1, 1, 0, 0, 1),
+        SetGap("t", 1, ("a",)),
     ]
     assert core.detail(1) == Detail(1, "a", 2, 1, dropped=1)
 
@@ -414,19 +429,50 @@ def test_pull_skips_and_dequeues_expired_content() -> None:
         DeleteContent(1, 5),
         Counts(3, 0, 0, 1, 0),
         DeleteContent(3, 5),
+        SetGap("t", 2, ("a", "c")),
         Dequeue("t", 3),  # a, b, and the dead c that followed b
-        SetBuffer("t", "r1", (2,)),
+        SetBuffer("t", "r1", (2,), 2, ("a", "c")),  # the batch reports the gap...
+        SetGap("t", 0, ()),  # ...which is no longer pending
     ]
+    assert (result.missed, result.missed_ids) == (2, ("a", "c"))
 
 
-def test_pull_of_only_dead_entries_is_empty_but_clears_them() -> None:
+def test_pull_of_only_dead_entries_reports_the_gap_and_clears_them() -> None:
     core = DirectedCore()
     core.submit("a", ["t"], 0, 5)
     core.expire(5)
     core.take_journal()
-    assert core.pull("t", None, 3, 6, "r1") == PullResult("empty", None, (), False, ())
-    assert core.take_journal() == [Dequeue("t", 1)]
+    gap = PullResult("fresh", "r1", (), False, (), 1, ("a",))
+    assert core.pull("t", None, 3, 6, "r1") == gap
+    assert core.take_journal() == [
+        Dequeue("t", 1),
+        SetBuffer("t", "r1", (), 1, ("a",)),
+        SetGap("t", 0, ()),
+    ]
+    assert core.pull("t", "nope", 3, 7, "r2") == dataclasses.replace(
+        gap, kind="resend", redelivered=True
+    )
+    assert core.pull("t", "r1", 3, 8, "r3") == PullResult("ack_fresh", None, (), False, ())
     assert core.target_count == 0
+
+
+def test_a_gap_waits_for_a_pull_that_fetches() -> None:
+    core = DirectedCore(queue_limit=1)
+    fill(core, ("a", ["t"]))
+    core.pull("t", None, 1, 0, "r1")
+    fill(core, ("b", ["t"]), ("c", ["t"]))  # c pushes b out: t never got b
+    assert core.target_status("t") == {
+        "target": "t",
+        "backlog": 1,
+        "unacknowledged": 1,
+        "missed": 1,
+        "missed_ids": ["b"],
+    }
+    assert core.pull("t", "r1", 0, 1, "r2").missed == 0  # max 0: acknowledges, no new batch
+    result = core.pull("t", None, 5, 2, "r3")
+    assert (result.mids, result.missed, result.missed_ids) == ((3,), 1, ("b",))
+    core.pull("t", "r3", 0, 3, "r4")
+    assert core.target_status("t")["missed"] == 0
 
 
 def test_expired_content_in_a_buffer_is_not_resent_nor_acknowledged() -> None:
@@ -462,7 +508,12 @@ def test_expire_counts_every_target_that_had_not_acknowledged() -> None:
     core.take_journal()
     assert core.expire(9) == []
     assert core.expire(10) == [1]
-    assert core.take_journal() == [Counts(1, 0, 1, 2, 0), DeleteContent(1, 10)]
+    # v had it queued (a gap); u had it in its batch (handed out: not a gap)
+    assert core.take_journal() == [
+        Counts(1, 0, 1, 2, 0),
+        DeleteContent(1, 10),
+        SetGap("v", 1, ("a",)),
+    ]
     assert core.status("a") == {
         "message_id": "a",
         "total": 3,
@@ -473,7 +524,7 @@ def test_expire_counts_every_target_that_had_not_acknowledged() -> None:
         "state": "expired",
     }
     assert core.expire(10**12) == []
-    assert core.pull("v", None, 5, 11, "r4").kind == "empty"
+    assert core.pull("v", None, 5, 11, "r4") == PullResult("fresh", "r4", (), False, (), 1, ("a",))
 
 
 def test_messages_finish_in_expiry_order_and_never_expire_without_ttl() -> None:
@@ -526,7 +577,11 @@ def test_purged_content_still_queued_is_skipped() -> None:
     assert core.purge(2, 0) == [1]
     core.take_journal()
     assert core.pull("t", None, 5, 3, "r1").mids == (2,)
-    assert core.take_journal() == [Dequeue("t", 2), SetBuffer("t", "r1", (2,))]
+    assert core.take_journal() == [
+        Dequeue("t", 2),
+        SetBuffer("t", "r1", (2,), 1, ("a",)),
+        SetGap("t", 0, ()),
+    ]
 
 
 # ----------------------------------------------------------------------------- queries
@@ -647,7 +702,15 @@ def normalize(names: dict[int, Label], value: Any) -> Any:
     if isinstance(value, PullResult):
         mids = [names[m] for m in value.mids]
         acked = [names[m] for m in value.acked]
-        return (value.kind, value.record_id, mids, value.redelivered, acked)
+        return (
+            value.kind,
+            value.record_id,
+            mids,
+            value.redelivered,
+            acked,
+            value.missed,
+            value.missed_ids,
+        )
     assert isinstance(value, list)
     return [names[m] for m in value]
 
@@ -657,7 +720,11 @@ def store_view(store: ReplayStore, names: dict[int, Label]) -> Any:
         {names[m]: dataclasses.astuple(d)[1:] for m, d in store.details.items()},
         {names[m] for m in store.content},
         {t: [(s, names[m]) for s, m in sorted(q.items())] for t, q in store.queues.items()},
-        {t: (b.record_id, [names[m] for m in b.mids]) for t, b in store.buffers.items()},
+        {
+            t: (b.record_id, [names[m] for m in b.mids], b.missed, b.missed_ids)
+            for t, b in store.buffers.items()
+        },
+        dict(store.gaps),
     )
 
 
@@ -705,7 +772,13 @@ def check_consistent(core: DirectedCore, store: ReplayStore) -> None:
         assert core.backlog(t) == len(alive) <= LIMIT
         assert len(store.queues.get(t, {})) <= 2 * LIMIT + 1  # dead entries are compacted
     assert core.alive_messages == len(store.content)
-    assert sorted(core.targets()) == sorted(set(store.queues) | set(store.buffers))
+    assert sorted(core.targets()) == sorted(
+        set(store.queues) | set(store.buffers) | set(store.gaps)
+    )
+    for t in TARGETS:  # (h) the gap the core reports is the one it journaled
+        buf = store.buffers.get(t)
+        pending = store.gaps.get(t, (0, ()))
+        assert core.target_status(t)["missed"] == pending[0] + (buf.missed if buf else 0)
 
 
 class DirectedMachine(RuleBasedStateMachine):
@@ -729,13 +802,22 @@ class DirectedMachine(RuleBasedStateMachine):
         self.targeted: dict[str, set[int]] = defaultdict(set)
         self.acked_by: dict[str, set[int]] = defaultdict(set)
         self.last_handed: dict[str, int] = defaultdict(int)
-        self.buffer: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.buffer: dict[str, tuple[str, tuple[int, ...], int]] = {}
         self.old_record: dict[str, str] = {}
+        # (h): every queued id a target loses (dropped, expired) before it got it is reported
+        # in exactly one batch: lost == reported in acknowledged batches + still to report.
+        self.lost = 0
+        self.reported = 0
 
     def apply(self, call: Callable[[DirectedCore], Any]) -> tuple[Any, list[Op], Any]:
+        queued = {t: self.store.alive_queue(t) for t in TARGETS}
         result = call(self.core)
         ops = self.core.take_journal()
         self.store.apply(ops)
+        dropped = set(result.dropped) if isinstance(result, SubmitResult) else set()
+        self.lost += len(dropped)
+        for t, q in queued.items():  # besides drop-head, only expiry kills a queued entry
+            self.lost += sum(1 for m in q if m not in self.store.content and (t, m) not in dropped)
         twin_result = None
         if self.twin is not None:
             twin_result = call(self.twin.core)
@@ -832,9 +914,15 @@ class DirectedMachine(RuleBasedStateMachine):
 
         if buf is not None and sent != buf[0]:
             assert result == PullResult(
-                "resend", buf[0], tuple(m for m in buf[1] if m in self.store.content), True, ()
+                "resend",
+                buf[0],
+                tuple(m for m in buf[1] if m in self.store.content),
+                True,
+                (),
+                buf[2],
+                result.missed_ids,
             )
-            assert all(isinstance(op, Counts | DeleteContent) for op in ops)  # expiry only
+            assert all(isinstance(op, Counts | DeleteContent | SetGap) for op in ops)  # expiry only
             return
         assert not result.redelivered
         if buf is not None:
@@ -843,13 +931,16 @@ class DirectedMachine(RuleBasedStateMachine):
             assert all(m not in self.store.content for m in buf[1] if m not in result.acked)
             self.acked_by[who].update(result.acked)
             self.old_record[who] = buf[0]
+            self.reported += buf[2]
             del self.buffer[who]
         else:
-            assert result.kind == ("fresh" if result.mids else "empty")
+            assert result.kind == ("fresh" if result.record_id else "empty")
             assert result.acked == ()
         # Only expiry can kill a queued entry, so what is alive now is what had to be taken.
         assert result.mids == tuple(m for m in queued if m in self.store.content)[:n]
-        assert (result.record_id is None) == (not result.mids)
+        assert (result.record_id is None) == (not result.mids and not result.missed)
+        if result.record_id is not None:
+            self.buffer[who] = (new_record, result.mids, result.missed)
         if result.mids:
             assert result.record_id == new_record
             for m in result.mids:  # (d)
@@ -859,7 +950,6 @@ class DirectedMachine(RuleBasedStateMachine):
                 assert m not in self.acked_by[who]
                 assert m > self.last_handed[who]
                 self.last_handed[who] = m
-            self.buffer[who] = (new_record, result.mids)
 
     @rule()
     def expire(self) -> None:
@@ -898,7 +988,12 @@ class DirectedMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         check_consistent(self.core, self.store)
-        assert {t: (b.record_id, b.mids) for t, b in self.store.buffers.items()} == self.buffer
+        to_report = sum(g[0] for g in self.store.gaps.values())
+        to_report += sum(b.missed for b in self.store.buffers.values())
+        assert self.lost == self.reported + to_report  # (h)
+        assert {
+            t: (b.record_id, b.mids, b.missed) for t, b in self.store.buffers.items()
+        } == self.buffer
         if self.twin is not None:
             check_consistent(self.twin.core, self.twin.store)
             assert observe(self.twin.core) == observe(self.core)

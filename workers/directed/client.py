@@ -97,6 +97,12 @@ class DirectedClient(WorkerClient):
             self.settings.control_exchange, "", {"op": "status", "message_id": message_id}, timeout
         )
 
+    async def target_status(self, target: str, timeout: float = 10.0) -> dict[str, Any]:
+        """What ``target`` has queued, holds unacknowledged, and missed (``missed``)."""
+        return await self._call(
+            self.settings.control_exchange, "", {"op": "status", "target": target}, timeout
+        )
+
     async def control(self, doc: Any, timeout: float = 10.0) -> dict[str, Any]:
         return await self._call(self.settings.control_exchange, "", doc, timeout)
 

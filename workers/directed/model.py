@@ -55,12 +55,23 @@ class Detail:
         return self.done_ms is None
 
 
+# At most this many message ids of a gap are kept (and reported in ``missed_ids``); the
+# count ``missed`` goes on beyond.
+MISSED_IDS_LIMIT = 100
+
+
 @dataclass(slots=True, frozen=True)
 class Buffer:
-    """The batch last handed to a target, kept until the target echoes ``record_id``."""
+    """The batch last handed to a target, kept until the target echoes ``record_id``.
+
+    ``missed``/``missed_ids``: the gap the batch reports (ids dropped or expired from the
+    target's queue before it got them), acknowledged with the batch. A batch may carry a gap
+    and no message."""
 
     record_id: str
     mids: tuple[int, ...]
+    missed: int = 0
+    missed_ids: tuple[str, ...] = ()
 
 
 # -- journal ---------------------------------------------------------------------------------
@@ -102,6 +113,17 @@ class SetBuffer:
     target: str
     record_id: str
     mids: tuple[int, ...]
+    missed: int = 0
+    missed_ids: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class SetGap:
+    """The target's gap not yet handed out in a batch is now ``missed`` (absolute; 0 clears)."""
+
+    target: str
+    missed: int
+    missed_ids: tuple[str, ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -136,7 +158,15 @@ class Purge:
 
 
 Op: TypeAlias = (
-    NewMessage | Enqueue | Dequeue | SetBuffer | ClearBuffer | Counts | DeleteContent | Purge
+    NewMessage
+    | Enqueue
+    | Dequeue
+    | SetBuffer
+    | SetGap
+    | ClearBuffer
+    | Counts
+    | DeleteContent
+    | Purge
 )
 
 
@@ -159,6 +189,9 @@ class PullResult:
     mids: tuple[int, ...]  # alive messages to send; the adapter looks up their content
     redelivered: bool
     acked: tuple[int, ...]  # messages this pull acknowledged
+    # the gap the batch reports: ids dropped or expired before the target got them
+    missed: int = 0
+    missed_ids: tuple[str, ...] = ()
 
 
 class MessageStatus(TypedDict):
@@ -179,7 +212,7 @@ class _Target:
     Mids are ascending along the queue (mids grow, entries leave only from the head).
     """
 
-    __slots__ = ("alive", "buffer", "mids", "tail_seq")
+    __slots__ = ("alive", "buffer", "gap_ids", "mids", "missed", "tail_seq")
 
     def __init__(self) -> None:
         self.mids: deque[int] = deque()
@@ -189,6 +222,10 @@ class _Target:
         # in the deque until they reach the head.
         self.alive = 0
         self.buffer: Buffer | None = None
+        # The gap since the last batch was made: queued ids that were dropped (drop-head) or
+        # expired before the target got them. The next batch carries it.
+        self.missed = 0
+        self.gap_ids: list[str] = []
 
 
 class DirectedCore:
@@ -227,6 +264,7 @@ class DirectedCore:
         # Messages whose counters changed during the current call; one Counts each at the
         # end, so dropping the same old message from 10,000 queues journals one update.
         self._touched: dict[int, None] = {}
+        self._gaps_touched: dict[str, None] = {}  # targets whose gap grew during this call
 
     # -- events ------------------------------------------------------------------------------
 
@@ -296,18 +334,30 @@ class DirectedCore:
             return PullResult("empty", None, (), False, ())
         buf = t.buffer
         if buf is not None and record_id != buf.record_id:
-            return PullResult("resend", buf.record_id, self._alive_only(buf.mids), True, ())
+            return PullResult(
+                "resend",
+                buf.record_id,
+                self._alive_only(buf.mids),
+                True,
+                (),
+                buf.missed,
+                buf.missed_ids,
+            )
         acked = () if buf is None else self._acknowledge(target, t, buf, now_ms)
-        mids = self._take(target, t, n, new_record_id) if n > 0 else ()
-        if not t.mids and t.buffer is None:
+        made = self._take(target, t, n, new_record_id) if n > 0 else None
+        if not t.mids and t.buffer is None and not t.missed:
             del self._targets[target]
         self._flush()
         kind: Literal["fresh", "ack_fresh", "ack_only", "empty"]
         if buf is None:
-            kind = "fresh" if mids else "empty"
+            kind = "fresh" if made else "empty"
         else:
             kind = "ack_fresh" if n > 0 else "ack_only"
-        return PullResult(kind, new_record_id if mids else None, mids, False, acked)
+        if made is None:
+            return PullResult(kind, None, (), False, acked)
+        return PullResult(
+            kind, new_record_id, made.mids, False, acked, made.missed, made.missed_ids
+        )
 
     def expire(self, now_ms: int) -> list[int]:
         """Finish every alive message whose TTL passed by ``now_ms``; returns their mids.
@@ -330,6 +380,7 @@ class DirectedCore:
                 # the head is not past it (otherwise the target took or dropped it).
                 if t is not None and t.mids and t.mids[0] <= mid:
                     t.alive -= 1
+                    self._missed(key, t, d.message_id)
             d.expired += d.remaining
             d.remaining = 0
             self._touched[mid] = None
@@ -382,6 +433,29 @@ class DirectedCore:
         t = self._targets.get(target)
         return 0 if t is None else t.alive
 
+    def target_status(self, target: str) -> dict[str, object]:
+        """What ``target`` has: queued ids, the unacknowledged batch, the gap not yet
+        acknowledged (in the batch and since)."""
+        t = self._targets.get(target)
+        if t is None:
+            return {
+                "target": target,
+                "backlog": 0,
+                "unacknowledged": 0,
+                "missed": 0,
+                "missed_ids": [],
+            }
+        buf = t.buffer
+        missed = t.missed + (buf.missed if buf else 0)
+        ids = (list(buf.missed_ids) if buf else []) + t.gap_ids
+        return {
+            "target": target,
+            "backlog": t.alive,
+            "unacknowledged": len(self._alive_only(buf.mids)) if buf else 0,
+            "missed": missed,
+            "missed_ids": ids[:MISSED_IDS_LIMIT],
+        }
+
     def detail(self, mid: int) -> Detail | None:
         """A copy of the detail of ``mid`` (alive or tombstone), or None once purged."""
         d = self._details.get(mid)
@@ -427,6 +501,7 @@ class DirectedCore:
         details: Iterable[Detail],
         queues: Mapping[str, Sequence[tuple[int, int]]],
         buffers: Mapping[str, Buffer],
+        gaps: Mapping[str, tuple[int, Sequence[str]]] | None = None,
         queue_limit: int = 50,
         overflow: OverflowPolicy = OverflowPolicy.DROP_HEAD,
         max_batch: int = 100,
@@ -471,8 +546,12 @@ class DirectedCore:
             top = max(top, prev)
         for key, buf in buffers.items():
             t = core._targets.get(key) or core._targets.setdefault(key, _Target())
-            t.buffer = Buffer(buf.record_id, tuple(buf.mids))
+            t.buffer = Buffer(buf.record_id, tuple(buf.mids), buf.missed, tuple(buf.missed_ids))
             top = max(top, *t.buffer.mids, 0)
+        for key, (missed, ids) in (gaps or {}).items():
+            if missed:
+                t = core._targets.get(key) or core._targets.setdefault(key, _Target())
+                t.missed, t.gap_ids = missed, list(ids)
         heapq.heapify(core._expiry)
         heapq.heapify(core._graveyard)
         # Past every mid still referenced anywhere, so a dead entry can never come back to
@@ -487,8 +566,9 @@ class DirectedCore:
         details = self._details
         return tuple(m for m in mids if (d := details.get(m)) is not None and d.done_ms is None)
 
-    def _take(self, key: str, t: _Target, n: int, record_id: str) -> tuple[int, ...]:
-        """Move up to ``n`` alive mids from the head of the queue into a new buffer."""
+    def _take(self, key: str, t: _Target, n: int, record_id: str) -> Buffer | None:
+        """Move up to ``n`` alive mids from the head of the queue, and the gap, into a new
+        buffer (None when there is neither)."""
         mids = t.mids
         details = self._details
         taken: list[int] = []
@@ -507,13 +587,16 @@ class DirectedCore:
             self._journal.append(Dequeue(key, t.tail_seq - len(mids)))
             if not mids:
                 t.tail_seq = 0
-        if not taken:
-            return ()
+        if not taken and not t.missed:
+            return None
         t.alive -= len(taken)
-        batch = tuple(taken)
-        t.buffer = Buffer(record_id, batch)
-        self._journal.append(SetBuffer(key, record_id, batch))
-        return batch
+        buf = t.buffer = Buffer(record_id, tuple(taken), t.missed, tuple(t.gap_ids))
+        self._journal.append(SetBuffer(key, record_id, buf.mids, buf.missed, buf.missed_ids))
+        if t.missed:
+            t.missed, t.gap_ids = 0, []
+            self._gaps_touched.pop(key, None)
+            self._journal.append(SetGap(key, 0, ()))
+        return buf
 
     def _acknowledge(self, key: str, t: _Target, buf: Buffer, now_ms: int) -> tuple[int, ...]:
         details = self._details
@@ -547,6 +630,7 @@ class DirectedCore:
             d.dropped += 1
             self._touched[mid] = None
             dropped.append((key, mid))
+            self._missed(key, t, d.message_id)
             if d.remaining == 0:
                 self._die(d, now_ms)
         self._journal.append(Dequeue(key, t.tail_seq - len(mids)))
@@ -587,16 +671,29 @@ class DirectedCore:
             heapq.heapify(self._expiry)
             self._stale_expiry = 0
 
+    def _missed(self, key: str, t: _Target, message_id: str) -> None:
+        """``key`` lost a queued id before it got it: part of its next batch's gap."""
+        t.missed += 1
+        if len(t.gap_ids) < MISSED_IDS_LIMIT:
+            t.gap_ids.append(message_id)
+        self._gaps_touched[key] = None
+
     def _flush(self) -> None:
-        """Journal the counters of every message touched by this call (and their deletion)."""
-        if not self._touched:
-            return
+        """Journal the counters of every message touched by this call (and their deletion),
+        and the grown gaps of targets."""
         emit = self._journal.append
-        details = self._details
-        for mid in self._touched:
-            d = details[mid]
-            emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped))
-            # Only alive messages are ever touched, so a done one died during this call.
-            if d.done_ms is not None:
-                emit(DeleteContent(mid, d.done_ms))
-        self._touched.clear()
+        if self._touched:
+            details = self._details
+            for mid in self._touched:
+                d = details[mid]
+                emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped))
+                # Only alive messages are ever touched, so a done one died during this call.
+                if d.done_ms is not None:
+                    emit(DeleteContent(mid, d.done_ms))
+            self._touched.clear()
+        if self._gaps_touched:
+            for key in self._gaps_touched:
+                gap = self._targets.get(key)
+                if gap is not None:
+                    emit(SetGap(key, gap.missed, tuple(gap.gap_ids)))
+            self._gaps_touched.clear()

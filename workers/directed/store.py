@@ -9,7 +9,10 @@ Layout (one file, ``<state_dir>/directed/directed.sqlite3``):
   keeps the mapping in memory; numbers are allocated by the writer thread);
 - ``entries``: the per-target ID-only queues, ``(target, seq) -> message``, WITHOUT ROWID
   so one extra target of a request costs one short b-tree cell;
-- ``buffers``: the unacknowledged batch per target with its record id.
+- ``buffers``: the unacknowledged batch per target with its record id;
+- ``gaps``: per target, the ids it lost (dropped or expired before it got them) and has not
+  acknowledged: slot 0 the gap since its last batch, slot 1 the gap its unacknowledged batch
+  reports. A table of its own, so files written before it existed open unchanged.
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ SCHEMA = (
         PRIMARY KEY (tid, seq)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS buffers (
         tid INTEGER PRIMARY KEY, record_id TEXT NOT NULL, mids TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS gaps (
+        tid INTEGER NOT NULL, slot INTEGER NOT NULL, missed INTEGER NOT NULL, ids TEXT NOT NULL,
+        PRIMARY KEY (tid, slot)) WITHOUT ROWID""",
 )
+GAP_PENDING, GAP_BUFFER = 0, 1
 
 
 @dataclass(slots=True)
@@ -193,12 +200,18 @@ class DirectedStore:
                 (self._tid(conn, op.target), op.upto_seq),
             )
         elif isinstance(op, m.SetBuffer):
+            tid = self._tid(conn, op.target)
             conn.execute(
                 "INSERT OR REPLACE INTO buffers VALUES (?, ?, ?)",
-                (self._tid(conn, op.target), op.record_id, json.dumps(list(op.mids))),
+                (tid, op.record_id, json.dumps(list(op.mids))),
             )
+            self._set_gap(conn, tid, GAP_BUFFER, op.missed, op.missed_ids)
+        elif isinstance(op, m.SetGap):
+            self._set_gap(conn, self._tid(conn, op.target), GAP_PENDING, op.missed, op.missed_ids)
         elif isinstance(op, m.ClearBuffer):
-            conn.execute("DELETE FROM buffers WHERE tid = ?", (self._tid(conn, op.target),))
+            tid = self._tid(conn, op.target)
+            conn.execute("DELETE FROM buffers WHERE tid = ?", (tid,))
+            conn.execute("DELETE FROM gaps WHERE tid = ? AND slot = ?", (tid, GAP_BUFFER))
         elif isinstance(op, m.Counts):
             conn.execute(
                 "UPDATE messages SET remaining = ?, acked = ?, expired = ?, dropped = ? WHERE mid = ?",
@@ -213,6 +226,18 @@ class DirectedStore:
             conn.execute("DELETE FROM messages WHERE mid = ?", (op.mid,))
         else:  # pragma: no cover - a new op type must be handled here
             raise TypeError(f"unknown journal op {op!r}")
+
+    @staticmethod
+    def _set_gap(
+        conn: sqlite3.Connection, tid: int, slot: int, missed: int, ids: tuple[str, ...]
+    ) -> None:
+        if missed:
+            conn.execute(
+                "INSERT OR REPLACE INTO gaps VALUES (?, ?, ?, ?)",
+                (tid, slot, missed, json.dumps(list(ids))),
+            )
+        else:
+            conn.execute("DELETE FROM gaps WHERE tid = ? AND slot = ?", (tid, slot))
 
     # -- reads -------------------------------------------------------------------------
 
@@ -241,11 +266,22 @@ class DirectedStore:
         queues: dict[str, list[tuple[int, int]]] = {}
         for tid, seq, mid in conn.execute("SELECT tid, seq, mid FROM entries ORDER BY tid, seq"):
             queues.setdefault(names[tid], []).append((seq, mid))
-        buffers = {
-            names[tid]: m.Buffer(record_id=record_id, mids=tuple(json.loads(mids)))
-            for tid, record_id, mids in conn.execute("SELECT tid, record_id, mids FROM buffers")
-        }
+        gaps = self._gaps(conn, GAP_BUFFER)
+        buffers = {}
+        for tid, record_id, mids in conn.execute("SELECT tid, record_id, mids FROM buffers"):
+            missed, ids = gaps.get(tid, (0, []))
+            buffers[names[tid]] = m.Buffer(record_id, tuple(json.loads(mids)), missed, tuple(ids))
         return details, queues, buffers
+
+    def load_gaps(self, conn: sqlite3.Connection) -> dict[str, tuple[int, list[str]]]:
+        """Each target's gap since its last batch (those of batches come with load())."""
+        names = {tid: name for name, tid in self._tids.items()}
+        return {names[tid]: gap for tid, gap in self._gaps(conn, GAP_PENDING).items()}
+
+    @staticmethod
+    def _gaps(conn: sqlite3.Connection, slot: int) -> dict[int, tuple[int, list[str]]]:
+        rows = conn.execute("SELECT tid, missed, ids FROM gaps WHERE slot = ?", (slot,))
+        return {tid: (missed, json.loads(ids)) for tid, missed, ids in rows}
 
     @staticmethod
     def contents(conn: sqlite3.Connection, mids: Iterable[int]) -> dict[int, Content]:

@@ -278,13 +278,25 @@ def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSe
 
 
 def encode_reply(
-    topic: str, record_id: str | None, redelivered: bool, messages: list[dict[str, Any]]
+    topic: str,
+    record_id: str | None,
+    redelivered: bool,
+    messages: list[dict[str, Any]],
+    *,
+    missed: int = 0,
+    missed_ids: Sequence[str] = (),
 ) -> bytes:
-    return json.dumps(
-        {"topic": topic, "record_id": record_id, "redelivered": redelivered, "messages": messages},
-        separators=(",", ":"),
-        default=str,
-    ).encode()
+    """A pull's reply; ``missed``/``missed_ids`` only when the batch reports a gap."""
+    doc: dict[str, Any] = {
+        "topic": topic,
+        "record_id": record_id,
+        "redelivered": redelivered,
+        "messages": messages,
+    }
+    if missed:
+        doc["missed"] = missed
+        doc["missed_ids"] = list(missed_ids)
+    return json.dumps(doc, separators=(",", ":"), default=str).encode()
 
 
 def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,10 +127,12 @@ class DirectedWorker:
         )
         started = time.perf_counter()
         details, queues, buffers = await self.store.db.run(self.store.load)
+        gaps = await self.store.db.run(self.store.load_gaps)
         self.core = DirectedCore.restore(
             details=details,
             queues=queues,
             buffers=buffers,
+            gaps=gaps,
             queue_limit=s.queue_limit,
             overflow=OverflowPolicy(s.overflow),
             max_batch=s.max_batch,
@@ -586,7 +588,14 @@ class DirectedWorker:
             result = self._pull_core(pull.topic, None, pull.max)
         await self._committed()
         messages = await self._messages(result.mids)
-        return wire.encode_reply(pull.topic, result.record_id, result.redelivered, messages)
+        return wire.encode_reply(
+            pull.topic,
+            result.record_id,
+            result.redelivered,
+            messages,
+            missed=result.missed,
+            missed_ids=result.missed_ids,
+        )
 
     async def _messages(self, mids: tuple[int, ...]) -> list[dict[str, Any]]:
         assert self.core is not None and self.store is not None
@@ -691,7 +700,9 @@ class DirectedWorker:
             doc = wire.parse_json_object(message.body, self.settings)
             op = doc.get("op")
             local = doc.get("local") is True or not self.shard.sharded
-            if op == "status":
+            if op == "status" and "target" in doc:
+                body = wire.json_dumps({"status": await self._target_status(doc, local)})
+            elif op == "status":
                 message_id = doc.get("message_id")
                 if not isinstance(message_id, str):
                     raise wire.WireError("invalid_query", "'message_id' (string) is required")
@@ -714,6 +725,31 @@ class DirectedWorker:
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
         self._reply(message, body)
+
+    async def _target_status(self, doc: dict[str, Any], local: bool) -> dict[str, Any]:
+        """What one target has: backlog, unacknowledged batch, the gap it has not
+        acknowledged; on sharded workers from the shard that owns it."""
+        assert self.core is not None
+        target = doc.get("target")
+        if not isinstance(target, str) or not target:
+            raise wire.WireError("invalid_query", "'target' must be a non-empty string")
+        if local or self.shard.owns(target):
+            return self.core.target_status(target)
+        assert self._rpc is not None
+        owner = self.shard.owner(target)
+        queue = shard_queue(self.settings.control_queue, owner)
+        timeout = self.settings.shard_query_timeout_s
+        try:
+            answer = await self._rpc.call("", queue, {**doc, "local": True}, timeout)
+        except NoAnswer:
+            raise wire.WireError(
+                "shards_unavailable",
+                f"shard {owner}, which owns {target!r}, did not answer in time: retry later",
+            ) from None
+        status = answer.get("status")
+        if not isinstance(status, dict):
+            raise wire.WireError("shards_unavailable", f"shard {owner} answered {answer!r}")
+        return status
 
     async def _ask_shards(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
         """Ask every other shard the same query (``local``); their replies and who was silent."""
