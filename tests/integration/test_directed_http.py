@@ -175,6 +175,16 @@ async def test_any_shard_answers_http_pulls_for_any_target(chx_broker, tmp_path,
             client = await DirectedClient(amqp, base).open()
             await client.send(b"all", targets, message_id="a1")
             await wait_applied(client, "a1")
+            # who has not acknowledged, paged across both shards in name order
+            seen, cursor = [], None
+            while True:
+                query = {"op": "pending_targets", "message_id": "a1", "cursor": cursor}
+                page = (await client.control({**query, "limit": 5}))["pending_targets"]
+                assert len(page["targets"]) <= 5
+                seen += page["targets"]
+                if (cursor := page["cursor"]) is None:
+                    break
+            assert seen == sorted(targets)
             for t in targets:
                 for port in ports:  # both replicas, the owner and the other one
                     status, doc, _ = await post(http, port, t, {}, None)

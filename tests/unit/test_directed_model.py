@@ -1008,3 +1008,21 @@ TestDropHeadInvariants = DirectedMachine.TestCase
 TestDropHeadInvariants.settings = MACHINE_SETTINGS
 TestRejectInvariants = RejectMachine.TestCase
 TestRejectInvariants.settings = MACHINE_SETTINGS
+
+
+# ----------------------------------------------------------------------------- pending targets
+
+
+def test_pending_targets_pages_in_name_order_through_queues_and_batches() -> None:
+    core = DirectedCore()
+    fill(core, ("a", ["d", "b", "c", "e"]), ("b", ["b"]))
+    core.pull("c", None, 1, 0, "r1")  # c holds a in its batch: still pending
+    core.pull("e", None, 1, 0, "r2")
+    core.pull("e", "r2", 0, 0, "r3")  # e acknowledged it: not pending
+    assert core.pending_targets("a", None, 2) == (["b", "c"], True)
+    assert core.pending_targets("a", "c", 2) == (["d"], False)
+    assert core.pending_targets("b", None, 10) == (["b"], False)
+    assert core.pending_targets("nope", None, 10) is None
+    core.pull("b", None, 5, 0, "r4")
+    core.pull("b", "r4", 0, 0, "r5")
+    assert core.pending_targets("b", None, 10) == ([], False)  # done: nobody is pending

@@ -133,3 +133,26 @@ def test_any_request_parses_or_raises_wire_error(headers, body):
     except wire.WireError:
         return
     assert 1 <= len(r.targets) <= S.max_targets
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {},
+        {"message_id": 5},
+        {"message_id": ""},
+        {"message_id": "m", "cursor": 3},
+        {"message_id": "m", "limit": 0},
+        {"message_id": "m", "limit": 1001},
+        {"message_id": "m", "limit": True},
+        {"message_id": "m", "limit": "10"},
+    ],
+)
+def test_pending_targets_query_refusals(doc):
+    with pytest.raises(wire.WireError) as exc:
+        wire.parse_pending_targets(doc)
+    assert exc.value.code == "invalid_query"
+
+
+def test_pending_targets_query_defaults():
+    assert wire.parse_pending_targets({"message_id": "m"}) == wire.PendingTargets("m", None, 100)

@@ -456,6 +456,28 @@ class DirectedCore:
             "missed_ids": ids[:MISSED_IDS_LIMIT],
         }
 
+    def pending_targets(
+        self, message_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], bool] | None:
+        """Targets that have not acknowledged ``message_id`` (it is queued for them or in
+        their unacknowledged batch), in name order after ``after``: (at most ``limit``
+        names, whether more follow); None for an unknown message."""
+        mid = self._by_id.get(message_id)
+        if mid is None:
+            return None
+        if not self._details[mid].alive:
+            return [], False
+        page: list[str] = []
+        for name in sorted(n for n in self._targets if after is None or n > after):
+            t = self._targets[name]
+            buf = t.buffer
+            queued = bool(t.mids) and t.mids[0] <= mid <= t.mids[-1] and mid in t.mids
+            if queued or (buf is not None and mid in buf.mids):
+                if len(page) == limit:
+                    return page, True
+                page.append(name)
+        return page, False
+
     def detail(self, mid: int) -> Detail | None:
         """A copy of the detail of ``mid`` (alive or tombstone), or None once purged."""
         d = self._details.get(mid)

@@ -277,6 +277,34 @@ def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSe
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PendingTargets:
+    message_id: str
+    cursor: str | None
+    limit: int
+
+
+PENDING_TARGETS_MAX_LIMIT = 1000
+
+
+def parse_pending_targets(doc: Mapping[str, Any]) -> PendingTargets:
+    """``{"op": "pending_targets", "message_id": ..., "cursor": ..., "limit": ...}``: the
+    cursor is the last target name of the previous page (null for the first page)."""
+    message_id = doc.get("message_id")
+    if not isinstance(message_id, str) or not message_id:
+        raise WireError("invalid_query", "'message_id' (string) is required")
+    cursor = doc.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or _utf8_size(cursor) is None):
+        raise WireError("invalid_query", f"'cursor' must be a string or null, got {_short(cursor)}")
+    limit = doc.get("limit", 100)
+    if _strict_int(limit) is None or not 1 <= limit <= PENDING_TARGETS_MAX_LIMIT:
+        raise WireError(
+            "invalid_query",
+            f"'limit' must be an integer 1..{PENDING_TARGETS_MAX_LIMIT}, got {_short(limit)}",
+        )
+    return PendingTargets(message_id, cursor, limit)
+
+
 def encode_reply(
     topic: str,
     record_id: str | None,

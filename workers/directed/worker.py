@@ -715,13 +715,17 @@ class DirectedWorker:
                         "not_found", f"no message {message_id!r} (never seen, or purged)"
                     )
                 body = wire.json_dumps({"status": status})
+            elif op == "pending_targets":
+                body = wire.json_dumps({"pending_targets": await self._pending_targets(doc, local)})
             elif op == "stats":
                 stats = self.admin("summary")
                 if not local:
                     stats = await self._gather_stats(doc, stats)
                 body = wire.json_dumps({"stats": stats})
             else:
-                raise wire.WireError("unknown_op", "op must be 'status' or 'stats'")
+                raise wire.WireError(
+                    "unknown_op", "op must be 'status', 'pending_targets' or 'stats'"
+                )
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
         self._reply(message, body)
@@ -750,6 +754,41 @@ class DirectedWorker:
         if not isinstance(status, dict):
             raise wire.WireError("shards_unavailable", f"shard {owner} answered {answer!r}")
         return status
+
+    async def _pending_targets(self, doc: dict[str, Any], local: bool) -> dict[str, Any]:
+        """One page of the targets that have not acknowledged a message, in name order; on
+        sharded workers every shard's page merged."""
+        assert self.core is not None
+        query = wire.parse_pending_targets(doc)
+        found = self.core.pending_targets(query.message_id, query.cursor, query.limit)
+        names, more = found if found is not None else ([], False)
+        known = found is not None
+        if not local:
+            replies, missing = await self._ask_shards(doc)
+            if missing:
+                raise wire.WireError(
+                    "shards_unavailable",
+                    f"shards {missing} did not answer in time: the page would be incomplete; "
+                    "retry later",
+                )
+            for reply in replies:
+                part = reply.get("pending_targets")
+                if isinstance(part, dict):
+                    known = True
+                    names += part.get("targets", [])
+                    more = more or part.get("cursor") is not None
+            names.sort()
+            if len(names) > query.limit:
+                names, more = names[: query.limit], True
+        if not known:
+            raise wire.WireError(
+                "not_found", f"no message {query.message_id!r} (never seen, or purged)"
+            )
+        return {
+            "message_id": query.message_id,
+            "targets": names,
+            "cursor": names[-1] if more and names else None,
+        }
 
     async def _ask_shards(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
         """Ask every other shard the same query (``local``); their replies and who was silent."""
