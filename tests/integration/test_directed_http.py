@@ -193,6 +193,14 @@ async def test_any_shard_answers_http_pulls_for_any_target(chx_broker, tmp_path,
                 status, doc, _ = await post(http, ports[0], t, {"record_id": record}, None)
                 assert (status, doc["record_id"], doc["messages"]) == (200, None, [])
             assert (await client.status("a1"))["status"]["acked"] == len(targets)
+            # a recall reaches both shards
+            await client.send(b"oops", targets, message_id="a2")
+            await wait_applied(client, "a2")
+            recalled = (await client.control({"op": "recall", "message_id": "a2"}))["status"]
+            assert (recalled["state"], recalled["recalled"]) == ("recalled", len(targets))
+            for t in targets[:3]:
+                status, doc, _ = await post(http, ports[1], t, {}, None)
+                assert status == 200 and doc["messages"] == [], doc
             await client.close()
             for port in ports:
                 status, body = await _metrics(http, port)

@@ -95,6 +95,8 @@ class ReplayStore:
                     assert d.alive, "counters of a tombstone never change"
                     d.remaining, d.acked = op.remaining, op.acked
                     d.expired, d.dropped = op.expired, op.dropped
+                    assert op.recalled >= d.recalled
+                    d.recalled = op.recalled
                 case DeleteContent():
                     assert op.mid in self.content, "content is deleted exactly once"
                     self.content.remove(op.mid)
@@ -225,6 +227,7 @@ def test_drop_head_removes_the_oldest_and_deletes_content_nobody_holds() -> None
         "pending": 0,
         "expired": 0,
         "dropped": 1,
+        "recalled": 0,
         "state": "done",
     }
     assert core.backlog("t") == 2
@@ -521,6 +524,7 @@ def test_expire_counts_every_target_that_had_not_acknowledged() -> None:
         "pending": 0,
         "expired": 2,
         "dropped": 0,
+        "recalled": 0,
         "state": "expired",
     }
     assert core.expire(10**12) == []
@@ -710,6 +714,7 @@ def normalize(names: dict[int, Label], value: Any) -> Any:
             acked,
             value.missed,
             value.missed_ids,
+            value.recalled_ids,
         )
     assert isinstance(value, list)
     return [names[m] for m in value]
@@ -752,7 +757,15 @@ def check_consistent(core: DirectedCore, store: ReplayStore) -> None:
         for m in b.mids:
             holders[m].add(t)
     for mid, d in store.details.items():
-        state = "active" if d.alive else "expired" if d.expired else "done"
+        state = (
+            "active"
+            if d.alive
+            else "recalled"
+            if d.recalled
+            else "expired"
+            if d.expired
+            else "done"
+        )
         assert core.status(d.message_id) == {
             "message_id": d.message_id,
             "total": d.total,
@@ -760,10 +773,11 @@ def check_consistent(core: DirectedCore, store: ReplayStore) -> None:
             "pending": d.remaining,
             "expired": d.expired,
             "dropped": d.dropped,
+            "recalled": d.recalled,
             "state": state,
         }
-        assert min(d.remaining, d.acked, d.expired, d.dropped) >= 0  # (b)
-        assert d.acked + d.expired + d.dropped + d.remaining == d.total  # (b)
+        assert min(d.remaining, d.acked, d.expired, d.dropped, d.recalled) >= 0  # (b)
+        assert d.acked + d.expired + d.dropped + d.recalled + d.remaining == d.total  # (b)
         if d.alive:
             assert d.remaining == len(holders[mid])  # (a)
         assert (mid in store.content) == d.alive == (d.remaining > 0)  # (c)
@@ -809,8 +823,10 @@ class DirectedMachine(RuleBasedStateMachine):
         self.lost = 0
         self.reported = 0
 
-    def apply(self, call: Callable[[DirectedCore], Any]) -> tuple[Any, list[Op], Any]:
-        queued = {t: self.store.alive_queue(t) for t in TARGETS}
+    def apply(
+        self, call: Callable[[DirectedCore], Any], *, recall: bool = False
+    ) -> tuple[Any, list[Op], Any]:
+        queued = {} if recall else {t: self.store.alive_queue(t) for t in TARGETS}
         result = call(self.core)
         ops = self.core.take_journal()
         self.store.apply(ops)
@@ -921,6 +937,11 @@ class DirectedMachine(RuleBasedStateMachine):
                 (),
                 buf[2],
                 result.missed_ids,
+                tuple(
+                    self.store.details[m].message_id
+                    for m in buf[1]
+                    if m in self.store.details and self.store.details[m].recalled
+                ),
             )
             assert all(isinstance(op, Counts | DeleteContent | SetGap) for op in ops)  # expiry only
             return
@@ -963,6 +984,29 @@ class DirectedMachine(RuleBasedStateMachine):
         assert sorted(result) == sorted(due)
         for m in result:
             assert self.store.details[m].done_ms == self.now
+
+    @rule(message_id=st.sampled_from(MESSAGE_IDS))
+    def recall(self, message_id: str) -> None:
+        mid = self.core.mid_of(message_id)
+        before = self.store.details[mid].remaining if mid is not None else 0
+        alive = mid is not None and self.store.details[mid].alive
+        result, ops, twin_result = self.apply(lambda c: c.recall(message_id, self.now), recall=True)
+        if self.twin is not None:
+            assert result == twin_result
+            assert store_view(self.store, self.names) == store_view(
+                self.twin.store, self.twin.names
+            )
+        if mid is None:
+            assert result is None and ops == []
+            return
+        if not alive:
+            assert ops == []
+            return
+        assert result["state"] == "recalled" and result["pending"] == 0
+        assert result["recalled"] == before
+        assert mid not in self.store.content
+        for t in TARGETS:  # nobody gets it any more, and nobody lost it (no gap)
+            assert mid not in self.store.alive_queue(t)
 
     @rule(retention=st.sampled_from([0, 5, 30]))
     def purge(self, retention: int) -> None:
@@ -1026,3 +1070,47 @@ def test_pending_targets_pages_in_name_order_through_queues_and_batches() -> Non
     core.pull("b", None, 5, 0, "r4")
     core.pull("b", "r4", 0, 0, "r5")
     assert core.pending_targets("b", None, 10) == ([], False)  # done: nobody is pending
+
+
+# ----------------------------------------------------------------------------- recall
+
+
+def test_recall_takes_a_message_back_from_queues_and_names_it_in_handed_out_batches() -> None:
+    core = DirectedCore()
+    fill(core, ("a", ["t", "u", "v"]), ("b", ["u"]))
+    core.pull("t", None, 5, 0, "r1")
+    core.pull("t", "r1", 0, 0, "r2")  # t acknowledged a
+    core.pull("u", None, 5, 0, "r3")  # u holds a and b in its batch
+    core.take_journal()
+    status = core.recall("a", 5)
+    assert status is not None
+    assert (status["state"], status["acked"], status["recalled"], status["pending"]) == (
+        "recalled",
+        1,
+        2,
+        0,
+    )
+    assert core.take_journal() == [Counts(1, 0, 1, 0, 0, 2), DeleteContent(1, 5)]
+    assert core.backlog("v") == 0
+    v = core.pull("v", None, 5, 6, "r4")  # v never gets it, and it is no gap
+    assert (v.kind, v.mids, v.missed) == ("empty", (), 0)
+    resend = core.pull("u", None, 5, 7, "r5")
+    assert (resend.mids, resend.recalled_ids) == ((2,), ("a",))
+    ack = core.pull("u", "r3", 5, 8, "r6")
+    assert (ack.acked, ack.recalled_ids) == ((2,), ("a",))
+    core.take_journal()
+    assert core.recall("a", 9) == status  # again: nothing changes
+    assert core.take_journal() == []
+    assert core.recall("nope", 9) is None
+
+
+def test_recall_survives_restore() -> None:
+    core = DirectedCore()
+    fill(core, ("a", ["t", "u"]))
+    core.pull("u", None, 5, 0, "r1")
+    store = replayed(core)
+    core.recall("a", 3)
+    back = replayed(core, store).restore()
+    assert back.status("a") == core.status("a")
+    assert back.pull("t", None, 5, 4, "r2").mids == ()
+    assert back.pull("u", None, 5, 4, "r3").recalled_ids == ("a",)

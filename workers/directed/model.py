@@ -34,7 +34,7 @@ class OverflowPolicy(enum.StrEnum):
 class Detail:
     """Bookkeeping of one message; its content lives in the store under ``mid``.
 
-    ``acked + expired + dropped + remaining == total`` at all times.
+    ``acked + expired + dropped + recalled + remaining == total`` at all times.
     """
 
     mid: int
@@ -49,6 +49,8 @@ class Detail:
     # Set when the content may go (remaining reached 0, or the TTL passed); the Detail stays
     # as a tombstone for status queries and de-duplication until purged.
     done_ms: int | None = None
+    # targets that had not acknowledged it when it was recalled
+    recalled: int = 0
 
     @property
     def alive(self) -> bool:
@@ -140,6 +142,7 @@ class Counts:
     acked: int
     expired: int
     dropped: int
+    recalled: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -192,6 +195,8 @@ class PullResult:
     # the gap the batch reports: ids dropped or expired before the target got them
     missed: int = 0
     missed_ids: tuple[str, ...] = ()
+    # ids of the batch's messages recalled after it was handed out (resend, acknowledgement)
+    recalled_ids: tuple[str, ...] = ()
 
 
 class MessageStatus(TypedDict):
@@ -201,7 +206,8 @@ class MessageStatus(TypedDict):
     pending: int
     expired: int
     dropped: int
-    state: Literal["active", "done", "expired"]
+    recalled: int
+    state: Literal["active", "done", "expired", "recalled"]
 
 
 class _Target:
@@ -342,7 +348,9 @@ class DirectedCore:
                 (),
                 buf.missed,
                 buf.missed_ids,
+                self._recalled_ids(buf),
             )
+        recalled_ids = () if buf is None else self._recalled_ids(buf)
         acked = () if buf is None else self._acknowledge(target, t, buf, now_ms)
         made = self._take(target, t, n, new_record_id) if n > 0 else None
         if not t.mids and t.buffer is None and not t.missed:
@@ -354,10 +362,37 @@ class DirectedCore:
         else:
             kind = "ack_fresh" if n > 0 else "ack_only"
         if made is None:
-            return PullResult(kind, None, (), False, acked)
+            return PullResult(kind, None, (), False, acked, recalled_ids=recalled_ids)
         return PullResult(
-            kind, new_record_id, made.mids, False, acked, made.missed, made.missed_ids
+            kind,
+            new_record_id,
+            made.mids,
+            False,
+            acked,
+            made.missed,
+            made.missed_ids,
+            recalled_ids,
         )
+
+    def recall(self, message_id: str, now_ms: int) -> MessageStatus | None:
+        """Take ``message_id`` back from every target that has not acknowledged it: queued
+        entries die (and are skipped), a batch already handed out names it in ``recalled``
+        on its next pull. The message finishes (state ``recalled``). Recalling a finished
+        message changes nothing. None for an unknown message."""
+        mid = self._by_id.get(message_id)
+        if mid is None:
+            return None
+        d = self._details[mid]
+        if d.alive and d.remaining:
+            for t in self._targets.values():  # no index of holders: a rare, operator call
+                if t.mids and t.mids[0] <= mid <= t.mids[-1] and mid in t.mids:
+                    t.alive -= 1
+            d.recalled += d.remaining
+            d.remaining = 0
+            self._touched[mid] = None
+            self._die(d, now_ms)
+            self._flush()
+        return self.status(message_id)
 
     def expire(self, now_ms: int) -> list[int]:
         """Finish every alive message whose TTL passed by ``now_ms``; returns their mids.
@@ -412,9 +447,11 @@ class DirectedCore:
         if mid is None:
             return None
         d = self._details[mid]
-        state: Literal["active", "done", "expired"]
+        state: Literal["active", "done", "expired", "recalled"]
         if d.done_ms is None:
             state = "active"
+        elif d.recalled:  # recall takes every remaining target at once, as expiry does
+            state = "recalled"
         else:
             # Expiry takes every remaining target at once, so expired > 0 iff TTL ended it.
             state = "expired" if d.expired else "done"
@@ -425,6 +462,7 @@ class DirectedCore:
             pending=d.remaining,
             expired=d.expired,
             dropped=d.dropped,
+            recalled=d.recalled,
             state=state,
         )
 
@@ -693,6 +731,12 @@ class DirectedCore:
             heapq.heapify(self._expiry)
             self._stale_expiry = 0
 
+    def _recalled_ids(self, buf: Buffer) -> tuple[str, ...]:
+        details = self._details
+        return tuple(
+            d.message_id for m in buf.mids if (d := details.get(m)) is not None and d.recalled
+        )
+
     def _missed(self, key: str, t: _Target, message_id: str) -> None:
         """``key`` lost a queued id before it got it: part of its next batch's gap."""
         t.missed += 1
@@ -708,7 +752,7 @@ class DirectedCore:
             details = self._details
             for mid in self._touched:
                 d = details[mid]
-                emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped))
+                emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped, d.recalled))
                 # Only alive messages are ever touched, so a done one died during this call.
                 if d.done_ms is not None:
                     emit(DeleteContent(mid, d.done_ms))

@@ -52,6 +52,10 @@ SCHEMA = (
         PRIMARY KEY (tid, seq)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS buffers (
         tid INTEGER PRIMARY KEY, record_id TEXT NOT NULL, mids TEXT NOT NULL)""",
+    # messages recalled (the count of targets they were taken back from): a table of its own
+    # so that files written before recall existed open unchanged
+    """CREATE TABLE IF NOT EXISTS recalls (
+        mid INTEGER PRIMARY KEY, recalled INTEGER NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS gaps (
         tid INTEGER NOT NULL, slot INTEGER NOT NULL, missed INTEGER NOT NULL, ids TEXT NOT NULL,
         PRIMARY KEY (tid, slot)) WITHOUT ROWID""",
@@ -217,6 +221,8 @@ class DirectedStore:
                 "UPDATE messages SET remaining = ?, acked = ?, expired = ?, dropped = ? WHERE mid = ?",
                 (op.remaining, op.acked, op.expired, op.dropped, op.mid),
             )
+            if op.recalled:
+                conn.execute("INSERT OR REPLACE INTO recalls VALUES (?, ?)", (op.mid, op.recalled))
         elif isinstance(op, m.DeleteContent):
             conn.execute(
                 "UPDATE messages SET done_ms = ?, body = NULL, props = NULL WHERE mid = ?",
@@ -224,6 +230,7 @@ class DirectedStore:
             )
         elif isinstance(op, m.Purge):
             conn.execute("DELETE FROM messages WHERE mid = ?", (op.mid,))
+            conn.execute("DELETE FROM recalls WHERE mid = ?", (op.mid,))
         else:  # pragma: no cover - a new op type must be handled here
             raise TypeError(f"unknown journal op {op!r}")
 
@@ -256,10 +263,12 @@ class DirectedStore:
                 created_ms=row[7],
                 expires_at_ms=row[8],
                 done_ms=row[9],
+                recalled=row[10],
             )
             for row in conn.execute(
-                "SELECT mid, message_id, total, remaining, acked, expired, dropped, created_ms,"
-                " expires_ms, done_ms FROM messages ORDER BY mid"
+                "SELECT m.mid, message_id, total, remaining, acked, expired, dropped, created_ms,"
+                " expires_ms, done_ms, coalesce(r.recalled, 0)"
+                " FROM messages m LEFT JOIN recalls r ON r.mid = m.mid ORDER BY m.mid"
             )
         ]
         names = {tid: name for name, tid in self._tids.items()}

@@ -313,8 +313,10 @@ def encode_reply(
     *,
     missed: int = 0,
     missed_ids: Sequence[str] = (),
+    recalled_ids: Sequence[str] = (),
 ) -> bytes:
-    """A pull's reply; ``missed``/``missed_ids`` only when the batch reports a gap."""
+    """A pull's reply; ``missed``/``missed_ids`` only when the batch reports a gap,
+    ``recalled`` only when messages of the batch were recalled after it was handed out."""
     doc: dict[str, Any] = {
         "topic": topic,
         "record_id": record_id,
@@ -324,6 +326,8 @@ def encode_reply(
     if missed:
         doc["missed"] = missed
         doc["missed_ids"] = list(missed_ids)
+    if recalled_ids:
+        doc["recalled"] = list(recalled_ids)
     return json.dumps(doc, separators=(",", ":"), default=str).encode()
 
 

@@ -595,6 +595,7 @@ class DirectedWorker:
             messages,
             missed=result.missed,
             missed_ids=result.missed_ids,
+            recalled_ids=result.recalled_ids,
         )
 
     async def _messages(self, mids: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -715,6 +716,20 @@ class DirectedWorker:
                         "not_found", f"no message {message_id!r} (never seen, or purged)"
                     )
                 body = wire.json_dumps({"status": status})
+            elif op == "recall":
+                message_id = doc.get("message_id")
+                if not isinstance(message_id, str) or not 0 < len(message_id) <= 255:
+                    raise wire.WireError("invalid_query", "'message_id' (string) is required")
+                own = self.core.recall(message_id, now_ms())
+                await self._committed()  # the recall is durable before it is confirmed
+                status = dict(own) if own is not None else None
+                if not local:
+                    status = await self._gather_status(doc, status)
+                if status is None:
+                    raise wire.WireError(
+                        "not_found", f"no message {message_id!r} (never seen, or purged)"
+                    )
+                body = wire.json_dumps({"status": status})
             elif op == "pending_targets":
                 body = wire.json_dumps({"pending_targets": await self._pending_targets(doc, local)})
             elif op == "stats":
@@ -724,7 +739,7 @@ class DirectedWorker:
                 body = wire.json_dumps({"stats": stats})
             else:
                 raise wire.WireError(
-                    "unknown_op", "op must be 'status', 'pending_targets' or 'stats'"
+                    "unknown_op", "op must be 'status', 'recall', 'pending_targets' or 'stats'"
                 )
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
@@ -826,11 +841,17 @@ class DirectedWorker:
                 )
             return None
         total: dict[str, Any] = {"message_id": parts[0].get("message_id")}
-        for key in ("total", "acked", "pending", "expired", "dropped"):
+        for key in ("total", "acked", "pending", "expired", "dropped", "recalled"):
             total[key] = sum(int(p.get(key, 0)) for p in parts)
         states = {p.get("state") for p in parts}
         total["state"] = (
-            "active" if "active" in states else "expired" if states == {"expired"} else "done"
+            "active"
+            if "active" in states
+            else "recalled"
+            if "recalled" in states
+            else "expired"
+            if states == {"expired"}
+            else "done"
         )
         total["shards"] = {"holding": len(parts), "unanswered": missing}
         return total
