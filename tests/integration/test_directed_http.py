@@ -8,6 +8,7 @@ workers any replica answering for any target.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -23,7 +24,8 @@ from tests.conftest import delete_names, running_host
 from tests.integration.directed_helpers import cleanup, directed_settings, wait_applied
 from tests.integration.procs import free_port
 from workers.directed.client import DirectedClient, decode_messages
-from workers.directed.config import DirectedSettings
+from workers.directed.config import BINARY_REPLY_CONTENT_TYPE, DirectedSettings
+from workers.directed.wire import decode_binary_reply
 from workers.directed.worker import DirectedWorker
 
 pytestmark = pytest.mark.integration
@@ -103,6 +105,15 @@ async def test_http_pull_authentication_cursor_and_errors(broker_url, tmp_path, 
         assert status == 200 and [m["id"] for m in doc["messages"]] == ["m1"]
         status, doc, _ = await post(http, port, "node-3", {}, "shared-secret")
         assert status == 200 and [m["id"] for m in doc["messages"]] == ["m1"]
+        # the same batch again, bodies unencoded
+        binary = {**bearer("shared-secret"), "Accept": BINARY_REPLY_CONTENT_TYPE}
+        async with http.post(url(port, "node-3"), json={}, headers=binary) as response:
+            assert response.headers["Content-Type"] == BINARY_REPLY_CONTENT_TYPE
+            raw = await response.read()
+        again = decode_binary_reply(raw)
+        assert again["record_id"] == doc["record_id"] and again["redelivered"] is True
+        assert [(m["id"], m["body"]) for m in again["messages"]] == [("m1", b"hello")]
+        assert b"hello" in raw and base64.b64encode(b"hello") not in raw
 
         # error replies are the AMQP pull's, with 200
         for body, code in (
@@ -201,6 +212,14 @@ async def test_any_shard_answers_http_pulls_for_any_target(chx_broker, tmp_path,
             for t in targets[:3]:
                 status, doc, _ = await post(http, ports[1], t, {}, None)
                 assert status == 200 and doc["messages"] == [], doc
+            # binary replies from the owner and through a relay
+            await client.send(b"raw", targets, message_id="a3")
+            await wait_applied(client, "a3")
+            accept = {"Accept": BINARY_REPLY_CONTENT_TYPE}
+            for t in targets:
+                async with http.post(url(ports[0], t), json={}, headers=accept) as response:
+                    reply = decode_binary_reply(await response.read())
+                assert [(m["id"], m["body"]) for m in reply["messages"]] == [("a3", b"raw")]
             await client.close()
             for port in ports:
                 status, body = await _metrics(http, port)

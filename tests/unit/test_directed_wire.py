@@ -156,3 +156,21 @@ def test_pending_targets_query_refusals(doc):
 
 def test_pending_targets_query_defaults():
     assert wire.parse_pending_targets({"message_id": "m"}) == wire.PendingTargets("m", None, 100)
+
+
+def test_binary_reply_round_trip_and_from_json():
+    messages = [
+        wire.Message("m1", b"\x00\xffbody", {"content_type": "x/y", "headers": {"k": 1}}),
+        wire.Message("m2", b"", {}),
+    ]
+    raw = wire.encode_binary_reply("t", "r1", False, messages, missed=1, missed_ids=["m0"])
+    doc = wire.decode_binary_reply(raw)
+    assert doc["messages"] == [
+        {"id": "m1", "body": b"\x00\xffbody", "content_type": "x/y", "headers": {"k": 1}},
+        {"id": "m2", "body": b"", "content_type": None, "headers": {}},
+    ]
+    assert (doc["record_id"], doc["missed"], doc["missed_ids"]) == ("r1", 1, ["m0"])
+    as_json = json.loads(wire.encode_reply("t", "r1", False, messages, missed=1, missed_ids=["m0"]))
+    assert wire.decode_binary_reply(wire.json_reply_to_binary(as_json)) == doc
+    with pytest.raises(ValueError):
+        wire.decode_binary_reply(raw + b"x")

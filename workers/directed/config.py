@@ -25,6 +25,8 @@ H_ORIGINAL_ROUTING_KEY = "x-routing-key"
 ENVELOPE_CONTENT_TYPE = "application/vnd.bridge.directed-envelope+json"
 REPLY_CONTENT_TYPE = "application/json"
 HTTP_PULL_PATH = "/directed/v1/targets/{target}/pull"
+# an HTTP pull that accepts this gets the reply with unencoded bodies (wire.encode_binary_reply)
+BINARY_REPLY_CONTENT_TYPE = "application/vnd.bridge.directed-batch"
 ANY_TARGET = "*"  # the key of the one token every target may use in HTTP_TOKENS
 _HASHED_TOKEN = re.compile(r"sha256:[0-9a-f]{64}")
 

@@ -21,13 +21,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from workers.directed import wire
-from workers.directed.config import ANY_TARGET, HTTP_PULL_PATH, REPLY_CONTENT_TYPE
+from workers.directed.config import (
+    ANY_TARGET,
+    BINARY_REPLY_CONTENT_TYPE,
+    HTTP_PULL_PATH,
+    REPLY_CONTENT_TYPE,
+)
 
 log = logging.getLogger("bridge.directed")
 
 STATUS_OF_CODE = {"too_large": 413, "overloaded": 429, "unavailable": 503}
 
-PullFunction = Callable[[str, bytes], Awaitable[bytes]]
+PullFunction = Callable[[str, bytes, bool], Awaitable[bytes]]  # (target, body, binary)
 
 
 def token_digest(token: str) -> bytes:
@@ -104,12 +109,13 @@ class PullApi:
             return self._error(
                 wire.WireError("too_large", f"body of {length} bytes exceeds {self.max_body_bytes}")
             )
+        binary = BINARY_REPLY_CONTENT_TYPE in request.headers.get("Accept", "")
         try:
             body = await request.read()
-            reply = await self.pull(target, body)
+            reply = await self.pull(target, body, binary)
         except wire.WireError as exc:
             return self._error(exc)
-        return self._answer(200, reply)
+        return self._answer(200, reply, content_type=BINARY_REPLY_CONTENT_TYPE if binary else None)
 
     def _error(self, exc: wire.WireError) -> web.Response:
         return self._answer(
@@ -117,9 +123,18 @@ class PullApi:
         )
 
     def _answer(
-        self, status: int, body: bytes, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        content_type: str | None = None,
     ) -> web.Response:
+        """Error replies are JSON whatever the request accepts."""
         self.count(status)
         return web.Response(
-            status=status, body=body, content_type=REPLY_CONTENT_TYPE, headers=headers
+            status=status,
+            body=body,
+            content_type=content_type or REPLY_CONTENT_TYPE,
+            headers=headers,
         )

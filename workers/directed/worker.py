@@ -580,7 +580,9 @@ class DirectedWorker:
             self.metrics.acks.inc(len(result.acked))
         return result
 
-    async def _serve_pull(self, pull: wire.Pull) -> bytes:
+    async def _serve_pull(self, pull: wire.Pull, *, binary: bool = False) -> bytes:
+        """The reply to a pull: JSON, or with ``binary`` the length-prefixed form
+        (:func:`wire.encode_binary_reply`) whose contents are not base64-encoded."""
         result = self._pull_core(pull.topic, pull.record_id, pull.max)
         if result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self._stopping:
             await self._committed()  # the acknowledgement is durable before we wait
@@ -588,7 +590,8 @@ class DirectedWorker:
             result = self._pull_core(pull.topic, None, pull.max)
         await self._committed()
         messages = await self._messages(result.mids)
-        return wire.encode_reply(
+        encode = wire.encode_binary_reply if binary else wire.encode_reply
+        return encode(
             pull.topic,
             result.record_id,
             result.redelivered,
@@ -598,7 +601,7 @@ class DirectedWorker:
             recalled_ids=result.recalled_ids,
         )
 
-    async def _messages(self, mids: tuple[int, ...]) -> list[dict[str, Any]]:
+    async def _messages(self, mids: tuple[int, ...]) -> list[wire.Message]:
         assert self.core is not None and self.store is not None
         if not mids:
             return []
@@ -621,7 +624,7 @@ class DirectedWorker:
             content = found.get(mid)
             if message_id is None or content is None:
                 continue  # expired or deleted between the decision and the read
-            out.append(wire.encode_message(message_id, content.body, content.props))
+            out.append(wire.Message(message_id, content.body, content.props))
         return out
 
     # -- HTTP pull API -------------------------------------------------------------------
@@ -640,7 +643,7 @@ class DirectedWorker:
         if metrics is not None:
             metrics.http_pulls.labels(str(status)).inc()
 
-    async def _http_pull(self, target: str, body: bytes) -> bytes:
+    async def _http_pull(self, target: str, body: bytes, binary: bool) -> bytes:
         """The HTTP pull: the same path as an AMQP pull (admission, parsing, the cursor
         rules, the long poll, the commit before the answer); a pull for another shard's
         target is relayed to it through the pull exchange and its answer returned."""
@@ -658,14 +661,15 @@ class DirectedWorker:
                 self.metrics.pull_kind["error"].inc()
                 raise
             if self.shard.sharded and not self.shard.owns(pull.topic):
-                return await self._relay_pull(pull)
-            reply = await self._serve_pull(pull)
+                relayed = await self._relay_pull(pull)
+                return wire.json_reply_to_binary(relayed) if binary else wire.json_dumps(relayed)
+            reply = await self._serve_pull(pull, binary=binary)
             self.metrics.pull_seconds.observe(time.perf_counter() - started)
             return reply
         finally:
             self._active_pulls -= 1
 
-    async def _relay_pull(self, pull: wire.Pull) -> bytes:
+    async def _relay_pull(self, pull: wire.Pull) -> dict[str, Any]:
         """An HTTP pull for another shard's target: published to the pull exchange under the
         target's name, which routes it to the owning shard (forwarded on if the ring is out
         of order), and answered with that shard's reply."""
@@ -686,7 +690,7 @@ class DirectedWorker:
         error = answer.get("error")
         if isinstance(error, dict):
             raise wire.WireError(str(error.get("code")), str(error.get("message")))
-        return wire.json_dumps(answer)
+        return answer
 
     # -- control -----------------------------------------------------------------------
 
