@@ -8,8 +8,8 @@ import aio_pika
 import aiohttp
 import pytest
 
+from bench.harness.procs import WorkerProcess
 from tests.integration.directed_helpers import cleanup, directed_settings, env_for, wait_applied
-from tests.integration.procs import WorkerProcess
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration]

@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bench.harness.procs import free_port
 from bridge.sharding import Shard, shard_queue
 from tests.conftest import delete_names, running_host
 from tests.integration.directed_helpers import cleanup, directed_settings, wait_applied
-from tests.integration.procs import free_port
 from workers.directed.client import DirectedClient, decode_messages
 from workers.directed.config import BINARY_REPLY_CONTENT_TYPE, DirectedSettings
 from workers.directed.wire import decode_binary_reply

@@ -9,9 +9,9 @@ import contextlib
 import aio_pika
 import pytest
 
+from bench.harness.procs import WorkerProcess
 from bridge.errors import NoAnswer
 from tests.integration.directed_helpers import cleanup, directed_settings, env_for, wait_applied
-from tests.integration.procs import WorkerProcess
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration]

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from bench.harness.procs import free_port
 from tests.conftest import running_host
-from tests.integration.procs import free_port
 
 pytestmark = pytest.mark.integration
 
