@@ -212,6 +212,12 @@ async def test_any_shard_answers_http_pulls_for_any_target(chx_broker, tmp_path,
             for t in targets[:3]:
                 status, doc, _ = await post(http, ports[1], t, {}, None)
                 assert status == 200 and doc["messages"] == [], doc
+            # a group change reaches both shards; each resolves the request for its targets
+            await client.group("group_set", "fleet", targets)
+            await client.send(b"grp", [], groups=["fleet"], message_id="a4")
+            await wait_applied(client, "a4")
+            assert (await client.status("a4"))["status"]["total"] == len(targets)
+            await client.control({"op": "recall", "message_id": "a4"})
             # binary replies from the owner and through a relay
             await client.send(b"raw", targets, message_id="a3")
             await wait_applied(client, "a3")

@@ -16,7 +16,13 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from bridge.rpc import WorkerClient, add_timeout_option
-from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
+from workers.directed.config import (
+    ENVELOPE_CONTENT_TYPE,
+    H_TARGET_GROUPS,
+    H_TARGETS,
+    H_TTL,
+    DirectedSettings,
+)
 
 HEADER_TARGET_LIMIT = 2000  # larger lists go in an envelope body (AMQP headers must fit one frame)
 
@@ -39,9 +45,13 @@ class DirectedClient(WorkerClient):
         ttl_ms: int | None = None,
         content_type: str | None = None,
         headers: dict[str, Any] | None = None,
+        groups: list[str] | None = None,
     ) -> None:
-        """Publish a request (confirmed by the broker; the worker applies it asynchronously)."""
+        """Publish a request (confirmed by the broker; the worker applies it asynchronously);
+        ``groups``: named target groups, resolved by the worker when it accepts the request."""
         assert self._channel is not None
+        if groups:
+            headers = {**(headers or {}), H_TARGET_GROUPS: list(groups)}
         if len(targets) <= HEADER_TARGET_LIMIT:
             hdrs: dict[str, Any] = dict(headers or {})
             hdrs[H_TARGETS] = list(targets)
@@ -96,6 +106,15 @@ class DirectedClient(WorkerClient):
         return await self._call(
             self.settings.control_exchange, "", {"op": "status", "message_id": message_id}, timeout
         )
+
+    async def group(
+        self, op: str, group: str, targets: list[str] | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """``op``: group_set, group_add, group_remove (with ``targets``) or group_get."""
+        doc: dict[str, Any] = {"op": op, "group": group}
+        if targets is not None:
+            doc["targets"] = targets
+        return await self._call(self.settings.control_exchange, "", doc, timeout)
 
     async def target_status(self, target: str, timeout: float = 10.0) -> dict[str, Any]:
         """What ``target`` has queued, holds unacknowledged, and missed (``missed``)."""

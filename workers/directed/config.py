@@ -16,6 +16,7 @@ from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
 
 H_TARGETS = "x-targets"
+H_TARGET_GROUPS = "x-target-groups"
 H_TTL = "x-ttl-ms"
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ SCHEMA = (
     # so that files written before recall existed open unchanged
     """CREATE TABLE IF NOT EXISTS recalls (
         mid INTEGER PRIMARY KEY, recalled INTEGER NOT NULL)""",
+    # named target groups (workers.directed.groups): name -> JSON array of target names
+    """CREATE TABLE IF NOT EXISTS target_groups (
+        name TEXT PRIMARY KEY, targets TEXT NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS gaps (
         tid INTEGER NOT NULL, slot INTEGER NOT NULL, missed INTEGER NOT NULL, ids TEXT NOT NULL,
         PRIMARY KEY (tid, slot)) WITHOUT ROWID""",
@@ -75,6 +78,8 @@ class Batch:
 
     ops: list[m.Op]
     contents: dict[int, Content]
+    # group name -> its members after a change (None: the group is gone)
+    groups: dict[str, list[str] | None] = field(default_factory=dict)
 
 
 class DirectedStore:
@@ -178,6 +183,15 @@ class DirectedStore:
                 self._apply_one(conn, op, batch.contents)
         if enqueue:
             conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)
+        for batch in batches:
+            for name, members in batch.groups.items():
+                if members is None:
+                    conn.execute("DELETE FROM target_groups WHERE name = ?", (name,))
+                else:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO target_groups VALUES (?, ?)",
+                        (name, json.dumps(members)),
+                    )
 
     def _apply_one(
         self, conn: sqlite3.Connection, op: m.Op, contents: Mapping[int, Content]
@@ -281,6 +295,13 @@ class DirectedStore:
             missed, ids = gaps.get(tid, (0, []))
             buffers[names[tid]] = m.Buffer(record_id, tuple(json.loads(mids)), missed, tuple(ids))
         return details, queues, buffers
+
+    @staticmethod
+    def load_groups(conn: sqlite3.Connection) -> dict[str, list[str]]:
+        return {
+            name: json.loads(targets)
+            for name, targets in conn.execute("SELECT name, targets FROM target_groups")
+        }
 
     def load_gaps(self, conn: sqlite3.Connection) -> dict[str, tuple[int, list[str]]]:
         """Each target's gap since its last batch (those of batches come with load())."""

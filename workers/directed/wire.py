@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.directed.config import ENVELOPE_CONTENT_TYPE, H_TARGETS, H_TTL, DirectedSettings
+from workers.directed.config import (
+    ENVELOPE_CONTENT_TYPE,
+    H_TARGET_GROUPS,
+    H_TARGETS,
+    H_TTL,
+    DirectedSettings,
+)
 
 # Header values nested this deep are refused: deeper tables and arrays cost recursion
 # in every encoder and decoder that touches them (JSON, AMQP) and no real header needs them.
@@ -38,6 +44,7 @@ class Request:
     body: bytes
     content_type: str | None
     headers: dict[str, Any]
+    groups: tuple[str, ...] = ()  # x-target-groups: resolved into targets when accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +182,60 @@ def parse_request(
     else:
         raw_targets = headers.get(H_TARGETS)
     check_header_depth(headers)
-    targets = check_targets(raw_targets, settings)
+    raw_groups = headers.get(H_TARGET_GROUPS)
+    groups = check_names(raw_groups, H_TARGET_GROUPS, settings) if raw_groups is not None else []
+    # with groups, x-targets may be left out or empty
+    no_targets = raw_targets is None or (isinstance(raw_targets, list | tuple) and not raw_targets)
+    targets = [] if groups and no_targets else check_targets(raw_targets, settings)
     ttl = check_ttl(headers.get(H_TTL), settings)
     user_headers = {k: v for k, v in headers.items() if k not in (H_TARGETS, H_TTL)}
     if message_id is not None and not (0 < len(message_id) <= 255):
         raise WireError("invalid_message_id", "message_id must be 1..255 characters")
     mid = message_id or content_digest(body, targets, user_headers)
-    return Request(mid, targets, ttl, body, content_type, user_headers)
+    return Request(mid, targets, ttl, body, content_type, user_headers, tuple(groups))
+
+
+def check_names(raw: Any, field: str, settings: DirectedSettings) -> list[str]:
+    """A non-empty array of group names (the rules of target names), duplicates removed."""
+    if not isinstance(raw, Sequence) or isinstance(raw, str | bytes) or not raw:
+        raise WireError("invalid_groups", f"{field} must be a non-empty array of group names")
+    try:
+        return check_targets(raw, settings)
+    except WireError as exc:
+        raise WireError("invalid_groups", f"{field}: {exc.message}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChange:
+    op: str
+    group: str
+    targets: list[str]
+
+
+GROUP_OPS = ("group_set", "group_add", "group_remove", "group_get")
+
+
+def parse_group_change(doc: Mapping[str, Any], settings: DirectedSettings) -> GroupChange:
+    """``{"op": "group_set" | "group_add" | "group_remove", "group": ..., "targets": [...]}``
+    or ``{"op": "group_get", "group": ...}``."""
+    op = doc.get("op")
+    group = doc.get("group")
+    size = _utf8_size(group) if isinstance(group, str) else None
+    if size is None or not group or size > settings.max_target_length:
+        raise WireError(
+            "invalid_query",
+            f"'group' must be a string of 1..{settings.max_target_length} bytes, got {_short(group)}",
+        )
+    if op == "group_get":
+        return GroupChange("group_get", group, [])
+    raw = doc.get("targets")
+    if op == "group_set" and isinstance(raw, list) and not raw:
+        return GroupChange("group_set", group, [])  # an empty set deletes the group
+    try:
+        targets = check_targets(raw, settings)
+    except WireError as exc:
+        raise WireError("invalid_query", f"'targets': {exc.message}") from None
+    return GroupChange(str(op), group, targets)
 
 
 def _parse_envelope(raw: bytes) -> tuple[bytes, str | None, Any, dict[str, Any]]:
@@ -206,6 +260,8 @@ def _parse_envelope(raw: bytes) -> tuple[bytes, str | None, Any, dict[str, Any]]
         extra = {}
     if not isinstance(extra, dict):
         raise WireError("invalid_envelope", "envelope 'headers' must be an object")
+    if "target_groups" in doc:
+        extra[H_TARGET_GROUPS] = doc["target_groups"]
     if "ttl_ms" in doc:
         extra[H_TTL] = doc["ttl_ms"]
     return body, ctype, doc.get("targets"), extra

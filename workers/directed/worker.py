@@ -43,6 +43,7 @@ from workers.directed.config import (
     H_SHARD,
     DirectedSettings,
 )
+from workers.directed.groups import GroupError, Groups
 from workers.directed.http_api import PullApi
 from workers.directed.metrics import DirectedMetrics, top_backlog
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
@@ -103,6 +104,7 @@ class DirectedWorker:
         self.committer: GroupCommitter[Batch] | None = None
         self._consuming = False
         self._pending_contents: dict[int, Content] = {}
+        self._pending_groups: dict[str, list[str] | None] = {}
         self._cache = ContentCache(self.settings.cache_bytes)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.link: Link | None = None
@@ -128,6 +130,9 @@ class DirectedWorker:
         started = time.perf_counter()
         details, queues, buffers = await self.store.db.run(self.store.load)
         gaps = await self.store.db.run(self.store.load_gaps)
+        self.groups = Groups(
+            await self.store.db.run(self.store.load_groups), max_size=s.max_targets
+        )
         self.core = DirectedCore.restore(
             details=details,
             queues=queues,
@@ -338,13 +343,14 @@ class DirectedWorker:
     def _take(self) -> list[Batch]:
         assert self.core is not None
         ops = self.core.take_journal()
-        if not ops and not self._pending_contents:
+        if not ops and not self._pending_contents and not self._pending_groups:
             return []
         contents, self._pending_contents = self._pending_contents, {}
+        groups, self._pending_groups = self._pending_groups, {}
         for op in ops:
             if isinstance(op, DeleteContent):
                 self._cache.drop(op.mid)
-        return [Batch(ops=ops, contents=contents)]
+        return [Batch(ops=ops, contents=contents, groups=groups)]
 
     async def _committed(self) -> None:
         assert self.committer is not None
@@ -365,6 +371,12 @@ class DirectedWorker:
                 message_id=message.message_id,
                 settings=self.settings,
             )
+            targets = req.targets
+            if req.groups:  # resolved now, once: a later change does not touch this request
+                try:
+                    targets = self.groups.resolve(req.targets, req.groups)
+                except GroupError as exc:
+                    raise wire.WireError(exc.code, exc.message) from None
         except wire.WireError as exc:
             if self.shard.index != 0:
                 # Every shard sees every request and finds the same fault: shard 0 alone
@@ -375,7 +387,6 @@ class DirectedWorker:
             self.metrics.requests.labels("rejected").inc()
             await self._dead_letter(message, exc.code, exc.message)
             return
-        targets = req.targets
         if self.shard.sharded:
             targets = [t for t in targets if self.shard.owns(t)]
             if not targets:
@@ -734,6 +745,8 @@ class DirectedWorker:
                         "not_found", f"no message {message_id!r} (never seen, or purged)"
                     )
                 body = wire.json_dumps({"status": status})
+            elif op in wire.GROUP_OPS:
+                body = wire.json_dumps({"group": await self._group(doc, local)})
             elif op == "pending_targets":
                 body = wire.json_dumps({"pending_targets": await self._pending_targets(doc, local)})
             elif op == "stats":
@@ -743,7 +756,9 @@ class DirectedWorker:
                 body = wire.json_dumps({"stats": stats})
             else:
                 raise wire.WireError(
-                    "unknown_op", "op must be 'status', 'recall', 'pending_targets' or 'stats'"
+                    "unknown_op",
+                    "op must be 'status', 'recall', 'pending_targets', 'stats' or "
+                    + ", ".join(repr(o) for o in wire.GROUP_OPS),
                 )
         except wire.WireError as exc:
             body = wire.encode_error(exc.code, exc.message)
@@ -773,6 +788,32 @@ class DirectedWorker:
         if not isinstance(status, dict):
             raise wire.WireError("shards_unavailable", f"shard {owner} answered {answer!r}")
         return status
+
+    async def _group(self, doc: dict[str, Any], local: bool) -> dict[str, Any]:
+        """A group change, committed before it is answered and made on every shard (each
+        keeps the membership it resolves requests with), or a group's members."""
+        change = wire.parse_group_change(doc, self.settings)
+        if change.op == "group_get":
+            members = self.groups.get(change.group)
+            if members is None:
+                raise wire.WireError("not_found", f"no target group {change.group!r}")
+            return {"group": change.group, "targets": members}
+        apply = {"group_set": self.groups.set, "group_add": self.groups.add}
+        try:
+            members = apply.get(change.op, self.groups.remove)(change.group, change.targets)
+        except GroupError as exc:
+            raise wire.WireError(exc.code, exc.message) from None
+        self._pending_groups[change.group] = members
+        await self._committed()
+        if not local:
+            _, missing = await self._ask_shards(doc)
+            if missing:
+                raise wire.WireError(
+                    "shards_unavailable",
+                    f"the change is made on the shards that answered, not on shards {missing}: "
+                    "repeat it (changes are idempotent)",
+                )
+        return {"group": change.group, "targets": members or []}
 
     async def _pending_targets(self, doc: dict[str, Any], local: bool) -> dict[str, Any]:
         """One page of the targets that have not acknowledged a message, in name order; on
