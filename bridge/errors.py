@@ -68,3 +68,9 @@ class LinkError(BridgeError):
         super().__init__(f"{code} {text}")
         self.code = code
         self.text = text
+
+
+class Refused(LinkError):
+    """The broker refused a channel's setup for a reason the channel waits out (another
+    connection owns the queue, see ``bridge.amqp.link.Channel.refused``): the link retries
+    it with backoff and without a log line each time, also at the first start."""

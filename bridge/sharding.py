@@ -197,6 +197,19 @@ class Shard:
     def identity(self) -> dict[str, str]:
         return {"shard_count": str(self.count), "shard_index": str(self.index)}
 
+    def owner_hint(self, worker: str) -> str:
+        """What to change when another process owns this shard's queue (one log line)."""
+        prefix = f"BRIDGE_{worker.upper()}__"
+        if not self.sharded:
+            return (
+                f"two unsharded {worker} workers share this broker: stop one, or shard them "
+                f"({prefix}SHARD_COUNT=N and a distinct {prefix}SHARD_INDEX on each)"
+            )
+        return (
+            f"shard {self.index} of {self.count} runs twice: give each replica its own "
+            f"{prefix}SHARD_INDEX (0..{self.count - 1}) and the same {prefix}SHARD_COUNT"
+        )
+
 
 def resolve_shard(worker: str, count: int, index: int | None, hostname: str | None = None) -> Shard:
     """The shard this process is, from the settings or else the StatefulSet ordinal."""

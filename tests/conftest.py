@@ -122,9 +122,10 @@ async def amqp(broker_url: str) -> AsyncIterator[Any]:
 
 @contextlib.asynccontextmanager
 async def running_host(
-    broker_url: str, state_dir: Path, workers: list[Any], **host: Any
+    broker_url: str, state_dir: Path, workers: list[Any], *, ready: bool = True, **host: Any
 ) -> AsyncIterator[Any]:
-    """Run workers in this event loop, wait until /readyz would say ready, stop after."""
+    """Run workers in this event loop, wait until /readyz would say ready (or, with
+    ``ready=False``, until every worker started), stop after."""
     from bridge.host import Host
     from bridge.settings import HostSettings
 
@@ -143,7 +144,7 @@ async def running_host(
         for _ in range(300):
             if task.done():
                 task.result()
-            if h.readiness()[0]:
+            if h.readiness()[0] or (not ready and len(h.started) == len(workers)):
                 break
             await asyncio.sleep(0.05)
         else:

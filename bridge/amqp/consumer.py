@@ -18,19 +18,60 @@ channel stays open: the consumer reports not consuming at once (:attr:`Link.read
 closes the channel, and its next setup declares the queue again with its
 :class:`QueueSpec` (arguments and bindings) and consumes it again, retried with backoff by
 the link; ``on_restored`` is called after.
+
+Poison. A delivery whose handler raises is requeued, and its failures are counted here,
+keyed by its ``message_id`` (or a digest of routing key and body), in a bounded map: at
+:data:`POISON_ATTEMPTS` failures it goes to the consumer's ``poison`` callback instead,
+which dead-letters it with reason :data:`PROCESSING_FAILED` and the exception's class
+(:data:`H_DEAD_EXCEPTION`). A :class:`~bridge.errors.BridgeError` (the store cannot
+commit, the broker refused a publish) says the worker cannot work right now, not that the
+message is bad: requeued, not counted. A delivery that cannot be requeued (``no_ack``,
+``ack_on_receipt``) goes to ``poison`` at its first failure. The count lives in memory, so
+a message that makes the process die is caught by the broker's count instead: a
+redelivery whose ``x-delivery-count`` (quorum queues) reached :data:`DELIVERY_LIMIT` goes
+to ``poison`` with reason :data:`DELIVERY_LIMIT_REASON` before the handler sees it.
+
+One owner per stateful queue. A stateful worker keeps what its queues carry in files of its
+own, so two processes consuming them would split the messages between two stores. Its
+:class:`Lease` is an exclusive queue ``<primary queue>.owner`` on the link's connection (a
+classic queue, declared at every setup and consumed, so that its deletion is noticed):
+the broker lets one connection hold it and deletes it when that connection ends, crash
+included. The worker's consumers are made with ``lease=``: they declare and consume only
+while the lease is held, and stop (their channel closed, unacknowledged deliveries
+requeued) when it is lost. A process whose lease is refused (405 ``RESOURCE_LOCKED``, or
+403 for a consume the broker refuses because someone consumes the queue exclusively) logs
+one line with the fix, stays not ready, and retries quietly with the link's backoff; it
+takes over when the owner goes away. The exclusive *consumer* flag of AMQP cannot be the
+lease: quorum queues ignore it (RabbitMQ 3.x), and the worker's queues are quorum queues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.amqp import frames as F
 from bridge.amqp.link import Channel, Link
+from bridge.errors import BridgeError
+
+LEASE_SUFFIX = ".owner"
+POISON_ATTEMPTS = 5  # failures of one message before it is dead-lettered
+POISON_MEMORY = 10_000  # messages whose failures are remembered (least recent forgotten)
+DELIVERY_LIMIT = 20  # broker-counted returns (x-delivery-count) before it is dead-lettered
+H_DELIVERY_COUNT = "x-delivery-count"
+H_DEAD_EXCEPTION = "x-dead-exception"
+PROCESSING_FAILED = "processing_failed"
+DELIVERY_LIMIT_REASON = "delivery_limit"
+
+# poison(delivery, reason, detail, exception class name or None): dead-letter it (and
+# settle it); called at most once per delivery
+Poison = Callable[[F.Delivery, str, str, str | None], Awaitable[None]]
 
 log = logging.getLogger("bridge.amqp.consumer")
 
@@ -69,6 +110,8 @@ class Consumer(Channel):
         declare: bool = False,
         arguments: dict[str, Any] | None = None,
         name: str | None = None,
+        lease: Lease | None = None,
+        poison: Poison | None = None,
     ) -> None:
         self.spec = queue if isinstance(queue, QueueSpec) else QueueSpec(queue)
         super().__init__(link, name=name or f"consumer {self.spec.name}")
@@ -91,6 +134,13 @@ class Consumer(Channel):
         self._settle: dict[int, int] = {}  # tag -> _ACK / _NACK_*
         self._flush_scheduled = False
         self._stopped = False
+        self.poison = poison
+        self.failures: OrderedDict[str, int] = OrderedDict()  # message key -> failures
+        self.lease = lease
+        self.waiting = False  # open, but the lease is not held: not consuming
+        self.refusal: str | None = None  # the broker's refusal while another owner holds it
+        if lease is not None:
+            lease.dependents.append(self)
 
     # -- the handler's side ------------------------------------------------------------
 
@@ -127,14 +177,42 @@ class Consumer(Channel):
     # -- the link's side ---------------------------------------------------------------
 
     def describe(self) -> str:
+        if self.refusal is not None:
+            return f"not consuming {self.queue}: another process owns it ({self.refusal})"
+        if self.waiting and self.lease is not None:
+            return f"not consuming {self.queue}: waiting to own {self.lease.owned}"
         if self.cancelled_by_broker:
             return f"consumer cancelled by the broker: {self.queue}"
         return f"not consuming {self.queue}"
 
+    def refused(self, code: int, text: str) -> bool:
+        """Another connection holds the queue exclusively (405 on the declaration of an
+        exclusive queue, 403 on an exclusive consume): say it once, then wait it out."""
+        lowered = text.lower()
+        if not (
+            (code == 405 and "locked" in lowered) or (code == 403 and "exclusive use" in lowered)
+        ):
+            return False
+        if self.refusal is None:
+            lease = self.lease if self.lease is not None else self
+            owned = lease.owned if isinstance(lease, Lease) else self.queue
+            hint = lease.hint if isinstance(lease, Lease) else "stop the other consumer"
+            log.error(
+                f"not consuming {owned}: another process owns it; {hint}; this one stays not "
+                "ready and takes over when that one goes away",
+                extra={"link": self.link.name, "queue": owned, "broker": f"{code} {text}"},
+            )
+        self.refusal = f"{code} {text}"
+        return True
+
     async def setup(self) -> None:
         self._outstanding.clear()
         self._settle.clear()
+        self.waiting = False
         if self._stopped:
+            return
+        if self.lease is not None and not self.lease.consuming:
+            self.waiting = True  # declared and consumed once the lease is held
             return
         if self.declare or self.cancelled_by_broker:
             await self._declare()
@@ -151,6 +229,13 @@ class Consumer(Channel):
         )
         self._tag = ok.consumer_tag
         self.consuming = True
+        if self.refusal is not None:
+            self.refusal = None
+            log.warning(
+                "consuming: the other owner went away",
+                extra={"link": self.link.name, "queue": self.queue},
+            )
+        self._acquired()
         if self.cancelled_by_broker:
             self.cancelled_by_broker = False
             self.restored += 1
@@ -185,10 +270,20 @@ class Consumer(Channel):
             self._cancelled()
 
     def on_closed(self, code: int, text: str) -> None:
-        self.consuming = False
+        if self.consuming:
+            self.consuming = False
+            self._released()
 
     def on_lost(self) -> None:
         self.consuming = False
+        self.waiting = False
+
+    def _acquired(self) -> None:
+        """Consuming now (a :class:`Lease` lets its dependents go on)."""
+
+    def _released(self) -> None:
+        """No longer consuming while the connection stays (a :class:`Lease` stops its
+        dependents)."""
 
     def on_writable(self) -> None:
         if self._settle:
@@ -205,12 +300,12 @@ class Consumer(Channel):
             self._outstanding[delivery.delivery_tag] = None
             if self.ack_on_receipt:
                 self._mark(delivery, _ACK)
+        if delivery.redelivered and self.poison is not None and self._over_limit(delivery):
+            return
         try:
             result = self.handler(delivery)
-        except Exception:
-            log.exception("handler failed", extra={"link": self.link.name, "queue": self.queue})
-            if not self.no_ack and not self.ack_on_receipt:
-                self.nack(delivery, requeue=True)
+        except Exception as exc:
+            self._failed(delivery, exc)
             return
         if result is not None:  # a coroutine (a plain handler returns None)
             task = asyncio.ensure_future(self._run(delivery, result))
@@ -220,10 +315,63 @@ class Consumer(Channel):
     async def _run(self, delivery: F.Delivery, result: Any) -> None:
         try:
             await result
-        except Exception:
-            log.exception("handler failed", extra={"link": self.link.name, "queue": self.queue})
-            if not self.no_ack and not self.ack_on_receipt:
+        except Exception as exc:
+            self._failed(delivery, exc)
+
+    def _failed(self, delivery: F.Delivery, exc: Exception) -> None:
+        """The handler raised: requeue, or after too many failures hand it to ``poison``."""
+        log.error(
+            "handler failed",
+            extra={"link": self.link.name, "queue": self.queue},
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        settled = self.no_ack or self.ack_on_receipt
+        if isinstance(exc, BridgeError):  # the worker cannot work now; the message is not bad
+            if not settled:
                 self.nack(delivery, requeue=True)
+            return
+        attempts = 1
+        if not settled:
+            key = delivery.message_id or _digest(delivery)
+            failures = self.failures
+            attempts = failures.pop(key, 0) + 1
+            if attempts < POISON_ATTEMPTS or self.poison is None:
+                failures[key] = attempts
+                if len(failures) > POISON_MEMORY:
+                    failures.popitem(last=False)
+                self.nack(delivery, requeue=True)
+                return
+        if self.poison is not None:
+            detail = f"{type(exc).__name__}: {exc}"
+            if attempts > 1:
+                detail = f"failed {attempts} times, last: {detail}"
+            self._spawn_poison(delivery, PROCESSING_FAILED, detail, type(exc).__name__)
+
+    def _over_limit(self, delivery: F.Delivery) -> bool:
+        """A redelivery the broker counted :data:`DELIVERY_LIMIT` times: poison, unseen by
+        the handler (it may be what made the process die each time)."""
+        headers = delivery.properties.headers
+        count = headers.get(H_DELIVERY_COUNT) if headers else None
+        if type(count) is not int or count < DELIVERY_LIMIT:
+            return False
+        detail = (
+            f"delivered {count + 1} times without being settled (the worker stopped or lost "
+            "its connection while handling it each time)"
+        )
+        self._spawn_poison(delivery, DELIVERY_LIMIT_REASON, detail, None)
+        return True
+
+    def _spawn_poison(
+        self, delivery: F.Delivery, reason: str, detail: str, exception: str | None
+    ) -> None:
+        assert self.poison is not None
+        log.error(
+            "message given up: dead-lettering it",
+            extra={"link": self.link.name, "queue": self.queue, "reason": reason, "detail": detail},
+        )
+        task = asyncio.ensure_future(self.poison(delivery, reason, detail, exception))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
 
     def _mark(self, delivery: F.Delivery, how: int) -> None:
         if self.no_ack or delivery.epoch != self.epoch:
@@ -271,6 +419,7 @@ class Consumer(Channel):
 
     def _cancelled(self) -> None:
         self.consuming = False
+        self._released()
         self.cancelled_by_broker = True
         log.error(
             "the broker cancelled a consumer (queue deleted?); declaring it again",
@@ -279,6 +428,65 @@ class Consumer(Channel):
         # a fresh channel: its setup declares the queue (and bindings) and consumes again,
         # retried with backoff by the link
         self.link.restart_channel(self, "consumer cancelled by the broker")
+
+
+def _digest(delivery: F.Delivery) -> str:
+    h = hashlib.sha256((delivery.routing_key or "").encode())
+    h.update(delivery.body)
+    return h.hexdigest()
+
+
+def lease_queue(queue: str) -> str:
+    """The exclusive queue whose holder owns ``queue`` (see the module)."""
+    return queue + LEASE_SUFFIX
+
+
+class Lease(Consumer):
+    """Ownership of the stateful queue ``owned`` for this link's connection (see the
+    module). Make it before the consumers that name it as their ``lease``: the link sets
+    its channels up in that order, so after a reconnect the lease is asked for first."""
+
+    def __init__(self, link: Link, owned: str, *, hint: str) -> None:
+        super().__init__(
+            link,
+            QueueSpec(lease_queue(owned), durable=False, exclusive=True),
+            _nothing,
+            no_ack=True,
+            declare=True,
+            name=f"lease {owned}",
+        )
+        self.owned = owned
+        self.hint = hint
+        self.dependents: list[Consumer] = []
+        self.held = asyncio.Event()
+
+    def describe(self) -> str:
+        if self.refusal is not None:
+            return f"not consuming {self.owned}: another process owns it ({self.hint})"
+        return f"not the owner of {self.owned} yet"
+
+    def _acquired(self) -> None:
+        self.held.set()
+        for consumer in self.dependents:
+            if consumer.waiting and consumer.is_open:
+                self.link.restart_channel(consumer, f"{self.owned} owned")
+
+    def _released(self) -> None:
+        self.held.clear()
+        for consumer in self.dependents:
+            if consumer.consuming:
+                # closing the channel requeues what it has not acknowledged; its setup then
+                # waits for the lease
+                consumer.consuming = False
+                self.link.restart_channel(consumer, f"{self.owned} no longer owned")
+
+    def on_lost(self) -> None:
+        super().on_lost()
+        self.held.clear()
+
+
+def _nothing(_: F.Delivery) -> None:
+    """Nobody publishes to a lease queue; whatever arrives is dropped (no_ack)."""
 
 
 def _frame(number: int, tag: int, how: int, multiple: bool) -> bytes:

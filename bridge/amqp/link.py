@@ -11,7 +11,9 @@ objects attached to it; the link owns what they share:
   and a reconnect with capped exponential backoff that opens every channel again (each
   channel re-runs its own setup: confirm mode, qos, declarations, consume);
 - a channel the broker closes (404, 403, 406) is answered and opened again on the same
-  connection, with backoff, without touching the others;
+  connection, with backoff, without touching the others; a refusal the channel waits out
+  (another process owns the queue: :class:`~bridge.errors.Refused`) is retried the same
+  way, quietly, and does not fail the first start;
 - ``connection.blocked`` (a memory or disk alarm) and a full socket buffer hold the
   publishers' writes back; nothing is dropped or written twice, everything waits;
 - :attr:`ready`: connected, and every consumer consuming.
@@ -32,7 +34,7 @@ from typing import Any
 
 from bridge.amqp import frames as F
 from bridge.amqp.endpoint import Endpoint, describe_connect_error
-from bridge.errors import BrokerUnavailable, LinkError
+from bridge.errors import BrokerUnavailable, LinkError, Refused
 
 log = logging.getLogger("bridge.amqp.link")
 
@@ -61,6 +63,11 @@ class Channel:
     def describe(self) -> str:
         """What is wrong with it, for readiness (called when it is not set up)."""
         return f"{self.name}: channel reopening"
+
+    def refused(self, code: int, text: str) -> bool:
+        """Whether the broker closing the channel with ``code`` is a refusal this channel
+        reports itself and waits out (then the link retries quietly; see ``Refused``)."""
+        return False
 
     async def setup(self) -> None:
         """What the channel does once open (confirm mode, qos, consume)."""
@@ -354,7 +361,7 @@ class Link:
                 try:
                     await self._setup(channel)
                 except LinkError as exc:
-                    if first or exc.code == 320:
+                    if exc.code == 320 or (first and not isinstance(exc, Refused)):
                         raise  # the first start reports it; a lost connection reconnects
                     self.spawn(self._open_channel(channel, proto), f"reopen {channel.name}")
         log.info(
@@ -383,15 +390,16 @@ class Link:
             except LinkError as exc:
                 if exc.code == 320:
                     return  # the connection went: the reconnect sets it up
-                log.warning(
-                    "channel not opened; retrying",
-                    extra={
-                        "link": self.name,
-                        "channel": channel.name,
-                        "error": str(exc),
-                        "retry_s": delay,
-                    },
-                )
+                if not isinstance(exc, Refused):
+                    log.warning(
+                        "channel not opened; retrying",
+                        extra={
+                            "link": self.name,
+                            "channel": channel.name,
+                            "error": str(exc),
+                            "retry_s": delay,
+                        },
+                    )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
 
@@ -563,16 +571,20 @@ class Link:
         with contextlib.suppress(LinkError):
             self.write(F.method_frame(number, F.ChannelCloseOk()))
         proto.decoder.reset_channel(number)
-        log.warning(
-            "broker closed a channel",
-            extra={
-                "link": self.name,
-                "channel": channel.name if channel else number,
-                "code": code,
-                "text": text,
-            },
-        )
-        error = LinkError(code, text)
+        error: LinkError
+        if channel is not None and channel.refused(code, text):
+            error = Refused(code, text)  # the channel said so itself, once
+        else:
+            error = LinkError(code, text)
+            log.warning(
+                "broker closed a channel",
+                extra={
+                    "link": self.name,
+                    "channel": channel.name if channel else number,
+                    "code": code,
+                    "text": text,
+                },
+            )
         failed_setup = False
         keep = []
         for ch, kind, fut in self._waiters:

@@ -44,8 +44,9 @@ def dead_letter_properties(
 ) -> F.Properties:
     """The delivery's properties for a dead-letter exchange: persistent, with the reason
     and a readable detail added to its headers. Headers that could not be decoded (the
-    delivery's ``properties.error``) are replaced by the reason alone, and the detail says
-    so."""
+    delivery's ``properties.error``) or cannot be encoded again (a value AMQP's types do
+    not hold as decoded) are replaced by the reason alone, and the detail says so: a dead
+    letter must not fail for the very headers that made it one."""
     props = delivery.properties
     headers = dict(props.headers or {})
     if props.error:
@@ -54,4 +55,14 @@ def dead_letter_properties(
     headers[detail_header] = detail[:500]
     if extra:
         headers.update(extra)
-    return props.copy(headers=headers, delivery_mode=2)
+    out = props.copy(headers=headers, delivery_mode=2)
+    try:
+        out.encode()
+    except F.EncodeError as exc:
+        headers = {
+            **(extra or {}),
+            reason_header: reason,
+            detail_header: f"{detail[:400]} (original headers dropped: {exc})"[:500],
+        }
+        out = props.copy(headers=headers, delivery_mode=2)
+    return out

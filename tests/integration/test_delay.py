@@ -344,6 +344,41 @@ async def test_target_exchange_deleted_while_in_use(broker_url, amqp, tmp_path, 
         assert worker.ready()[0]
 
 
+async def test_target_exchange_the_broker_refuses_is_dead_lettered_after_bounded_retries(
+    broker_url, amqp, tmp_path, unique
+):
+    """A target exchange the worker's user may not publish to (403 access_refused; here the
+    internal exchange every vhost has, which nobody may publish to): retried
+    ACCESS_REFUSED_ATTEMPTS times, then dead-lettered ``access_refused``; a message for
+    another topic due at the same time is delivered, on the only lane."""
+    from workers.delay.config import ACCESS_REFUSED_ATTEMPTS
+
+    s = delay_settings(unique, lanes=1)
+    other = await make_sink(amqp, unique, "steady")
+    refused = "amq.rabbitmq.trace"
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[other.exchange], queues=[other.queue]
+    ) as (worker, client):
+        at = now_ms() + 200
+        for i in range(3):
+            await client.send(b"r", refused, deliver_at_ms=at, message_id=f"r{i}")
+        await client.send(b"s", other.exchange, deliver_at_ms=at, message_id="steady")
+        dead = await dead_letters(amqp, s, 3, timeout=30)
+        assert sorted(m.message_id for m in dead) == ["r0", "r1", "r2"]
+        assert {header(m, "x-dead-reason") for m in dead} == {"access_refused"}
+        detail = header(dead[0], "x-dead-detail")
+        assert f"refused {ACCESS_REFUSED_ATTEMPTS} times in a row" in detail, detail
+        assert refused in detail
+        await other.wait_for(1)
+        # the topic stays refused: the next message is dead-lettered at its first refusal
+        await client.send(b"r", refused, delay_ms=0, message_id="r3")
+        (late,) = await dead_letters(amqp, s, 1, timeout=30)
+        assert late.message_id == "r3" and header(late, "x-dead-reason") == "access_refused"
+        await client.send(b"later", other.exchange, delay_ms=0, message_id="later")
+        await other.wait_for(2)
+        assert worker.ready()[0]
+
+
 async def test_not_ready_while_commits_fail_then_recovers(broker_url, amqp, tmp_path, unique):
     s = delay_settings(unique)
     sink = await make_sink(amqp, unique, "disk")

@@ -281,3 +281,121 @@ async def test_header_nested_too_deep_is_dead_lettered_and_the_connection_stays(
         assert worker.link is not None and worker.link.reconnects == 0
         assert worker.ready()[0]
         await channel.close()
+
+
+def _double_header_properties(target: str, message_id: str = "double") -> bytes:
+    """Properties with a header ``big`` of AMQP type ``d`` (a 64-bit float, as the Java and
+    Go clients write a double) holding 1e300: RabbitMQ carries it, the delay worker decodes
+    it, and storing it made the worker's encoder raise (floats are written as 32-bit ``f``,
+    as pamqp does), so the message went back to the queue forever."""
+    import struct
+
+    from bridge.amqp import frames as F
+
+    props = F.Properties(
+        message_id=message_id,
+        delivery_mode=2,
+        headers={"big": 1.0, "x-delay": 0, "x-target-exchange": target},
+    )
+    raw = props.encode()
+    old = b"\x03bigf" + struct.pack(">f", 1.0)
+    new = b"\x03bigd" + struct.pack(">d", 1e300)
+    assert raw.count(old) == 1
+    # the headers are the first property present (no content type or encoding): the
+    # table's length follows the two flag bytes
+    (length,) = struct.unpack_from(">I", raw, 2)
+    return raw[:2] + struct.pack(">I", length + 4) + raw[6:].replace(old, new)
+
+
+async def test_a_message_whose_processing_raises_is_dead_lettered_after_bounded_attempts(
+    broker_url, amqp, tmp_path, unique
+):
+    """Poison: processing raises for this input each time; after POISON_ATTEMPTS it is
+    dead-lettered ``processing_failed`` with the exception's class (its headers, which
+    cannot be written again, dropped and the detail saying so), and the topic goes on."""
+    from bridge.amqp.consumer import POISON_ATTEMPTS
+    from bridge.amqp.link import Link
+    from bridge.amqp.publisher import Publisher
+    from tests.integration.delay_helpers import dead_letters, header
+
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "target")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        link = Link(broker_url, name="raw producer")
+        pub = Publisher(link, name="raw")
+        await link.start()
+        try:
+            await asyncio.wait_for(
+                pub.publish(
+                    s.in_exchange,
+                    "rk",
+                    b"poison body",
+                    _double_header_properties(sink.exchange),
+                    message_id="double",
+                ),
+                30,
+            )
+        finally:
+            await link.close()
+        (dead,) = await dead_letters(amqp, s, 1, timeout=60)
+        assert dead.message_id == "double" and dead.body == b"poison body"
+        assert dead.headers["x-dead-reason"] == "processing_failed"
+        assert dead.headers["x-dead-exception"] == "EncodeError"
+        detail = header(dead, "x-dead-detail")
+        assert f"failed {POISON_ATTEMPTS} times" in detail, detail
+        assert "float out of 32-bit range" in detail and "original headers dropped" in detail
+        await client.send(b"after", sink.exchange, delay_ms=0, message_id="after")
+        await sink.wait_for(1)
+        assert sink.ids() == ["after"]
+        assert worker.ready()[0]
+        assert await dead_letters(amqp, s, 1, timeout=0.5) == []  # given up once
+
+
+async def test_a_message_a_shard_cannot_forward_is_dead_lettered(
+    chx_broker, amqp, tmp_path, unique
+):
+    """Sharded: a keyless message that belongs to another shard is forwarded; one whose
+    headers cannot be written again is dead-lettered ``invalid_headers`` instead of being
+    requeued (and failing) forever."""
+    from bridge.amqp.link import Link
+    from bridge.amqp.publisher import Publisher
+    from bridge.sharding import Shard, shard_queue
+    from tests.conftest import delete_names
+    from tests.integration.delay_helpers import dead_letters, header
+
+    broker_url = chx_broker
+    s = delay_settings(
+        unique, shard_count=2, shard_index=0, shards_exchange=f"{unique}.delay.in.shards"
+    )
+    mid = next(f"m{i}" for i in range(1000) if Shard(0, 2).owner(f"m{i}") == 1)
+    try:
+        async with delay_worker(broker_url, tmp_path, s, amqp) as (worker, _):
+            link = Link(broker_url, name="raw producer")
+            pub = Publisher(link, name="raw")
+            await link.start()
+            try:
+                await asyncio.wait_for(
+                    pub.publish(
+                        "",
+                        shard_queue(s.in_queue, 0),
+                        b"poison body",
+                        _double_header_properties(f"{unique}.target", mid),
+                        message_id=mid,
+                    ),
+                    30,
+                )
+            finally:
+                await link.close()
+            (dead,) = await dead_letters(amqp, s, 1, timeout=30)
+            assert dead.message_id == mid and dead.body == b"poison body"
+            assert header(dead, "x-dead-reason") == "invalid_headers"
+            assert "cannot be forwarded to shard 1" in header(dead, "x-dead-detail")
+            assert worker.ready()[0]
+    finally:
+        await delete_names(
+            broker_url,
+            [s.shards_exchange],
+            [shard_queue(q, i) for q in (s.in_queue, s.control_queue) for i in range(2)],
+        )

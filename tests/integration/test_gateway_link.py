@@ -1,6 +1,6 @@
 """The gateway's data path (its own bridge.amqp Link) against the real broker, for what is
 the gateway's own: the reply queue declared again after it expired during an outage, a
-second replica with the same instance refused, replies routed to their sessions (large,
+reply queue held by another connection waited out, replies routed to their sessions (large,
 closing, undecodable). The link itself is tested in tests/integration/amqp/test_link.py."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import aio_pika
 import pytest
 
 from bench.harness.proxy import TcpProxy
-from bridge.errors import ConfigError
 from tests.conftest import running_host
 from tests.integration.gateway_helpers import (
     Gateway,
@@ -77,33 +76,29 @@ async def test_reply_queue_is_declared_again_after_it_expired(broker_url, amqp, 
         await cleanup(broker_url, s, ["s1"])
 
 
-async def test_second_gateway_with_the_same_instance_is_refused(broker_url, tmp_path, unique):
+async def test_reply_queue_held_by_another_connection(broker_url, tmp_path, unique):
+    """Someone else holds a queue of that name exclusively: the gateway says so, stays not
+    ready, and consumes its replies once that connection is gone (the case of a second
+    replica with the same instance is tests/integration/test_ownership.py)."""
     s = gateway_settings(unique)
-    async with running_gateway(broker_url, tmp_path / "first", s, ("s1",)) as gw:
-        second = GatewayWorker(s)
-        with pytest.raises(ConfigError, match="consumed by another gateway"):
-            async with running_host(broker_url, tmp_path / "second", [second]):
-                pass
-        # the first one was not disturbed
-        assert gw.worker.link is not None and gw.worker.link.ready
-        client = await gw.connect()
-        assert await client.request(b"still mine") == b"still mine"
-        await client.bye()
-
-
-async def test_reply_queue_held_by_another_connection_is_refused(
-    broker_url, amqp, tmp_path, unique
-):
-    """Someone holds a queue of that name exclusively: a clear ConfigError at start."""
-    s = gateway_settings(unique)
-    channel = await amqp.channel()
+    holder = await aio_pika.connect(broker_url)
+    channel = await holder.channel()
     await channel.declare_queue(s.reply_queue, exclusive=True)
+    worker = GatewayWorker(s)
     try:
-        with pytest.raises(ConfigError, match="held by another connection"):
-            async with running_host(broker_url, tmp_path, [GatewayWorker(s)]):
-                pass
+        async with running_host(broker_url, tmp_path, [worker], ready=False) as host:
+            await wait_until(
+                lambda: "another process owns it" in host.readiness()[1]["gateway"],
+                "refused",
+            )
+            assert not host.readiness()[0]
+            assert not worker.reply_consumer.consuming
+            await holder.close()  # its exclusive queue goes with it
+            await wait_until(lambda: host.readiness()[0], "ready once the holder is gone", 30)
+            assert worker.reply_consumer.consuming
     finally:
-        await channel.close()
+        if not holder.is_closed:
+            await holder.close()
         await cleanup(broker_url, s, [])
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
+from bridge.amqp.consumer import DELIVERY_LIMIT_REASON, PROCESSING_FAILED
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
 from workers.delay.wire import INVALID_HEADERS, REJECT_REASONS
@@ -24,8 +25,19 @@ REPLY_CONTENT_TYPE = "application/json"
 # model's REJECT_REASONS).
 UNROUTABLE = "unroutable"
 EXCHANGE_NOT_FOUND = "exchange_not_found"
+ACCESS_REFUSED = "access_refused"  # the broker refuses the worker's user that exchange (403)
+ACCESS_REFUSED_ATTEMPTS = 3  # refused publishes to a topic before its messages are dead
 MISSING_REPLY_TO = "missing_reply_to"
-DEAD_REASONS = (*REJECT_REASONS, INVALID_HEADERS, UNROUTABLE, EXCHANGE_NOT_FOUND, MISSING_REPLY_TO)
+DEAD_REASONS = (
+    *REJECT_REASONS,
+    INVALID_HEADERS,
+    UNROUTABLE,
+    EXCHANGE_NOT_FOUND,
+    ACCESS_REFUSED,
+    MISSING_REPLY_TO,
+    PROCESSING_FAILED,
+    DELIVERY_LIMIT_REASON,
+)
 
 DAY_MS = 86_400_000
 

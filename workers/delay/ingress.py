@@ -20,7 +20,7 @@ from prometheus_client import Counter
 
 from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
 from bridge.sharding import Shard, shard_queue
 from workers.delay.config import DelaySettings
@@ -92,12 +92,15 @@ class Ingress:
                     "forwarded message not owned by this shard: check SHARD_COUNT on every shard",
                     extra={"owner": owner, "shard": self.shard.index},
                 )
-        mid = ledger.next_mid()
+        # What can fail for this input (a header value that cannot be written again) comes
+        # before any change of state: the consumer requeues it, then gives it up (poison).
+        stored_headers = encode_headers(strip_control_headers(headers))
         props = props_dict(properties)
         message_id = props.get("message_id")
         if not message_id:
             # A stable id: a re-publish after a crash carries the same one.
             message_id = props["message_id"] = uuid.uuid4().hex
+        mid = ledger.next_mid()
         key = decision.key
         replace: KeyDelete | None = None
         if key is not None:
@@ -112,7 +115,7 @@ class Ingress:
             key=key,
             message_id=message_id,
             props=_json(props),
-            headers=encode_headers(strip_control_headers(headers)),
+            headers=stored_headers,
             body=delivered.body,
         )
         ledger.append(op)
@@ -175,6 +178,15 @@ class Ingress:
                 props,
             )
         except PublishFailed as exc:
+            if exc.reason == UNENCODABLE:  # its headers cannot be written again: never will
+                self.received.labels("rejected").inc()
+                await self.dead.reject(
+                    delivered,
+                    consumer,
+                    INVALID_HEADERS,
+                    f"cannot be forwarded to shard {owner}: {exc.detail}",
+                )
+                return
             log.error(
                 "forward to the key's shard failed; requeueing",
                 extra={"owner": owner, "error": str(exc)},

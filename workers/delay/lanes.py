@@ -37,6 +37,8 @@ from bridge.amqp.publisher import Publisher
 from bridge.errors import BrokerUnavailable, PublishFailed
 from bridge.settings import HostSettings
 from workers.delay.config import (
+    ACCESS_REFUSED,
+    ACCESS_REFUSED_ATTEMPTS,
     EXCHANGE_NOT_FOUND,
     H_DEAD_DETAIL,
     H_DEAD_REASON,
@@ -51,7 +53,7 @@ log = logging.getLogger("bridge.delay.lane")
 
 OK = "ok"
 RETRY = "retry"
-Outcome = tuple[str, str]  # (OK | RETRY | UNROUTABLE | EXCHANGE_NOT_FOUND, detail)
+Outcome = tuple[str, str]  # (OK | RETRY | UNROUTABLE | EXCHANGE_NOT_FOUND | ACCESS_REFUSED, detail)
 _VERIFIED_MAX = 10_000
 
 
@@ -61,10 +63,15 @@ class Verified:
     A topic's first batch on any lane is probed with one publish alone on its channel (a
     publish to a missing exchange makes the broker close the channel); once one lane saw it
     confirmed, the others pipeline to it right away. Bounded: the oldest are forgotten.
+
+    It also counts the probes the broker refused (403: the worker's user may not publish
+    there) per topic, until one is confirmed: an operator may grant the permission, so a
+    refusal is retried ``ACCESS_REFUSED_ATTEMPTS`` times before messages are dead-lettered.
     """
 
     def __init__(self, limit: int = _VERIFIED_MAX) -> None:
         self._topics: dict[str, None] = {}
+        self._refused: dict[str, int] = {}
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -77,6 +84,16 @@ class Verified:
             self._topics[topic] = None
             while len(self._topics) > self._limit:
                 del self._topics[next(iter(self._topics))]
+            self._refused.pop(topic, None)
+
+    def refused(self, topic: str) -> int:
+        """One more refused probe of ``topic``; how many in a row so far."""
+        with self._lock:
+            count = self._refused.pop(topic, 0) + 1
+            self._refused[topic] = count
+            while len(self._refused) > self._limit:
+                del self._refused[next(iter(self._refused))]
+            return count
 
     def discard(self, topic: str) -> None:
         with self._lock:
@@ -108,7 +125,7 @@ def _outcome(error: BaseException) -> Outcome:
     """What a failed publish means for the message: dead-lettered with the reason if the
     broker returned it or the exchange is missing, else retried."""
     if isinstance(error, PublishFailed):
-        if error.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND):
+        if error.reason in (UNROUTABLE, EXCHANGE_NOT_FOUND, ACCESS_REFUSED):
             return error.reason, error.detail
         if error.reason == "unencodable":  # a name RabbitMQ itself would refuse
             return EXCHANGE_NOT_FOUND, f"not a valid AMQP name: {error.detail}"
@@ -352,6 +369,12 @@ class Lane:
                 for item in rest:
                     outcomes[item.entry.mid] = outcome
                 rest = []
+            elif outcome[0] == ACCESS_REFUSED:
+                outcome = self._refused(topic, outcome[1])
+                for item in rest:
+                    outcomes[item.entry.mid] = outcome
+                outcomes[first.entry.mid] = outcome
+                rest = []
             elif outcome[0] == RETRY:
                 for item in rest:
                     outcomes[item.entry.mid] = outcome
@@ -360,7 +383,7 @@ class Lane:
                 self._verified.add(topic)
         if rest:
             for item, outcome in zip(rest, await self._publish(topic, rest), strict=True):
-                if outcome[0] == EXCHANGE_NOT_FOUND:
+                if outcome[0] in (EXCHANGE_NOT_FOUND, ACCESS_REFUSED):
                     # Pipelined behind other publishes: not proof enough; probe next time.
                     outcome = (RETRY, outcome[1])
                 outcomes[item.entry.mid] = outcome
@@ -378,6 +401,15 @@ class Lane:
                 dead.append((item, kind, detail))
         if dead:
             await self._dead_letter(topic, dead, report)
+
+    def _refused(self, topic: str, detail: str) -> Outcome:
+        """The broker refused the probe of ``topic`` (403): retried (with the lane's
+        backoff) until it was refused ``ACCESS_REFUSED_ATTEMPTS`` times in a row, then the
+        batch is dead-lettered and the lane is free for the other topics."""
+        count = self._verified.refused(topic)
+        if count < ACCESS_REFUSED_ATTEMPTS:
+            return RETRY, f"{ACCESS_REFUSED}: {detail}"
+        return ACCESS_REFUSED, f"refused {count} times in a row: {detail}"
 
     async def _publish(self, topic: str, items: Sequence[_Item]) -> list[Outcome]:
         """Publish ``items`` to ``topic`` in order (the publisher pipelines them, a window

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from bridge.amqp import declare_dead_letter, declare_exchange, declare_quorum_queue
-from bridge.amqp.consumer import Consumer, QueueSpec, cancel_all, drain_all
+from bridge.amqp.consumer import Consumer, Lease, QueueSpec, cancel_all, drain_all
 from bridge.amqp.frames import Delivery
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
@@ -159,13 +159,20 @@ class DelayWorker:
         ]
         await start_lanes(self.lanes, self._lanes_stop)
         dispatcher.start()
-        ingress.consumer = Consumer(link, ingress_q, ingress.on_delivery, prefetch=s.prefetch)
+        # One process owns the ingress queue (this shard's) and with it the control queues:
+        # a second one waits, not ready, until this one goes (bridge.amqp.consumer).
+        lease = self.lease = Lease(link, ingress_q.name, hint=self.shard.owner_hint(self.name))
+        ingress.consumer = Consumer(
+            link, ingress_q, ingress.on_delivery, prefetch=s.prefetch, lease=lease
+        )
         ingress.consumer.on_restored = self._ingress_restored
         self.consumers = [ingress.consumer]
         for control_q in control_qs:
-            consumer = Consumer(link, control_q, _unset, prefetch=s.control_prefetch)
+            consumer = Consumer(link, control_q, _unset, prefetch=s.control_prefetch, lease=lease)
             consumer.handler = functools.partial(control.handle, consumer=consumer)
             self.consumers.append(consumer)
+        for consumer in self.consumers:
+            consumer.poison = functools.partial(dead.poison, consumer)
         await link.start()
         self._consuming = True
         self.started_s = time.perf_counter() - started

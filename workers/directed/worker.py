@@ -23,7 +23,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from bridge.amqp import close_channels, declare_dead_letter, declare_exchange
-from bridge.amqp.consumer import Consumer, QueueSpec, cancel_all, drain_all
+from bridge.amqp.consumer import (
+    H_DEAD_EXCEPTION,
+    Consumer,
+    Lease,
+    Poison,
+    QueueSpec,
+    cancel_all,
+    drain_all,
+)
 from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.messages import dead_letter_properties, reply
@@ -169,16 +177,42 @@ class DirectedWorker:
         self.publisher = Publisher(link, name="dead letters")
         self.publisher.start_expiry()
         self._replies = Publisher(link, name="replies", confirms=False)
-        self.consumers = [Consumer(link, requests_q, self._on_request, prefetch=s.request_prefetch)]
+        # One process owns the request queue (this shard's) and with it every queue below:
+        # a second one waits, not ready, until this one goes (bridge.amqp.consumer).
+        lease = self.lease = Lease(link, requests_q.name, hint=self.shard.owner_hint(self.name))
+        self.consumers = [
+            Consumer(
+                link,
+                requests_q,
+                self._on_request,
+                prefetch=s.request_prefetch,
+                lease=lease,
+                poison=self._poison(acked=False),
+            )
+        ]
         # Pulls and queries are idempotent (a lost one is retried with the same cursor), so
         # they are acknowledged on receipt, in batches.
         self.consumers.append(
-            Consumer(link, pull_q, self._on_pull, prefetch=s.pull_prefetch, ack_on_receipt=True)
+            Consumer(
+                link,
+                pull_q,
+                self._on_pull,
+                prefetch=s.pull_prefetch,
+                ack_on_receipt=True,
+                lease=lease,
+                poison=self._poison(acked=True),
+            )
         )
         for control_q in control_qs:
             self.consumers.append(
                 Consumer(
-                    link, control_q, self._on_control, prefetch=s.pull_prefetch, ack_on_receipt=True
+                    link,
+                    control_q,
+                    self._on_control,
+                    prefetch=s.pull_prefetch,
+                    ack_on_receipt=True,
+                    lease=lease,
+                    poison=self._poison(acked=True),
                 )
             )
         for consumer in self.consumers:
@@ -427,18 +461,40 @@ class DirectedWorker:
         self.metrics.requests.labels(result.status).inc()
         consumer.ack(message)
 
+    def _poison(self, *, acked: bool) -> Poison:
+        """What a consumer does with a message it gave up on (bridge.amqp.consumer)."""
+
+        async def poison(
+            message: Delivery, reason: str, detail: str, exception: str | None
+        ) -> None:
+            if not acked:
+                self.metrics.requests.labels("rejected").inc()
+            extra: dict[str, object] | None = {H_DEAD_EXCEPTION: exception} if exception else None
+            await self._dead_letter(message, reason, detail, acked=acked, extra=extra)
+
+        return poison
+
     async def _dead_letter(
-        self, message: Delivery, reason: str, detail: str, *, acked: bool = False
+        self,
+        message: Delivery,
+        reason: str,
+        detail: str,
+        *,
+        acked: bool = False,
+        extra: dict[str, object] | None = None,
     ) -> None:
         """Publish to the dead-letter exchange with the reason, then acknowledge (unless the
         delivery was acknowledged on receipt)."""
+        extra = dict(extra or {})
+        if self.shard.sharded:
+            extra[H_SHARD] = self.shard.index
         props = dead_letter_properties(
             message,
             reason,
             detail,
             reason_header=H_DEAD_REASON,
             detail_header=H_DEAD_DETAIL,
-            extra={H_SHARD: self.shard.index} if self.shard.sharded else None,
+            extra=extra or None,
         )
         consumer = self.consumers[0]
         try:

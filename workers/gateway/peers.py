@@ -49,7 +49,7 @@ import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.amqp import declare_exchange
-from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.consumer import Consumer, Lease, QueueSpec
 from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
@@ -120,10 +120,15 @@ class _StreamConsumer(Consumer):
     """The sticky stream's consumer: each time it (re)subscribes it asks for the offset to
     read from, which moves on with every record read."""
 
-    def __init__(self, peers: Peers, link: Link, spec: QueueSpec) -> None:
+    def __init__(self, peers: Peers, link: Link, spec: QueueSpec, lease: Lease | None) -> None:
         self.peers = peers
         super().__init__(
-            link, spec, peers.on_stream, prefetch=STREAM_PREFETCH, name=f"consumer {spec.name}"
+            link,
+            spec,
+            peers.on_stream,
+            prefetch=STREAM_PREFETCH,
+            name=f"consumer {spec.name}",
+            lease=lease,  # read by the replica that serves the instance only
         )
 
     async def setup(self) -> None:
@@ -158,15 +163,15 @@ class Peers:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def attach(self, broker: Broker, link: Link) -> None:
+    async def attach(self, broker: Broker, link: Link, lease: Lease | None = None) -> None:
         """Before the link starts: a publisher of our own on it, and the stream (declared
-        here, on aio-pika) with its consumer."""
+        here, on aio-pika) with its consumer (consuming while ``lease`` is held)."""
         s = self.settings
         self._publisher = Publisher(link, name="gateway peers", window=64, timeout=s.peer_ttl_s)
         self.stream_ok = await self._declare_stream(broker)
         if self.stream_ok:
             spec = QueueSpec(s.sticky_stream_name, durable=True, arguments=self._stream_arguments())
-            self._stream = _StreamConsumer(self, link, spec)
+            self._stream = _StreamConsumer(self, link, spec, lease)
 
     async def start(self, broker: Broker) -> None:
         """Once the link is up: this replica's report queue, consumed (aio-pika); the

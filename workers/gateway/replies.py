@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from bridge.amqp import header_str
+from bridge.amqp.consumer import H_DEAD_EXCEPTION
 from bridge.amqp.frames import Delivery, EncodeError
 from bridge.amqp.publisher import Publisher
 from workers.gateway.config import (
@@ -79,20 +80,36 @@ class Replies:
             session.close_gracefully("server_close")
         return None
 
-    def _undeliverable(self, delivery: Delivery, reason: str, detail: str | None = None) -> None:
+    async def failed(
+        self, delivery: Delivery, reason: str, detail: str, exception: str | None
+    ) -> None:
+        """Handling a reply raised (the consumer's poison, bridge.amqp.consumer): kept, not
+        lost (replies are consumed with no_ack)."""
+        self._undeliverable(
+            delivery, reason, detail, {H_DEAD_EXCEPTION: exception} if exception else None
+        )
+
+    def _undeliverable(
+        self,
+        delivery: Delivery,
+        reason: str,
+        detail: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Keep a reply nobody can take in ``gateway.undeliverable``: its body, properties
-        and headers, persistent, with ``x-dead-reason`` (and ``x-dead-detail`` when its
-        headers were dropped). ``reply_to``, ``expiration``, ``user_id`` and ``cluster_id``
+        and headers (none if they could not be decoded), persistent, with ``x-dead-reason``
+        (and ``x-dead-detail`` when there is one). ``reply_to``, ``expiration``, ``user_id``
+        and ``cluster_id``
         are not carried over: the kept reply answers nobody, must not expire on the
         server's TTL, and a ``user_id`` other than the gateway's would make the broker
         close the publishing channel."""
         self.metrics.undeliverable.labels(reason).inc()
         original = delivery.properties
-        if detail is None:
-            headers = dict(original.headers or {})
-            headers[H_DEAD_REASON] = reason
-        else:
-            headers = {H_DEAD_REASON: reason, H_DEAD_DETAIL: detail[:500]}
+        headers = dict(original.headers or {})  # none when they could not be decoded
+        headers[H_DEAD_REASON] = reason
+        if detail is not None:
+            headers[H_DEAD_DETAIL] = detail[:500]
+        headers.update(extra or {})
         properties = original.copy(
             headers=headers,
             delivery_mode=2,

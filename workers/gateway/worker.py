@@ -29,7 +29,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from bridge.amqp import declare_exchange, declare_quorum_queue
-from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.consumer import Consumer, Lease, QueueSpec
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from bridge.errors import ConfigError, LinkError
@@ -76,6 +76,7 @@ class GatewayWorker:
         self.peers: Peers | None = None
         self._channels: list[AbstractChannel] = []
         self._consuming = False
+        self._served = False  # it held the instance and started serving (peers, listeners)
         self.link: Link | None = None  # the data path (bridge.amqp), set up by start()
         self._registry: Consumer | None = None
 
@@ -122,13 +123,21 @@ class GatewayWorker:
         self.housekeeper = Housekeeper(hub, self.store)
         saved_servers = await self.housekeeper.restore()
         replies = Replies(hub.sessions, self.publisher, s, self.metrics)
+        # One process serves an instance: it holds the lease on the reply queue, and the
+        # consumers below wait for it (bridge.amqp.consumer). A second replica with the same
+        # instance waits, not ready and not listening, until the first goes away.
+        lease = self.lease = Lease(
+            link,
+            s.reply_queue,
+            hint=f"two gateways share BRIDGE_GATEWAY__INSTANCE={s.instance}: give each "
+            "replica its own",
+        )
         # The reply queue is not exclusive: an exclusive queue dies with the connection, and
         # with it every reply in it or published while the gateway reconnects, although the
         # sessions survive. Durable, so that it is there when the servers come back after a
         # broker restart, before this gateway does. It expires once nobody consumes it
         # (declared at every setup of the consumer: after a long outage it may have
-        # expired); the consumer is exclusive instead, so a second replica with the same
-        # instance is refused here, before it declares its other per-instance queues.
+        # expired); the consumer is exclusive too.
         self.reply_consumer = Consumer(
             link,
             QueueSpec(s.reply_queue, durable=True, arguments=self._reply_queue_arguments()),
@@ -137,6 +146,8 @@ class GatewayWorker:
             exclusive=True,
             declare=True,
             name=f"consumer {s.reply_queue}",
+            lease=lease,
+            poison=replies.failed,
         )
         for server_id in saved_servers:
             await hub.declare_server_queue(server_id)
@@ -157,11 +168,12 @@ class GatewayWorker:
             no_ack=True,
             declare=True,
             name=f"consumer {s.registry_queue}",
+            lease=lease,
         )
         if s.peers:
             self.peers = Peers(hub)
             hub.on_association = self.peers.associated
-            await self.peers.attach(broker, link)
+            await self.peers.attach(broker, link, lease)
         try:
             await link.start()
         except LinkError as exc:
@@ -169,14 +181,32 @@ class GatewayWorker:
             if error is exc:
                 raise
             raise error from exc
+        if lease.held.is_set():
+            await self._serve(broker, ssl_context)
+        else:  # not ready, not listening: another process serves this instance
+            hub.spawn(self._serve_once_owned(broker, ssl_context))
+
+    async def _serve_once_owned(self, broker: Any, ssl_context: ssl.SSLContext | None) -> None:
+        await self.lease.held.wait()
+        try:
+            await self._serve(broker, ssl_context)
+        except Exception:
+            log.exception("gateway could not start serving after it took its instance over")
+
+    async def _serve(self, broker: Any, ssl_context: ssl.SSLContext | None) -> None:
+        """The instance is this process's: read the other replicas, listen."""
+        s = self.settings
+        hub = self.hub
+        assert hub is not None and self.housekeeper is not None and self.link is not None
         try:
             if self.peers is not None:
                 # Before listening: the first clients are placed on the global view, and a
                 # returning client_id finds the server another replica gave it.
                 await self.peers.start(broker)
         except BaseException:
-            await link.close()  # a worker whose start failed is not stopped
+            await self.link.close()  # a worker whose start failed is not stopped
             raise
+        self._served = True
         self._consuming = True
 
         loop = asyncio.get_running_loop()
@@ -207,20 +237,11 @@ class GatewayWorker:
         return {"x-expires": max(1, round(self.settings.reply_queue_expires_s * 1000))}
 
     def _start_error(self, exc: LinkError) -> Exception:
-        """What the broker refused about the reply queue at start, as the operator's fix."""
+        """What the broker refused about the reply queue at start, as the operator's fix
+        (another process holding it is not an error: this one waits for it, see start)."""
         queue = self.settings.reply_queue
         if f"'{queue}'" not in exc.text:
             return exc
-        if exc.code == 403 and "exclusive" in exc.text:
-            return ConfigError(
-                f"queue {queue} is consumed by another gateway: two replicas share "
-                "BRIDGE_GATEWAY__INSTANCE; give each its own"
-            )
-        if exc.code == 405:
-            return ConfigError(
-                f"queue {queue} is held by another connection: two gateway replicas "
-                "share BRIDGE_GATEWAY__INSTANCE; give each its own"
-            )
         if exc.code == 406:
             return ConfigError(
                 f"queue {queue} exists with other arguments (left by another version "
@@ -276,7 +297,7 @@ class GatewayWorker:
                     await asyncio.wait_for(self._registry.cancel(), 1.0)
             if self.housekeeper is not None:
                 await self.housekeeper.close()
-            if self.peers is not None:
+            if self.peers is not None and self._served:
                 # the last sticky records, then "leave", in what is left of the grace
                 left = began + grace - 0.5 - time.monotonic()
                 await self.peers.close(timeout=min(3.0, max(left, 0.2)))
@@ -318,11 +339,11 @@ class GatewayWorker:
         }
 
     def ready(self) -> tuple[bool, str]:
-        if not self._consuming:
-            return False, "not consuming"
         link = self.link
         if link is None or not link.ready:
             return False, "; ".join(link.not_ready() if link is not None else ["no broker link"])
+        if not self._consuming:
+            return False, "not consuming"
         if not self.listeners:
             return False, "not listening"
         return True, f"listening {self.ports}, {len(self.sessions)} connections"

@@ -24,10 +24,19 @@ import pytest
 from bench.harness.broker import delete_names
 from bench.harness.proxy import TcpProxy
 from bridge.amqp import frames as F
-from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.consumer import (
+    DELIVERY_LIMIT,
+    DELIVERY_LIMIT_REASON,
+    H_DELIVERY_COUNT,
+    POISON_ATTEMPTS,
+    PROCESSING_FAILED,
+    Consumer,
+    Lease,
+    QueueSpec,
+)
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
-from bridge.errors import LinkError, PublishFailed
+from bridge.errors import PublishFailed, StoreError
 from tests.broker_cli import rabbitmqctl, require_cli
 
 pytestmark = pytest.mark.integration
@@ -596,9 +605,11 @@ async def test_consumed_queue_deleted_is_declared_bound_and_consumed_again(
     assert cons.restored == 1 and restored == [q] and link.ready
 
 
-async def test_exclusive_consumer_refused_while_another_holds_the_queue(
+async def test_exclusive_consumer_waits_while_another_holds_the_queue(
     broker_url: str, names: Names, links: Links, amqp: Any
 ) -> None:
+    """A refused exclusive consumer does not fail the start: it is not ready, says why, and
+    consumes once the holder's connection is gone."""
     q = names.queue("exclusive")
     ch = await amqp.channel()
     await ch.declare_queue(q, durable=True)
@@ -608,17 +619,134 @@ async def test_exclusive_consumer_refused_while_another_holds_the_queue(
     consumer(first, q, inbox, exclusive=True)
     await first.start()
 
-    second = links.new(broker_url, "second")
-    consumer(second, q, Inbox(), exclusive=True)
-    with pytest.raises(LinkError) as info:
-        await asyncio.wait_for(second.start(), 30)
-    assert info.value.code == 403, info.value
-    assert not second.connected
+    second = links.new(broker_url, "second", retry_max_s=0.5)
+    waiting = Inbox()
+    consumer(second, q, waiting, exclusive=True)
+    await asyncio.wait_for(second.start(), 30)
+    assert second.connected and not second.ready
+    assert "another process owns it" in "; ".join(second.not_ready())
 
     # the holder goes on consuming
     await asyncio.wait_for(pub.publish("", q, b"", msg("still")), 30)
     await inbox.wait_ids({"still"})
     assert first.ready and first.reconnects == 0
+
+    await first.close()
+    await until(lambda: second.ready, "the second consumes once the holder is gone")
+    await asyncio.wait_for(Publisher(second, name="pub2").publish("", q, b"", msg("taken")), 30)
+    await waiting.wait_ids({"taken"})
+    assert "still" not in waiting.ids()
+
+
+async def test_lease_gates_its_consumers(
+    broker_url: str, names: Names, links: Links, amqp: Any
+) -> None:
+    """Two links with a lease on the same queue: only the holder's consumers consume (the
+    queue is a quorum queue, whose exclusive-consume flag RabbitMQ ignores); the other
+    takes over when the holder's connection ends."""
+    q = names.queue("owned")
+    ch = await amqp.channel()
+    await ch.declare_queue(q, durable=True, arguments={"x-queue-type": "quorum"})
+    first = links.new(broker_url, "first")
+    lease1 = Lease(first, q, hint="stop the other one")
+    got1 = Inbox()
+    consumer(first, q, got1, lease=lease1)
+    await first.start()
+    assert first.ready and lease1.held.is_set()
+
+    second = links.new(broker_url, "second", retry_max_s=0.5)
+    lease2 = Lease(second, q, hint="stop the other one")
+    got2 = Inbox()
+    consumer(second, q, got2, lease=lease2)
+    await asyncio.wait_for(second.start(), 30)
+    assert not second.ready and not lease2.held.is_set()
+    reasons = "; ".join(second.not_ready())
+    assert "another process owns it" in reasons and f"waiting to own {q}" in reasons
+
+    pub = Publisher(first, name="pub")
+    for i in range(20):
+        await asyncio.wait_for(pub.publish("", q, b"", msg(f"a{i}")), 30)
+    await got1.wait_ids({f"a{i}" for i in range(20)})
+    assert got2.got == []
+
+    await first.close()
+    await until(lambda: second.ready, "the second owns the queue once the first is gone")
+    pub2 = Publisher(second, name="pub2")
+    await asyncio.wait_for(pub2.publish("", q, b"", msg("b")), 30)
+    await got2.wait_ids({"b"})
+    assert not any((i or "").startswith("a") for i in got2.ids())
+    await ch.queue_delete(q)
+
+
+async def test_a_message_whose_handler_keeps_raising_is_given_up_after_bounded_attempts(
+    broker_url: str, names: Names, links: Links, amqp: Any
+) -> None:
+    """Poison: a handler that raises for one message requeues it POISON_ATTEMPTS times, then
+    hands it to ``poison``; a worker-wide failure (a BridgeError) is requeued without being
+    counted; the other messages go on."""
+    q = names.queue("poison")
+    ch = await amqp.channel()
+    await ch.declare_queue(q, durable=False)
+    link = links.new(broker_url, "poison")
+    pub = Publisher(link, name="pub")
+    seen: Counter[str | None] = Counter()
+    poisoned: list[tuple[str | None, str, str, str | None]] = []
+    busy_failures = POISON_ATTEMPTS + 2
+
+    def handler(delivery: F.Delivery) -> None:
+        seen[delivery.message_id] += 1
+        if delivery.message_id == "bad":
+            raise ValueError("cannot handle this one")
+        if delivery.message_id == "busy" and seen["busy"] <= busy_failures:
+            raise StoreError("the disk is full")  # not the message's fault
+        cons.ack(delivery)
+
+    async def poison(delivery: F.Delivery, reason: str, detail: str, exc: str | None) -> None:
+        poisoned.append((delivery.message_id, reason, detail, exc))
+        cons.ack(delivery)
+
+    cons = Consumer(link, q, handler, poison=poison)
+    await link.start()
+    for mid in ("bad", "busy", "good"):
+        await asyncio.wait_for(pub.publish("", q, b"same body", msg(mid)), 30)
+    await until(
+        lambda: bool(poisoned) and seen["busy"] > busy_failures and seen["good"] == 1,
+        "the bad one given up, the others handled",
+    )
+    assert seen["bad"] == POISON_ATTEMPTS
+    ((mid, reason, detail, exc),) = poisoned
+    assert (mid, reason, exc) == ("bad", PROCESSING_FAILED, "ValueError")
+    assert f"failed {POISON_ATTEMPTS} times" in detail and "cannot handle this one" in detail
+
+
+async def test_a_redelivery_the_broker_counted_too_often_is_given_up_unseen(
+    broker_url: str, names: Names, links: Links, amqp: Any
+) -> None:
+    """A message that made the process die each time leaves no count in memory: the
+    broker's (x-delivery-count, set by quorum queues) gives it up before the handler."""
+    q = names.queue("limit")
+    ch = await amqp.channel()
+    await ch.declare_queue(q, durable=False)
+    link = links.new(broker_url, "limit")
+    pub = Publisher(link, name="pub")
+    handled: list[F.Delivery] = []
+    poisoned: list[tuple[str, str | None]] = []
+
+    def handler(delivery: F.Delivery) -> None:
+        handled.append(delivery)
+        raise StoreError("the disk is full")  # requeued, not counted: comes back redelivered
+
+    async def poison(delivery: F.Delivery, reason: str, detail: str, exc: str | None) -> None:
+        poisoned.append((reason, exc))
+        cons.ack(delivery)
+
+    cons = Consumer(link, q, handler, poison=poison)
+    await link.start()
+    props = F.Properties(message_id="crasher", headers={H_DELIVERY_COUNT: DELIVERY_LIMIT})
+    await asyncio.wait_for(pub.publish("", q, b"", props), 30)
+    await until(lambda: bool(poisoned), "given up")
+    assert poisoned == [(DELIVERY_LIMIT_REASON, None)]
+    assert len(handled) == 1 and not handled[0].redelivered
 
 
 async def test_nack_requeues_reject_drops_and_a_stale_ack_is_ignored(
