@@ -78,9 +78,13 @@ def refusals(proc: WorkerProcess) -> list[str]:
 async def refused(proc: WorkerProcess, queue: str, fix: str) -> None:
     """The process is up, refused: not ready for that reason, one log line with the fix."""
     await until(lambda: refusals(proc), "the refusal logged")
-    status, body = await asyncio.to_thread(readyz, proc)
-    assert status == 503, body
-    assert REFUSED in json.dumps(body), body
+
+    def says_why() -> bool:  # "starting" until the worker's start returned
+        status, body = readyz(proc)
+        assert status in (0, 503), body
+        return REFUSED in json.dumps(body)
+
+    await until(says_why, "/readyz 503 with the reason")
     lines = refusals(proc)
     assert len(lines) == 1, lines
     assert queue in lines[0] and fix in lines[0], lines[0]
