@@ -273,7 +273,13 @@ class Host:
             for worker in self.workers:
                 await worker.start(self.ctx)
                 self.started.append(worker)
-                log.info("ready", extra={"worker": worker.name, **self._describe(worker)})
+                if worker.ready()[0]:
+                    log.info("ready", extra={"worker": worker.name, **self._describe(worker)})
+                else:  # e.g. another process owns its queues: it said why, /readyz says it too
+                    log.info(
+                        "started, not ready yet (see /readyz)",
+                        extra={"worker": worker.name, **self._describe(worker)},
+                    )
             await self._stop.wait()
         finally:
             await self.shutdown()

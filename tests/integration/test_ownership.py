@@ -88,6 +88,8 @@ async def refused(proc: WorkerProcess, queue: str, fix: str) -> None:
     lines = refusals(proc)
     assert len(lines) == 1, lines
     assert queue in lines[0] and fix in lines[0], lines[0]
+    text = proc.log.read_text()
+    assert "bridge.host: ready " not in text and "started, not ready yet" in text, text
     assert proc.proc is not None and proc.proc.poll() is None
 
 
