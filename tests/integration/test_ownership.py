@@ -12,6 +12,8 @@ import asyncio
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,21 @@ def metric(proc: WorkerProcess, name: str) -> float:
     return total
 
 
+def http_pull(proc: WorkerProcess, target: str) -> tuple[int, dict[str, Any]]:
+    """A pull over the directed worker's HTTP API (token ``s3cret`` for every target)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{proc.port}/directed/v1/targets/{target}/pull",
+        data=json.dumps({"record_id": None, "max": 10}).encode(),
+        headers={"Authorization": "Bearer s3cret", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def refusals(proc: WorkerProcess) -> list[str]:
     return [line for line in proc.log.read_text().splitlines() if REFUSED in line]
 
@@ -105,7 +122,7 @@ def process(name: str, workers: list[str], broker_url: str, tmp: Path, env: dict
 
 async def test_second_directed_worker_waits_and_takes_over(broker_url, tmp_path, unique):
     s = directed_settings(unique)
-    env = directed_env(s)
+    env = {**directed_env(s), "BRIDGE_DIRECTED__HTTP_TOKENS": '{"*": "s3cret"}'}
     first = process("first", ["directed"], broker_url, tmp_path, env)
     second = process("second", ["directed"], broker_url, tmp_path, env)
     conn = await aio_pika.connect_robust(broker_url)
@@ -123,6 +140,9 @@ async def test_second_directed_worker_waits_and_takes_over(broker_url, tmp_path,
         assert (await client.status("m0", timeout=30))["status"]["acked"] == 1
         assert await asyncio.to_thread(metric, second, "bridge_directed_requests_total") == 0
         assert await asyncio.to_thread(metric, second, "bridge_directed_pulls_total") == 0
+        # nor over HTTP: its store is not the one the targets use
+        status, answer = await asyncio.to_thread(http_pull, second, "t1")
+        assert status == 503 and "another process owns" in answer["error"]["message"], answer
         assert len(refusals(second)) == 1  # retried meanwhile, quietly
 
         await asyncio.to_thread(first.kill9)
@@ -130,6 +150,8 @@ async def test_second_directed_worker_waits_and_takes_over(broker_url, tmp_path,
         await client.send(b"y", ["t2"], message_id="after")
         reply = await client.pull("t2", None, max=50, wait_ms=5000, timeout=30)
         assert [m["id"] for m in reply["messages"]] == ["after"]
+        status, answer = await asyncio.to_thread(http_pull, second, "t2")
+        assert status == 200 and answer["record_id"] == reply["record_id"], answer
         await until(  # counted after the commit, which the pull need not wait for
             lambda: metric(second, "bridge_directed_requests_total") == 1, "counted by the second"
         )

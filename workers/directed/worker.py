@@ -718,6 +718,12 @@ class DirectedWorker:
             raise wire.WireError(
                 "unavailable", "the worker is not consuming (starting or stopping); retry later"
             )
+        if not self.lease.held.is_set():  # its store is not the one the targets use
+            raise wire.WireError(
+                "unavailable",
+                f"another process owns {self.lease.owned}; this one answers no pulls until it "
+                "takes over; retry later (or at the owner)",
+            )
         started = time.perf_counter()
         self._active_pulls += 1
         try:
