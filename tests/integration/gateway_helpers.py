@@ -44,6 +44,8 @@ def gateway_settings(unique: str, **overrides: Any) -> GatewaySettings:
         "tick_s": 0.05,
         "state_flush_s": 0.2,
     }
+    if "listeners" in overrides:
+        del values["port"]  # LISTENERS replaces PORT
     values.update(overrides)
     return GatewaySettings(**values)
 
@@ -90,6 +92,9 @@ class Gateway:
 
     def admin(self, view: str) -> Any:
         return self.host.admin(f"gateway/{view}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.host.registry.get_sample_value(name, labels) or 0.0
 
 
 async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:

@@ -63,3 +63,56 @@ def test_state_file_name_survives_a_restart(monkeypatch: pytest.MonkeyPatch) -> 
 
     assert GatewaySettings().state_name == socket.gethostname()  # not hostname-pid
     assert GatewaySettings(instance="gw-a").state_name == "gw-a"
+
+
+def test_listeners_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "BRIDGE_GATEWAY__LISTENERS",
+        '[{"port":7000,"framing":"frames"},'
+        '{"port":7001,"framing":"length","length_bytes":2,"byte_order":"little"},'
+        '{"port":7002,"framing":"lines"},{"port":7003,"framing":"raw","proxy_protocol":true},'
+        '{"port":7004,"framing":"lines"}]',
+    )
+    bound = GatewaySettings().bound_listeners()
+    assert [(label, variable, x.port) for label, variable, x in bound] == [
+        ("frames", "BRIDGE_GATEWAY__LISTENERS[0]", 7000),
+        ("length", "BRIDGE_GATEWAY__LISTENERS[1]", 7001),
+        ("lines", "BRIDGE_GATEWAY__LISTENERS[2]", 7002),
+        ("raw+proxy", "BRIDGE_GATEWAY__LISTENERS[3]", 7003),
+        ("lines-2", "BRIDGE_GATEWAY__LISTENERS[4]", 7004),
+    ]
+    assert (bound[1][2].length_bytes, bound[1][2].byte_order) == (2, "little")
+    assert bound[3][2].proxy_protocol
+
+
+def test_port_and_tls_port_are_the_default_listeners() -> None:
+    assert [
+        (label, x.port, x.framing, x.tls) for label, _, x in GatewaySettings().bound_listeners()
+    ] == [("tcp", 7000, "frames", False)]
+    s = GatewaySettings(port=7100, tls_port=7443, tls_cert="/c.pem", tls_key="/k.pem")
+    assert [(label, x.port, x.tls) for label, _, x in s.bound_listeners()] == [
+        ("tcp", 7100, False),
+        ("tls", 7443, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listeners", "extra", "message"),
+    [
+        ([{"port": 1}], {"port": 7000}, "LISTENERS replaces BRIDGE_GATEWAY__PORT"),
+        ([{"port": 1}], {"plain_listener": False}, "replaces BRIDGE_GATEWAY__PLAIN_LISTENER"),
+        ([{"port": 1}, {"port": 1, "framing": "raw"}], {}, "names a port twice"),
+        ([{"port": 1, "tls": True}], {}, "needs tls_cert"),
+        ([{"port": 1, "framing": "lines", "length_bytes": 2}], {}, "only apply to framing"),
+        ([{"port": 1, "framing": "length", "length_bytes": 3}], {}, "length_bytes"),
+        ([{"port": 1, "framing": "length", "byte_order": "middle"}], {}, "byte_order"),
+        ([{"port": 1, "framing": "xml"}], {}, "framing"),
+        ([{"port": 1, "proxy": True}], {}, "Extra inputs"),
+        ([{"framing": "raw"}], {}, "port"),
+    ],
+)
+def test_invalid_listeners(
+    listeners: list[dict[str, object]], extra: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        GatewaySettings(listeners=listeners, **extra)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from workers.gateway import session as session_module
-from workers.gateway.config import GatewaySettings
-from workers.gateway.protocol import FrameDecoder, FrameType, Hello, encode, encode_hello
+from workers.gateway.config import GatewaySettings, Listener
+from workers.gateway.protocol import FrameDecoder, FrameType, encode, encode_hello
 from workers.gateway.session import JOINING, Session
 
 GATEWAY = Path(session_module.__file__).resolve().parent
@@ -125,10 +125,10 @@ class _Hub:
         )
         self.sessions: dict[str, Session] = {}
         self.tokens = tuple(hashlib.sha256(t.encode()).digest() for t in tokens)
-        self.joined: list[Hello] = []
+        self.joined: list[str | None] = []  # the client ids of the sessions that joined
 
-    def join(self, session: Session, hello: Hello) -> None:
-        self.joined.append(hello)
+    def join(self, session: Session) -> None:
+        self.joined.append(session.client_id)
 
     def pump(self, session: Session) -> None:
         pass
@@ -139,7 +139,7 @@ class _Hub:
 
 def _hello(hub: _Hub, frame: bytes) -> tuple[Session, list[Any]]:
     transport = _Transport()
-    session = Session(hub)
+    session = Session(hub, Listener(port=0))
     session.connection_made(transport)  # type: ignore[arg-type]
     session.data_received(frame)
     return session, FrameDecoder(1 << 20, 0, role="client").feed(bytes(transport.out))
@@ -200,7 +200,7 @@ def test_hello_cannot_carry_a_destination(extra: dict[str, Any]) -> None:
     hub = _Hub([])
     body = json.dumps({"v": 1, "client_id": "c1", **extra}).encode()
     session, frames = _hello(hub, encode(FrameType.HELLO, body))
-    assert not frames and hub.joined == [Hello(1, "c1", None)]
+    assert not frames and hub.joined == ["c1"]
     assert session.server is None  # chosen later, by the balancer only
     headers = session.headers("data", "gw")
     assert set(headers) == {"x-event", "x-session", "x-client-id", "x-client-addr", "x-gateway"}

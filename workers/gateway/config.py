@@ -10,9 +10,9 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from bridge.settings import worker_settings_config
@@ -49,10 +49,47 @@ E_UNAVAILABLE = "unavailable"
 # x-dead-reason values on gateway.undeliverable.
 DEAD_SESSION_GONE = "session_gone"
 DEAD_NO_SESSION = "missing_session"
+DEAD_TOO_LARGE = "too_large"  # longer than the client's length prefix can say
 DEAD_INVALID_HEADERS = "invalid_headers"  # the reply's headers table could not be decoded
 
 # A server id becomes part of a queue name, so it is held to a safe alphabet and length.
 SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
+
+
+class Listener(BaseModel):
+    """One listening port of ``BRIDGE_GATEWAY__LISTENERS`` (docs/gateway.md, Listeners)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(ge=0, le=65535, description="0 = any free port")
+    framing: Literal["frames", "length", "lines", "raw"] = "frames"
+    length_bytes: Literal[1, 2, 4] = 4
+    byte_order: Literal["big", "little"] = "big"
+    proxy_protocol: bool = False
+    tls: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Listener:
+        if self.framing != "length":
+            given = {"length_bytes", "byte_order"} & self.model_fields_set
+            if given:
+                raise ValueError(
+                    f'{" and ".join(sorted(given))} only apply to framing "length", '
+                    f"not {self.framing!r}"
+                )
+        return self
+
+    def label(self, taken: set[str]) -> str:
+        """Name in ``worker.ports``, the ready line and the metrics' ``listener`` label:
+        the framing (``+tls``, ``+proxy``), numbered from the second of a kind."""
+        base = (
+            self.framing + ("+tls" if self.tls else "") + ("+proxy" if self.proxy_protocol else "")
+        )
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        return name
 
 
 def default_instance() -> str:
@@ -75,6 +112,11 @@ class GatewaySettings(BaseSettings):
     tls_cert: Path | None = Field(default=None, description="PEM certificate chain")
     tls_key: Path | None = Field(default=None, description="PEM private key")
     backlog: int = Field(default=1024, ge=1, description="listen() backlog")
+    listeners: list[Listener] = Field(
+        default_factory=list,
+        description="JSON list of listening ports with their framing; set, it replaces "
+        "port, tls_port and plain_listener",
+    )
 
     servers_exchange: str = "gateway.servers"
     server_queue_prefix: str = "gateway.server."
@@ -195,6 +237,18 @@ class GatewaySettings(BaseSettings):
     def _check(self) -> GatewaySettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("BRIDGE_GATEWAY__TLS_CERT and __TLS_KEY must be set together")
+        if self.listeners:
+            legacy = {"port", "tls_port", "plain_listener"} & self.model_fields_set
+            if legacy:
+                names = ", ".join(f"BRIDGE_GATEWAY__{n.upper()}" for n in sorted(legacy))
+                raise ValueError(
+                    f"BRIDGE_GATEWAY__LISTENERS replaces {names}: set one or the other"
+                )
+            ports = [x.port for x in self.listeners if x.port]
+            if len(ports) != len(set(ports)):
+                raise ValueError("BRIDGE_GATEWAY__LISTENERS names a port twice")
+            if any(x.tls for x in self.listeners) and self.tls_cert is None:
+                raise ValueError("a listener with tls: true needs tls_cert and tls_key")
         if not self.plain_listener and self.tls_cert is None:
             raise ValueError("plain_listener=false needs tls_cert and tls_key")
         if self.max_hello_frame > self.max_frame:
@@ -205,6 +259,26 @@ class GatewaySettings(BaseSettings):
                 "replica would keep dropping the others"
             )
         return self
+
+    def bound_listeners(self) -> list[tuple[str, str, Listener]]:
+        """What the gateway listens on, as (label, variable, listener): the LISTENERS list
+        if set, else today's frames listeners on PORT and (with a certificate) TLS_PORT."""
+        if not self.listeners:
+            out = []
+            if self.plain_listener:
+                out.append(("tcp", "BRIDGE_GATEWAY__PORT", Listener(port=self.port)))
+            if self.tls_cert is not None:
+                out.append(
+                    ("tls", "BRIDGE_GATEWAY__TLS_PORT", Listener(port=self.tls_port, tls=True))
+                )
+            return out
+        taken: set[str] = set()
+        out = []
+        for i, listener in enumerate(self.listeners):
+            label = listener.label(taken)
+            taken.add(label)
+            out.append((label, f"BRIDGE_GATEWAY__LISTENERS[{i}]", listener))
+        return out
 
     def server_queue(self, server_id: str) -> str:
         return self.server_queue_prefix + server_id

@@ -14,7 +14,6 @@ import time
 
 from workers.gateway.config import E_HELLO_TIMEOUT, E_IDLE_TIMEOUT
 from workers.gateway.hub import GatewayHub
-from workers.gateway.protocol import PING_FRAME
 from workers.gateway.session import HANDSHAKE, JOINING, OPEN
 from workers.gateway.store import GatewayStore
 
@@ -99,7 +98,7 @@ class Housekeeper:
                     session.fail(E_IDLE_TIMEOUT, f"nothing received for {idle_timeout}s")
                 elif idle > heartbeat and now - session.last_ping > heartbeat:
                     session.last_ping = now
-                    session.write(PING_FRAME)
+                    session.keepalive()
             elif state == JOINING:
                 pass  # bounded by no_server_wait_s
 

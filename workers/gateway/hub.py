@@ -42,7 +42,6 @@ from workers.gateway.config import (
     GatewaySettings,
 )
 from workers.gateway.metrics import GatewayMetrics
-from workers.gateway.protocol import Hello
 from workers.gateway.session import JOINING, OPEN, Session
 from workers.gateway.states import State
 
@@ -90,8 +89,9 @@ class GatewayHub:
 
     # -- sessions ----------------------------------------------------------------------
 
-    def join(self, session: Session, hello: Hello) -> None:
-        """HELLO accepted: pick the server (waiting a little if none is alive)."""
+    def join(self, session: Session) -> None:
+        """HELLO accepted (or, without HELLO, the connection): pick the server, waiting a
+        little if none is alive."""
         if self._assign(session):
             return
         if self.settings.no_server_wait_s <= 0 or self.stopping:

@@ -19,6 +19,7 @@ from workers.gateway.config import (
     DEAD_INVALID_HEADERS,
     DEAD_NO_SESSION,
     DEAD_SESSION_GONE,
+    DEAD_TOO_LARGE,
     H_CLOSE,
     H_DEAD_DETAIL,
     H_DEAD_REASON,
@@ -75,7 +76,10 @@ class Replies:
             return DEAD_SESSION_GONE
         close = _truthy(headers.get(H_CLOSE))
         if body or not close:
-            session.send_data(body)
+            try:
+                session.send_data(body)
+            except ValueError:  # longer than the listener's length prefix can say
+                return DEAD_TOO_LARGE
         if close:
             session.close_gracefully("server_close")
         return None

@@ -1,7 +1,9 @@
 """One client connection of the gateway: an ``asyncio.Protocol`` driving the framing core.
 
-A session owns its socket, its :class:`~workers.gateway.protocol.FrameDecoder` and the queue
-of events waiting to be published to its server; the :class:`Hub` (the worker) owns the
+A session owns its socket, its decoder (:class:`~workers.gateway.protocol.FrameDecoder` on a
+``frames`` listener; a :class:`StreamSession` has the codec of its listener's ``length``,
+``lines`` or ``raw`` framing and no HELLO), the PROXY protocol header's decoder when its
+listener wants one, and the queue of events waiting to be published to its server; the :class:`Hub` (the worker) owns the
 broker, the balancer and the publish window. Protocol callbacks instead of a reader task per
 connection keep an idle connection at a few kilobytes.
 
@@ -28,21 +30,25 @@ from workers.gateway.config import (
     EVENT_CONNECT,
     EVENT_DATA,
     GatewaySettings,
+    Listener,
 )
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.protocol import (
     BYE_FRAME,
     HTTP_400_RESPONSE,
+    PING_FRAME,
     PONG_FRAME,
     FrameDecoder,
     FrameType,
-    Hello,
     ProtocolError,
+    StreamCodec,
     encode_data,
     encode_error,
     encode_welcome,
     parse_hello,
+    stream_codec,
 )
+from workers.gateway.proxy_header import ProxyHeaderDecoder, format_addr
 from workers.gateway.states import Event, State, next_state
 
 # module names for the hot path (a global is cheaper than State.OPEN)
@@ -62,7 +68,7 @@ class Hub(Protocol):
     sessions: dict[str, Session]
     tokens: tuple[bytes, ...]  # SHA-256 digests of the accepted HELLO tokens
 
-    def join(self, session: Session, hello: Hello) -> None: ...
+    def join(self, session: Session) -> None: ...
 
     def pump(self, session: Session) -> None: ...
 
@@ -72,9 +78,11 @@ class Hub(Protocol):
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return format_addr(str(peer[0]), peer[1])
     return str(peer or "?")
+
+
+E_BAD_PROXY_HEADER = "bad_proxy_header"
 
 
 class Session(asyncio.Protocol):
@@ -87,10 +95,12 @@ class Session(asyncio.Protocol):
         "in_flight",
         "last_ping",
         "last_rx",
+        "listener",
         "paused",
         "peer",
         "pending",
         "prepared",
+        "proxy",
         "server",
         "sid",
         "state",
@@ -99,8 +109,11 @@ class Session(asyncio.Protocol):
         "waiting",
     )
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, listener: Listener) -> None:
         self.hub = hub
+        self.listener = listener
+        # the PROXY protocol header still to read, on a listener that wants one
+        self.proxy: ProxyHeaderDecoder | None = None
         self.transport: asyncio.Transport | None = None
         self.state = HANDSHAKE
         self.sid = ""
@@ -138,16 +151,48 @@ class Session(asyncio.Protocol):
             return
         self.peer = _peer(transport)
         self.sid = uuid.uuid4().hex
-        self.decoder = FrameDecoder(s.max_frame, s.max_hello_frame)
         self.accepted_at = self.last_rx = self.last_ping = time.monotonic()
         hub.sessions[self.sid] = self
+        if self.listener.proxy_protocol:
+            self.proxy = ProxyHeaderDecoder()
+        self.setup()
+
+    def setup(self) -> None:
+        """The connection is taken: make the decoder of the listener's framing."""
+        s = self.hub.settings
+        self.decoder = FrameDecoder(s.max_frame, s.max_hello_frame)
+
+    def received(self, data: bytes) -> bytes:
+        """What every framing does with bytes read: count them, and read the PROXY header
+        first if there is one. Returns the bytes for the framing (maybe none)."""
+        if self.state >= CLOSING:
+            return b""
+        self.hub.metrics.wire.bytes_in += len(data)
+        self.last_rx = time.monotonic()
+        if self.proxy is None:
+            return data
+        try:
+            header = self.proxy.feed(data)
+        except ProtocolError as exc:
+            self.fail(E_BAD_PROXY_HEADER, exc.message)
+            return b""
+        if header is None:
+            return b""
+        address, rest = header
+        self.proxy = None
+        if address.source is not None:
+            self.peer = address.source
+        self.proxied()
+        return rest
+
+    def proxied(self) -> None:
+        """The PROXY header is read (frames listeners go on waiting for HELLO)."""
 
     def data_received(self, data: bytes) -> None:
-        if self.state >= CLOSING:
+        data = self.received(data)
+        if not data:
             return
         wire = self.hub.metrics.wire
-        wire.bytes_in += len(data)
-        self.last_rx = time.monotonic()
         assert self.decoder is not None
         # The frames before a broken one count (DATA published, PING answered, HELLO
         # checked), then the error: the answer does not depend on how TCP split the bytes.
@@ -209,14 +254,13 @@ class Session(asyncio.Protocol):
         self.client_id = hello.client_id
         self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
-        self.hub.join(self, hello)
+        self.hub.join(self)
 
     def welcome(self, server: str) -> None:
         """The balancer picked ``server``: answer WELCOME and announce the client to it."""
         self.server = server
         self.state = next_state(self.state, Event.WELCOME)
-        s = self.hub.settings
-        self.write(encode_welcome(self.sid, server, s.heartbeat_s))
+        self.greet(server)
         if self.pending is None:
             self.pending = deque()
         self.pending.appendleft((EVENT_CONNECT, b""))
@@ -230,6 +274,9 @@ class Session(asyncio.Protocol):
             "x-client-addr": self.peer,
             "x-gateway": gateway,
         }
+
+    def greet(self, server: str) -> None:
+        self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))
 
     # -- outbound -----------------------------------------------------------------------
 
@@ -252,7 +299,12 @@ class Session(asyncio.Protocol):
             )
 
     def send_data(self, payload: bytes) -> None:
+        """A reply to the client. ValueError if the framing cannot carry it."""
         self.write(encode_data(payload))
+
+    def keepalive(self) -> None:
+        """The connection has been silent for ``heartbeat_s``: ask for a sign of life."""
+        self.write(PING_FRAME)
 
     def update_reading(self) -> None:
         """Read only while this session may publish: the backpressure from the broker."""
@@ -298,7 +350,8 @@ class Session(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self.write(last)
+        if last:
+            self.write(last)
         transport.close()  # flushes what is buffered first
         if transport.get_write_buffer_size():
             # A peer that does not read would keep the buffer (and this object) forever.
@@ -309,3 +362,57 @@ class Session(asyncio.Protocol):
     def _abort_if_open(self) -> None:
         if self.state != CLOSED and self.transport is not None:
             self.transport.abort()
+
+
+class StreamSession(Session):
+    """A connection of a ``length``, ``lines`` or ``raw`` listener: a client that already
+    exists and knows nothing of this gateway. No HELLO: it joins a server on accept (after
+    the PROXY header, if its listener wants one); each frame, line or chunk is one DATA;
+    replies go back in the listener's framing; no PING (the idle timeout still applies);
+    a close, for whatever reason, is just a close (counted), there being no ERROR or BYE
+    to send."""
+
+    __slots__ = ("codec",)
+
+    def setup(self) -> None:
+        x = self.listener
+        self.codec: StreamCodec = stream_codec(
+            x.framing, self.hub.settings.max_frame, x.length_bytes, x.byte_order
+        )
+        if self.proxy is None:
+            self.proxied()
+
+    def proxied(self) -> None:
+        self.state = next_state(self.state, Event.ACCEPT)
+        self.update_reading()
+        self.hub.join(self)
+
+    def data_received(self, data: bytes) -> None:
+        data = self.received(data)
+        if not data or self.state >= CLOSING:
+            return
+        messages, error = self.codec.feed_until_error(data)
+        if messages:
+            self.hub.metrics.wire.frames_in += len(messages)
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.extend((EVENT_DATA, m) for m in messages)
+        if error is not None:
+            self.protocol_error(error)  # what was queued is published before the disconnect
+        if messages and self.state == OPEN:
+            self.hub.pump(self)
+
+    def greet(self, server: str) -> None:
+        pass  # the client expects nothing: it is talking to its server already
+
+    def send_data(self, payload: bytes) -> None:
+        self.write(self.codec.encode(payload))
+
+    def keepalive(self) -> None:
+        pass  # the framing has no PING; idle_timeout_s alone ends a silent connection
+
+    def fail(self, code: str, message: str) -> None:
+        self._close(code, b"")
+
+    def close_gracefully(self, reason: str) -> None:
+        self._close(reason, b"")

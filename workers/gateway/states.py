@@ -4,7 +4,7 @@ from its socket callbacks; nothing here does I/O.
 
 ::
 
-    HANDSHAKE --hello--> JOINING --welcome--> OPEN
+    HANDSHAKE --hello/accept--> JOINING --welcome--> OPEN
         |                   |                   |
         +------close--------+-------close-------+--> CLOSING --lost--> CLOSED
         +------lost---------+-------lost--------+-------------------->
@@ -19,7 +19,7 @@ import enum
 
 
 class State(enum.IntEnum):
-    HANDSHAKE = 0  # accepted, waiting for HELLO
+    HANDSHAKE = 0  # accepted, waiting for HELLO (or a PROXY protocol header)
     JOINING = 1  # HELLO accepted, waiting for a server
     OPEN = 2  # WELCOME sent: DATA flows both ways
     CLOSING = 3  # BYE or ERROR written, the socket is closing
@@ -33,6 +33,7 @@ class State(enum.IntEnum):
 
 class Event(enum.Enum):
     HELLO = "hello"  # a HELLO was accepted
+    ACCEPT = "accept"  # a listener without HELLO (length, lines, raw) took the connection
     WELCOME = "welcome"  # the balancer gave the session a server
     CLOSE = "close"  # the gateway closes (BYE, ERROR)
     LOST = "lost"  # the socket went
@@ -46,6 +47,7 @@ _LIVE = (State.HANDSHAKE, State.JOINING, State.OPEN)
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.HANDSHAKE, Event.HELLO): State.JOINING,
+    (State.HANDSHAKE, Event.ACCEPT): State.JOINING,
     (State.JOINING, Event.WELCOME): State.OPEN,
     **{(s, Event.CLOSE): State.CLOSING for s in _LIVE},
     **{(s, Event.LOST): State.CLOSED for s in (*_LIVE, State.CLOSING)},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
@@ -45,7 +46,7 @@ from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.peers import Peers
 from workers.gateway.registry import ServerRegistry
 from workers.gateway.replies import Replies
-from workers.gateway.session import Session
+from workers.gateway.session import Session, StreamSession
 from workers.gateway.store import GatewayStore
 
 log = logging.getLogger("bridge.gateway")
@@ -210,23 +211,18 @@ class GatewayWorker:
         self._consuming = True
 
         loop = asyncio.get_running_loop()
-        if s.plain_listener:
+        for label, _, listener in s.bound_listeners():
+            kind = Session if listener.framing == "frames" else StreamSession
             server = await loop.create_server(
-                lambda: Session(hub), s.host, s.port, backlog=s.backlog
-            )
-            self.listeners.append(server)
-            self.ports["tcp"] = server.sockets[0].getsockname()[1]
-        if ssl_context is not None:
-            server = await loop.create_server(
-                lambda: Session(hub),
+                functools.partial(kind, hub, listener),
                 s.host,
-                s.tls_port,
+                listener.port,
                 backlog=s.backlog,
-                ssl=ssl_context,
-                ssl_handshake_timeout=s.hello_timeout_s,
+                ssl=ssl_context if listener.tls else None,
+                ssl_handshake_timeout=s.hello_timeout_s if listener.tls else None,
             )
             self.listeners.append(server)
-            self.ports["tls"] = server.sockets[0].getsockname()[1]
+            self.ports[label] = server.sockets[0].getsockname()[1]
         self.housekeeper.start()
         log.info(
             "gateway listening",
@@ -264,7 +260,11 @@ class GatewayWorker:
 
     @property
     def port(self) -> int:
-        return self.ports.get("tcp", 0)
+        """The first plain frames listener's port (0 if there is none)."""
+        for label, _, listener in self.settings.bound_listeners():
+            if listener.framing == "frames" and not listener.tls and label in self.ports:
+                return self.ports[label]
+        return 0
 
     async def stop(self, grace: float) -> None:
         if self.hub is not None:
@@ -319,12 +319,7 @@ class GatewayWorker:
     def listen_ports(self) -> list[tuple[str, str, int]]:
         """The listeners' (variable, host, port), for the host to check before it connects."""
         s = self.settings
-        ports = []
-        if s.plain_listener:
-            ports.append(("BRIDGE_GATEWAY__PORT", s.host, s.port))
-        if s.tls_cert is not None:
-            ports.append(("BRIDGE_GATEWAY__TLS_PORT", s.host, s.tls_port))
-        return ports
+        return [(variable, s.host, x.port) for _, variable, x in s.bound_listeners()]
 
     def describe(self) -> dict[str, Any]:
         """For the host's ``ready`` line: the listeners and the queues consumed."""

@@ -10,6 +10,7 @@ from workers.gateway.states import TRANSITIONS, Event, InvalidTransition, State,
 
 ALLOWED = {
     (State.HANDSHAKE, Event.HELLO): State.JOINING,
+    (State.HANDSHAKE, Event.ACCEPT): State.JOINING,
     (State.JOINING, Event.WELCOME): State.OPEN,
     (State.HANDSHAKE, Event.CLOSE): State.CLOSING,
     (State.JOINING, Event.CLOSE): State.CLOSING,

@@ -1,0 +1,262 @@
+"""Listeners for clients that already exist (BRIDGE_GATEWAY__LISTENERS): length, lines and
+raw framings beside frames, over real sockets, a real broker and echo backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tests.conftest import running_host
+from tests.integration.gateway_helpers import (
+    Gateway,
+    HoldingProxy,
+    cleanup,
+    gateway_settings,
+    read_to_eof,
+    running_gateway,
+    wait_until,
+)
+from workers.gateway.backend import Reply, ServerEvent
+from workers.gateway.protocol import encode_data
+from workers.gateway.session import OPEN
+from workers.gateway.worker import GatewayWorker
+
+LISTENERS: list[dict[str, Any]] = [
+    {"port": 0, "framing": "frames"},
+    {"port": 0, "framing": "length", "length_bytes": 2, "byte_order": "little"},
+    {"port": 0, "framing": "length", "length_bytes": 4},
+    {"port": 0, "framing": "lines"},
+    {"port": 0, "framing": "raw"},
+]
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    broker_url: str, tmp_path: Path, unique: str, **kw: Any
+) -> AsyncIterator[Gateway]:
+    handler = kw.pop("handler", None)
+    s = gateway_settings(unique, listeners=kw.pop("listeners", LISTENERS), **kw)
+    extra = {"handler": handler} if handler is not None else {}
+    async with running_gateway(broker_url, tmp_path, s, servers=("s1",), **extra) as gw:
+        yield gw
+
+
+async def open_conn(gw: Gateway, label: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", gw.worker.ports[label])
+
+
+def events_of(gw: Gateway, addr: str) -> list[tuple[str, bytes]]:
+    return [(e.event, e.body) for e in gw.servers["s1"].events if e.client_addr == addr]
+
+
+def local_addr(writer: asyncio.StreamWriter) -> str:
+    host, port = writer.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
+
+
+async def test_every_framing_round_trips_without_hello(broker_url, tmp_path, unique):
+    async with gateway(broker_url, tmp_path, unique) as gw:
+        assert set(gw.worker.ports) == {"frames", "length", "length-2", "lines", "raw"}
+        assert gw.port == gw.worker.ports["frames"]
+        messages = [b"one", b"", b"three \x00\xff"]
+
+        # length, 2 bytes little-endian: two frames in one write, one cut in half
+        r, w = await open_conn(gw, "length")
+        prefix = struct.pack("<H", len(messages[2]))
+        w.write(b"".join(struct.pack("<H", len(m)) + m for m in messages[:2]) + prefix[:1])
+        await w.drain()
+        w.write(prefix[1:] + messages[2][:3])
+        await asyncio.sleep(0.05)
+        w.write(messages[2][3:])
+        got = [
+            await r.readexactly(struct.unpack("<H", await r.readexactly(2))[0]) for _ in messages
+        ]
+        assert got == messages
+        addr = local_addr(w)
+        w.close()
+        await wait_until(lambda: ("disconnect", b"") in events_of(gw, addr), "disconnect")
+        assert events_of(gw, addr) == [
+            ("connect", b""),
+            *[("data", m) for m in messages],
+            ("disconnect", b""),
+        ]
+
+        # length, 4 bytes big-endian
+        r, w = await open_conn(gw, "length-2")
+        w.write(struct.pack(">I", 5) + b"hello")
+        assert await r.readexactly(9) == b"\x00\x00\x00\x05hello"
+        w.close()
+
+        # lines: CRLF accepted, the terminator is not part of the message; replies get \n
+        r, w = await open_conn(gw, "lines")
+        w.write(b"first\r\nsecond\n\nthi")
+        await w.drain()
+        w.write(b"rd\n")
+        assert [await r.readline() for _ in range(4)] == [
+            b"first\n",
+            b"second\n",
+            b"\n",
+            b"third\n",
+        ]
+        addr = local_addr(w)
+        await wait_until(lambda: len(events_of(gw, addr)) == 5, "lines at the server")
+        assert [b for e, b in events_of(gw, addr) if e == "data"] == [
+            b"first",
+            b"second",
+            b"",
+            b"third",
+        ]
+        w.close()
+
+        # raw: each chunk is a message, order kept
+        r, w = await open_conn(gw, "raw")
+        for chunk in (b"abc", b"defgh"):
+            w.write(chunk)
+            await w.drain()
+            assert await r.readexactly(len(chunk)) == chunk
+        w.close()
+
+        # frames keeps working as it is, on the same gateway
+        client = await gw.connect(client_id="framed")
+        assert await client.request(b"framed") == b"framed"
+        await client.bye()
+
+        # accepted and counted like every connection
+        assert gw.metric("bridge_gateway_accepted_total") >= 5
+
+
+async def test_server_close_and_replies_in_each_framing(broker_url, tmp_path, unique):
+    def handler(event: ServerEvent) -> list[Reply]:
+        if event.event != "data":
+            return []
+        if event.body == b"quit":
+            return [Reply(b"bye", close=True)]
+        return [Reply(event.body.upper())]
+
+    async with gateway(broker_url, tmp_path, unique, handler=handler) as gw:
+        r, w = await open_conn(gw, "lines")
+        w.write(b"hi\nquit\n")
+        # the body of the closing reply is written, then the connection closes (no BYE bytes)
+        assert await asyncio.wait_for(read_to_eof(r), 10) == b"HI\nbye\n"
+        w.close()
+        r, w = await open_conn(gw, "length")
+        w.write(b"\x04\x00quit")
+        assert await asyncio.wait_for(read_to_eof(r), 10) == b"\x03\x00bye"
+        w.close()
+        await wait_until(
+            lambda: gw.metric("bridge_gateway_closed_total", reason="server_close") == 2,
+            "closes counted",
+        )
+
+
+async def test_too_long_reply_for_a_one_byte_prefix_is_undeliverable(
+    broker_url, tmp_path, unique, amqp
+):
+    def handler(event: ServerEvent) -> list[Reply]:
+        return [Reply(event.body * 300)] if event.event == "data" else []
+
+    listeners = [{"port": 0, "framing": "length", "length_bytes": 1}]
+    async with gateway(broker_url, tmp_path, unique, handler=handler, listeners=listeners) as gw:
+        r, w = await open_conn(gw, "length")
+        w.write(b"\x01x")
+        await wait_until(
+            lambda: gw.metric("bridge_gateway_undeliverable_total", reason="too_large"),
+            "kept as undeliverable",
+        )
+        # the session goes on: a reply that fits comes through
+        w.write(b"\x00")
+        assert await r.readexactly(1) == b"\x00"
+        w.close()
+
+
+async def test_limits_per_framing_close_after_what_came_before(broker_url, tmp_path, unique):
+    async with gateway(broker_url, tmp_path, unique, max_frame=16, max_hello_frame=16) as gw:
+        # what came before the violation is published, then the connection closes (the
+        # echo of it finds the session gone), then the server gets disconnect
+        cases = {
+            "lines": (b"ok\n" + b"x" * 20, [b"ok"]),
+            "length": (b"\x02\x00ok" + b"\x11\x00" + b"y" * 17, [b"ok"]),
+            "length-2": (b"\xff\xff\xff\xff", []),
+        }
+        for label, (sent, published) in cases.items():
+            r, w = await open_conn(gw, label)
+            w.write(sent)
+            assert await asyncio.wait_for(read_to_eof(r), 10) == b"", label
+            addr = local_addr(w)
+            w.close()
+            await wait_until(lambda a=addr: ("disconnect", b"") in events_of(gw, a), "gone")
+            assert [b for e, b in events_of(gw, addr) if e == "data"] == published, label
+        assert gw.metric("bridge_gateway_closed_total", reason="frame_too_large") == 3
+        # raw: a chunk longer than max_frame is cut, not refused
+        r, w = await open_conn(gw, "raw")
+        w.write(b"z" * 40)
+        assert await r.readexactly(40) == b"z" * 40
+        w.close()
+
+
+async def test_idle_timeout_closes_every_framing(broker_url, tmp_path, unique):
+    async with gateway(broker_url, tmp_path, unique, idle_timeout_s=0.5, heartbeat_s=0.2) as gw:
+        conns = [await open_conn(gw, label) for label in ("length", "lines", "raw")]
+        for r, _ in conns:
+            # nothing written to them, no PING either: they just close
+            assert await asyncio.wait_for(read_to_eof(r), 10) == b""
+        for _, w in conns:
+            w.close()
+        assert gw.metric("bridge_gateway_closed_total", reason="idle_timeout") == 3
+
+
+async def test_no_server_closes_a_stream_connection(broker_url, tmp_path, unique):
+    s = gateway_settings(unique, listeners=LISTENERS, no_server_wait_s=0.2)
+    async with running_gateway(broker_url, tmp_path, s, servers=()) as gw:
+        r, w = await open_conn(gw, "lines")
+        w.write(b"nobody\n")
+        assert await asyncio.wait_for(read_to_eof(r), 10) == b""
+        w.close()
+        assert gw.metric("bridge_gateway_refused_total", reason="no_server") == 1
+
+
+async def test_broker_backpressure_stops_reading_a_lines_client(broker_url, tmp_path, unique):
+    parts = urlsplit(broker_url)
+    proxy = await HoldingProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    s = gateway_settings(
+        unique, listeners=[{"port": 0, "framing": "lines"}], publish_window=6, session_in_flight=4
+    )
+    worker = GatewayWorker(s)
+    proxied = proxy.url(parts.username or "guest", parts.password or "guest")
+    try:
+        async with running_host(proxied, tmp_path, [worker]) as host:
+            gw = Gateway(worker, host, s, broker_url)
+            await gw.start_server("s1")
+            r, w = await open_conn(gw, "lines")
+            await wait_until(lambda: len(worker.sessions) == 1, "accepted")
+            session = next(iter(worker.sessions.values()))
+            await wait_until(lambda: session.state == OPEN and worker.in_flight == 0, "open")
+            proxy.flowing.clear()  # confirms stop coming back
+            w.write(b"".join(b"l%d\n" % i for i in range(50)))
+            await wait_until(lambda: session.paused, "stopped reading")
+            assert session.in_flight == 4
+            proxy.flowing.set()
+            got = [await r.readline() for _ in range(50)]
+            assert got == [b"l%d\n" % i for i in range(50)]
+            w.close()
+            await gw.servers["s1"].stop()
+    finally:
+        await proxy.stop()
+        await cleanup(broker_url, s, ["s1"])
+
+
+async def test_frames_port_and_data_unchanged_by_default(broker_url, tmp_path, unique):
+    """Without LISTENERS: one frames listener on PORT, as before."""
+    s = gateway_settings(unique)
+    async with running_gateway(broker_url, tmp_path, s, servers=("s1",)) as gw:
+        assert set(gw.worker.ports) == {"tcp"}
+        assert gw.worker.listen_ports() == [("BRIDGE_GATEWAY__PORT", "127.0.0.1", 0)]
+        client = await gw.connect()
+        client.writer.write(encode_data(b"x"))
+        assert await client.recv() == b"x"
+        await client.bye()
