@@ -16,13 +16,15 @@ from tests.integration.gateway_helpers import (
     Gateway,
     HoldingProxy,
     cleanup,
+    error_code,
     gateway_settings,
+    raw_exchange,
     read_to_eof,
     running_gateway,
     wait_until,
 )
 from workers.gateway.backend import Reply, ServerEvent
-from workers.gateway.protocol import encode_data
+from workers.gateway.protocol import FrameDecoder, FrameType, encode_data, encode_hello
 from workers.gateway.session import OPEN
 from workers.gateway.worker import GatewayWorker
 
@@ -260,3 +262,86 @@ async def test_frames_port_and_data_unchanged_by_default(broker_url, tmp_path, u
         client.writer.write(encode_data(b"x"))
         assert await client.recv() == b"x"
         await client.bye()
+
+
+# -- PROXY protocol ----------------------------------------------------------------------
+
+PROXIED: list[dict[str, Any]] = [
+    {"port": 0, "framing": "frames", "proxy_protocol": True},
+    {"port": 0, "framing": "lines", "proxy_protocol": True},
+    {"port": 0, "framing": "raw", "proxy_protocol": True},
+]
+
+
+def v2_header(src: str, sport: int, *, local: bool = False) -> bytes:
+    body = (
+        bytes(int(x) for x in src.split("."))
+        + bytes([10, 0, 0, 1])
+        + struct.pack(">HH", sport, 7000)
+    )
+    return (
+        b"\r\n\r\n\x00\r\nQUIT\n"
+        + bytes([0x20 if local else 0x21, 0x11])
+        + struct.pack(">H", len(body))
+        + body
+    )
+
+
+async def test_proxy_protocol_v1_and_v2_give_the_client_address(broker_url, tmp_path, unique):
+    async with gateway(broker_url, tmp_path, unique, listeners=PROXIED) as gw:
+        # frames + v1, the header and HELLO in one write
+        r, w = await open_conn(gw, "frames+proxy")
+        w.write(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 7000\r\n" + encode_hello("p1"))
+        w.write(encode_data(b"via v1"))
+        decoder = FrameDecoder(1 << 20, 0, role="client")
+        frames: list[Any] = []
+        while len(frames) < 2:
+            frames += decoder.feed(await r.read(4096))
+        assert [f.type for f in frames] == [FrameType.WELCOME, FrameType.DATA]
+        assert frames[1].payload == b"via v1"
+        w.close()
+
+        # lines + v2, the header cut in two writes
+        r, w = await open_conn(gw, "lines+proxy")
+        header = v2_header("198.51.100.9", 40000)
+        w.write(header[:7])
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(header[7:] + b"via v2\n")
+        assert await r.readline() == b"via v2\n"
+        w.close()
+
+        # raw + v2 LOCAL (the proxy's own health check): the real peer address stands
+        r, w = await open_conn(gw, "raw+proxy")
+        w.write(v2_header("192.0.2.1", 1, local=True) + b"local")
+        assert await r.readexactly(5) == b"local"
+        own = local_addr(w)
+        w.close()
+
+        await wait_until(lambda: len(gw.servers["s1"].events) >= 9, "all events")
+        addrs = {(e.event, e.client_addr) for e in gw.servers["s1"].events}
+        for addr in ("203.0.113.7:51000", "198.51.100.9:40000", own):
+            assert {("connect", addr), ("data", addr), ("disconnect", addr)} <= addrs
+        assert gw.metric("bridge_gateway_refused_total", reason="bad_proxy_header") == 0
+
+
+async def test_connection_without_proxy_header_is_refused_and_counted(broker_url, tmp_path, unique):
+    async with gateway(broker_url, tmp_path, unique, listeners=PROXIED, hello_timeout_s=0.5) as gw:
+        # a frames client connecting directly gets an ERROR that says why
+        _, frames = await raw_exchange(gw.worker.ports["frames+proxy"], encode_hello("direct"))
+        assert error_code(frames) == "bad_proxy_header"
+        # other framings are just closed
+        for label, sent in (
+            ("lines+proxy", b"hello\n"),
+            ("raw+proxy", b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n"),
+            ("lines+proxy", b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x00"),
+        ):
+            data, _ = await raw_exchange(gw.worker.ports[label], sent)
+            assert data == b"", label
+        assert gw.metric("bridge_gateway_refused_total", reason="bad_proxy_header") == 4
+        # a header that never comes: closed after hello_timeout_s
+        data, _ = await raw_exchange(gw.worker.ports["lines+proxy"], b"PROXY TCP4 1.2")
+        assert data == b""
+        assert gw.metric("bridge_gateway_refused_total", reason="hello_timeout") == 1
+        # nothing reached the server: no session was ever joined
+        assert not [e for e in gw.servers["s1"].events if e.event == "connect"]

@@ -90,7 +90,8 @@ class Housekeeper:
             state = session.state
             if state == HANDSHAKE:
                 if now - session.accepted_at > hello_timeout:
-                    session.fail(E_HELLO_TIMEOUT, f"no HELLO within {hello_timeout}s")
+                    what = "PROXY header" if session.proxy is not None else "HELLO"
+                    session.fail(E_HELLO_TIMEOUT, f"no {what} within {hello_timeout}s")
             elif state == OPEN and not session.paused:
                 # A paused session is not read, so its silence is ours, not the client's.
                 idle = now - session.last_rx
