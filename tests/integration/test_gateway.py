@@ -132,17 +132,11 @@ async def test_expiry_offline_messages_and_reregistration(broker_url, amqp, tmp_
         early = await gw.connect(client_id="early")
         assert early.server == "s1"
         await gw.start_server("s2")
-        # s1 goes silent (crash-like: no deregister): it expires and gets no new clients
+        # s1 goes silent (crash-like: no deregister); what the early client sends before s1
+        # expires waits in s1's queue
         await gw.servers.pop("s1").stop(deregister=False)
-        await wait_until(lambda: not gw.worker.balancer.is_alive("s1"), "s1 expired")
-        newcomers = [await gw.connect() for _ in range(4)]
-        assert {c.server for c in newcomers} == {"s2"}
-        # the early client is still associated with s1; what it sends waits in s1's queue
         await early.send(b"offline-1")
         await early.send(b"offline-2")
-        await wait_until(
-            lambda: gw.admin("associations")["servers"]["s1"]["clients"] == 1, "s1 association"
-        )
         depth = 0
         for _ in range(100):
             depth = await queue_depth(amqp, s.server_queue("s1"))
@@ -150,7 +144,16 @@ async def test_expiry_offline_messages_and_reregistration(broker_url, amqp, tmp_
                 break
             await asyncio.sleep(0.05)
         assert depth == 2
+        # it expires: no new clients, and its client moves to s2 (on_server_loss: move)
+        await wait_until(lambda: not gw.worker.balancer.is_alive("s1"), "s1 expired")
+        newcomers = [await gw.connect() for _ in range(4)]
+        assert {c.server for c in newcomers} == {"s2"}
+        await wait_until(
+            lambda: gw.worker.sessions[early.session].server == "s2", "early moved to s2"
+        )
+        assert gw.admin("associations")["servers"].get("s1", {"clients": 0})["clients"] == 0
         # s1 comes back: it registers again, consumes its offline messages and answers
+        # the session, which is still connected
         back = await gw.start_server("s1")
         assert await early.recv() == b"offline-1"
         assert await early.recv() == b"offline-2"

@@ -681,3 +681,29 @@ def test_sticky_learnt_from_another_replica() -> None:
     # Too old to matter.
     assert not b.learn_sticky("other", "a", at=0, now=RETENTION + 1)
     assert b.sticky_record("other") is None
+
+
+def test_move_goes_to_the_least_loaded_alive_server_and_keeps_the_client_id() -> None:
+    b = make("s1", "s2", "s3")
+    for i in range(3):
+        b.assign(f"x{i}", None, 0.0)  # one on each server
+    b.assign("y", None, 0.0)
+    b.assign("moved", "cid", 0.0)
+    old = b.server_of("moved")
+    assert old == "s2"
+    b.deregister(old, 1.0)
+    new = b.move("moved", 1.0)
+    assert new == "s3"  # s1 has two clients, s3 one
+    assert b.server_of("moved") == new and "moved" not in b.connections_of(old)
+    assert b.sticky_record("cid") == (new, 1, b.sticky_record("cid")[2])  # type: ignore[index]
+    assert sum(b.counts().values()) == 5
+
+
+def test_move_with_no_server_left_leaves_the_connection_unassociated() -> None:
+    b = make("s1")
+    b.assign("c", "cid", 0.0)
+    b.deregister("s1", 1.0)
+    assert b.move("c", 1.0) is None
+    assert b.server_of("c") is None and b.counts() == {}
+    with pytest.raises(ValueError, match="not associated"):
+        b.move("c", 1.0)

@@ -270,6 +270,16 @@ class Balancer:
         self._prune_sticky(now)
         return conn.server
 
+    def move(self, conn_key: str, now: float) -> str | None:
+        """The connection's server is gone: associate it with the least-loaded alive server
+        instead (never the one it had, which is not alive). Returns the new server, or None
+        when no server is alive, in which case the connection is no longer associated."""
+        conn = self._conns.get(conn_key)
+        if conn is None:
+            raise ValueError(f"connection {conn_key!r} is not associated")
+        self.release(conn_key, now)
+        return self.assign(conn_key, conn.client_id, now)
+
     def server_of(self, conn_key: str) -> str | None:
         conn = self._conns.get(conn_key)
         return None if conn is None else conn.server

@@ -26,6 +26,7 @@ H_GATEWAY = "x-gateway"
 H_CLOSE = "x-close"
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"
+H_MOVED_FROM = "x-moved-from"  # on the connect of a client moved off a server that is gone
 
 EVENT_CONNECT = "connect"
 EVENT_DATA = "data"
@@ -45,6 +46,7 @@ E_HELLO_TIMEOUT = "hello_timeout"
 E_IDLE_TIMEOUT = "idle_timeout"
 E_SLOW_CONSUMER = "slow_consumer"
 E_UNAVAILABLE = "unavailable"
+E_SERVER_GONE = "server_gone"
 
 # x-dead-reason values on gateway.undeliverable.
 DEAD_SESSION_GONE = "session_gone"
@@ -186,6 +188,11 @@ class GatewaySettings(BaseSettings):
     hello_timeout_s: float = Field(default=10.0, gt=0, description="time allowed for HELLO")
     server_ttl_s: float = Field(
         default=15.0, gt=0, description="a server missing heartbeats this long takes no clients"
+    )
+    on_server_loss: Literal["move", "close"] = Field(
+        default="move",
+        description="when a server deregisters or misses its heartbeats: move its clients to "
+        "the least-loaded live server, or close them (ERROR server_gone)",
     )
     sticky_retention_s: float = Field(
         default=300.0, ge=0, description="a returning client_id goes back to its server"

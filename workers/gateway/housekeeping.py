@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from workers.gateway.config import E_HELLO_TIMEOUT, E_IDLE_TIMEOUT
 from workers.gateway.hub import GatewayHub
@@ -21,9 +22,16 @@ log = logging.getLogger("bridge.gateway")
 
 
 class Housekeeper:
-    def __init__(self, hub: GatewayHub, store: GatewayStore) -> None:
+    def __init__(
+        self, hub: GatewayHub, store: GatewayStore, link_ready: Callable[[], bool]
+    ) -> None:
         self.hub = hub
         self.store = store
+        # While the gateway's own broker link is down it hears no heartbeat: that silence
+        # is ours, not the servers'. Expiry (which moves or closes clients) waits until
+        # server_ttl_s after the link is back, time for every live server to be heard.
+        self.link_ready = link_ready
+        self._expire_after = 0.0
         s = hub.settings
         # Often enough that every timeout fires within half its length of being due.
         self.tick = max(
@@ -80,11 +88,14 @@ class Housekeeper:
         hub = self.hub
         s = hub.settings
         hub.publisher.expire(now)
-        for server_id in hub.balancer.expire(now):
+        if not self.link_ready():
+            self._expire_after = now + s.server_ttl_s
+        for server_id in hub.balancer.expire(now) if now >= self._expire_after else ():
             log.warning(
                 "server missed its heartbeats; no new clients go to it",
                 extra={"server": server_id, "ttl_s": s.server_ttl_s},
             )
+            hub.server_lost(server_id, "missed heartbeats")
         hello_timeout, heartbeat, idle_timeout = s.hello_timeout_s, s.heartbeat_s, s.idle_timeout_s
         for session in list(hub.sessions.values()):
             state = session.state

@@ -36,7 +36,9 @@ from bridge.errors import PublishFailed
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     E_NO_SERVER,
+    E_SERVER_GONE,
     E_UNAVAILABLE,
+    EVENT_CONNECT,
     EVENT_DATA,
     EVENT_DISCONNECT,
     GatewaySettings,
@@ -121,6 +123,40 @@ class GatewayHub:
                 await asyncio.wait_for(self.server_up.wait(), remaining)
             if session.state == JOINING and self._assign(session):
                 return
+
+    def server_lost(self, server_id: str, why: str) -> None:
+        """``server_id`` deregistered or missed its heartbeats: its clients on this replica
+        are moved to the least-loaded live server (which gets ``connect`` with
+        ``x-moved-from``) or closed with ERROR ``server_gone``, as ``on_server_loss`` says.
+        What they sent before stays in the old server's queue for it."""
+        now = time.monotonic()
+        move = self.settings.on_server_loss == "move"
+        moved = closed = 0
+        for sid in self.balancer.connections_of(server_id):
+            session = self.sessions.get(sid)
+            if session is None or session.state != OPEN:
+                continue  # closing already: its disconnect goes to the old queue
+            server = self.balancer.move(sid, now) if move else None
+            if server is None:
+                # (after a move that found no server the session is no longer associated;
+                # its disconnect still goes to the old server's queue, as with close)
+                closed += 1
+                self.metrics.server_loss.labels("closed").inc()
+                session.fail(E_SERVER_GONE, f"server {server_id} is gone ({why})")
+                continue
+            moved += 1
+            self.metrics.server_loss.labels("moved").inc()
+            session.moved_from, session.server = server_id, server
+            self._associated(session.client_id, server)
+            if session.pending is None:
+                session.pending = deque()
+            session.pending.appendleft((EVENT_CONNECT, b""))
+            self.pump(session)
+        if moved or closed:
+            log.warning(
+                "server gone: its clients moved or closed",
+                extra={"server": server_id, "why": why, "moved": moved, "closed": closed},
+            )
 
     def lost(self, session: Session, previous_state: State) -> None:
         self.sessions.pop(session.sid, None)

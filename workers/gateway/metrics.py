@@ -152,6 +152,12 @@ class GatewayMetrics:
             ["op"],
             registry=registry,
         )
+        self.server_loss = Counter(
+            "bridge_gateway_server_loss_total",
+            "clients of a server that deregistered or missed its heartbeats: moved, closed",
+            ["action"],
+            registry=registry,
+        )
         self.peer_messages = Counter(
             "bridge_gateway_peer_messages_total",
             "messages from other replicas: counts, leave, sticky, stale, malformed",

@@ -1,8 +1,8 @@
 """The servers' registry: ``register``, ``heartbeat`` and ``deregister`` messages on the
 servers exchange (fanout), consumed by every gateway on a queue of its own.
 
-A server is taken into service once its queue is declared; a deregister takes it out (its
-clients stay until they go; new clients go elsewhere). Malformed messages are counted and
+A server is taken into service once its queue is declared; a deregister takes it out (new
+clients go elsewhere; its clients are moved or closed, ``on_server_loss``). Malformed messages are counted and
 logged, never fatal: anyone may publish to the exchange.
 """
 
@@ -49,6 +49,7 @@ class ServerRegistry:
             if op == OP_DEREGISTER:
                 self.hub.balancer.deregister(server_id, time.monotonic())
                 log.info("server deregistered", extra={"server": server_id})
+                self.hub.server_lost(server_id, "deregistered")
                 return
             try:
                 await self.hub.declare_server_queue(server_id)

@@ -29,6 +29,7 @@ from workers.gateway.config import (
     E_UNAUTHORIZED,
     EVENT_CONNECT,
     EVENT_DATA,
+    H_MOVED_FROM,
     GatewaySettings,
     Listener,
 )
@@ -96,6 +97,7 @@ class Session(asyncio.Protocol):
         "last_ping",
         "last_rx",
         "listener",
+        "moved_from",
         "paused",
         "peer",
         "pending",
@@ -120,6 +122,7 @@ class Session(asyncio.Protocol):
         self.peer = ""
         self.client_id: str | None = None
         self.server: str | None = None
+        self.moved_from: str | None = None  # the server it had before a move
         self.decoder: FrameDecoder | None = None
         self.accepted_at = self.last_rx = self.last_ping = 0.0
         # (event, payload) waiting to be published, in order; created on first use.
@@ -267,13 +270,16 @@ class Session(asyncio.Protocol):
         self.hub.pump(self)
 
     def headers(self, event: str, gateway: str) -> dict[str, Any]:
-        return {
+        headers = {
             "x-event": event,
             "x-session": self.sid,
             "x-client-id": self.client_id or "",
             "x-client-addr": self.peer,
             "x-gateway": gateway,
         }
+        if event == EVENT_CONNECT and self.moved_from is not None:
+            headers[H_MOVED_FROM] = self.moved_from
+        return headers
 
     def greet(self, server: str) -> None:
         self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))

@@ -121,7 +121,7 @@ class GatewayWorker:
             s, self.metrics, self.balancer, self.tokens, self.publisher, self._declare_channel
         )
         self.metrics.watch(hub, link)
-        self.housekeeper = Housekeeper(hub, self.store)
+        self.housekeeper = Housekeeper(hub, self.store, lambda: link.ready)
         saved_servers = await self.housekeeper.restore()
         replies = Replies(hub.sessions, self.publisher, s, self.metrics)
         # One process serves an instance: it holds the lease on the reply queue, and the
