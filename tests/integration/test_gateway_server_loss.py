@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.procs import settings_env
 from tests.integration.gateway_helpers import (
     Gateway,
     gateway_settings,
@@ -33,8 +34,7 @@ def echo_server_process(
     env = {
         **os.environ,
         "BRIDGE_AMQP_URL": broker_url,
-        "BRIDGE_GATEWAY__SERVERS_EXCHANGE": s.servers_exchange,
-        "BRIDGE_GATEWAY__SERVER_QUEUE_PREFIX": s.server_queue_prefix,
+        **settings_env("gateway", s, ["servers_exchange", "server_queue_prefix"]),
     }
     with open(log, "ab") as out:
         proc = subprocess.Popen(
