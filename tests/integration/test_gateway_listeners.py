@@ -345,3 +345,102 @@ async def test_connection_without_proxy_header_is_refused_and_counted(broker_url
         assert gw.metric("bridge_gateway_refused_total", reason="hello_timeout") == 1
         # nothing reached the server: no session was ever joined
         assert not [e for e in gw.servers["s1"].events if e.event == "connect"]
+
+
+# -- pass-through ------------------------------------------------------------------------
+
+
+class EchoUpstream:
+    """A real TCP echo server standing for the service the traffic was meant for. It
+    records what it received per connection and greets a connection that says nothing."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> EchoUpstream:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = bytearray()
+        try:
+            first = await asyncio.wait_for(reader.read(65536), 0.3)
+        except TimeoutError:
+            writer.write(b"220 upstream speaks first\r\n")
+            first = await reader.read(65536)
+        while first:
+            got += first
+            writer.write(first)
+            await writer.drain()
+            first = await reader.read(65536)
+        self.received.append(bytes(got))
+        writer.close()  # after the client's EOF
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_passthrough_relays_what_is_not_a_hello(broker_url, tmp_path, unique):
+    upstream = await EchoUpstream().start()
+    listeners = [{"port": 0, "passthrough": f"127.0.0.1:{upstream.port}"}]
+    try:
+        async with gateway(
+            broker_url, tmp_path, unique, listeners=listeners, hello_timeout_s=1.0
+        ) as gw:
+            port = gw.port
+            # an HTTP request, cut mid-method: relayed byte for byte, the answer comes back
+            request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(request[:2])
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(request[2:])
+            assert await r.readexactly(len(request)) == request
+            # a megabyte more through the same relay, then a half close
+            bulk = bytes(range(256)) * 4096
+            w.write(bulk)
+            w.write_eof()
+            assert await asyncio.wait_for(read_to_eof(r), 30) == bulk
+            w.close()
+            await wait_until(lambda: request + bulk in upstream.received, "upstream got all")
+
+            # garbage that is not a frame, and a TLS ClientHello: relayed too
+            for opener in (b"\xff\xff\xff\xff\x00junk", b"\x16\x03\x01\x02\x00\x01"):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(opener)
+                assert await r.readexactly(len(opener)) == opener
+                w.close()
+
+            # a client that says nothing: after hello_timeout_s the upstream speaks first
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(r.readline(), 10) == b"220 upstream speaks first\r\n"
+            w.close()
+
+            # a gateway client on the same port is served as always
+            client = await gw.connect(client_id="native")
+            assert await client.request(b"native") == b"native"
+            await client.bye()
+            # a HELLO that is broken is a gateway client's mistake, answered as such
+            _, frames = await raw_exchange(port, b"\x00\x00\x00\x03\x01{]")
+            assert error_code(frames) == "bad_hello"
+
+            assert gw.metric("bridge_gateway_passthrough_total", result="relayed") == 4
+            assert not [e for e in gw.servers["s1"].events if e.client_id != "native"]
+    finally:
+        await upstream.stop()
+
+
+async def test_passthrough_to_an_upstream_that_is_down_closes(broker_url, tmp_path, unique):
+    upstream = await EchoUpstream().start()
+    port = upstream.port
+    await upstream.stop()  # nothing listens there any more
+    listeners = [{"port": 0, "passthrough": f"127.0.0.1:{port}"}]
+    async with gateway(broker_url, tmp_path, unique, listeners=listeners) as gw:
+        data, _ = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\n\r\n")
+        assert data == b""
+        assert gw.metric("bridge_gateway_passthrough_total", result="upstream_failed") == 1

@@ -109,6 +109,10 @@ def test_port_and_tls_port_are_the_default_listeners() -> None:
         ([{"port": 1, "framing": "xml"}], {}, "framing"),
         ([{"port": 1, "proxy": True}], {}, "Extra inputs"),
         ([{"framing": "raw"}], {}, "port"),
+        ([{"port": 1, "framing": "lines", "passthrough": "h:80"}], {}, "passthrough only"),
+        ([{"port": 1, "passthrough": "nohost"}], {}, "not host:port"),
+        ([{"port": 1, "passthrough": "h:0"}], {}, "not host:port"),
+        ([{"port": 1, "passthrough": ":80"}], {}, "not host:port"),
     ],
 )
 def test_invalid_listeners(
@@ -116,3 +120,11 @@ def test_invalid_listeners(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         GatewaySettings(listeners=listeners, **extra)
+
+
+def test_passthrough_address() -> None:
+    x = GatewaySettings(listeners=[{"port": 1, "passthrough": "web.internal:8080"}]).listeners[0]
+    assert x.upstream == ("web.internal", 8080)
+    assert GatewaySettings(listeners=[{"port": 1, "passthrough": "[::1]:80"}]).listeners[
+        0
+    ].upstream == ("::1", 80)

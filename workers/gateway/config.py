@@ -69,9 +69,35 @@ class Listener(BaseModel):
     byte_order: Literal["big", "little"] = "big"
     proxy_protocol: bool = False
     tls: bool = False
+    passthrough: str | None = Field(
+        default=None,
+        description="host:port: a connection whose first bytes are not a HELLO is relayed "
+        "there byte for byte instead of being refused (frames only)",
+    )
+
+    @field_validator("passthrough")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"passthrough {value!r} is not host:port")
+        return value
+
+    @property
+    def upstream(self) -> tuple[str, int] | None:
+        if self.passthrough is None:
+            return None
+        host, _, port = self.passthrough.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @model_validator(mode="after")
     def _check(self) -> Listener:
+        if self.passthrough is not None and self.framing != "frames":
+            raise ValueError(
+                f'passthrough only applies to framing "frames" (a {self.framing} listener '
+                "has no HELLO to tell its clients from other traffic)"
+            )
         if self.framing != "length":
             given = {"length_bytes", "byte_order"} & self.model_fields_set
             if given:

@@ -101,6 +101,9 @@ class Housekeeper:
             state = session.state
             if state == HANDSHAKE:
                 if now - session.accepted_at > hello_timeout:
+                    if session.head is not None and session.proxy is None:
+                        session.hand_over()  # silent: maybe a protocol whose server speaks first
+                        continue
                     what = "PROXY header" if session.proxy is not None else "HELLO"
                     session.fail(E_HELLO_TIMEOUT, f"no {what} within {hello_timeout}s")
             elif state == OPEN and not session.paused:

@@ -44,6 +44,7 @@ from workers.gateway.config import (
     GatewaySettings,
 )
 from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.passthrough import Pipe, relay
 from workers.gateway.session import JOINING, OPEN, Session
 from workers.gateway.states import State
 
@@ -69,6 +70,7 @@ class GatewayHub:
         self.publisher = publisher
         self._channel = channel  # declarations of server queues (aio-pika, control plane)
         self.sessions: dict[str, Session] = {}
+        self.relays: set[Pipe] = set()  # both ends of each pass-through connection
         self.in_flight = 0
         self.waiting: deque[Session] = deque()  # sessions waiting for the publish window
         self.sticky_dirty: set[str] = set()  # client_ids whose sticky record changed
@@ -157,6 +159,16 @@ class GatewayHub:
                 "server gone: its clients moved or closed",
                 extra={"server": server_id, "why": why, "moved": moved, "closed": closed},
             )
+
+    def pass_through(
+        self, transport: asyncio.Transport, head: bytes, upstream: tuple[str, int]
+    ) -> None:
+        """A connection that is not a gateway client goes to ``upstream`` byte for byte."""
+        self.spawn(
+            relay(
+                transport, head, upstream, self.metrics, self.settings.hello_timeout_s, self.relays
+            )
+        )
 
     def lost(self, session: Session, previous_state: State) -> None:
         self.sessions.pop(session.sid, None)

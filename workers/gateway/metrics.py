@@ -158,6 +158,13 @@ class GatewayMetrics:
             ["action"],
             registry=registry,
         )
+        self.passthrough = Counter(
+            "bridge_gateway_passthrough_total",
+            "connections that were not gateway clients, handed to the listener's passthrough "
+            "address: relayed, upstream_failed",
+            ["result"],
+            registry=registry,
+        )
         self.peer_messages = Counter(
             "bridge_gateway_peer_messages_total",
             "messages from other replicas: counts, leave, sticky, stale, malformed",

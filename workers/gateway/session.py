@@ -75,6 +75,10 @@ class Hub(Protocol):
 
     def lost(self, session: Session, previous_state: State) -> None: ...
 
+    def pass_through(
+        self, transport: asyncio.Transport, head: bytes, upstream: tuple[str, int]
+    ) -> None: ...
+
 
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
@@ -92,6 +96,7 @@ class Session(asyncio.Protocol):
         "client_id",
         "close_reason",
         "decoder",
+        "head",
         "hub",
         "in_flight",
         "last_ping",
@@ -116,6 +121,8 @@ class Session(asyncio.Protocol):
         self.listener = listener
         # the PROXY protocol header still to read, on a listener that wants one
         self.proxy: ProxyHeaderDecoder | None = None
+        # on a passthrough listener, the bytes read before HELLO (to relay if it is none)
+        self.head: bytearray | None = None
         self.transport: asyncio.Transport | None = None
         self.state = HANDSHAKE
         self.sid = ""
@@ -164,6 +171,8 @@ class Session(asyncio.Protocol):
         """The connection is taken: make the decoder of the listener's framing."""
         s = self.hub.settings
         self.decoder = FrameDecoder(s.max_frame, s.max_hello_frame)
+        if self.listener.passthrough is not None:
+            self.head = bytearray()
 
     def received(self, data: bytes) -> bytes:
         """What every framing does with bytes read: count them, and read the PROXY header
@@ -196,10 +205,20 @@ class Session(asyncio.Protocol):
         if not data:
             return
         wire = self.hub.metrics.wire
-        assert self.decoder is not None
+        decoder = self.decoder
+        assert decoder is not None
+        head = self.head
+        if head is not None:
+            head += data
         # The frames before a broken one count (DATA published, PING answered, HELLO
         # checked), then the error: the answer does not depend on how TCP split the bytes.
-        frames, error = self.decoder.feed_until_error(data)
+        frames, error = decoder.feed_until_error(data)
+        if head is not None:
+            if error is not None and not decoder.greeted:
+                self.hand_over()  # not a gateway client: it goes its original way
+                return
+            if decoder.greeted:
+                self.head = None
         wire.frames_in += len(frames)
         queued = False
         for frame in frames:
@@ -222,6 +241,17 @@ class Session(asyncio.Protocol):
             self.protocol_error(error)  # what was queued is published before the disconnect
         if queued and self.state == OPEN:
             self.hub.pump(self)
+
+    def hand_over(self) -> None:
+        """Relay this connection to the listener's passthrough address: it is no session."""
+        transport, upstream = self.transport, self.listener.upstream
+        assert transport is not None and upstream is not None and self.head is not None
+        previous = self.state
+        self.state = next_state(previous, Event.LOST)  # gone, as far as the gateway goes
+        self.close_reason = "passthrough"
+        self.hub.lost(self, previous)
+        self.hub.pass_through(transport, bytes(self.head), upstream)
+        self.head = None
 
     def eof_received(self) -> bool:
         return False  # half-closed is closed: the client cannot read replies it will not ask for

@@ -285,6 +285,9 @@ class GatewayWorker:
             for session in list(self.sessions.values()):
                 if session.transport is not None:
                     session.transport.abort()
+            for pipe in list(self.hub.relays if self.hub is not None else ()):
+                if pipe.transport is not None:
+                    pipe.transport.abort()  # pass-through connections end with the gateway
             for server in self.listeners:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.wait_closed(), 1)
