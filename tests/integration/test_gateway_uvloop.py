@@ -46,3 +46,48 @@ async def scenario(broker_url: str, tmp_path: Any, unique: str) -> None:
         for c in clients:
             await c.bye()
             assert c.closed_by is None or c.closed_by.type is FrameType.BYE
+
+
+def test_other_framings_proxy_header_and_passthrough_on_uvloop(broker_url, tmp_path, unique):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(listeners_scenario(broker_url, tmp_path, unique))
+
+
+async def listeners_scenario(broker_url: str, tmp_path: Any, unique: str) -> None:
+    assert "uvloop" in type(asyncio.get_running_loop()).__module__
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    listeners = [
+        {"port": 0, "passthrough": f"127.0.0.1:{up_port}"},
+        {"port": 0, "framing": "lines", "proxy_protocol": True},
+        {"port": 0, "framing": "length", "length_bytes": 2},
+    ]
+    s = gateway_settings(unique, listeners=listeners)
+    try:
+        async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
+            # pass-through: the transport handed from the session to the relay (set_protocol)
+            r, w = await asyncio.open_connection("127.0.0.1", gw.worker.ports["frames"])
+            w.write(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 200_000)
+            assert await r.readexactly(200_018) == b"GET / HTTP/1.1\r\n\r\n" + b"x" * 200_000
+            w.close()
+            r, w = await asyncio.open_connection("127.0.0.1", gw.worker.ports["lines+proxy"])
+            w.write(b"PROXY TCP4 203.0.113.1 10.0.0.1 4000 7000\r\nline\n")
+            assert await r.readline() == b"line\n"
+            w.close()
+            r, w = await asyncio.open_connection("127.0.0.1", gw.worker.ports["length"])
+            w.write(b"\x00\x03abc")
+            assert await r.readexactly(5) == b"\x00\x03abc"
+            w.close()
+            client = await gw.connect()
+            assert await client.request(b"framed") == b"framed"
+            await client.bye()
+            assert "203.0.113.1:4000" in {e.client_addr for e in gw.servers["s1"].events}
+    finally:
+        upstream.close()
+        await upstream.wait_closed()
