@@ -1,11 +1,13 @@
 """One client connection of the gateway: an ``asyncio.Protocol`` driving the framing core.
 
-A session owns its socket, its decoder (:class:`~workers.gateway.protocol.FrameDecoder` on a
-``frames`` listener; a :class:`StreamSession` has the codec of its listener's ``length``,
+A session owns its socket, its decoder (:class:`~workers.gateway.protocol.FrameDecoder` on
+a ``frames`` listener; a :class:`StreamSession` has the codec of its listener's ``length``,
 ``lines`` or ``raw`` framing and no HELLO), the PROXY protocol header's decoder when its
-listener wants one, and the queue of events waiting to be published to its server; the :class:`Hub` (the worker) owns the
-broker, the balancer and the publish window. Protocol callbacks instead of a reader task per
-connection keep an idle connection at a few kilobytes.
+listener wants one, and the queue of events waiting to be published to its server; on a
+``passthrough`` listener, a connection that is no gateway client is handed to the relay of
+:mod:`workers.gateway.passthrough`. The :class:`Hub` (the worker) owns the broker, the
+balancer and the publish window. Protocol callbacks instead of a reader task per connection
+keep an idle connection at a few kilobytes.
 
 States and their moves are the pure machine of :mod:`workers.gateway.states`: HANDSHAKE
 (accepted, waiting for HELLO) -> JOINING (HELLO accepted, waiting for a server) -> OPEN
@@ -85,9 +87,6 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_addr(str(peer[0]), peer[1])
     return str(peer or "?")
-
-
-E_BAD_PROXY_HEADER = "bad_proxy_header"
 
 
 class Session(asyncio.Protocol):
@@ -186,7 +185,7 @@ class Session(asyncio.Protocol):
         try:
             header = self.proxy.feed(data)
         except ProtocolError as exc:
-            self.fail(E_BAD_PROXY_HEADER, exc.message)
+            self.fail(exc.code, exc.message)  # bad_proxy_header
             return b""
         if header is None:
             return b""
