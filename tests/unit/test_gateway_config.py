@@ -128,3 +128,9 @@ def test_passthrough_address() -> None:
     assert GatewaySettings(listeners=[{"port": 1, "passthrough": "[::1]:80"}]).listeners[
         0
     ].upstream == ("::1", 80)
+
+
+def test_listeners_that_are_not_json_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_GATEWAY__LISTENERS", "[{port: 7001}]")
+    with pytest.raises(ValidationError, match="not a JSON list of listener objects"):
+        GatewaySettings()

@@ -140,7 +140,7 @@ class GatewaySettings(BaseSettings):
     tls_cert: Path | None = Field(default=None, description="PEM certificate chain")
     tls_key: Path | None = Field(default=None, description="PEM private key")
     backlog: int = Field(default=1024, ge=1, description="listen() backlog")
-    listeners: list[Listener] = Field(
+    listeners: Annotated[list[Listener], NoDecode] = Field(
         default_factory=list,
         description="JSON list of listening ports with their framing; set, it replaces "
         "port, tls_port and plain_listener",
@@ -264,6 +264,18 @@ class GatewaySettings(BaseSettings):
 
                 return json.loads(text)
             return [t.strip() for t in text.split(",") if t.strip()]
+        return value
+
+    @field_validator("listeners", mode="before")
+    @classmethod
+    def _listeners_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value) if value.strip() else []
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list of listener objects ({exc})") from None
         return value
 
     @model_validator(mode="after")
