@@ -16,7 +16,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -45,14 +45,19 @@ class Database:
         identity: dict[str, str] | None = None,
         identity_defaults: dict[str, str] | None = None,
         identity_hint: str = "see docs on changing it safely",
+        migrations: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         """``identity``: values the file must have been created with (a shard's index and
         count); ``identity_defaults``: what an existing file that predates a key is assumed to
-        have; ``identity_hint``: what the refusal tells the operator to do."""
+        have; ``identity_hint``: what the refusal tells the operator to do; ``migrations``:
+        for each older version ``v``, the statements that take a file from ``v`` to ``v + 1``
+        (run in one transaction with the schema, before it)."""
         self.path = Path(path)
         self.worker = worker
         self._identity_defaults = identity_defaults or {}
         self._identity_hint = identity_hint
+        self._migrations = dict(migrations or {})
+        self.migrated_from: int | None = None  # the version an older file was migrated from
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{worker}-store")
         self.conn = self._executor.submit(
             self._open, schema_version, list(schema), synchronous, identity or {}
@@ -103,7 +108,23 @@ class Database:
                         f"{self.path} was created with {key}={found_value}, but this process runs "
                         f"with {key}={expected}; {self._identity_hint}"
                     )
+            missing = [v for v in range(found, version) if v not in self._migrations]
+            if missing:
+                raise StoreError(
+                    f"{self.path} has schema version {found}, and this release ({version}) "
+                    f"cannot migrate it (no step from version {missing[0]}); run the release "
+                    "that wrote it, or move the file away to start empty"
+                )
             conn.execute("BEGIN IMMEDIATE")
+            for step in range(found, version):
+                for statement in self._migrations[step]:
+                    conn.execute(statement)
+            if found < version:
+                self.migrated_from = found
+                log.info(
+                    "state store migrated",
+                    extra={"path": str(self.path), "from": found, "to": version},
+                )
             for statement in schema:
                 conn.execute(statement)
             rows = {"worker": self.worker, "schema_version": str(version), **identity}

@@ -50,7 +50,11 @@ def bulk_store(path: Path, n: int, *, first_due: int, spread_ms: int) -> float:
             )
             for i in range(start, min(n, start + chunk))
         ]
-        conn.executemany("INSERT INTO pending VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany(
+            "INSERT INTO pending (mid, due_ms, topic, routing_key, key, message_id, props,"
+            " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()

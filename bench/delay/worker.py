@@ -150,7 +150,11 @@ class Worker:
     def lateness_from_histogram(self) -> dict[str, Any]:
         """Upper bucket bounds of p50/p99 of the worker's lateness histogram (publish - due)."""
         samples = self.process.metrics().get("bridge_delay_lateness_seconds_bucket", {})
-        buckets = sorted((float(dict(labels)["le"]), value) for labels, value in samples.items())
+        by_le: dict[float, float] = {}  # one series per topic: added up per bucket
+        for labels, value in samples.items():
+            le = float(dict(labels)["le"])
+            by_le[le] = by_le.get(le, 0.0) + value
+        buckets = sorted(by_le.items())
         total = buckets[-1][1] if buckets else 0
         out: dict[str, Any] = {"n": int(total)}
         for q in (50, 99):

@@ -438,8 +438,8 @@ async def test_metrics_and_admin_views(broker_url, amqp, tmp_path, unique):
             "bridge_delay_cancelled_total 1.0",
             "bridge_delay_replaced_total 1.0",
             f'bridge_delay_scheduled_messages{{topic="{sink.exchange}"}} 1.0',
-            "bridge_delay_lateness_seconds_count 1.0",
-            'bridge_delay_lateness_seconds_bucket{le="0.0001"}',
+            f'bridge_delay_lateness_seconds_count{{topic="{sink.exchange}"}} 1.0',
+            f'bridge_delay_lateness_seconds_bucket{{le="0.0001",topic="{sink.exchange}"}}',
             'bridge_delay_lane_busy_seconds_total{lane="0"}',
         ):
             assert line in text, line

@@ -268,10 +268,20 @@ async def test_lateness_percentiles_of_real_deliveries_come_back_from_prometheus
     prometheus, _, settings, unique = stack
     sink = await delay_helpers.make_sink(amqp, unique, SINK)
     client = await DelayClient(amqp, settings).open()
+    lateness = f'bridge_delay_lateness_seconds_count{{job="bridge-delay", topic="{sink.exchange}"}}'
     try:
+        # The topic's lateness series exists once a scrape saw the topic (a labelled series
+        # is exported from its first observation or stored message): rate() needs a sample
+        # before the deliveries it is to count.
+        await client.send(b"x", sink.exchange, delay_ms=0, message_id="first")
+        await asyncio.to_thread(
+            prometheus.wait_for,
+            "the topic's lateness series",
+            lambda: prometheus.query(lateness)["data"]["result"],
+        )
         for i in range(20):
             await client.send(b"x", sink.exchange, delay_ms=0, message_id=f"m{i}")
-        await sink.wait_for(20)
+        await sink.wait_for(21)
     finally:
         await client.close()
     (p99,) = [

@@ -93,6 +93,17 @@ def test_newer_schema_is_refused(tmp_path: Path):
         DirectedStore(tmp_path)
 
 
+def test_older_schema_without_a_migration_step_is_refused_and_untouched(tmp_path: Path):
+    DirectedStore(tmp_path).close()  # directed has no migrations: version 0 cannot be helped
+    path = tmp_path / "directed.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE bridge_meta SET value = '0' WHERE key = 'schema_version'")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="cannot migrate it"):
+        DirectedStore(tmp_path)
+    assert path.read_bytes() == before
+
+
 def test_failed_commit_forgets_new_target_numbers(tmp_path: Path):
     """A rolled-back transaction must not leave target numbers the file never got."""
     from bridge.store import transaction

@@ -240,7 +240,7 @@ def add_commands(sub: Any) -> None:
     add_timeout_option(cancel)
     cancel.set_defaults(func=_cmd_cancel)
     lst = cmds.add_parser("list", help="pending messages of a topic, paged")
-    lst.add_argument("topic", help="target exchange")
+    lst.add_argument("topic", help="a topic as counts names it (by default its target exchange)")
     lst.add_argument("--limit", type=int, default=20)
     lst.add_argument("--after", help="cursor ('next' of the previous page)")
     add_timeout_option(lst)

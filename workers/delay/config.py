@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from bridge.amqp.consumer import DELIVERY_LIMIT_REASON, PROCESSING_FAILED
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
-from workers.delay.wire import INVALID_HEADERS, REJECT_REASONS
+from workers.delay.wire import INVALID_HEADERS, REJECT_REASONS, TopicBy
 
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"
@@ -88,6 +88,13 @@ class DelaySettings(ShardFields, BaseSettings):
     default_target: str | None = Field(
         default=None, description="target exchange when a message has no x-target-exchange"
     )
+    topic_by: str = Field(
+        default="exchange",
+        description="what names a message's topic (its lane, and the name in counts, list and "
+        "the metrics): 'exchange' (the target exchange), 'exchange+routing_key', or "
+        "'header:<name>' (for example header:x-tenant; without it, the target exchange); "
+        "computed when a message arrives and stored with it",
+    )
     window_ms: int = Field(
         default=60_000, ge=1, description="near-term window held in memory (due within it)"
     )
@@ -110,7 +117,16 @@ class DelaySettings(ShardFields, BaseSettings):
     list_max: int = Field(default=1000, ge=1, description="cap on a list request's limit")
     max_control_bytes: int = Field(default=64 * 1024, ge=64)
     scheduled_metric_topics: int = Field(
-        default=50, ge=0, description="per-topic scheduled gauge keeps only the N largest"
+        default=50,
+        ge=0,
+        description="per-topic scheduled gauge keeps the N largest topics; the rest are "
+        "added up as topic 'other'",
+    )
+    lateness_metric_topics: int = Field(
+        default=20,
+        ge=0,
+        description="per-topic lateness histogram: the first N topics stored get a series of "
+        "their own, later ones share topic 'other' (until the worker restarts)",
     )
     consumer_check_s: float = Field(
         default=1.0,
@@ -146,6 +162,16 @@ class DelaySettings(ShardFields, BaseSettings):
         "default is 10; under load that is a full pass over the in-memory window, tens of ms, "
         "several times a second); 0 keeps the interpreter's setting",
     )
+
+    @field_validator("topic_by")
+    @classmethod
+    def _topic_by(cls, value: str) -> str:
+        TopicBy.parse(value)  # its ValueError names the three forms
+        return value
+
+    @property
+    def topic_rule(self) -> TopicBy:
+        return TopicBy.parse(self.topic_by)
 
     @model_validator(mode="after")
     def _check(self) -> DelaySettings:

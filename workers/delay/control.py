@@ -160,8 +160,9 @@ class ControlServer:
                 "due_ms": due,
                 "routing_key": routing_key,
                 "size": size,
+                "exchange": exchange,
             }
-            for mid, due, key, routing_key, message_id, size in rows
+            for mid, due, key, routing_key, message_id, size, exchange in rows
         ]
         last = rows[-1] if len(rows) == request.limit else None
         return {

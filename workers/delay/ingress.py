@@ -28,7 +28,13 @@ from workers.delay.deadletter import DeadLetters
 from workers.delay.ledger import Ledger, now_ms
 from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
 from workers.delay.store import Insert, KeyDelete, encode_headers, props_dict
-from workers.delay.wire import INVALID_HEADERS, Reject, parse_ingress, strip_control_headers
+from workers.delay.wire import (
+    INVALID_HEADERS,
+    Reject,
+    parse_ingress,
+    strip_control_headers,
+    topic_of,
+)
 
 log = logging.getLogger("bridge.delay")
 _json = json.JSONEncoder(separators=(",", ":")).encode  # stored properties, compact
@@ -58,6 +64,7 @@ class Ingress:
         self._accepted = received.labels("accepted")
         self.replaced = replaced
         self.kick = kick
+        self.topic_rule = settings.topic_rule
         self.consumer: Consumer | None = None
 
     def on_delivery(self, delivered: Delivery) -> Coroutine[Any, Any, None] | None:
@@ -107,10 +114,13 @@ class Ingress:
             scheduler.remove_key(key)
             replace = KeyDelete(key, mid, scheduler.key_mids(key))
             ledger.append(replace)
+        exchange = decision.exchange
+        topic = topic_of(self.topic_rule, exchange, delivered.routing_key, headers)
         op = Insert(
             mid=mid,
             due_ms=decision.due_ms,
-            topic=decision.topic,
+            topic=topic,
+            exchange=None if topic == exchange else exchange,
             routing_key=delivered.routing_key,
             key=key,
             message_id=message_id,

@@ -121,6 +121,18 @@ class _Item:
     row: StoredMessage
 
 
+def _runs(items: list[_Item]) -> list[tuple[str, list[_Item]]]:
+    """A topic's batch in runs of consecutive messages to one target exchange (a topic that
+    is not its exchange, ``TOPIC_BY``, may send into several)."""
+    runs: list[tuple[str, list[_Item]]] = []
+    for item in items:
+        if runs and runs[-1][0] == item.row.exchange:
+            runs[-1][1].append(item)
+        else:
+            runs.append((item.row.exchange, [item]))
+    return runs
+
+
 def _outcome(error: BaseException) -> Outcome:
     """What a failed publish means for the message: dead-lettered with the reason if the
     broker returned it or the exchange is missing, else retried."""
@@ -164,7 +176,7 @@ class Lane:
         settings: DelaySettings,
         db_path: Path,
         report: Callable[[LaneReport], None],
-        observe_lateness: Callable[[float], None],
+        observe_lateness: Callable[[str, float], None],
         add_busy: Callable[[int, float], None],
         verified: Verified | None = None,
     ) -> None:
@@ -318,7 +330,11 @@ class Lane:
                 else:
                     items.append(_Item(entry, row))
             try:
-                await self._publish_batch(a.topic, items, report)
+                for exchange, run in _runs(items):
+                    if report.retry:  # an earlier run goes again: order within the topic
+                        report.retry.extend(i.entry.mid for i in run)
+                        continue
+                    await self._publish_batch(exchange, run, report)
             except Exception as exc:  # never kill the lane: retry
                 log.exception("lane batch failed", extra={"lane": self.index, "topic": a.topic})
                 done = {*report.sent, *(m for m, _ in report.dead), *report.gone}
@@ -421,7 +437,7 @@ class Lane:
         futures = []
         for item in items:
             row = item.row
-            self._observe_lateness(now - item.entry.due_ms / 1000)
+            self._observe_lateness(item.entry.topic, now - item.entry.due_ms / 1000)
             futures.append(
                 publisher.publish(
                     topic,

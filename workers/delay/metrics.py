@@ -2,11 +2,19 @@
 
 Lanes update the lateness histogram and their busy counter from their own threads
 (prometheus_client metrics are thread-safe); everything else is updated on the worker's loop.
+
+Topics are labels with bounded cardinality (``BRIDGE_DELAY__TOPIC_BY`` can make one per
+tenant): the scheduled gauge shows the N largest topics and adds the rest up as ``other``;
+the lateness histogram gives the first N topics stored a series each and the rest ``other``.
+A topic's lateness series is created (at zero) at the first scrape that sees it stored, so
+``rate()`` counts its first deliveries too when they fall due after that scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import heapq
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,16 +46,57 @@ LATENCY_BUCKETS = (
 )
 
 
+OTHER = "other"  # the label of every topic beyond the bound
+
+
+class TopicLabels:
+    """The first ``limit`` topics asked for keep their own label; later ones are ``other``.
+    Thread-safe (the lanes ask from their threads). A topic literally named ``other`` shares
+    that series."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def full(self) -> bool:
+        return len(self._known) >= self._limit
+
+    def __call__(self, topic: str) -> str:
+        if topic in self._known:
+            return topic
+        with self._lock:
+            if len(self._known) < self._limit:
+                self._known.add(topic)
+                return topic
+        return OTHER
+
+
+def top_and_other(counts: dict[str, int], n: int) -> list[tuple[str, int]]:
+    """The ``n`` largest ``counts`` and, if any are left, ``("other", their sum)``."""
+    top = heapq.nlargest(n, counts.items(), key=lambda kv: kv[1]) if n > 0 else []
+    rest = sum(counts.values()) - sum(c for _, c in top)
+    if len(top) < len(counts):
+        top.append((OTHER, rest))
+    return top
+
+
 class _StateCollector(Collector):
     """Gauges computed at scrape time, including the bounded per-topic scheduled count."""
 
-    def __init__(self, ledger: Ledger, scheduled_topics: int) -> None:
+    def __init__(
+        self, ledger: Ledger, scheduled_topics: int, track: Callable[[Iterable[str]], None]
+    ) -> None:
         self.ledger = ledger
         self.scheduled_topics = scheduled_topics
+        self.track = track
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         ledger = self.ledger
         scheduler = ledger.scheduler
+        counts = dict(ledger.topic_counts)
+        self.track(counts)
         yield CounterMetricFamily(
             "bridge_delay_commit_failures",
             "state commits that failed (disk full, read-only, I/O error) and are retried; "
@@ -56,11 +105,11 @@ class _StateCollector(Collector):
         )
         scheduled = GaugeMetricFamily(
             "bridge_delay_scheduled_messages",
-            "stored messages not yet confirmed at their target, per topic (only the N largest "
-            "topics, BRIDGE_DELAY__SCHEDULED_METRIC_TOPICS)",
+            "stored messages not yet confirmed at their target, per topic (the N largest "
+            "topics, BRIDGE_DELAY__SCHEDULED_METRIC_TOPICS; the rest added up as 'other')",
             labels=["topic"],
         )
-        for topic, count in ledger.top_topics(self.scheduled_topics):
+        for topic, count in top_and_other(counts, self.scheduled_topics):
             scheduled.add_metric([topic], count)
         yield scheduled
         yield GaugeMetricFamily(
@@ -133,10 +182,13 @@ class DelayMetrics:
         )
         self.lateness = Histogram(
             "bridge_delay_lateness_seconds",
-            "publish time minus due time",
+            "publish time minus due time, per topic (the first N topics stored, "
+            "BRIDGE_DELAY__LATENESS_METRIC_TOPICS; the rest as 'other')",
+            ["topic"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self._lateness_label = TopicLabels(settings.lateness_metric_topics)
         self.lane_busy = Counter(
             "bridge_delay_lane_busy_seconds_total",
             "time each sender lane spent on batches",
@@ -153,7 +205,20 @@ class DelayMetrics:
 
     def watch(self, ledger: Ledger) -> None:
         """Report the ledger's state (stored, window, lanes) at each scrape."""
-        self.registry.register(_StateCollector(ledger, self.settings.scheduled_metric_topics))
+        self.registry.register(
+            _StateCollector(ledger, self.settings.scheduled_metric_topics, self.track_topics)
+        )
+
+    def track_topics(self, topics: Iterable[str]) -> None:
+        """Create the lateness series of stored topics (at zero) while labels are left."""
+        label = self._lateness_label
+        for topic in topics:
+            if label.full:
+                return
+            self.lateness.labels(label(topic))
+
+    def observe_lateness(self, topic: str, seconds: float) -> None:
+        self.lateness.labels(self._lateness_label(topic)).observe(seconds)
 
     def add_busy(self, lane: int, seconds: float) -> None:
         self._busy_children[lane].inc(seconds)

@@ -3,7 +3,9 @@ them, and the reads the loader, the lanes and the control RPC need.
 
 One file, ``<state_dir>/delay/delay.sqlite3``, one table ``pending``: a row per message that
 was accepted and not yet confirmed by the broker at its target (or dead-lettered). ``mid`` is
-the arrival order. The row is the truth; the in-memory scheduler holds only a near-term
+the arrival order. ``topic`` is the message's topic (``BRIDGE_DELAY__TOPIC_BY``, computed at
+ingress); ``exchange`` is its target exchange, NULL when it is the topic itself (the default,
+and every row of a version 1 file, whose topic was always the target exchange). The row is the truth; the in-memory scheduler holds only a near-term
 window of ``(mid, topic, due, key)`` hints. A lane that finds no row for a hint (cancelled or
 replaced while the hint travelled) skips it.
 
@@ -31,7 +33,7 @@ from bridge.amqp import frames
 from bridge.sharding import SHARD_COUNT_HINT
 from bridge.store import Database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pending (
         mid INTEGER PRIMARY KEY,
@@ -42,13 +44,16 @@ SCHEMA = (
         message_id TEXT,
         props TEXT NOT NULL,
         headers BLOB,
-        body BLOB NOT NULL)""",
+        body BLOB NOT NULL,
+        exchange TEXT)""",
     # The rowid is appended to every index entry, so this is the (due_ms, mid) order.
     "CREATE INDEX IF NOT EXISTS pending_due ON pending (due_ms)",
     "CREATE INDEX IF NOT EXISTS pending_topic ON pending (topic, due_ms)",
     "CREATE INDEX IF NOT EXISTS pending_key ON pending (key) WHERE key IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS pending_message_id ON pending (message_id)",
 )
+# Version 1 had no exchange column: its topic was the target exchange (NULL says just that).
+MIGRATIONS = {1: ("ALTER TABLE pending ADD COLUMN exchange TEXT",)}
 MAX_MID = (1 << 63) - 1
 FILE_NAME = "delay.sqlite3"
 
@@ -133,6 +138,7 @@ class Insert:
     props: str
     headers: bytes | None
     body: bytes
+    exchange: str | None = None  # the target exchange when it is not ``topic``
     in_window: bool = False
 
     def row(self) -> tuple[Any, ...]:
@@ -146,6 +152,7 @@ class Insert:
             self.props,
             self.headers,
             self.body,
+            self.exchange,
         )
 
 
@@ -182,6 +189,7 @@ class Loaded:
 @dataclass(slots=True)
 class StoredMessage:
     mid: int
+    exchange: str  # where it is published when due
     routing_key: str
     message_id: str | None
     props: dict[str, Any]
@@ -218,6 +226,7 @@ class DelayStore:
             identity=identity,
             identity_defaults={"shard_count": "1", "shard_index": "0"},
             identity_hint=SHARD_COUNT_HINT,
+            migrations=MIGRATIONS,
         )
         self.db.run_sync(lambda c: c.execute(f"PRAGMA cache_size=-{cache_mb * 1024}"))
         # Owned by the writer thread: everything at or before this (due_ms, mid) position has
@@ -335,10 +344,11 @@ class DelayStore:
     @staticmethod
     def page(
         conn: sqlite3.Connection, topic: str, after: tuple[int, int] | None, limit: int
-    ) -> list[tuple[int, int, str | None, str, str | None, int]]:
+    ) -> list[tuple[int, int, str | None, str, str | None, int, str]]:
         due, mid = after if after is not None else (-1, -1)
         return conn.execute(
-            "SELECT mid, due_ms, key, routing_key, message_id, length(body) FROM pending"
+            "SELECT mid, due_ms, key, routing_key, message_id, length(body),"
+            " coalesce(exchange, topic) FROM pending"
             " WHERE topic = ? AND (due_ms, mid) > (?, ?) ORDER BY due_ms, mid LIMIT ?",
             (topic, due, mid, limit),
         ).fetchall()
@@ -365,9 +375,9 @@ class DelayStore:
 
 
 # Statement sizes for multi-row writes: few distinct statements, so sqlite3's statement
-# cache keeps them compiled. 256 rows x 9 columns stays under SQLite's variable limit.
+# cache keeps them compiled. 256 rows x 10 columns stays under SQLite's variable limit.
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
-_COLUMNS = "(mid, due_ms, topic, routing_key, key, message_id, props, headers, body)"
+_COLUMNS = "(mid, due_ms, topic, routing_key, key, message_id, props, headers, body, exchange)"
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -382,7 +392,7 @@ def _chunks(n: int) -> list[tuple[int, int]]:
 
 @functools.cache
 def _insert_sql(rows: int) -> str:
-    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     return f"INSERT INTO pending {_COLUMNS} VALUES {values}"
 
 
@@ -417,13 +427,14 @@ def fetch_messages(conn: sqlite3.Connection, mids: Iterable[int]) -> dict[int, S
     for start in range(0, len(wanted), 900):
         chunk = wanted[start : start + 900]
         marks = ",".join("?" * len(chunk))
-        for mid, routing_key, message_id, props, headers, body in conn.execute(
-            "SELECT mid, routing_key, message_id, props, headers, body FROM pending"
-            f" WHERE mid IN ({marks})",
+        for mid, exchange, routing_key, message_id, props, headers, body in conn.execute(
+            "SELECT mid, coalesce(exchange, topic), routing_key, message_id, props, headers,"
+            f" body FROM pending WHERE mid IN ({marks})",
             chunk,
         ):
             out[mid] = StoredMessage(
                 mid=mid,
+                exchange=exchange,
                 routing_key=routing_key,
                 message_id=message_id,
                 props=json.loads(props),

@@ -5,6 +5,9 @@ requests. No I/O.
   ``Schedule`` (when, and into which exchange, to publish it) or a ``Reject`` whose ``reason``
   becomes the ``x-dead-reason`` header on ``delay.dead``. Time comes in as integer epoch
   milliseconds.
+* ``topic_of`` names the message's *topic* (the seed's business topic: the lane it is sent
+  by, and the name ``counts``, ``list`` and the metrics use) as ``BRIDGE_DELAY__TOPIC_BY``
+  says: its target exchange, its exchange and routing key, or the value of a header.
 * The control RPC on ``delay.control``: requests are JSON objects with ``reply_to`` and
   ``correlation_id``:
 
@@ -56,10 +59,10 @@ _INT_TEXT = re.compile(r"-?[0-9]+")
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """Accepted: publish into exchange ``topic`` at ``due_ms``; ``key`` is for replace/cancel."""
+    """Accepted: publish into ``exchange`` at ``due_ms``; ``key`` is for replace/cancel."""
 
     due_ms: int
-    topic: str
+    exchange: str
     key: str | None
 
 
@@ -161,15 +164,15 @@ def parse_ingress(
         # An explicit but unusable target is refused even with a default configured: the
         # producer asked for a specific exchange, and the default is not what it meant.
         raw = h[X_TARGET_EXCHANGE]
-        topic = _as_name(raw)
-        if topic is None:
+        exchange = _as_name(raw)
+        if exchange is None:
             return Reject(
                 MISSING_TARGET,
                 "x-target-exchange must be a non-empty exchange name of at most "
                 f"{_MAX_NAME_BYTES} bytes, got {_show(raw)}",
             )
     elif default_target:
-        topic = default_target
+        exchange = default_target
     else:
         return Reject(
             MISSING_TARGET, "x-target-exchange is not set and no default target is configured"
@@ -185,7 +188,65 @@ def parse_ingress(
                 f"x-delay-key must be a non-empty string of at most {_MAX_NAME_BYTES} bytes, "
                 f"got {_show(raw)}",
             )
-    return Schedule(due_ms=due_ms, topic=topic, key=key)
+    return Schedule(due_ms=due_ms, exchange=exchange, key=key)
+
+
+# --------------------------------------------------------------------------- topics
+
+TOPIC_BY_EXCHANGE = "exchange"
+TOPIC_BY_ROUTING_KEY = "exchange+routing_key"
+TOPIC_BY_HEADER = "header:"
+# Between the exchange and the routing key in an ``exchange+routing_key`` topic. Two pairs
+# that print alike only share a lane; where each message goes is stored apart.
+TOPIC_SEPARATOR = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicBy:
+    """What names a message's topic: ``kind`` is ``exchange``, ``exchange+routing_key`` or
+    ``header``; ``header`` is the header's name for the last."""
+
+    kind: str
+    header: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TopicBy:
+        """``exchange`` | ``exchange+routing_key`` | ``header:<name>``; ValueError otherwise."""
+        if text in (TOPIC_BY_EXCHANGE, TOPIC_BY_ROUTING_KEY):
+            return cls(text)
+        if text.startswith(TOPIC_BY_HEADER):
+            name = text[len(TOPIC_BY_HEADER) :]
+            if not name or len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+                raise ValueError(f"header:<name> needs a header name of 1..255 bytes, got {text!r}")
+            if name in CONTROL_HEADERS:
+                raise ValueError(f"{name} is a control header the worker strips; name another")
+            return cls("header", name)
+        raise ValueError(
+            f"must be {TOPIC_BY_EXCHANGE!r}, {TOPIC_BY_ROUTING_KEY!r} or 'header:<name>' "
+            f"(for example header:x-tenant), got {text!r}"
+        )
+
+    def __str__(self) -> str:
+        return f"{TOPIC_BY_HEADER}{self.header}" if self.kind == "header" else self.kind
+
+
+def topic_of(
+    by: TopicBy, exchange: str, routing_key: str, headers: Mapping[str, object] | None
+) -> str:
+    """The topic of an accepted message, computed once at ingress and stored with it.
+
+    ``header:<name>``: the header's value as text (a string, or an integer written in
+    decimal); a message without it, or with a value that is neither or longer than 255 bytes,
+    is in its target exchange's topic, as with ``exchange``.
+    """
+    if by.kind == TOPIC_BY_ROUTING_KEY:
+        return f"{exchange}{TOPIC_SEPARATOR}{routing_key}"
+    if by.kind == "header" and headers:
+        raw = headers.get(by.header or "")
+        value = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else _as_name(raw)
+        if value is not None and len(value.encode("utf-8")) <= _MAX_NAME_BYTES:
+            return value
+    return exchange
 
 
 def strip_control_headers(headers: Mapping[str, object] | None) -> dict[str, object]:

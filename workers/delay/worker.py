@@ -151,7 +151,7 @@ class DelayWorker:
                 settings=s,
                 db_path=store.path,
                 report=dispatcher.report_from_lane,
-                observe_lateness=metrics.lateness.observe,
+                observe_lateness=metrics.observe_lateness,
                 add_busy=metrics.add_busy,
                 verified=verified,
             )

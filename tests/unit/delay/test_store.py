@@ -15,6 +15,7 @@ from bridge.amqp.frames import Properties
 from workers.delay.store import (
     MAX_MID,
     SCHEMA,
+    SCHEMA_VERSION,
     DelayStore,
     Delete,
     Insert,
@@ -23,6 +24,8 @@ from workers.delay.store import (
     build_properties,
     decode_headers,
     encode_headers,
+    fetch_messages,
+    open_reader,
     props_dict,
 )
 
@@ -159,3 +162,75 @@ def test_schema_statements_are_idempotent() -> None:
         for statement in SCHEMA:
             conn.execute(statement)
     conn.close()
+
+
+# The file a release before TOPIC_BY wrote (schema version 1), as it wrote it.
+V1_SCHEMA = (
+    """CREATE TABLE bridge_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE pending (
+        mid INTEGER PRIMARY KEY,
+        due_ms INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        key TEXT,
+        message_id TEXT,
+        props TEXT NOT NULL,
+        headers BLOB,
+        body BLOB NOT NULL)""",
+    "CREATE INDEX pending_due ON pending (due_ms)",
+    "CREATE INDEX pending_topic ON pending (topic, due_ms)",
+    "CREATE INDEX pending_key ON pending (key) WHERE key IS NOT NULL",
+    "CREATE INDEX pending_message_id ON pending (message_id)",
+    "INSERT INTO bridge_meta VALUES ('worker', 'delay'), ('schema_version', '1')",
+)
+
+
+def write_v1_file(directory, rows: list[tuple[int, int, str]]) -> None:
+    """A version 1 state file with ``(mid, due_ms, topic)`` rows (topic = target exchange)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(directory / "delay.sqlite3")
+    for statement in V1_SCHEMA:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO pending VALUES (?, ?, ?, 'rk', NULL, ?, json_object('message_id', ?4), NULL, x'6869')",
+        [(mid, due, topic, f"m{mid}") for mid, due, topic in rows],
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_1_file_is_migrated_and_its_rows_keep_their_exchange(tmp_path) -> None:
+    write_v1_file(tmp_path, [(1, 1000, "orders"), (2, 2000, "billing")])
+    store = DelayStore(tmp_path)
+    try:
+        assert store.db.migrated_from == 1
+        version = store.db.run_sync(
+            lambda c: c.execute(
+                "SELECT value FROM bridge_meta WHERE key = 'schema_version'"
+            ).fetchone()[0]
+        )
+        assert version == str(SCHEMA_VERSION) == "2"
+        new = _insert(3, 3000, "acme")
+        new.exchange = "orders"
+        store.db.run_sync(lambda c: _apply(store, c, [new]))
+        reader = open_reader(store.path)
+        try:
+            rows = fetch_messages(reader, [1, 2, 3])
+            assert {m: (r.exchange, r.body) for m, r in rows.items()} == {
+                1: ("orders", b"hi"),
+                2: ("billing", b"hi"),
+                3: ("orders", b"x"),
+            }
+            assert DelayStore.counts(reader) == {
+                "orders": (1, 1000),
+                "billing": (1, 2000),
+                "acme": (1, 3000),
+            }
+            assert [r[-1] for r in DelayStore.page(reader, "acme", None, 10)] == ["orders"]
+        finally:
+            reader.close()
+    finally:
+        store.close()
+    reopened = DelayStore(tmp_path)  # now a version 2 file: nothing more to migrate
+    assert reopened.db.migrated_from is None
+    reopened.close()

@@ -221,3 +221,52 @@ def test_parse_request_errors(body: bytes, code: str) -> None:
 @given(st.integers(-(10**15), 10**15), st.integers(0, MAX_MID))
 def test_cursor_round_trip(due: int, mid: int) -> None:
     assert wire.decode_cursor(wire.encode_cursor(due, mid)) == (due, mid)
+
+
+# ---------------------------------------------------------------- topics (TOPIC_BY)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("exchange", wire.TopicBy("exchange")),
+        ("exchange+routing_key", wire.TopicBy("exchange+routing_key")),
+        ("header:x-tenant", wire.TopicBy("header", "x-tenant")),
+    ],
+)
+def test_topic_by_parses_the_three_forms_and_prints_them_back(text, expected) -> None:
+    rule = wire.TopicBy.parse(text)
+    assert rule == expected and str(rule) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", "Exchange", "routing_key", "header:", "header:x-delay", "header:" + "h" * 256]
+)
+def test_topic_by_refuses_anything_else_with_the_forms_named(text) -> None:
+    with pytest.raises(ValueError, match=r"header"):
+        wire.TopicBy.parse(text)
+
+
+TENANT = wire.TopicBy("header", "x-tenant")
+
+
+@pytest.mark.parametrize(
+    ("rule", "routing_key", "headers", "topic"),
+    [
+        (wire.TopicBy("exchange"), "eu.created", {"x-tenant": "acme"}, "orders"),
+        (wire.TopicBy("exchange+routing_key"), "eu.created", None, "orders/eu.created"),
+        (wire.TopicBy("exchange+routing_key"), "", None, "orders/"),
+        (TENANT, "rk", {"x-tenant": "acme"}, "acme"),
+        (TENANT, "rk", {"x-tenant": b"acme"}, "acme"),
+        (TENANT, "rk", {"x-tenant": 42}, "42"),
+        (TENANT, "rk", {"x-tenant": True}, "orders"),
+        (TENANT, "rk", {"x-tenant": ""}, "orders"),
+        (TENANT, "rk", {"x-tenant": {"nested": 1}}, "orders"),
+        (TENANT, "rk", {"x-tenant": "t" * 256}, "orders"),
+        (TENANT, "rk", {"x-tenant": b"\xff"}, "orders"),
+        (TENANT, "rk", {"other": "acme"}, "orders"),
+        (TENANT, "rk", None, "orders"),
+    ],
+)
+def test_topic_of(rule, routing_key, headers, topic) -> None:
+    assert wire.topic_of(rule, "orders", routing_key, headers) == topic
