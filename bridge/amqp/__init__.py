@@ -16,8 +16,10 @@ Nothing outside this package imports aiormq or pamqp.
 """
 
 from bridge.amqp.topology import (
+    DELAYED_MESSAGE_TYPE,
     QUORUM,
     Broker,
+    check_exchanges,
     close_channels,
     connect_once,
     declare_dead_letter,
@@ -27,8 +29,10 @@ from bridge.amqp.topology import (
 )
 
 __all__ = [
+    "DELAYED_MESSAGE_TYPE",
     "QUORUM",
     "Broker",
+    "check_exchanges",
     "close_channels",
     "connect_once",
     "declare_dead_letter",

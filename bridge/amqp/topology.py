@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -24,7 +25,7 @@ from aio_pika.abc import (
 )
 
 from bridge.amqp.endpoint import describe_connect_error
-from bridge.errors import BrokerUnavailable
+from bridge.errors import BrokerUnavailable, ConfigError
 from bridge.settings import HostSettings, redact_url
 
 log = logging.getLogger("bridge.amqp")
@@ -161,6 +162,60 @@ async def declare_dead_letter(
     ex = await declare_exchange(channel, exchange, ExchangeType.FANOUT)
     await declare_quorum_queue(channel, queue, bind=(ex, ""))
     return ex
+
+
+# What a 406 on an exchange declaration names as the type the exchange has.
+_CURRENT_TYPE = re.compile(r"inequivalent arg 'type' .* current is '([^']*)'")
+DELAYED_MESSAGE_TYPE = "x-delayed-message"  # the delayed-message plugin's exchange type
+
+
+async def check_exchanges(
+    url: str,
+    wanted: Sequence[tuple[str, str, str]],
+    hints: Mapping[str, str] | None = None,
+) -> None:
+    """Before declaring anything: that each ``(name, kind, setting)`` exchange either does not
+    exist yet or exists as the worker would declare it (durable, of type ``kind``).
+
+    Uses a throw-away connection (the broker closes a channel on each refusal) and changes
+    nothing: an existing exchange is declared again only as it is, and one that does not
+    exist is left for the worker to declare. Raises :class:`ConfigError`, one line per
+    exchange, naming the setting and what to do; ``hints`` maps an existing exchange type
+    to the advice for it (the delayed-message plugin's, say).
+    """
+    conn = await connect_once(url)
+    problems: list[str] = []
+    try:
+        for name, kind, setting in wanted:
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                await channel.declare_exchange(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                continue  # the worker declares it
+            finally:
+                await close_channels(channel)
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                await channel.declare_exchange(name, ExchangeType(kind), durable=True)
+            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+                reason = str(exc)
+                found = _CURRENT_TYPE.search(reason)
+                current = found.group(1) if found else None
+                advice = (hints or {}).get(
+                    current or "",
+                    "Delete it if nothing else uses it, or give the worker another name.",
+                )
+                what = f"type {current}" if current else reason.split(" - ", 1)[-1]
+                problems.append(
+                    f"{setting}={name}: that exchange already exists with {what}, the worker "
+                    f"needs a durable {kind} exchange; nothing was declared. {advice}"
+                )
+            finally:
+                await close_channels(channel)
+    finally:
+        await conn.close()
+    if problems:
+        raise ConfigError(*problems)
 
 
 def header_str(value: Any) -> str | None:

@@ -26,7 +26,13 @@ import sys
 import time
 from typing import Any
 
-from bridge.amqp import declare_dead_letter, declare_exchange, declare_quorum_queue
+from bridge.amqp import (
+    DELAYED_MESSAGE_TYPE,
+    check_exchanges,
+    declare_dead_letter,
+    declare_exchange,
+    declare_quorum_queue,
+)
 from bridge.amqp.consumer import Consumer, Lease, QueueSpec, cancel_all, drain_all
 from bridge.amqp.frames import Delivery
 from bridge.amqp.link import Link
@@ -48,6 +54,14 @@ from workers.delay.shards import DelayShards, chx_arguments
 from workers.delay.store import DelayStore, Op
 
 log = logging.getLogger("bridge.delay")
+
+# What to do when a name the worker needs is a delayed-message plugin exchange.
+MIGRATION_HINTS = {
+    DELAYED_MESSAGE_TYPE: "It is the delayed-message plugin's exchange: keep it and give the "
+    "worker its own (the default delay.in; producers add x-target-exchange), or take over "
+    "its name once the plugin holds no message (docs/delay.md, 'Migrating from "
+    "rabbitmq-delayed-message-exchange')."
+}
 
 
 class DelayWorker:
@@ -86,6 +100,9 @@ class DelayWorker:
     async def start(self, ctx: WorkerContext) -> None:
         s = self.settings
         started = time.perf_counter()
+        # Before anything is opened or declared: a name taken by another kind of exchange (the
+        # delayed-message plugin's) is one line saying what to do, not a half-declared topology.
+        await check_exchanges(ctx.broker.url, self._exchanges(), MIGRATION_HINTS)
         if s.switch_interval_ms > 0:
             sys.setswitchinterval(s.switch_interval_ms / 1000)
         if s.gc_gen2_threshold > 0:
@@ -186,6 +203,15 @@ class DelayWorker:
                 "seconds": round(self.started_s, 3),
             },
         )
+
+    def _exchanges(self) -> list[tuple[str, str, str]]:
+        """(name, type, setting) of the exchanges the worker declares, checked first."""
+        s = self.settings
+        return [
+            (s.in_exchange, "topic", "BRIDGE_DELAY__IN_EXCHANGE"),
+            (s.dead_exchange, "fanout", "BRIDGE_DELAY__DEAD_EXCHANGE"),
+            (s.control_exchange, "fanout", "BRIDGE_DELAY__CONTROL_EXCHANGE"),
+        ]
 
     async def _declare_topology(self, broker: Any) -> tuple[QueueSpec, list[QueueSpec]]:
         """Ingress and control topology; returns the ingress queue and the control queues
