@@ -13,6 +13,12 @@ computes the exchange's routing exactly as the plugin does (RabbitMQ 3.8 to 3.13
 - bucket ``i`` belongs to the ``i``-th binding made (a binding of weight ``w`` takes ``w``
   consecutive buckets).
 
+With ``hash-header`` the hashed value is not the header's bytes but its typed AMQP value as
+RabbitMQ holds it, the pair ``{Type, Value}``: ``{longstr, <<"k">>}`` for a long string,
+``{binary, <<"k">>}`` for a byte array ('x'). :func:`chx_header_bucket` computes
+``erlang:phash2`` of such a pair (erts ``make_hash2`` for a 2-tuple of an atom and a binary,
+the atom hashed by the atom table's hashpjw).
+
 Shard queues are bound with weight 1 in shard order, so bucket ``i`` is shard ``i``. The tests
 check this function against the broker's real routing and against ``erl`` when installed.
 
@@ -40,6 +46,8 @@ CHX_PLUGIN = "rabbitmq_consistent_hash_exchange"
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 _HCONST = 0x9E3779B9  # the golden ratio, lookup2's initial a and b
+_HCONST_3 = (_HCONST * 3) & _M32  # make_hash2's constant for an atom inside a term
+_HCONST_9 = (_HCONST * 9) & _M32  # ... for a tuple's arity
 _HCONST_13 = (_HCONST * 13) & _M32  # erts make_hash2's constant for binaries
 _PHASH2_RANGE = (1 << 27) - 1
 
@@ -68,10 +76,39 @@ def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
 
 def phash2_binary(data: bytes) -> int:
     """``erlang:phash2(Data)`` for a binary ``Data`` (a stable function, documented as such)."""
+    return _hash2_binary(data, 0) & _PHASH2_RANGE
+
+
+def _uint32_hash(x: int, aconst: int, h: int) -> int:
+    """make_hash2's ``UINT32_HASH(x, AConst)``: mixes ``x`` into the running hash ``h``."""
+    return _mix((aconst + x) & _M32, aconst, h)[2]
+
+
+def _atom_hash(name: str) -> int:
+    """The atom table's hash of an atom (hashpjw over its latin-1 text)."""
+    h = 0
+    for v in name.encode("latin-1"):
+        h = ((h << 4) + v) & _M32
+        g = h & 0xF0000000
+        if g:
+            h ^= g >> 24
+            h ^= g
+    return h
+
+
+def phash2_tagged(tag: str, data: bytes) -> int:
+    """``erlang:phash2({Tag, Data})`` for an atom ``Tag`` and a binary ``Data``."""
+    h = _uint32_hash(2, _HCONST_9, 0)  # the tuple's arity
+    h = _uint32_hash(_atom_hash(tag), _HCONST_3, h)  # element 1, then element 2
+    return _hash2_binary(data, h) & _PHASH2_RANGE
+
+
+def _hash2_binary(data: bytes, h: int) -> int:
+    """make_hash2 of a binary reached with running hash ``h`` (0 for a binary alone)."""
     if not data:
-        return _HCONST_13 & _PHASH2_RANGE
+        return (_HCONST_13 + h) & _M32
     a = b = _HCONST
-    c = _HCONST_13
+    c = (_HCONST_13 + h) & _M32
     n = len(data)
     i = 0
     while n - i >= 12:
@@ -88,7 +125,7 @@ def phash2_binary(data: bytes) -> int:
         b = (b + int.from_bytes(rest[4:8], "little")) & _M32
     if rest:
         a = (a + int.from_bytes(rest[:4], "little")) & _M32
-    return _mix(a, b, c)[2] & _PHASH2_RANGE
+    return _mix(a, b, c)[2]
 
 
 def _xorshift64star(r: int) -> tuple[int, int]:
@@ -151,6 +188,21 @@ def chx_bucket(routing_key: str | bytes, buckets: int) -> int:
     """The bucket the consistent-hash exchange picks for ``routing_key``."""
     data = routing_key.encode() if isinstance(routing_key, str) else routing_key
     return jump_consistent_hash(phash2_binary(data), buckets)
+
+
+def chx_header_bucket(value: object, buckets: int) -> int | None:
+    """The bucket the consistent-hash exchange picks for a message whose ``hash-header`` has
+    this decoded value (:mod:`bridge.amqp.frames`: ``str`` or non-UTF-8 ``bytes`` for a long
+    string, ``bytearray`` for a byte array); None for another type (not computed here)."""
+    if isinstance(value, bytearray):
+        key = phash2_tagged("binary", bytes(value))
+    elif isinstance(value, str):
+        key = phash2_tagged("longstr", value.encode("utf-8"))
+    elif isinstance(value, bytes):
+        key = phash2_tagged("longstr", value)
+    else:
+        return None
+    return jump_consistent_hash(key, buckets)
 
 
 class ShardFields(BaseModel):

@@ -18,7 +18,7 @@ import pytest
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess
-from bridge.sharding import Shard, shard_queue
+from bridge.sharding import Shard, chx_header_bucket, shard_queue
 from tests.integration.delay_helpers import delay_settings, env_for, make_sink
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
@@ -191,3 +191,67 @@ async def test_two_delay_shards(chx_broker, tmp_path, unique):
     text = (tmp_path / "shard-1.log").read_text()
     assert "shard_count=2" in text and "shard_count=3" in text
     await cleanup(broker_url, s, [], [])
+
+
+async def test_keyed_versions_meet_in_one_shard_while_the_ring_is_out_of_order(
+    chx_broker, tmp_path, unique
+):
+    """A ring left out of shard order (a binding re-created, as after a broker restart) sends
+    a new version of a key to the wrong shard; that shard computes the key's owner exactly
+    (the exchange's hash of the typed header value) and forwards it there, so the new
+    version replaces the pending one: one version delivered, never two."""
+    broker_url = chx_broker
+    s = delay_settings(unique, shards_exchange=f"{unique}.delay.in.shards", lanes=2)
+    procs = [start_shard(s, i, tmp_path, broker_url) for i in range(SHARDS)]
+    conn = await aio_pika.connect_robust(broker_url)
+    sinks = []
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            await asyncio.to_thread(p.wait_ready)
+        sink = await make_sink(conn, unique, "keyed")
+        sinks.append(sink)
+        client = await DelayClient(conn, s).open()
+        keys = [f"order-{k}" for k in range(10)]
+        assert {chx_header_bucket(k, SHARDS) for k in keys} == {0, 1}
+        for k in keys:
+            await client.send(b"v1", sink.exchange, delay_ms=600_000, key=k, message_id=f"{k}-v1")
+        await _stored(client, 10)
+
+        # shard 0's binding re-created: it moves to the end, so bucket 0 is now shard 1's
+        ch = await conn.channel()
+        shards_ex = await ch.get_exchange(s.shards_exchange)
+        queue0 = await ch.get_queue(shard_queue(s.in_queue, 0))
+        await queue0.unbind(shards_ex, "1")
+        await queue0.bind(shards_ex, "1")
+
+        for k in keys:
+            await client.send(b"v2", sink.exchange, delay_ms=1500, key=k, message_id=f"{k}-v2")
+        await sink.wait_for(len(keys), timeout=30)
+        await asyncio.sleep(1.0)  # a second version, if any, arrives now
+        assert sorted(sink.ids()) == sorted(f"{k}-v2" for k in keys)
+        assert (await client.counts())["total"] == 0  # every v1 was replaced
+        # and the shard that saw it repaired the ring (in the background: wait for its line)
+        deadline = time.monotonic() + 20
+        while True:
+            logs = "".join((tmp_path / f"shard-{i}.log").read_text() for i in range(SHARDS))
+            if "a keyed message reached a shard that does not own it" in logs:
+                break
+            assert time.monotonic() < deadline, "no ring repair was logged"
+            await asyncio.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.proc is not None and p.proc.poll() is None:
+                p.terminate()
+        await conn.close()
+        await cleanup(broker_url, s, [x.exchange for x in sinks], [x.queue for x in sinks])
+
+
+async def _stored(client: DelayClient, total: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (await client.counts())["total"] == total:
+            return True
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{total} messages were not stored")

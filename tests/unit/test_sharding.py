@@ -20,8 +20,10 @@ from bridge.errors import ConfigError
 from bridge.sharding import (
     Shard,
     chx_bucket,
+    chx_header_bucket,
     jump_consistent_hash,
     phash2_binary,
+    phash2_tagged,
     resolve_shard,
 )
 
@@ -123,3 +125,64 @@ def test_shard_owns() -> None:
     for key in ("a", "b", "cdn-1", "cdn-2", ""):
         assert sum(s.owns(key) for s in shards) == 1
     assert Shard(0, 1).owns("anything")
+
+
+# erlang:phash2({longstr, K}) and erlang:phash2({binary, K}), printed by erl (OTP 25): what
+# the consistent-hash exchange hashes for a hash-header value (a long string, a byte array).
+TAGGED_VECTORS = [
+    (b"k0", 125408639, 52965043),
+    (b"", 116351706, 73633334),
+    (b"abcdefghijklmnopqrstuvwxyz", 74957012, 120338670),
+    ("é".encode(), 28428857, 62865493),
+]
+
+
+@pytest.mark.parametrize(("key", "longstr", "binary"), TAGGED_VECTORS)
+def test_typed_header_values_hash_as_erlang_does(key: bytes, longstr: int, binary: int) -> None:
+    assert phash2_tagged("longstr", key) == longstr
+    assert phash2_tagged("binary", key) == binary
+
+
+def test_header_bucket_follows_the_decoded_type() -> None:
+    assert chx_header_bucket("k0", 5) == jump_consistent_hash(125408639, 5) == 3
+    assert chx_header_bucket(b"k0", 5) == 3  # a long string that is not UTF-8 stays bytes
+    assert chx_header_bucket(bytearray(b"k0"), 5) == jump_consistent_hash(52965043, 5)
+    assert chx_header_bucket(7, 5) is None
+
+
+ERL_TAGGED = r"""
+-module(chxtag).
+-export([main/1]).
+main([File]) ->
+  {ok, Bin} = file:read_file(File),
+  Keys = binary:split(Bin, <<"\n">>, [global]),
+  [io:format("~p ~p~n", [erlang:phash2({longstr, K}), erlang:phash2({binary, K})])
+   || K <- Keys],
+  halt().
+"""
+
+
+@pytest.mark.skipif(shutil.which("erl") is None, reason="erl (Erlang/OTP) is not installed")
+def test_typed_values_match_erlang(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    alphabet = "abcXYZ-_.0123456789éü中"
+    keys = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    (tmp_path / "keys.txt").write_text("\n".join(keys), encoding="utf-8")
+    (tmp_path / "chxtag.erl").write_text(ERL_TAGGED)
+    subprocess.run(["erlc", "chxtag.erl"], cwd=tmp_path, check=True, timeout=60)
+    out = subprocess.run(
+        ["erl", "-noshell", "-run", "chxtag", "main", str(tmp_path / "keys.txt")],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    pairs = list(zip(out[0::2], out[1::2], strict=True))
+    assert len(pairs) == len(keys)
+    for key, (longstr, binary) in zip(keys, pairs, strict=True):
+        data = key.encode()
+        assert (phash2_tagged("longstr", data), phash2_tagged("binary", data)) == (
+            int(longstr),
+            int(binary),
+        ), key

@@ -22,7 +22,7 @@ from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
-from bridge.sharding import Shard, shard_queue
+from bridge.sharding import Shard, chx_header_bucket, shard_queue
 from workers.delay.config import DelaySettings
 from workers.delay.deadletter import DeadLetters
 from workers.delay.ledger import Ledger, now_ms
@@ -30,6 +30,7 @@ from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
 from workers.delay.store import Insert, KeyDelete, encode_headers, props_dict
 from workers.delay.wire import (
     INVALID_HEADERS,
+    X_DELAY_KEY,
     Reject,
     parse_ingress,
     strip_control_headers,
@@ -54,6 +55,7 @@ class Ingress:
         received: Counter,
         replaced: Counter,
         kick: Callable[[], None],
+        misrouted: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.settings = settings
@@ -64,6 +66,8 @@ class Ingress:
         self._accepted = received.labels("accepted")
         self.replaced = replaced
         self.kick = kick
+        # a keyed message reached a shard that does not own it: the ring is out of order
+        self.misrouted = misrouted
         self.topic_rule = settings.topic_rule
         self.consumer: Consumer | None = None
 
@@ -88,9 +92,11 @@ class Ingress:
         if isinstance(decision, Reject):
             self.received.labels("rejected").inc()
             return self.dead.reject(delivered, consumer, decision.reason, decision.detail)
-        if self.shard.sharded and decision.key is None:
-            owner, new_id = self._owner(delivered)
+        if self.shard.sharded:
+            owner, new_id = self._owner(delivered, decision.key is not None)
             if owner != self.shard.index:
+                if decision.key is not None and self.misrouted is not None:
+                    self.misrouted()
                 if not headers or H_FORWARDED_FROM not in headers:
                     return self._forward(delivered, decision.due_ms, owner, new_id)
                 # forwarded here by a shard that thinks this one owns it: keep it (never
@@ -158,11 +164,17 @@ class Ingress:
         self._accepted.inc()
         consumer.ack(delivered)
 
-    def _owner(self, delivered: Delivery) -> tuple[int, str | None]:
-        """The shard that owns a keyless message (by message_id) and, for one without an id,
-        the stable id it is forwarded with. A keyed message stays where the exchange put it:
-        the exchange hashes the header's typed value, every version of a key alike."""
+    def _owner(self, delivered: Delivery, keyed: bool) -> tuple[int, str | None]:
+        """The shard that owns a message and, for a keyless one without an id, the stable id
+        it is forwarded with. A keyed message's owner is the shard the exchange routes its
+        ``x-delay-key`` to when the ring is in shard order (computed exactly, typed value
+        and all), so while a reordered ring is repaired every version of a key still ends in
+        one store; a keyless one's is its message_id's."""
         props = delivered.properties
+        if keyed:
+            raw = (props.headers or {}).get(X_DELAY_KEY)
+            owner = chx_header_bucket(raw, self.shard.count)
+            return (self.shard.index if owner is None else owner), None
         message_id = props.message_id
         if not message_id:
             message_id = digest_id(delivered.routing_key or "", props.headers, delivered.body)

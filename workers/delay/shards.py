@@ -17,11 +17,13 @@ Topology with ``shard_count`` N > 1 (one shard: nothing here is used)::
   relative ``x-delay`` becomes the absolute ``x-deliver-at`` given on arrival, so the hop
   never delays a message; a message without ``message_id`` is given a digest of its routing
   key, headers and body, so a forward repeated after a crash carries the same id.
-- A keyed message is never forwarded: the shard the exchange routes it to keeps it. (The
-  plugin hashes a header's typed value, not its bytes, so shards do not compute key owners;
-  every version of a key hashes alike, which is all replacement needs.) After a broker
-  restart reorders the ring, until the shards put it back in order, a new version of a key may
-  land on another shard than the pending one, and both are then delivered.
+- A keyed message's owner is the shard the exchange routes its key to when the ring is in
+  shard order: the plugin hashes the header's typed value (``{longstr, Key}``), which
+  :func:`bridge.sharding.chx_header_bucket` computes exactly. While a reordered ring (a broker
+  restart, a re-created binding) is not yet repaired, a keyed message can reach another shard;
+  that shard forwards it to the owner, where it replaces the pending version, and schedules a
+  ring repair. So two versions of a key are never both delivered; two published within one
+  forward hop of each other while the ring is out of order may reach the owner swapped.
 - The control RPC on ``delay.control`` is answered by whichever shard takes the request: it
   asks the other shards on ``delay.control.shard-<i>`` (``"local": true``) and merges: a cancel
   cancels wherever the message is, counts add up, and ``list`` merges the shards' pages in

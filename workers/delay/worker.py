@@ -158,6 +158,7 @@ class DelayWorker:
             received=metrics.received,
             replaced=metrics.replaced,
             kick=dispatcher.kick,
+            misrouted=self._ring_out_of_order if self._ring is not None else None,
         )
 
         verified = Verified()
@@ -266,6 +267,10 @@ class DelayWorker:
             assert broker.connection is not None
             await self.shards.open(broker.connection)
         return ingress, queues
+
+    def _ring_out_of_order(self) -> None:
+        if self._ring is not None:  # rate-limited: one repair per interval however many
+            self._ring.schedule("a keyed message reached a shard that does not own it")
 
     def _ingress_restored(self, queue: str) -> None:
         if self._ring is not None:  # a re-created binding moves this shard in the ring
