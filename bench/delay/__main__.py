@@ -20,6 +20,9 @@ Parts, each measured in the same run against its baseline:
   seed improves on). Messages are stored before they fall due;
 - ``isolation``: 100,000 messages due at one instant on one hot topic while 10 cold topics
   each have a message due every 20 ms around that instant; cold-topic lateness, 8 vs. 1 lane;
+- ``topics``: tenants sharing one exchange (``TOPIC_BY=header:x-tenant``): 50,000 due at once
+  for a hot tenant, 10 cold tenants with a message every 20 ms; cold-tenant lateness with a
+  topic per tenant vs. one topic for all (what ``TOPIC_BY=exchange`` gives them);
 - ``scale``: 1,000,000 pending messages written straight into the worker's SQLite file (a
   bulk path in this script: ingest through AMQP is measured by ``ingest``), then worker RSS,
   store size on disk and time from process start to ready, with the in-memory window full
@@ -48,6 +51,7 @@ from bench.delay.isolation import bench_isolation
 from bench.delay.lateness import bench_lateness
 from bench.delay.scale import bench_scale
 from bench.delay.steady import bench_steady
+from bench.delay.topics import bench_topics
 from bench.delay.worker import cpu_pressure, machine_load
 from bench.harness.report import emit
 
@@ -57,6 +61,7 @@ PARTS = {
     "lateness": bench_lateness,
     "isolation": bench_isolation,
     "scale": bench_scale,
+    "topics": bench_topics,
 }
 
 

@@ -43,22 +43,10 @@ async def bench_isolation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
             batch=batch,
             groups=[["hot"], [f"cold{c}" for c in range(10)]],
         )
-        arrivals: Arrivals = r.pop("arrivals")
-        cold = [v for m, v in arrivals.late.items() if not m.startswith("hot-")]
-        hot_late = [v for m, v in arrivals.late.items() if m.startswith("hot-")]
-        # cold messages due while the hot burst was being sent
-        burst_end = max(hot_late) if hot_late else 0
-        during = [
-            v
-            for m, v in arrivals.late.items()
-            if not m.startswith("hot-") and 0 <= _offset(m, schedule) - 1000 <= burst_end
-        ]
         out[name] = {
             "lanes": lanes,
             "batch": batch,
-            "cold": summary(cold),
-            "cold_due_during_burst": summary(during),
-            "hot_burst_drained_ms": round(burst_end, 0),
+            **burst_report(r.pop("arrivals"), schedule),
             **r,
         }
     eight = out["lanes_8"]["cold"]["p99_ms"]
@@ -85,6 +73,26 @@ async def bench_isolation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         >= 10,
     }
     return out
+
+
+def burst_report(
+    arrivals: Arrivals, schedule: list[tuple[str, int]], burst_at: int = 1000
+) -> dict[str, Any]:
+    """Cold-topic lateness (all, and of those due while the hot burst due at ``burst_at`` was
+    being sent) and how long the burst took to drain."""
+    cold = [v for m, v in arrivals.late.items() if not m.startswith("hot-")]
+    hot_late = [v for m, v in arrivals.late.items() if m.startswith("hot-")]
+    burst_end = max(hot_late) if hot_late else 0
+    during = [
+        v
+        for m, v in arrivals.late.items()
+        if not m.startswith("hot-") and 0 <= _offset(m, schedule) - burst_at <= burst_end
+    ]
+    return {
+        "cold": summary(cold),
+        "cold_due_during_burst": summary(during),
+        "hot_burst_drained_ms": round(burst_end, 0),
+    }
 
 
 def _offset(message_id: str, schedule: list[tuple[str, int]]) -> int:

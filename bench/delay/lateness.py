@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ async def run_schedule(
     lead_ms: int,
     settle_s: float,
     groups: list[list[str]] | None = None,
+    headers: Callable[[str], dict[str, Any]] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Store ``schedule`` in a fresh worker, let it fall due, and measure arrivals.
 
-    ``groups`` splits the topics over consumer processes (default: one process for all).
+    ``groups`` splits the topics over consumer processes (default: one process for all);
+    ``headers`` adds headers to each message of a topic (suffix).
     """
     worker = Worker(tag, state, lanes=lanes, **settings).start()
     conn = await aio_pika.connect_robust(broker_url())
@@ -62,9 +65,15 @@ async def run_schedule(
         messages = []
         for i, (topic, offset) in enumerate(schedule):
             due = start + offset
+            extra = headers(topic) if headers is not None else {}
             messages.append(
                 (
-                    {"x-deliver-at": due, "x-target-exchange": f"{tag}.{topic}", "bench-due": due},
+                    {
+                        "x-deliver-at": due,
+                        "x-target-exchange": f"{tag}.{topic}",
+                        "bench-due": due,
+                        **extra,
+                    },
                     f"{topic}-{i}",
                 )
             )
