@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness.broker import delete_names
-from bench.harness.procs import settings_env
+from bench.harness.procs import WorkerProcess, settings_env
 from tests.conftest import running_host
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
@@ -107,3 +107,15 @@ async def dead_letters(
         out.append(message)
     await channel.close()
     return out
+
+
+def directed_process(broker_url: str, tmp_path: Path, settings: DirectedSettings) -> WorkerProcess:
+    """``rabbitmq-bridge run directed`` as a process of its own, with ``settings``, its state
+    in ``tmp_path/state`` and its log in ``tmp_path/worker.log`` (not started)."""
+    return WorkerProcess(
+        ["directed"],
+        broker_url=broker_url,
+        state_dir=tmp_path / "state",
+        env=env_for(settings),
+        log=tmp_path / "worker.log",
+    )

@@ -9,8 +9,7 @@ import random
 import aio_pika
 import pytest
 
-from bench.harness.procs import WorkerProcess
-from tests.integration.directed_helpers import cleanup, directed_settings, env_for
+from tests.integration.directed_helpers import cleanup, directed_process, directed_settings
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,13 +20,7 @@ async def test_kill9_during_requests_and_pulls(broker_url, tmp_path, unique):
     rng = random.Random(seed)
     print(f"seed={seed}")
     s = directed_settings(unique, queue_limit=1000)
-    proc = WorkerProcess(
-        ["directed"],
-        broker_url=broker_url,
-        state_dir=tmp_path / "state",
-        env=env_for(s),
-        log=tmp_path / "worker.log",
-    )
+    proc = directed_process(broker_url, tmp_path, s)
     conn = await aio_pika.connect_robust(broker_url)
     try:
         proc.start().wait_ready()

@@ -8,8 +8,12 @@ import aio_pika
 import aiohttp
 import pytest
 
-from bench.harness.procs import WorkerProcess
-from tests.integration.directed_helpers import cleanup, directed_settings, env_for, wait_applied
+from tests.integration.directed_helpers import (
+    cleanup,
+    directed_process,
+    directed_settings,
+    wait_applied,
+)
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration]
@@ -17,13 +21,7 @@ pytestmark = [pytest.mark.integration]
 
 async def test_gap_is_reported_until_acknowledged_across_kill9(broker_url, tmp_path, unique):
     s = directed_settings(unique, queue_limit=2)
-    proc = WorkerProcess(
-        ["directed"],
-        broker_url=broker_url,
-        state_dir=tmp_path / "state",
-        env=env_for(s),
-        log=tmp_path / "worker.log",
-    )
+    proc = directed_process(broker_url, tmp_path, s)
     conn = await aio_pika.connect_robust(broker_url)
     try:
         proc.start().wait_ready()

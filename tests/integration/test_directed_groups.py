@@ -9,13 +9,12 @@ import contextlib
 import aio_pika
 import pytest
 
-from bench.harness.procs import WorkerProcess
 from bridge.errors import NoAnswer
 from tests.integration.directed_helpers import (
     cleanup,
     dead_letters,
+    directed_process,
     directed_settings,
-    env_for,
     wait_applied,
 )
 from workers.directed.client import DirectedClient
@@ -31,13 +30,7 @@ async def ids(client: DirectedClient, target: str) -> list[str]:
 
 async def test_groups_durable_and_resolved_at_acceptance(broker_url, tmp_path, unique, amqp):
     s = directed_settings(unique)
-    proc = WorkerProcess(
-        ["directed"],
-        broker_url=broker_url,
-        state_dir=tmp_path / "state",
-        env=env_for(s),
-        log=tmp_path / "worker.log",
-    )
+    proc = directed_process(broker_url, tmp_path, s)
     conn = await aio_pika.connect_robust(broker_url)
     try:
         proc.start().wait_ready()

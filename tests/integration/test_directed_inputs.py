@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from tests.integration.directed_helpers import (
     dead_letters,
     directed,
+    directed_process,
     directed_settings,
     wait_applied,
 )
@@ -373,17 +374,10 @@ async def test_header_the_decoder_chokes_on_does_not_drop_the_connection(
 ):
     """A header RabbitMQ accepts from other clients but pamqp cannot decode strictly must
     reach the worker (and get an answer) instead of dropping its connection in a loop."""
-    from bench.harness.procs import WorkerProcess
-    from tests.integration.directed_helpers import cleanup, env_for
+    from tests.integration.directed_helpers import cleanup
 
     s = directed_settings(unique)
-    proc = WorkerProcess(
-        ["directed"],
-        broker_url=broker_url,
-        state_dir=tmp_path / "state",
-        env=env_for(s),
-        log=tmp_path / "worker.log",
-    )
+    proc = directed_process(broker_url, tmp_path, s)
     try:
         proc.start().wait_ready()
         client = await DirectedClient(amqp, s).open()

@@ -9,9 +9,13 @@ import contextlib
 import aio_pika
 import pytest
 
-from bench.harness.procs import WorkerProcess
 from bridge.errors import NoAnswer
-from tests.integration.directed_helpers import cleanup, directed_settings, env_for, wait_applied
+from tests.integration.directed_helpers import (
+    cleanup,
+    directed_process,
+    directed_settings,
+    wait_applied,
+)
 from workers.directed.client import DirectedClient
 
 pytestmark = [pytest.mark.integration]
@@ -19,13 +23,7 @@ pytestmark = [pytest.mark.integration]
 
 async def test_recall_with_kill9_in_the_middle(broker_url, tmp_path, unique):
     s = directed_settings(unique)
-    proc = WorkerProcess(
-        ["directed"],
-        broker_url=broker_url,
-        state_dir=tmp_path / "state",
-        env=env_for(s),
-        log=tmp_path / "worker.log",
-    )
+    proc = directed_process(broker_url, tmp_path, s)
     conn = await aio_pika.connect_robust(broker_url)
     try:
         proc.start().wait_ready()
