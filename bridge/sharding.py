@@ -13,11 +13,14 @@ computes the exchange's routing exactly as the plugin does (RabbitMQ 3.8 to 3.13
 - bucket ``i`` belongs to the ``i``-th binding made (a binding of weight ``w`` takes ``w``
   consecutive buckets).
 
-With ``hash-header`` the hashed value is not the header's bytes but its typed AMQP value as
-RabbitMQ holds it, the pair ``{Type, Value}``: ``{longstr, <<"k">>}`` for a long string,
-``{binary, <<"k">>}`` for a byte array ('x'). :func:`chx_header_bucket` computes
+With ``hash-header`` what is hashed depends on the broker. Up to RabbitMQ 3.12 it is the
+header's typed AMQP value, the pair ``{Type, Value}``: ``{longstr, <<"k">>}`` for a long
+string, ``{binary, <<"k">>}`` for a byte array ('x'); :func:`chx_header_bucket` computes
 ``erlang:phash2`` of such a pair (erts ``make_hash2`` for a 2-tuple of an atom and a binary,
-the atom hashed by the atom table's hashpjw).
+the atom hashed by the atom table's hashpjw). From 3.13 on (the message containers) the
+plugin hashes the value alone, the binary, as for a routing key: ``typed=False``, and
+:func:`header_hash_typed` tells which from the version the broker announces (seen: 3.10.8
+typed, 4.3.6 not, each checked against the broker's own routing).
 
 Shard queues are bound with weight 1 in shard order, so bucket ``i`` is shard ``i``. The tests
 check this function against the broker's real routing and against ``erl`` when installed.
@@ -190,18 +193,32 @@ def chx_bucket(routing_key: str | bytes, buckets: int) -> int:
     return jump_consistent_hash(phash2_binary(data), buckets)
 
 
-def chx_header_bucket(value: object, buckets: int) -> int | None:
+@functools.lru_cache(maxsize=16)
+def header_hash_typed(broker_version: str | None) -> bool:
+    """Whether a broker of this version hashes a header's typed value (up to 3.12) rather
+    than the value alone (3.13 and later). An unknown version counts as current."""
+    numbers = []
+    for part in (broker_version or "").split("+")[0].split("-")[0].split(".")[:2]:
+        if not part.isdigit():
+            return False
+        numbers.append(int(part))
+    return len(numbers) == 2 and tuple(numbers) < (3, 13)
+
+
+def chx_header_bucket(value: object, buckets: int, *, typed: bool = True) -> int | None:
     """The bucket the consistent-hash exchange picks for a message whose ``hash-header`` has
     this decoded value (:mod:`bridge.amqp.frames`: ``str`` or non-UTF-8 ``bytes`` for a long
-    string, ``bytearray`` for a byte array); None for another type (not computed here)."""
+    string, ``bytearray`` for a byte array); None for another type (not computed here).
+    ``typed``: the broker hashes the typed value (see :func:`header_hash_typed`)."""
     if isinstance(value, bytearray):
-        key = phash2_tagged("binary", bytes(value))
+        tag, data = "binary", bytes(value)
     elif isinstance(value, str):
-        key = phash2_tagged("longstr", value.encode("utf-8"))
+        tag, data = "longstr", value.encode("utf-8")
     elif isinstance(value, bytes):
-        key = phash2_tagged("longstr", value)
+        tag, data = "longstr", value
     else:
         return None
+    key = phash2_tagged(tag, data) if typed else phash2_binary(data)
     return jump_consistent_hash(key, buckets)
 
 

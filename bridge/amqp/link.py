@@ -160,6 +160,8 @@ class Link:
         self.last_read = self.last_write = 0.0
         self.frame_max = FRAME_MAX
         self.on_connected: list[Callable[[], None]] = []
+        # what the broker announced in connection.start (product, version, capabilities)
+        self.server_properties: dict[str, Any] = {}
         self.on_disconnected: list[Callable[[], None]] = []
         self._proto: _Protocol | None = None
         self._up = False
@@ -311,7 +313,7 @@ class Link:
             self._proto = proto
             start = self._expect(0, F.ConnectionStart)
             self.write(F.PROTOCOL_HEADER)
-            await start
+            self.server_properties = dict((await start).server_properties or {})
             tune = self._expect(0, F.ConnectionTune)
             self.write(
                 F.method_frame(

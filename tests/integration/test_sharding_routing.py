@@ -13,7 +13,7 @@ from bridge.amqp.frames import Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
 from bridge.ring import RingKeeper
-from bridge.sharding import CHX_TYPE, chx_bucket, chx_header_bucket
+from bridge.sharding import CHX_TYPE, chx_bucket, chx_header_bucket, header_hash_typed
 
 pytestmark = [pytest.mark.integration]
 
@@ -107,6 +107,7 @@ async def test_python_header_routing_matches_the_broker(chx_broker, unique, shar
         link = Link(chx_broker, name="test")
         publisher = Publisher(link)
         await link.start()
+        typed = header_hash_typed(link.server_properties.get("version"))
         try:
             for i, value in enumerate(values):
                 await publisher.publish(
@@ -123,9 +124,9 @@ async def test_python_header_routing_matches_the_broker(chx_broker, unique, shar
             await asyncio.sleep(0.05)
         assert len(got) == len(values)
         wrong = {
-            repr(v): (got[i], chx_header_bucket(v, shards))
+            repr(v): (got[i], chx_header_bucket(v, shards, typed=typed))
             for i, v in enumerate(values)
-            if got[i] != chx_header_bucket(v, shards)
+            if got[i] != chx_header_bucket(v, shards, typed=typed)
         }
         assert not wrong
     finally:

@@ -21,6 +21,7 @@ from bridge.sharding import (
     Shard,
     chx_bucket,
     chx_header_bucket,
+    header_hash_typed,
     jump_consistent_hash,
     phash2_binary,
     phash2_tagged,
@@ -186,3 +187,30 @@ def test_typed_values_match_erlang(tmp_path: Path) -> None:
             int(longstr),
             int(binary),
         ), key
+
+
+@pytest.mark.parametrize(
+    ("version", "typed"),
+    [
+        ("3.10.8", True),
+        ("3.12.14", True),
+        ("3.13.0", False),
+        ("4.3.6", False),
+        ("4.0.0-beta.1", False),
+        ("3.11.2+rc.1", True),
+        (None, False),
+        ("", False),
+        ("unknown", False),
+    ],
+)
+def test_which_brokers_hash_a_header_typed(version: str | None, typed: bool) -> None:
+    assert header_hash_typed(version) is typed
+
+
+def test_from_3_13_a_header_is_hashed_like_a_routing_key() -> None:
+    # RabbitMQ 3.13+ hashes the header's value alone (seen on 4.3.6 against its routing)
+    for value in ("k0", "order-905035", "é", ""):
+        assert chx_header_bucket(value, 5, typed=False) == chx_bucket(value, 5)
+    assert chx_header_bucket(bytearray(b"k0"), 5, typed=False) == chx_bucket(b"k0", 5)
+    assert chx_header_bucket(b"\xff\xfe", 3, typed=False) == chx_bucket(b"\xff\xfe", 3)
+    assert chx_header_bucket(7, 5, typed=False) is None

@@ -22,7 +22,7 @@ from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
-from bridge.sharding import Shard, chx_header_bucket, shard_queue
+from bridge.sharding import Shard, chx_header_bucket, header_hash_typed, shard_queue
 from workers.delay.config import DelaySettings
 from workers.delay.deadletter import DeadLetters
 from workers.delay.ledger import Ledger, now_ms
@@ -56,6 +56,7 @@ class Ingress:
         replaced: Counter,
         kick: Callable[[], None],
         misrouted: Callable[[], None] | None = None,
+        broker_version: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.ledger = ledger
         self.settings = settings
@@ -68,6 +69,8 @@ class Ingress:
         self.kick = kick
         # a keyed message reached a shard that does not own it: the ring is out of order
         self.misrouted = misrouted
+        # the version the broker announced: how its consistent-hash exchange hashes a header
+        self.broker_version = broker_version
         self.topic_rule = settings.topic_rule
         self.consumer: Consumer | None = None
 
@@ -173,7 +176,8 @@ class Ingress:
         props = delivered.properties
         if keyed:
             raw = (props.headers or {}).get(X_DELAY_KEY)
-            owner = chx_header_bucket(raw, self.shard.count)
+            typed = header_hash_typed(self.broker_version())
+            owner = chx_header_bucket(raw, self.shard.count, typed=typed)
             return (self.shard.index if owner is None else owner), None
         message_id = props.message_id
         if not message_id:

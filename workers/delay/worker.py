@@ -159,6 +159,7 @@ class DelayWorker:
             replaced=metrics.replaced,
             kick=dispatcher.kick,
             misrouted=self._ring_out_of_order if self._ring is not None else None,
+            broker_version=lambda: link.server_properties.get("version"),
         )
 
         verified = Verified()
