@@ -38,6 +38,8 @@ def gateway_settings(unique: str, **overrides: Any) -> GatewaySettings:
         "undeliverable_queue": f"{unique}.gateway.undeliverable",
         "reply_queue_prefix": f"{unique}.gateway.reply.",
         "registry_queue_prefix": f"{unique}.gateway.registry.",
+        "offline_queue_prefix": f"{unique}.gateway.offline.",
+        "offline_exchange": f"{unique}.gateway.offline",
         "instance": f"{unique}-gw",
         "server_ttl_s": 1.0,
         "no_server_wait_s": 3.0,
@@ -111,7 +113,7 @@ async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0)
 async def cleanup(url: str, s: GatewaySettings, server_ids: list[str]) -> None:
     await delete_names(
         url,
-        [s.servers_exchange, s.peers_exchange_name],
+        [s.servers_exchange, s.peers_exchange_name, s.offline_exchange],
         [
             s.undeliverable_queue,
             s.reply_queue,

@@ -180,7 +180,7 @@ async def test_x_close_and_undeliverable_replies(broker_url, amqp, tmp_path, uni
         return echo(event)
 
     async with running_gateway(broker_url, tmp_path, s, ("s1",), handler=handler) as gw:
-        client = await gw.connect(client_id="closing")
+        client = await gw.connect()  # no client_id: a reply after it goes is not kept offline
         session = client.session
         await client.send(b"close me")
         assert await client.recv() == b"goodbye"

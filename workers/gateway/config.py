@@ -6,6 +6,7 @@ ERROR codes the gateway adds to those of :mod:`workers.gateway.protocol` are def
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -53,6 +54,13 @@ DEAD_SESSION_GONE = "session_gone"
 DEAD_NO_SESSION = "missing_session"
 DEAD_TOO_LARGE = "too_large"  # longer than the client's length prefix can say
 DEAD_INVALID_HEADERS = "invalid_headers"  # the reply's headers table could not be decoded
+# offline replies (workers/gateway/offline.py): set on every reply kept for a client that is
+# offline, so that the broker's dead-lettering of an expired one carries it
+DEAD_OFFLINE_EXPIRED = "offline_expired"
+DEAD_OFFLINE_OVERFLOW = "offline_overflow"  # the client's offline queue was full
+DEAD_OFFLINE_FAILED = "offline_failed"  # the offline queue could not be declared
+H_OFFLINE_MARKER = "x-offline-marker"  # the marker a reconnecting session drains up to
+H_SEQ = "x-seq"  # protocol v2: the client's sequence number of a DATA
 
 # A server id becomes part of a queue name, so it is held to a safe alphabet and length.
 SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
@@ -198,6 +206,25 @@ class GatewaySettings(BaseSettings):
         description="size cap of the sticky stream (x-max-length-bytes), fixed at its creation",
     )
 
+    offline_max_messages: int = Field(
+        default=1000,
+        ge=0,
+        description="replies kept for a sticky client_id that is offline (0: none kept, they "
+        "go to the undeliverable queue as before)",
+    )
+    offline_ttl_s: float = Field(
+        default=3600.0, gt=0, description="how long a reply is kept for an offline client"
+    )
+    offline_queue_prefix: str = Field(
+        default="gateway.offline.",
+        description="a client's offline replies are kept in the queue prefix + client_id",
+    )
+    offline_exchange: str = Field(
+        default="gateway.offline",
+        description="headers exchange the offline queues dead-letter to (expired replies on "
+        "to the undeliverable queue)",
+    )
+
     reply_queue_expires_s: float = Field(
         default=60.0,
         gt=0,
@@ -327,6 +354,15 @@ class GatewaySettings(BaseSettings):
 
     def server_queue(self, server_id: str) -> str:
         return self.server_queue_prefix + server_id
+
+    def offline_queue(self, client_id: str) -> str:
+        """The queue that keeps a client's offline replies: the client_id itself when it is
+        short and of the server-id alphabet, else ``~`` and its SHA-256 (``~`` is not in
+        that alphabet, so the two forms never meet)."""
+        if SERVER_ID_RE.fullmatch(client_id):
+            return self.offline_queue_prefix + client_id
+        digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.offline_queue_prefix}~{digest}"
 
     @property
     def reply_queue(self) -> str:

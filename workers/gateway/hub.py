@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel
@@ -47,6 +47,9 @@ from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.passthrough import Pipe, relay
 from workers.gateway.session import JOINING, OPEN, Session
 from workers.gateway.states import State
+
+if TYPE_CHECKING:
+    from workers.gateway.offline import OfflineReplies
 
 log = logging.getLogger("bridge.gateway")
 
@@ -78,6 +81,9 @@ class GatewayHub:
         self.stopping = False
         # Told when a client is associated with a server or released (the replicas' peers).
         self.on_association: Callable[[str | None, str], None] | None = None
+        # Offline replies of sticky clients (set by the worker): written before a returning
+        # client's connect, and told when a session ends.
+        self.offline: OfflineReplies | None = None
         self._declared: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -108,7 +114,11 @@ class GatewayHub:
         if server is None:
             return False
         self._associated(session.client_id, server)
-        session.welcome(server)
+        offline = self.offline
+        if offline is not None and offline.applies(session):
+            offline.restore(session, server)  # welcomed; its connect waits for the replies
+        else:
+            session.welcome(server)
         return True
 
     async def _wait_for_server(self, session: Session) -> None:
@@ -174,6 +184,8 @@ class GatewayHub:
         self.sessions.pop(session.sid, None)
         if session.server is None:  # never welcomed: nothing announced, nothing associated
             return
+        if self.offline is not None:
+            self.offline.session_ended(session)
         self.balancer.release(session.sid, time.monotonic())
         self._associated(session.client_id, session.server)
         self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
@@ -186,6 +198,9 @@ class GatewayHub:
 
     def pump(self, session: Session) -> None:
         """Start the session's next publishes, as far as both windows allow."""
+        if session.held:  # its client's offline replies first (workers/gateway/offline.py)
+            session.update_reading()
+            return
         pending = session.pending
         limit = self.settings.session_in_flight
         window = self.settings.publish_window

@@ -172,6 +172,14 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.offline = Counter(
+            "bridge_gateway_offline_replies_total",
+            "replies for offline sticky clients: kept, delivered, overflow (queue full), "
+            "failed (not kept)",
+            ["event"],
+            registry=registry,
+        )
+
     def watch(self, state: GatewayState, link: Link) -> None:
         """Report the sessions, the publish window, the servers and the link at each scrape."""
         self.registry.register(_StateCollector(self.wire, state, link))

@@ -43,6 +43,7 @@ import math
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aio_pika.exceptions
@@ -66,6 +67,7 @@ OP_COUNTS = "counts"
 OP_LEAVE = "leave"
 OP_STICKY = "sticky"
 OP_MARKER = "marker"
+OP_OFFLINE = "offline"  # a reply was kept for an offline client_id (workers/gateway/offline)
 MAX_CLIENT_ID = 4096  # a HELLO is at most max_hello_frame bytes anyway
 CHUNK = 1000  # sticky records per stream message
 MAX_PENDING = 100_000  # sticky records waiting for the broker; older ones are dropped
@@ -160,6 +162,8 @@ class Peers:
         self._stream: _StreamConsumer | None = None
         self._marker = ""
         self.stream_ok = False
+        # told when another replica kept a reply for a client_id (it may be connected here)
+        self.on_offline: Callable[[str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -360,6 +364,34 @@ class Peers:
             mandatory=False,
         )
 
+    def offline_kept(self, client_id: str) -> None:
+        """A reply was kept for ``client_id``: tell the replica where it may be connected
+        (all of them: fanout). Best effort, as the reports: a lost one leaves the reply in
+        its queue until the client connects again."""
+        if self._publisher is None or self._channel is None:
+            return
+        s = self.settings
+        self.seq += 1
+        doc = {
+            "v": 1,
+            "op": OP_OFFLINE,
+            "replica": s.instance,
+            "boot": self.boot,
+            "seq": self.seq,
+            "client_id": client_id,
+        }
+        fut = self._publisher.publish(
+            s.peers_exchange_name,
+            "",
+            json.dumps(doc, separators=(",", ":")).encode(),
+            Properties(
+                content_type="application/json",
+                expiration=str(max(1, int(s.peer_ttl_s * 1000))),
+            ),
+            mandatory=False,
+        )
+        fut.add_done_callback(_ignored)
+
     async def _publish_stream(self, doc: dict[str, Any]) -> None:
         assert self._publisher is not None
         doc = {"v": 1, "replica": self.settings.instance, "boot": self.boot, **doc}
@@ -383,8 +415,13 @@ class Peers:
                 raise PeerMessageError("replica and boot must be strings")
             if not isinstance(seq, int) or isinstance(seq, bool):
                 raise PeerMessageError("seq must be an integer")
-            if op not in (OP_COUNTS, OP_LEAVE):
+            if op not in (OP_COUNTS, OP_LEAVE, OP_OFFLINE):
                 raise PeerMessageError(f"unknown op {op!r}")
+            client_id = doc.get("client_id") if op == OP_OFFLINE else None
+            if op == OP_OFFLINE and (
+                not isinstance(client_id, str) or not 0 < len(client_id) <= MAX_CLIENT_ID
+            ):
+                raise PeerMessageError("bad client_id")
             counts = parse_counts(doc) if op == OP_COUNTS else {}
             sent = doc.get("sent")
             if op == OP_COUNTS and (not isinstance(sent, int | float) or isinstance(sent, bool)):
@@ -398,6 +435,11 @@ class Peers:
             return
         if replica == self.settings.instance:
             return  # our own (this boot, or a previous one: our live counts are the truth)
+        if op == OP_OFFLINE:
+            metrics.labels(op).inc()
+            if self.on_offline is not None and client_id is not None:
+                self.on_offline(client_id)
+            return
         last = self._last_seq.get(replica)
         if last is not None and last[0] == boot and seq <= last[1]:
             metrics.labels("stale").inc()
@@ -464,6 +506,11 @@ class Peers:
                 to_monotonic(at, wall_now=wall, mono_now=mono, max_age=retention + 1),
                 mono,
             )
+
+
+def _ignored(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a lost notice costs a delay, not a reply
 
 
 _STREAM_PROPERTIES = Properties(content_type="application/json", delivery_mode=2).encode()

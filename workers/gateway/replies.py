@@ -27,6 +27,7 @@ from workers.gateway.config import (
     GatewaySettings,
 )
 from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.offline import OfflineReplies
 from workers.gateway.session import OPEN, Session
 
 log = logging.getLogger("bridge.gateway")
@@ -47,11 +48,15 @@ class Replies:
         publisher: Publisher,
         settings: GatewaySettings,
         metrics: GatewayMetrics,
+        offline: OfflineReplies | None = None,
     ) -> None:
         self.sessions = sessions
         self.publisher = publisher
         self.settings = settings
         self.metrics = metrics
+        self.offline = offline  # keeps replies for sticky clients that are offline
+        if offline is not None:
+            offline.dead = self._undeliverable
 
     def on_reply(self, delivery: Delivery) -> None:
         properties = delivery.properties
@@ -61,6 +66,8 @@ class Replies:
             self._undeliverable(delivery, DEAD_INVALID_HEADERS, properties.error)
             return
         reason = self._route_reply(properties.headers, delivery.body)
+        if reason == DEAD_SESSION_GONE and self.offline is not None and self.offline.keep(delivery):
+            return  # kept for its client_id, until it connects again
         if reason is not None:
             self._undeliverable(delivery, reason)
 

@@ -96,6 +96,7 @@ class Session(asyncio.Protocol):
         "close_reason",
         "decoder",
         "head",
+        "held",
         "hub",
         "in_flight",
         "last_ping",
@@ -112,6 +113,7 @@ class Session(asyncio.Protocol):
         "state",
         "transport",
         "unsettled",
+        "version",
         "waiting",
     )
 
@@ -141,6 +143,10 @@ class Session(asyncio.Protocol):
         self.close_reason: str | None = None
         # The DATA publish properties, encoded once (frames.Properties.encode); first DATA.
         self.prepared: bytes | None = None
+        # welcomed, but its events wait (the offline replies of its client_id are written
+        # first: workers/gateway/offline.py)
+        self.held = False
+        self.version = 1  # the HELLO's protocol version (2: sequence numbers and ACKs)
 
     # -- asyncio callbacks --------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from workers.gateway.config import (
 from workers.gateway.housekeeping import Housekeeper
 from workers.gateway.hub import GatewayHub
 from workers.gateway.metrics import GatewayMetrics
+from workers.gateway.offline import EXPIRED_BINDING, OfflineReplies
 from workers.gateway.peers import Peers
 from workers.gateway.registry import ServerRegistry
 from workers.gateway.replies import Replies
@@ -80,6 +81,7 @@ class GatewayWorker:
         self._served = False  # it held the instance and started serving (peers, listeners)
         self.link: Link | None = None  # the data path (bridge.amqp), set up by start()
         self._registry: Consumer | None = None
+        self.offline: OfflineReplies | None = None
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -102,7 +104,13 @@ class GatewayWorker:
         self._declare_channel = await broker.channel(confirms=False)
         self._channels = [self._declare_channel]
         await declare_exchange(self._declare_channel, s.servers_exchange, "fanout")
-        await declare_quorum_queue(self._declare_channel, s.undeliverable_queue)
+        undeliverable = await declare_quorum_queue(self._declare_channel, s.undeliverable_queue)
+        if s.offline_max_messages:
+            # expired offline replies go on to the undeliverable queue (workers/gateway/offline)
+            offline_exchange = await declare_exchange(
+                self._declare_channel, s.offline_exchange, "headers"
+            )
+            await undeliverable.bind(offline_exchange, arguments=EXPIRED_BINDING)
 
         # The data path: one connection of the gateway's own (bridge.amqp).
         link = self.link = Link(
@@ -123,7 +131,11 @@ class GatewayWorker:
         self.metrics.watch(hub, link)
         self.housekeeper = Housekeeper(hub, self.store, lambda: link.ready)
         saved_servers = await self.housekeeper.restore()
-        replies = Replies(hub.sessions, self.publisher, s, self.metrics)
+        self.offline = OfflineReplies(
+            s, self.metrics, hub.sessions, self.publisher, self._declare_channel, link, hub.pump
+        )
+        hub.offline = self.offline
+        replies = Replies(hub.sessions, self.publisher, s, self.metrics, self.offline)
         # One process serves an instance: it holds the lease on the reply queue, and the
         # consumers below wait for it (bridge.amqp.consumer). A second replica with the same
         # instance waits, not ready and not listening, until the first goes away.
@@ -174,6 +186,8 @@ class GatewayWorker:
         if s.peers:
             self.peers = Peers(hub)
             hub.on_association = self.peers.associated
+            self.offline.notify = self.peers.offline_kept
+            self.peers.on_offline = self.offline.arrived
             await self.peers.attach(broker, link, lease)
         try:
             await link.start()
@@ -313,6 +327,8 @@ class GatewayWorker:
                 self.publisher.close()
             if self.hub is not None:
                 self.hub.cancel_tasks()
+            if self.offline is not None:
+                self.offline.close()
             for channel in self._channels:
                 with contextlib.suppress(Exception):
                     await channel.close()
