@@ -357,12 +357,12 @@ class GatewaySettings(BaseSettings):
 
     def offline_queue(self, client_id: str) -> str:
         """The queue that keeps a client's offline replies: the client_id itself when it is
-        short and of the server-id alphabet, else ``~`` and its SHA-256 (``~`` is not in
+        short and of the server-id alphabet, else ``#`` and its SHA-256 (``#`` is not in
         that alphabet, so the two forms never meet)."""
         if SERVER_ID_RE.fullmatch(client_id):
             return self.offline_queue_prefix + client_id
         digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.offline_queue_prefix}~{digest}"
+        return f"{self.offline_queue_prefix}#{digest}"
 
     @property
     def reply_queue(self) -> str:
