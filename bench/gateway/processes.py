@@ -34,6 +34,8 @@ def gateway_env(prefix: str, port: int) -> dict[str, str]:
         "BRIDGE_GATEWAY__UNDELIVERABLE_QUEUE": f"{prefix}.undeliverable",
         "BRIDGE_GATEWAY__REPLY_QUEUE_PREFIX": f"{prefix}.reply.",
         "BRIDGE_GATEWAY__REGISTRY_QUEUE_PREFIX": f"{prefix}.registry.",
+        "BRIDGE_GATEWAY__OFFLINE_QUEUE_PREFIX": f"{prefix}.offline.",
+        "BRIDGE_GATEWAY__OFFLINE_EXCHANGE": f"{prefix}.offline",
         "BRIDGE_GATEWAY__INSTANCE": prefix,
         "BRIDGE_GATEWAY__MAX_CONNECTIONS": "20000",
         "BRIDGE_LOG_LEVEL": "WARNING",
@@ -147,7 +149,7 @@ async def cleanup(prefixes: list[str], server_ids: list[str]) -> None:
         # the replicas' sticky stream and peers exchange follow the servers exchange
         await delete_names(
             broker_url(),
-            [f"{prefix}.servers", f"{prefix}.servers.peers"],
+            [f"{prefix}.servers", f"{prefix}.servers.peers", f"{prefix}.offline"],
             [
                 f"{prefix}.undeliverable",
                 *(f"{prefix}.server.{s}" for s in server_ids),

@@ -21,6 +21,7 @@ from workers.gateway.protocol import (
     Hello,
     ProtocolError,
     encode,
+    encode_ack,
     encode_data,
     encode_error,
     encode_hello,
@@ -28,6 +29,7 @@ from workers.gateway.protocol import (
     parse_hello,
     sniff_http,
     sniff_tls,
+    split_seq,
 )
 
 MAX_FRAME = 4096
@@ -270,7 +272,9 @@ def test_first_frame_must_be_hello(frame_type: FrameType) -> None:
     expect_error("not_hello", gateway_decoder(), header(10, frame_type))
 
 
-@pytest.mark.parametrize("frame_type", [FrameType.HELLO, FrameType.WELCOME, FrameType.ERROR])
+@pytest.mark.parametrize(
+    "frame_type", [FrameType.HELLO, FrameType.WELCOME, FrameType.ERROR, FrameType.ACK]
+)
 def test_frames_a_client_may_not_send_after_hello(frame_type: FrameType) -> None:
     expect_error("bad_type", greeted_decoder(), header(3, frame_type))
 
@@ -366,13 +370,14 @@ def test_http_400_response_is_complete() -> None:
         ('{"v":1,"client_id":"\u202egnp.exe"}'.encode(), Hello(1, "\u202egnp.exe", None)),
         ('{"v":1,"client_id":"\U0001f600e\u0301"}'.encode(), Hello(1, "\U0001f600e\u0301", None)),
         (b'{"v":1,"client_id":"\\ud83d\\ude00"}', Hello(1, "\U0001f600", None)),  # a pair
+        (b'{"v":2,"client_id":"a"}', Hello(2, "a", None)),  # sequence numbers and ACKs
     ],
 )
 def test_parse_hello_ok(payload: bytes, expected: Hello | None) -> None:
     hello = parse_hello(payload)
     if expected is not None:
         assert hello == expected
-    assert hello.v == 1
+    assert hello.v in (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -386,7 +391,8 @@ def test_parse_hello_ok(payload: bytes, expected: Hello | None) -> None:
         pytest.param(b"1", id="number"),
         pytest.param(b"null", id="null"),
         pytest.param(b"{}", id="missing-v"),
-        pytest.param(b'{"v":2}', id="v2"),
+        pytest.param(b'{"v":3}', id="v3"),
+        pytest.param(b'{"v":0}', id="v0"),
         pytest.param(b'{"v":"1"}', id="v-string"),
         pytest.param(b'{"v":true}', id="v-bool"),
         pytest.param(b'{"v":1.0}', id="v-float"),
@@ -563,3 +569,27 @@ def test_answer_does_not_depend_on_how_the_stream_was_split(
     data = HELLO + b"".join(chunks)
     whole = feed_until_error_chunks(data, [])
     assert feed_until_error_chunks(data, [c for c in cuts if c <= len(data)]) == whole
+
+
+# ----------------------------------------------------------------------------- protocol v2
+
+
+def test_v2_sequence_numbers_and_acks() -> None:
+    assert split_seq(b"\x00" * 7 + b"\x05hello") == (5, b"hello")
+    assert split_seq((2**63 - 1).to_bytes(8, "big")) == (2**63 - 1, b"")
+    for short in (b"", b"1234567"):
+        with pytest.raises(ProtocolError) as info:
+            split_seq(short)
+        assert info.value.code == "bad_frame"
+    with pytest.raises(ProtocolError) as info:
+        split_seq((2**63).to_bytes(8, "big") + b"x")
+    assert info.value.code == "bad_frame"
+    ack = encode_ack((7).to_bytes(8, "big"))
+    assert ack == b"\x00\x00\x00\x09\x08" + (7).to_bytes(8, "big")
+    # a client decodes ACK; WELCOME says the version the session speaks
+    frames = FrameDecoder(MAX_FRAME, 0, role="client").feed(ack + encode_welcome("s", "a", 1, 2))
+    assert [f.type for f in frames] == [FrameType.ACK, FrameType.WELCOME]
+    assert json.loads(frames[1].payload)["v"] == 2
+    assert json.loads(FrameDecoder(MAX_FRAME, 4096).feed(encode_hello(version=2))[0].payload) == {
+        "v": 2
+    }

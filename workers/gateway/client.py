@@ -21,6 +21,7 @@ from workers.gateway.protocol import (
     BYE_FRAME,
     PING_FRAME,
     PONG_FRAME,
+    SEQ_BYTES,
     Frame,
     FrameDecoder,
     FrameType,
@@ -48,6 +49,7 @@ class GatewayClient:
         self.frames: list[Frame] = []
         self.welcome: dict[str, Any] = {}
         self.closed_by: Frame | None = None  # the ERROR or BYE that ended the session
+        self.acks: list[int] = []  # protocol v2: the sequence numbers ACKed, in order
 
     @classmethod
     async def connect(
@@ -59,13 +61,15 @@ class GatewayClient:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
+        version: int = 1,
     ) -> GatewayClient:
-        """Connect, say HELLO, return once WELCOME arrived; GatewayError on ERROR."""
+        """Connect, say HELLO, return once WELCOME arrived; GatewayError on ERROR.
+        ``version=2``: send DATA with :meth:`send_seq`; the ACKs are in :attr:`acks`."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ssl_context), timeout
         )
         client = cls(reader, writer)
-        writer.write(encode_hello(client_id, token))
+        writer.write(encode_hello(client_id, token, version=version))
         frame = await asyncio.wait_for(client.next_frame(), timeout)
         if frame is None or frame.type is not FrameType.WELCOME:
             client.close()
@@ -100,6 +104,8 @@ class GatewayClient:
         frame = self.frames.pop(0)
         if frame.type is FrameType.PING:
             self.writer.write(PONG_FRAME)
+        elif frame.type is FrameType.ACK:
+            self.acks.append(int.from_bytes(frame.payload, "big"))
         return frame
 
     async def recv(self, timeout: float | None = 10.0) -> bytes:
@@ -117,6 +123,10 @@ class GatewayClient:
     async def send(self, payload: bytes) -> None:
         self.writer.write(encode_data(payload))
         await self.writer.drain()
+
+    async def send_seq(self, seq: int, payload: bytes) -> None:
+        """Protocol v2: DATA with its sequence number (the gateway ACKs it once safe)."""
+        await self.send(seq.to_bytes(SEQ_BYTES, "big") + payload)
 
     async def request(self, payload: bytes, timeout: float = 10.0) -> bytes:
         await self.send(payload)

@@ -41,10 +41,12 @@ from workers.gateway.config import (
     EVENT_CONNECT,
     EVENT_DATA,
     EVENT_DISCONNECT,
+    H_SEQ,
     GatewaySettings,
 )
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.passthrough import Pipe, relay
+from workers.gateway.protocol import SEQ_BYTES, encode_ack, split_seq
 from workers.gateway.session import JOINING, OPEN, Session
 from workers.gateway.states import State
 
@@ -230,22 +232,28 @@ class GatewayHub:
         # matched to their publish by exchange and routing key, in order (bridge.amqp's
         # confirm tracker), so no message id per publish.
         encoded: bytes | None = session.prepared if event == EVENT_DATA else None
+        body = payload
+        seq: int | None = None
+        if event == EVENT_DATA and session.version != 1:
+            seq, body = split_seq(payload)  # checked when it was read
+            encoded = None  # x-seq differs per message
         fut: asyncio.Future[None]
         if encoded is None:
+            headers = session.headers(event, self.settings.instance)
+            if seq is not None:
+                headers[H_SEQ] = seq
             try:
                 encoded = Properties(
-                    headers=session.headers(event, self.settings.instance),
-                    reply_to=self.settings.reply_queue,
-                    delivery_mode=2,
+                    headers=headers, reply_to=self.settings.reply_queue, delivery_mode=2
                 ).encode()
             except EncodeError as exc:  # parse_hello refuses what could cause it
                 fut = asyncio.get_running_loop().create_future()
                 fut.set_exception(PublishFailed(UNENCODABLE, f"{type(exc).__name__}: {exc}"))
             else:
-                if event == EVENT_DATA:
+                if event == EVENT_DATA and seq is None:
                     session.prepared = encoded
         if encoded is not None:
-            fut = self.publisher.publish("", self.settings.server_queue(server), payload, encoded)
+            fut = self.publisher.publish("", self.settings.server_queue(server), body, encoded)
         if event == EVENT_DATA:
             if session.unsettled is None:
                 session.unsettled = deque()
@@ -273,6 +281,9 @@ class GatewayHub:
             self._release(session)
             return
         exc = fut.exception()
+        if exc is None and event == EVENT_DATA and session.version != 1 and session.state == OPEN:
+            # protocol v2: the broker has it (persistent, in a quorum queue): tell the client
+            session.write(encode_ack(payload[:SEQ_BYTES]))
         if exc is not None:
             reason = exc.reason if isinstance(exc, PublishFailed) else "error"
             if reason == "unroutable" and retry:

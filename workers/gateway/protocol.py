@@ -33,19 +33,17 @@ __all__ = [
     "PING_FRAME",
     "PONG_FRAME",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
+    "SEQ_BYTES",
     "ErrorCode",
     "Frame",
     "FrameDecoder",
     "FrameType",
-    "Framing",
     "Hello",
-    "LengthCodec",
-    "LineCodec",
     "ProtocolError",
-    "RawCodec",
     "Role",
-    "StreamCodec",
     "encode",
+    "encode_ack",
     "encode_data",
     "encode_error",
     "encode_hello",
@@ -53,10 +51,15 @@ __all__ = [
     "parse_hello",
     "sniff_http",
     "sniff_tls",
-    "stream_codec",
+    "split_seq",
 ]
 
 PROTOCOL_VERSION: Final = 1
+# 2: every client DATA starts with an 8-byte big-endian sequence number, which the gateway
+# answers with ACK once the broker has confirmed that message
+PROTOCOL_VERSIONS: Final = (1, 2)
+SEQ_BYTES: Final = 8
+MAX_SEQ: Final = (1 << 63) - 1  # x-seq is a signed 64-bit AMQP integer
 MAX_CLIENT_ID_CHARS: Final = 256
 MAX_TOKEN_CHARS: Final = 256
 
@@ -77,6 +80,7 @@ class FrameType(enum.IntEnum):
     PONG = 5
     ERROR = 6
     BYE = 7
+    ACK = 8  # protocol version 2, gateway -> client: the DATA with this sequence number is safe
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)
@@ -94,6 +98,7 @@ _FROM_GATEWAY: Final = frozenset(
         FrameType.PONG,
         FrameType.ERROR,
         FrameType.BYE,
+        FrameType.ACK,
     }
 )
 
@@ -152,9 +157,11 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def encode_hello(client_id: str | None = None, token: str | None = None) -> bytes:
+def encode_hello(
+    client_id: str | None = None, token: str | None = None, *, version: int = PROTOCOL_VERSION
+) -> bytes:
     """HELLO as a client sends it (for tests, benchmarks and client libraries)."""
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION}
+    body: dict[str, Any] = {"v": version}
     if client_id is not None:
         body["client_id"] = client_id
     if token is not None:
@@ -162,18 +169,40 @@ def encode_hello(client_id: str | None = None, token: str | None = None) -> byte
     return encode(FrameType.HELLO, _json(body))
 
 
-def encode_welcome(session: str, server: str, heartbeat_s: float) -> bytes:
+def encode_welcome(
+    session: str, server: str, heartbeat_s: float, version: int = PROTOCOL_VERSION
+) -> bytes:
     if isinstance(heartbeat_s, bool) or not (
         isinstance(heartbeat_s, int | float) and math.isfinite(heartbeat_s) and heartbeat_s > 0
     ):
         raise ValueError(f"heartbeat_s must be a positive number, got {heartbeat_s!r}")
-    body = {"v": PROTOCOL_VERSION, "session": session, "server": server, "heartbeat_s": heartbeat_s}
+    body = {"v": version, "session": session, "server": server, "heartbeat_s": heartbeat_s}
     return encode(FrameType.WELCOME, _json(body))
 
 
 def encode_error(code: str, message: str) -> bytes:
     """ERROR frame; `code` is usually a `ProtocolError.code` but adapters add their own."""
     return encode(FrameType.ERROR, _json({"code": code, "message": message}))
+
+
+def encode_ack(seq: _Bytes) -> bytes:
+    """ACK of a version 2 DATA: its 8-byte sequence number, as the client sent it."""
+    return encode(FrameType.ACK, seq)
+
+
+def split_seq(payload: bytes) -> tuple[int, bytes]:
+    """A version 2 DATA payload as (sequence number, message). ProtocolError ``bad_frame``
+    for one shorter than the sequence number or with a number over 2**63 - 1."""
+    if len(payload) < SEQ_BYTES:
+        raise ProtocolError(
+            "bad_frame",
+            f"a version 2 DATA starts with an {SEQ_BYTES}-byte sequence number; "
+            f"got {len(payload)} bytes",
+        )
+    seq = int.from_bytes(payload[:SEQ_BYTES], "big")
+    if seq > MAX_SEQ:
+        raise ProtocolError("bad_frame", f"sequence number {seq} is over 2**63 - 1")
+    return seq, payload[SEQ_BYTES:]
 
 
 PING_FRAME: Final = encode(FrameType.PING)
@@ -400,8 +429,8 @@ def parse_hello(payload: _Bytes) -> Hello:
         raise ProtocolError("bad_hello", "HELLO payload must be a JSON object")
     version = obj.get("v")
     # type() rather than isinstance: True == 1 in Python, and 1.0 is not a version number.
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_hello", f"unsupported HELLO version {version!r}; expected 1")
+    if type(version) is not int or version not in PROTOCOL_VERSIONS:
+        raise ProtocolError("bad_hello", f"unsupported HELLO version {version!r}; expected 1 or 2")
     return Hello(
         v=version,
         client_id=_optional_str(obj, "client_id", MAX_CLIENT_ID_CHARS),
@@ -424,158 +453,3 @@ def _optional_str(obj: dict[str, Any], key: str, max_chars: int) -> str | None:
     except UnicodeEncodeError:
         raise ProtocolError("bad_hello", f"HELLO {key} is not valid Unicode") from None
     return value
-
-
-# --------------------------------------------------------------------------- other framings
-
-# Listeners for clients that already exist speak their own framing: no HELLO, no frame types,
-# every frame (or line, or chunk) is one message. A codec cuts the inbound stream into
-# payloads and frames the server's replies; like FrameDecoder it is dead after an error.
-
-
-class LengthCodec:
-    """A length prefix of ``length_bytes`` (1, 2 or 4) in ``byte_order``, counting the
-    payload only, then the payload. A LENGTH of 0 is an empty message."""
-
-    __slots__ = ("_buf", "_error", "_max", "_order", "_size")
-
-    def __init__(self, max_frame: int, length_bytes: int, byte_order: Literal["big", "little"]):
-        if length_bytes not in (1, 2, 4):
-            raise ValueError("length_bytes must be 1, 2 or 4")
-        if byte_order not in ("big", "little"):
-            raise ValueError("byte_order must be big or little")
-        self._size = length_bytes
-        self._order: Literal["big", "little"] = byte_order
-        self._max = max_frame
-        self._buf = bytearray()
-        self._error: ProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed_until_error(self, data: _Bytes) -> tuple[list[bytes], ProtocolError | None]:
-        if self._error is not None:
-            return [], self._error
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
-        pos, end, size = 0, len(buf), self._size
-        while end - pos >= size:
-            length = int.from_bytes(buf[pos : pos + size], self._order)
-            if length > self._max:
-                self._error = ProtocolError(
-                    "frame_too_large",
-                    f"payload of {length} bytes exceeds the limit of {self._max}",
-                )
-                self._buf = bytearray()
-                return out, self._error
-            if end - pos - size < length:
-                break
-            out.append(bytes(buf[pos + size : pos + size + length]))
-            pos += size + length
-        if pos:
-            del buf[:pos]
-        return out, None
-
-    def encode(self, payload: _Bytes) -> bytes:
-        size = memoryview(payload).nbytes
-        if size >= 1 << (8 * self._size):
-            raise ValueError(f"{size} bytes do not fit a {self._size}-byte length prefix")
-        return size.to_bytes(self._size, self._order) + bytes(payload)
-
-
-class LineCodec:
-    """``\n``-terminated lines (``\r\n`` accepted); the terminator is not part of the
-    message. A line longer than ``max_frame`` is refused as soon as that is certain, before
-    its end arrives. Replies are written as the body followed by ``\n``."""
-
-    __slots__ = ("_buf", "_error", "_max")
-
-    def __init__(self, max_frame: int) -> None:
-        self._max = max_frame
-        self._buf = bytearray()
-        self._error: ProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed_until_error(self, data: _Bytes) -> tuple[list[bytes], ProtocolError | None]:
-        if self._error is not None:
-            return [], self._error
-        buf = self._buf
-        start = len(buf)
-        buf += data
-        out: list[bytes] = []
-        pos = 0
-        # only the new bytes can hold a terminator the last feed has not seen
-        nl = buf.find(b"\n", start)
-        while nl >= 0:
-            line = buf[pos:nl]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > self._max:
-                return out, self._fail()
-            out.append(bytes(line))
-            pos = nl + 1
-            nl = buf.find(b"\n", pos)
-        if pos:
-            del buf[:pos]
-        # the partial line: over the limit for sure, unless its last byte is a \r to drop
-        rest = len(buf)
-        if rest > self._max + 1 or (rest == self._max + 1 and not buf.endswith(b"\r")):
-            return out, self._fail()
-        return out, None
-
-    def _fail(self) -> ProtocolError:
-        self._error = ProtocolError(
-            "frame_too_large", f"a line exceeds the limit of {self._max} bytes"
-        )
-        self._buf = bytearray()
-        return self._error
-
-    def encode(self, payload: _Bytes) -> bytes:
-        return bytes(payload) + b"\n"
-
-
-class RawCodec:
-    """No framing: each chunk read becomes one message (cut into pieces of at most
-    ``max_frame`` bytes), in order; replies are written as they are."""
-
-    __slots__ = ("_max",)
-
-    buffered: Final = 0
-
-    def __init__(self, max_frame: int) -> None:
-        self._max = max_frame
-
-    def feed_until_error(self, data: _Bytes) -> tuple[list[bytes], ProtocolError | None]:
-        chunk = bytes(data)
-        if len(chunk) <= self._max:
-            return ([chunk] if chunk else []), None
-        step = self._max
-        return [chunk[i : i + step] for i in range(0, len(chunk), step)], None
-
-    def encode(self, payload: _Bytes) -> bytes:
-        return bytes(payload)
-
-
-StreamCodec: TypeAlias = LengthCodec | LineCodec | RawCodec
-Framing = Literal["frames", "length", "lines", "raw"]
-
-
-def stream_codec(
-    framing: Framing,
-    max_frame: int,
-    length_bytes: int = 4,
-    byte_order: Literal["big", "little"] = "big",
-) -> StreamCodec:
-    """The codec of a listener that is not ``frames``."""
-    if framing == "length":
-        return LengthCodec(max_frame, length_bytes, byte_order)
-    if framing == "lines":
-        return LineCodec(max_frame)
-    if framing == "raw":
-        return RawCodec(max_frame)
-    raise ValueError(f"no stream codec for framing {framing!r}")

@@ -26,6 +26,7 @@ import uuid
 from collections import deque
 from typing import Any, Protocol, cast
 
+from workers.gateway.codecs import StreamCodec, stream_codec
 from workers.gateway.config import (
     E_SLOW_CONSUMER,
     E_UNAUTHORIZED,
@@ -44,12 +45,11 @@ from workers.gateway.protocol import (
     FrameDecoder,
     FrameType,
     ProtocolError,
-    StreamCodec,
     encode_data,
     encode_error,
     encode_welcome,
     parse_hello,
-    stream_codec,
+    split_seq,
 )
 from workers.gateway.proxy_header import ProxyHeaderDecoder, format_addr
 from workers.gateway.states import Event, State, next_state
@@ -229,6 +229,12 @@ class Session(asyncio.Protocol):
         for frame in frames:
             kind = frame.type
             if kind is _DATA:
+                if self.version != 1:
+                    try:
+                        split_seq(frame.payload)  # checked here, split when published
+                    except ProtocolError as exc:
+                        error = exc  # answered after what came before it, as any violation
+                        break
                 if self.pending is None:
                     self.pending = deque()
                 self.pending.append((EVENT_DATA, frame.payload))
@@ -290,6 +296,7 @@ class Session(asyncio.Protocol):
                 self.fail(E_UNAUTHORIZED, "HELLO token missing or not accepted")
                 return
         self.client_id = hello.client_id
+        self.version = hello.v
         self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
         self.hub.join(self)
@@ -317,7 +324,7 @@ class Session(asyncio.Protocol):
         return headers
 
     def greet(self, server: str) -> None:
-        self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))
+        self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s, self.version))
 
     # -- outbound -----------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ def settings_for(prefix: str) -> GatewaySettings:
         undeliverable_queue=f"{prefix}.undeliverable",
         reply_queue_prefix=f"{prefix}.reply.",
         registry_queue_prefix=f"{prefix}.registry.",
+        offline_queue_prefix=f"{prefix}.offline.",
+        offline_exchange=f"{prefix}.offline",
         instance=prefix,
         peers=False,  # one replica: no peers exchange or sticky stream left in the broker
     )
@@ -38,6 +40,8 @@ def env_for(prefix: str, port: int, **settings: Any) -> dict[str, str]:
     env = gateway_env(prefix, port)
     env.update({"BRIDGE_GATEWAY__STATE_FLUSH_S": "0.2", "BRIDGE_GATEWAY__SERVER_TTL_S": "5"})
     env["BRIDGE_GATEWAY__PEERS"] = "false"  # one replica per scenario
+    # replies kept for the clients' ids go away with their queues soon after a run
+    env["BRIDGE_GATEWAY__OFFLINE_TTL_S"] = "60"
     env.update({f"BRIDGE_GATEWAY__{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -93,7 +97,7 @@ async def cleanup(prefix: str) -> None:
     s = settings_for(prefix)
     await delete_names(
         broker_url(),
-        [s.servers_exchange],
+        [s.servers_exchange, s.offline_exchange],
         [s.undeliverable_queue, s.reply_queue, *(s.server_queue(i) for i in SERVERS)],
     )
 

@@ -159,6 +159,9 @@ async def bad_input(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         hello_timeout_s=3,
         max_connections=max_connections,
         outbound_buffer_bytes=256 * 1024,
+        # each sequence is judged alone: a reply kept for a client_id would reach the next
+        # connection that uses it, which the per-connection model does not follow
+        offline_max_messages=0,
     )
     gateway = WorkerProcess(["gateway"], state_dir=root / "input", env=env)
     ledger = ServerLedger()

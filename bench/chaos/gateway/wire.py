@@ -25,8 +25,10 @@ from typing import Any
 
 CORPUS = Path(__file__).resolve().parents[3] / "tests" / "corpus" / "gateway"
 
-HELLO, WELCOME, DATA, PING, PONG, ERROR, BYE = range(1, 8)
+HELLO, WELCOME, DATA, PING, PONG, ERROR, BYE, ACK = range(1, 9)
 FROM_CLIENT_OK = {HELLO, DATA, PING, PONG, BYE}
+SEQ_BYTES = 8  # protocol v2: each client DATA starts with its sequence number
+MAX_SEQ = (1 << 63) - 1
 EMPTY = {PING, PONG, BYE}
 HTTP_METHODS = tuple(
     m.encode() + b" "
@@ -52,17 +54,24 @@ class Expect:
     welcome: bool = False
     echoes: list[bytes] = field(default_factory=list)
     pongs: int = 0
+    acks: list[bytes] = field(default_factory=list)  # protocol v2: ACK payloads, in order
 
     def as_json(self) -> dict[str, Any]:
-        return {"terminal": self.terminal, "welcome": self.welcome, "echoes": len(self.echoes)}
+        return {
+            "terminal": self.terminal,
+            "welcome": self.welcome,
+            "echoes": len(self.echoes),
+            "acks": len(self.acks),
+        }
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return struct.pack(">IB", len(payload) + 1, kind) + payload
 
 
-def _hello_ok(payload: bytes, tokens: tuple[str, ...]) -> str | None:
-    """None if the HELLO is accepted, else the ERROR code (docs/gateway.md, Rejections)."""
+def _hello_ok(payload: bytes, tokens: tuple[str, ...]) -> int | str:
+    """The protocol version if the HELLO is accepted, else the ERROR code (docs/gateway.md,
+    Rejections)."""
     try:
         doc = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -70,7 +79,7 @@ def _hello_ok(payload: bytes, tokens: tuple[str, ...]) -> str | None:
     if not isinstance(doc, dict):
         return "bad_hello"
     v = doc.get("v")
-    if type(v) is not int or v != 1:
+    if type(v) is not int or v not in (1, 2):
         return "bad_hello"
     for key in ("client_id", "token"):
         value = doc.get(key)
@@ -84,7 +93,7 @@ def _hello_ok(payload: bytes, tokens: tuple[str, ...]) -> str | None:
             return "bad_hello"
     if tokens and doc.get("token") not in tokens:
         return "unauthorized"
-    return None
+    return v
 
 
 def _no_constant(name: str) -> Any:
@@ -100,7 +109,7 @@ def expected(data: bytes, limits: Limits) -> Expect:
     if len(data) < 5 and any(m.startswith(data) for m in HTTP_METHODS):
         return Expect("error:hello_timeout")  # might still become "GET ": the gateway waits
     out = Expect("open")
-    pos, greeted = 0, False
+    pos, greeted, version = 0, False, 1
     while True:
         rest = len(data) - pos
         if rest < 4:
@@ -114,7 +123,7 @@ def expected(data: bytes, limits: Limits) -> Expect:
         if rest < 5:
             break
         kind = data[pos + 4]
-        if kind not in range(1, 8):
+        if kind not in range(1, 9):
             return _fail(out, "bad_type")
         if not greeted and kind != HELLO:
             return _fail(out, "not_hello")
@@ -128,9 +137,17 @@ def expected(data: bytes, limits: Limits) -> Expect:
         pos += 4 + length
         if kind == HELLO:
             code = _hello_ok(payload, limits.tokens)
-            if code is not None:
+            if isinstance(code, str):
                 return _fail(out, code)
+            version = code
             greeted = out.welcome = True
+        elif kind == DATA and version == 2:
+            # a sequence number first: ACKed as sent, the server echoes what follows it
+            seq = payload[:SEQ_BYTES]
+            if len(seq) < SEQ_BYTES or int.from_bytes(seq, "big") > MAX_SEQ:
+                return _fail(out, "bad_frame")
+            out.acks.append(seq)
+            out.echoes.append(payload[SEQ_BYTES:])
         elif kind == DATA:
             out.echoes.append(payload)
         elif kind == PING:
@@ -159,6 +176,7 @@ class Observed:
     welcome: bool = False
     echoes: list[bytes] = field(default_factory=list)
     pongs: int = 0
+    acks: list[bytes] = field(default_factory=list)
     raw: bytes = b""
 
 
@@ -205,9 +223,9 @@ class _Reader:
 def exchange(port: int, data: bytes, expect: Expect, *, timeout: float = 10.0) -> Observed:
     """Send ``data`` on a fresh connection and read the answer.
 
-    When the contract says the connection stays open, wait for the expected echoes and
-    PONGs, then say BYE (an echo still on its way when the gateway closes would go to the
-    undeliverable queue, so BYE must come after them)."""
+    When the contract says the connection stays open, wait for the expected echoes, PONGs
+    and ACKs, then say BYE (an echo still on its way when the gateway closes would go to the
+    undeliverable queue, an ACK would not be sent, so BYE must come after them)."""
     deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -232,6 +250,7 @@ def exchange(port: int, data: bytes, expect: Expect, *, timeout: float = 10.0) -
                 and seen.welcome
                 and len(seen.echoes) >= len(expect.echoes)
                 and seen.pongs >= expect.pongs
+                and len(seen.acks) >= len(expect.acks)
             ):
                 try:
                     sock.sendall(BYE_FRAME)
@@ -249,6 +268,8 @@ def exchange(port: int, data: bytes, expect: Expect, *, timeout: float = 10.0) -
                 seen.echoes.append(payload)
             elif kind == PONG:
                 seen.pongs += 1
+            elif kind == ACK:
+                seen.acks.append(payload)
             elif kind == PING:
                 pass  # heartbeats; the sequences are short enough not to see any
             elif kind == ERROR:
@@ -280,6 +301,8 @@ def check(expect: Expect, seen: Observed) -> list[str]:
             problems.append(f"echoes {seen.echoes[:5]!r} != {expect.echoes[:5]!r}")
         if seen.pongs != expect.pongs:
             problems.append(f"{seen.pongs} PONGs, expected {expect.pongs}")
+        if seen.acks != expect.acks:
+            problems.append(f"ACKs {seen.acks[:5]!r} != {expect.acks[:5]!r}")
     else:
         # Frames decoded in the same read as a bad one are dropped (a HELLO too, so even
         # WELCOME may not come), echoes arriving after the ERROR or the client's BYE go to
@@ -288,6 +311,8 @@ def check(expect: Expect, seen: Observed) -> list[str]:
             problems.append(f"echoes {seen.echoes[:5]!r} not a prefix of {expect.echoes[:5]!r}")
         if seen.pongs > expect.pongs:
             problems.append(f"{seen.pongs} PONGs for {expect.pongs} PINGs")
+        if seen.acks != expect.acks[: len(seen.acks)]:
+            problems.append(f"ACKs {seen.acks[:5]!r} not a prefix of {expect.acks[:5]!r}")
     return problems
 
 

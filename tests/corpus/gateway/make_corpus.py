@@ -32,7 +32,12 @@ def hello(doc: object | None = None, raw: bytes | None = None) -> bytes:
 
 
 OK = hello()
+OK2 = hello({"v": 2, "token": TOKEN})
 DATA, PING, PONG, BYE = 3, 4, 5, 7
+
+
+def seq(n: int) -> bytes:
+    return n.to_bytes(8, "big")
 
 
 def tls_client_hello() -> bytes:
@@ -80,7 +85,7 @@ def cases() -> list[tuple[str, bytes, str, str]]:
             "exactly max_hello_frame",
         ),
         ("type_0", frame(0, b"x"), "error:bad_type", ""),
-        ("type_8", frame(8, b"x"), "error:bad_type", ""),
+        ("type_8", frame(8, b"x"), "error:not_hello", "ACK is gateway-only (v2)"),
         ("type_255", frame(255), "error:bad_type", ""),
         ("welcome_from_client", frame(2, b"{}"), "error:not_hello", "first frame not HELLO"),
         ("data_before_hello", frame(DATA, b"hi"), "error:not_hello", ""),
@@ -95,20 +100,50 @@ def cases() -> list[tuple[str, bytes, str, str]]:
         ("zero_length_after_hello", OK + b"\x00\x00\x00\x00", "error:bad_frame", ""),
         ("data_over_limit", OK + frame(DATA, length=65538), "error:frame_too_large", ""),
         ("unknown_type_after_hello", OK + frame(9, b"x"), "error:bad_type", ""),
+        ("ack_from_client", OK + frame(8, seq(1)), "error:bad_type", "ACK is gateway-only"),
+        # ---------------------------------------------------------------- protocol v2
+        ("v2_data_short", OK2 + frame(DATA, b"1234567"), "error:bad_frame", "7-byte DATA"),
+        ("v2_data_empty", OK2 + frame(DATA, b""), "error:bad_frame", "no sequence number"),
+        (
+            "v2_seq_over",
+            OK2 + frame(DATA, b"\x80" + bytes(7) + b"x"),
+            "error:bad_frame",
+            "sequence number over 2**63 - 1",
+        ),
+        (
+            "v2_good_then_short",
+            OK2 + frame(DATA, seq(5) + b"a") + frame(DATA, b"x"),
+            "error:bad_frame",
+            "the first is published (and ACKed, if in time), then ERROR",
+        ),
+        (
+            "v2_session",
+            OK2
+            + frame(DATA, seq(1) + b"one")
+            + frame(DATA, seq(2))
+            + frame(PING)
+            + frame(DATA, seq(2) + b"again")
+            + frame(DATA, seq(0x7FFF_FFFF_FFFF_FFFF) + bytes(range(256))),
+            "open",
+            "ACKs in order; an empty message; a repeated number is the client's business",
+        ),
+        ("v1_data_short", OK + frame(DATA, b"1234567"), "open", "version 1: any DATA"),
         # ---------------------------------------------------------------- HELLO payload
         ("hello_empty", hello(raw=b""), "error:bad_hello", ""),
         ("hello_not_json", hello(raw=b"{v:1}"), "error:bad_hello", ""),
         ("hello_array", hello(raw=b"[1]"), "error:bad_hello", ""),
-        ("hello_v2", hello({"v": 2, "token": TOKEN}), "error:bad_hello", ""),
+        ("hello_v2", hello({"v": 2, "token": TOKEN}), "open", "protocol version 2"),
+        ("hello_v3", hello({"v": 3, "token": TOKEN}), "error:bad_hello", "no version 3"),
+        ("hello_v0", hello({"v": 0, "token": TOKEN}), "error:bad_hello", ""),
         ("hello_v_true", hello({"v": True, "token": TOKEN}), "error:bad_hello", "True == 1"),
         ("hello_v_float", hello(raw=b'{"v":1.0,"token":"corpus-token"}'), "error:bad_hello", ""),
         ("hello_v_huge", hello(raw=b'{"v":1e400,"token":"corpus-token"}'), "error:bad_hello", ""),
         ("hello_nan", hello(raw=b'{"v":NaN}'), "error:bad_hello", "not JSON"),
         (
             "hello_dup_keys",
-            hello(raw=b'{"v":1,"v":2,"token":"corpus-token"}'),
+            hello(raw=b'{"v":1,"v":3,"token":"corpus-token"}'),
             "error:bad_hello",
-            "",
+            "the last one counts",
         ),
         (
             "hello_client_id_int",

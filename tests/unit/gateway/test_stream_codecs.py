@@ -10,14 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.gateway.protocol import (
-    LengthCodec,
-    LineCodec,
-    ProtocolError,
-    RawCodec,
-    StreamCodec,
-    stream_codec,
-)
+from workers.gateway.codecs import LengthCodec, LineCodec, RawCodec, StreamCodec, stream_codec
+from workers.gateway.protocol import ProtocolError
 
 
 def feed_split(codec: StreamCodec, data: bytes, cuts: list[int]) -> tuple[list[bytes], str | None]:
