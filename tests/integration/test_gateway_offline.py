@@ -45,7 +45,7 @@ async def _gone(gw: Any, session: str) -> None:
 async def test_replies_kept_while_offline_come_first_on_reconnect(
     broker_url, amqp, tmp_path, unique
 ):
-    s = gateway_settings(unique)
+    s = gateway_settings(unique, offline_max_messages=3000)
     async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
         first = await gw.connect(client_id="dev-1")
         assert await first.request(b"hello") == b"hello"
@@ -53,21 +53,26 @@ async def test_replies_kept_while_offline_come_first_on_reconnect(
         await first.bye()
         await _gone(gw, session)
         queue = s.offline_queue("dev-1")
-        for i in range(3):
-            await publish_reply(amqp, s, b"kept-%d" % i, {"x-session": session})
+        # many: writing them takes longer than an echo's round trip
+        kept = [b"kept-%d" % i for i in range(2000)]
+        channel = await amqp.channel()
+        for body in kept:
+            await _reply(channel, s.reply_queue, body, session)
+        await channel.close()
         await wait_until(
-            lambda: gw.metric("bridge_gateway_offline_replies_total", event="kept") == 3, "3 kept"
+            lambda: gw.metric("bridge_gateway_offline_replies_total", event="kept") == len(kept),
+            "all kept",
         )
-        assert await queue_depth(amqp, queue) == 3
+        assert await queue_depth(amqp, queue) == len(kept)
         # a client without a client_id gets nothing of it
         other = await gw.connect()
         assert await other.request(b"x") == b"x"
 
         again = await gw.connect(client_id="dev-1")
-        await again.send(b"live")  # read only once the kept replies are written
-        got = [await again.recv() for _ in range(4)]
-        assert got == [b"kept-0", b"kept-1", b"kept-2", b"live"]
-        assert gw.metric("bridge_gateway_offline_replies_total", event="delivered") == 3
+        await again.send(b"live")  # its echo comes after every kept reply
+        got = [await again.recv() for _ in range(len(kept) + 1)]
+        assert got == [*kept, b"live"]
+        assert gw.metric("bridge_gateway_offline_replies_total", event="delivered") == len(kept)
         assert await queue_depth(amqp, queue) == 0  # acknowledged once written
         # nothing went to the undeliverable queue
         assert await get_messages(amqp, s.undeliverable_queue, 1, timeout=0.5) == []
@@ -205,6 +210,21 @@ async def test_offline_replies_follow_the_client_to_another_replica(
         assert await back.recv() == b"late"
         assert await queue_depth(amqp, queue) == 0
         await back.bye()
+
+        # the usual race: the client is back through b before the server's answer to its
+        # old session reaches a (so b found no queue to read); a keeps it and tells b
+        quick = "quick-1"
+        old = await a.connect(quick)
+        old_session = old.session
+        await old.bye()
+        await server.wait_events(
+            lambda evs: any(e.event == "disconnect" and e.session == old_session for e in evs)
+        )
+        new = await b.connect(quick)
+        assert await new.request(b"new") == b"new"
+        await _reply(channel, a.reply_queue, b"answer to the old session", old_session)
+        assert await new.recv() == b"answer to the old session"
+        await new.bye()
         await channel.close()
     finally:
         await server.stop()
@@ -212,7 +232,9 @@ async def test_offline_replies_follow_the_client_to_another_replica(
         b.proc.stop()
         await cleanup(broker_url, s, ["s1"])
         await delete_names(
-            broker_url, [], [a.reply_queue, b.reply_queue, s.offline_queue(client_id)]
+            broker_url,
+            [],
+            [a.reply_queue, b.reply_queue, s.offline_queue(client_id), s.offline_queue("quick-1")],
         )
 
 

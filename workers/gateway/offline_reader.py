@@ -54,6 +54,7 @@ class OfflineReader(Channel):
         self.on_gone = on_gone
         self.wanted: dict[str, Subscription] = {}  # by key: consumed again after a reopen
         self._by_tag: dict[str, Subscription] = {}
+        self._tags = 0  # consumer tags are numbered here
 
     # -- the owner's side --------------------------------------------------------------
 
@@ -134,15 +135,24 @@ class OfflineReader(Channel):
     # -- internals ---------------------------------------------------------------------
 
     async def _consume(self, sub: Subscription) -> None:
-        ok = await self.call(
-            F.BasicConsume(queue=sub.queue, no_ack=False, exclusive=False, arguments={}),
-            F.BasicConsumeOk,
-        )
-        if self.wanted.get(sub.key) is not sub:  # unsubscribed while the consume was on its way
-            self.link.spawn(self._cancel(ok.consumer_tag), f"cancel {sub.queue}")
-            return
-        sub.tag = ok.consumer_tag
-        self._by_tag[sub.tag] = sub
+        # The tag is ours, known before the consume is sent: the broker may deliver in the
+        # same read as its consume-ok, before this coroutine runs again, and a delivery for
+        # a tag not known yet would go back to the queue behind the ones after it.
+        self._tags += 1
+        tag = sub.tag = f"gateway-offline-{self._tags}"
+        self._by_tag[tag] = sub
+        try:
+            await self.call(
+                F.BasicConsume(
+                    queue=sub.queue, consumer_tag=tag, no_ack=False, exclusive=False, arguments={}
+                ),
+                F.BasicConsumeOk,
+            )
+        except BaseException:
+            if self._by_tag.get(tag) is sub:
+                del self._by_tag[tag]
+                sub.tag = ""
+            raise
 
     async def _cancel(self, tag: str) -> None:
         with contextlib.suppress(LinkError):
