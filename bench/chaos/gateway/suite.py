@@ -24,9 +24,10 @@ Prints one JSON object on stdout (progress on stderr). Scenarios:
     :mod:`bench.chaos.gateway.input`: the corpus, seeded mutations of it, slowloris HELLOs,
     a client that never reads, a connection flood, secrets in DEBUG logs.
 
-What "acknowledged" means here. The gateway tells a client nothing when the broker confirms
-its DATA: there is no ack frame, and the server's reply is the only sign that a message got
-through. So a client cannot know which of its messages were taken when a session ends
+What "acknowledged" means here. The clients here speak protocol version 1: the gateway
+tells them nothing when the broker confirms their DATA (no ACK frame; that is version 2,
+tested in ``tests/integration/test_gateway_v2.py``), and the server's reply is the only
+sign that a message got through. So a client cannot know which of its messages were taken when a session ends
 without a reply (gateway killed, ERROR ``unavailable``): per socket the gateway path is
 *at most once*. It is *at least once* for clients that resend what was not answered, keyed
 by an id inside the payload, which is what the clients here do; duplicates at the server
