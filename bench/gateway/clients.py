@@ -84,17 +84,25 @@ class FramedClient(asyncio.Protocol):
 
 
 class StompClient(asyncio.Protocol):
-    """A minimal STOMP 1.2 echo client: SEND to the server queue, reply on a temp queue."""
+    """A minimal STOMP 1.2 echo client: SEND to the server queue, reply on a temp queue.
 
-    def __init__(self, recorder: Recorder, queue: str) -> None:
+    ``confirmed``: the gateway's guarantees on this path, each SEND ``persistent:true`` with
+    a ``receipt`` (the plugin then publishes with confirms and answers RECEIPT once the
+    broker confirmed; the client counts them, as a gateway client would count ACKs, but
+    sends its next message on the echo as on the other paths). Without it: the plugin's
+    defaults, what a RabbitMQ user gets without asking (no receipt, transient)."""
+
+    def __init__(self, recorder: Recorder, queue: str, *, confirmed: bool = False) -> None:
         self.recorder = recorder
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.buf = bytearray()
         self.sent_at = 0.0
+        self.receipts = 0
+        extra = "persistent:true\nreceipt:r\n" if confirmed else ""
         self.frame = (
             (
-                f"SEND\ndestination:/amq/queue/{queue}\nreply-to:/temp-queue/r\n"
+                f"SEND\ndestination:/amq/queue/{queue}\nreply-to:/temp-queue/r\n{extra}"
                 f"content-length:{len(PAYLOAD)}\n\n"
             ).encode()
             + PAYLOAD
@@ -140,6 +148,8 @@ class StompClient(asyncio.Protocol):
                 if self.recorder.done(now - self.sent_at):
                     self.sent_at = now
                     self.transport.write(self.frame)
+            elif command == "RECEIPT":
+                self.receipts += 1
             elif command == "CONNECTED":
                 self.ready.set_result(None)
             elif command == "ERROR":
@@ -206,17 +216,19 @@ async def echo_load(
 # -- processes --------------------------------------------------------------------------
 
 
-def stomp_reachable() -> bool:
+def stomp_reachable(port: int = STOMP_PORT) -> bool:
     import socket
 
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", STOMP_PORT), 2):
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
         return True
     return False
 
 
-def enable_stomp() -> None:
-    if stomp_reachable():
+def enable_stomp(port: int = STOMP_PORT) -> None:
+    if stomp_reachable(port):
         return
+    if port != STOMP_PORT:
+        raise RuntimeError(f"no STOMP listener on port {port} (--stomp-port)")
     progress("enabling rabbitmq_stomp")
     subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_stomp"], check=True, timeout=120)
     for _ in range(100):
