@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import shutil
-import subprocess
 import time
 import traceback
 import uuid
@@ -18,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.chaos.ledger import Ledger
+from bench.harness.broker import rabbitmqctl, require_same_node
 from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, progress
@@ -314,13 +313,14 @@ class Harness:
 
     async def broker_restart(self, down_s: float) -> dict[str, Any]:
         """``rabbitmqctl stop_app``, ``down_s`` seconds, ``start_app``; waits for AMQP."""
-        ctl = shutil.which("rabbitmqctl")
         host = urlsplit(self.broker_url).hostname
-        if ctl is None or host not in ("localhost", "127.0.0.1", "::1"):
+        if host not in ("localhost", "127.0.0.1", "::1"):
             raise RuntimeError("broker restart needs a local broker and rabbitmqctl")
+        # the CLI of the broker under test (BRIDGE_TEST_RABBITMQCTL), never another node's
+        await asyncio.to_thread(require_same_node, self.broker_url)
 
         def ctl_run(*args: str) -> None:
-            subprocess.run([ctl, *args], check=True, capture_output=True, timeout=120)
+            rabbitmqctl(*args, timeout=120)
 
         t0 = time.monotonic()
         await asyncio.to_thread(ctl_run, "stop_app")

@@ -3,24 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.harness.cpu import rss_bytes
 from bench.harness.report import progress
 
 
+def ctl_command() -> list[str]:
+    """The broker's CLI: ``BRIDGE_TEST_RABBITMQCTL`` (split like a shell would, e.g.
+    ``rabbitmqctl -n h4@localhost`` or ``.ci/rabbitmq43 ctl``), as for the tests, else
+    ``rabbitmqctl`` (which reaches the machine's default node)."""
+    return shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL") or "rabbitmqctl")
+
+
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise RuntimeError("rabbitmqctl not found (broker-side figures need a local broker)")
-    done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=timeout, check=True)
+    cmd = ctl_command()
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"{cmd[0]} not found (broker-side figures need a local broker)")
+    done = subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
     return done.stdout
+
+
+def require_same_node(url: str) -> None:
+    """Refuse (RuntimeError) unless the CLI reaches the node that serves ``url``: a broker
+    restart or a figure must not hit another broker than the one under test."""
+    parts = urlsplit(url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    listeners = json.loads(rabbitmqctl("status", "--formatter", "json")).get("listeners") or []
+    if not any(
+        entry.get("port") == port and str(entry.get("protocol", "")).startswith("amqp")
+        for entry in listeners
+    ):
+        raise RuntimeError(
+            f"{shlex.join(ctl_command())} reaches a node without an AMQP listener on port "
+            f"{port} ({url.split('@')[-1]}): set BRIDGE_TEST_RABBITMQCTL to the CLI of the "
+            "broker under test"
+        )
 
 
 def broker_info() -> dict[str, Any]:

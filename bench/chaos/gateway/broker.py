@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from bench.chaos.gateway.deployment import cleanup, finish, settings_for, start_servers
 from bench.chaos.gateway.ledger import SERVERS, ChaosClient, ServerLedger, analyse, parse
-from bench.harness.broker import rabbitmqctl
+from bench.harness.broker import rabbitmqctl, require_same_node
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import rnd
 from bridge.amqp.frames import Properties
@@ -126,6 +126,7 @@ async def broker(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             proxy.latency = 0.0
 
         async def restart() -> None:
+            await asyncio.to_thread(require_same_node, broker_url())  # never another broker
             await asyncio.to_thread(rabbitmqctl, "stop_app")
             await asyncio.sleep(2.0)
             await asyncio.to_thread(rabbitmqctl, "start_app")
