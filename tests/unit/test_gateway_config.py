@@ -134,3 +134,15 @@ def test_listeners_that_are_not_json_are_one_clear_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("BRIDGE_GATEWAY__LISTENERS", "[{port: 7001}]")
     with pytest.raises(ValidationError, match="not a JSON list of listener objects"):
         GatewaySettings()
+
+
+def test_offline_queue_names() -> None:
+    s = GatewaySettings()
+    assert (s.offline_max_messages, s.offline_ttl_s) == (1000, 3600.0)
+    assert s.offline_queue("dev-1.a:b@c_d") == "gateway.offline.dev-1.a:b@c_d"
+    # anything else (spaces, slashes, non-ASCII, too long, a trailing newline, a leading
+    # dot) is named by its digest, behind a character the plain form never has
+    for odd in ("device/ü 7", "x" * 201, "abc\n", ".hidden", "#" + "0" * 64):
+        name = s.offline_queue(odd)
+        assert name.startswith("gateway.offline.#") and len(name) == len("gateway.offline.#") + 64
+    assert s.offline_queue("abc\n") != s.offline_queue("abc")
