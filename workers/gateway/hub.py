@@ -164,7 +164,8 @@ class GatewayHub:
             self._associated(session.client_id, server)
             if session.pending is None:
                 session.pending = deque()
-            session.pending.appendleft((EVENT_CONNECT, b""))
+            if not session.held:  # a held session's connect is still in its queue
+                session.pending.appendleft((EVENT_CONNECT, b""))
             self.pump(session)
         if moved or closed:
             log.warning(
