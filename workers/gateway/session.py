@@ -26,15 +26,19 @@ import uuid
 from collections import deque
 from typing import Any, Protocol, cast
 
+from workers.gateway.auth import Authenticator
 from workers.gateway.config import (
+    E_RATE_LIMITED,
     E_SLOW_CONSUMER,
     E_UNAUTHORIZED,
     EVENT_CONNECT,
     EVENT_DATA,
+    H_CLIENT_AUTH,
     H_MOVED_FROM,
     GatewaySettings,
     Listener,
 )
+from workers.gateway.identity import Proof, Refused
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.protocol import (
     BYE_FRAME,
@@ -70,6 +74,7 @@ class Hub(Protocol):
     metrics: GatewayMetrics
     sessions: dict[str, Session]
     tokens: tuple[bytes, ...]  # SHA-256 digests of the accepted HELLO tokens
+    auth: Authenticator  # signed tokens, client certificates, failures, one connection per id
 
     def join(self, session: Session) -> None: ...
 
@@ -96,6 +101,7 @@ class Session(asyncio.Protocol):
         "close_reason",
         "decoder",
         "head",
+        "hint",
         "hub",
         "in_flight",
         "last_ping",
@@ -106,6 +112,7 @@ class Session(asyncio.Protocol):
         "peer",
         "pending",
         "prepared",
+        "proof",
         "proxy",
         "server",
         "sid",
@@ -126,7 +133,11 @@ class Session(asyncio.Protocol):
         self.state = HANDSHAKE
         self.sid = ""
         self.peer = ""
+        # the proven client_id (signed token, certificate), else None; an unproven HELLO
+        # client_id accepted as a sticky hint only (unproven_client_id = hint) is ``hint``
         self.client_id: str | None = None
+        self.hint: str | None = None
+        self.proof: Proof = "none"  # x-client-auth
         self.server: str | None = None
         self.moved_from: str | None = None  # the server it had before a move
         self.decoder: FrameDecoder | None = None
@@ -272,7 +283,12 @@ class Session(asyncio.Protocol):
         except ProtocolError as exc:
             self.protocol_error(exc)
             return
+        auth = self.hub.auth
+        if not auth.admits(self):
+            self.fail(E_RATE_LIMITED, "too many failed authentications from this address")
+            return
         tokens = self.hub.tokens
+        shared: bool | None = None  # no shared tokens configured
         if tokens:
             # Digests of equal length: compare_digest's time then depends on neither the
             # given token nor the accepted ones, not even on their lengths.
@@ -280,10 +296,13 @@ class Session(asyncio.Protocol):
             ok = False
             for token in tokens:  # no early exit: the time taken says nothing about which
                 ok |= hmac.compare_digest(given, token)
-            if not ok:
-                self.fail(E_UNAUTHORIZED, "HELLO token missing or not accepted")
-                return
-        self.client_id = hello.client_id
+            shared = ok
+        verdict = auth.decide(self, hello.client_id, hello.token, shared)
+        if isinstance(verdict, Refused):
+            self.fail(E_UNAUTHORIZED, verdict.message)
+            return
+        self.client_id, self.hint, self.proof = verdict.client_id, verdict.hint, verdict.proof
+        auth.claim(self)  # an older connection of the same proven client_id is replaced
         self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
         self.hub.join(self)
@@ -302,13 +321,25 @@ class Session(asyncio.Protocol):
         headers = {
             "x-event": event,
             "x-session": self.sid,
-            "x-client-id": self.client_id or "",
+            "x-client-id": self.sticky_id or "",
+            H_CLIENT_AUTH: self.proof,
             "x-client-addr": self.peer,
             "x-gateway": gateway,
         }
         if event == EVENT_CONNECT and self.moved_from is not None:
             headers[H_MOVED_FROM] = self.moved_from
         return headers
+
+    @property
+    def sticky_id(self) -> str | None:
+        """What stickiness (and ``x-client-id``) goes by: the proven client_id or the hint."""
+        return self.client_id if self.client_id is not None else self.hint
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client's verified TLS certificate (``ssl`` getpeercert form), if any."""
+        transport = self.transport
+        cert = None if transport is None else transport.get_extra_info("peercert")
+        return cert if isinstance(cert, dict) else None
 
     def greet(self, server: str) -> None:
         self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))
@@ -418,9 +449,25 @@ class StreamSession(Session):
             self.proxied()
 
     def proxied(self) -> None:
+        if self.listener.client_auth == "required" and not self._certified():
+            return
         self.state = next_state(self.state, Event.ACCEPT)
         self.update_reading()
         self.hub.join(self)
+
+    def _certified(self) -> bool:
+        """No HELLO: the client certificate alone names the client (closed if it cannot)."""
+        auth = self.hub.auth
+        if not auth.admits(self):
+            self.fail(E_RATE_LIMITED, "")
+            return False
+        verdict = auth.decide(self, None, None, None)
+        if isinstance(verdict, Refused):
+            self.fail(E_UNAUTHORIZED, "")
+            return False
+        self.client_id, self.proof = verdict.client_id, verdict.proof
+        auth.claim(self)
+        return True
 
     def data_received(self, data: bytes) -> None:
         data = self.received(data)
