@@ -264,6 +264,18 @@ async def test_newer_connection_replaces_the_older(broker_url, tmp_path, unique,
 
 
 async def test_client_certificates(broker_url, tmp_path, unique, pki):
+    await client_certificates(broker_url, tmp_path, unique, pki)
+
+
+def test_client_certificates_on_uvloop(broker_url, tmp_path, unique, pki):
+    """`rabbitmq-bridge run` runs on uvloop, whose TLS transport is its own."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert "uvloop" in type(runner.get_loop()).__module__
+        runner.run(client_certificates(broker_url, tmp_path, unique, pki))
+
+
+async def client_certificates(broker_url: str, tmp_path: Path, unique: str, pki: Pki) -> None:
     s = tls_settings(unique, pki)
     alice = pki.client("alice")
     async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
