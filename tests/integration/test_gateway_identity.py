@@ -236,12 +236,13 @@ async def test_newer_connection_replaces_the_older(broker_url, tmp_path, unique,
             await old.recv(timeout=5)
         assert refused.value.code == "replaced"
         assert new.session != old.session
-        # A reply addressed to the replaced connection reaches nobody: it is kept as
-        # session_gone, and the new connection only ever gets its own.
+        # A reply addressed to the replaced connection never reaches it, and reaches the
+        # client once at most: kept in gateway.undeliverable (session_gone), or, where
+        # replies are kept for offline clients, given to the newer connection; never both.
         await publish_reply(amqp, s, b"for the old one", {"x-session": old.session})
-        kept = await get_messages(amqp, s.undeliverable_queue, 1)
-        assert [m.body for m in kept] == [b"for the old one"]
-        assert kept[0].headers["x-dead-reason"] == "session_gone"
+        to_new, kept = await where_it_went(amqp, s, new)
+        assert to_new + [m.body for m in kept] == [b"for the old one"]
+        assert all(m.headers["x-dead-reason"] == "session_gone" for m in kept)
         assert await new.request(b"from new") == b"from new"
         assert await bob.request(b"bob") == b"bob", "another id is not affected"
         events = await gw.servers["s1"].wait_events(
@@ -258,6 +259,25 @@ async def test_newer_connection_replaces_the_older(broker_url, tmp_path, unique,
             await new.recv(timeout=5)
         assert again.value.code == "replaced"
         assert await third.request(b"3") == b"3"
+
+
+async def where_it_went(amqp: Any, s: Any, client: GatewayClient) -> tuple[list[bytes], list[Any]]:
+    """What ``client`` received and what landed in gateway.undeliverable, once either has
+    something, and a second longer for a copy that should not come."""
+    loop = asyncio.get_running_loop()
+    received: list[bytes] = []
+    kept: list[Any] = []
+    deadline = loop.time() + 20
+    settle: float | None = None
+    while loop.time() < (settle or deadline):
+        kept += await get_messages(amqp, s.undeliverable_queue, 1, timeout=0.1)
+        try:
+            received.append(await client.recv(timeout=0.1))
+        except TimeoutError:
+            pass
+        if (received or kept) and settle is None:
+            settle = loop.time() + 1.0
+    return received, kept
 
 
 # -- TLS client certificates --------------------------------------------------------------------
@@ -436,3 +456,60 @@ async def test_failed_authentications_are_rate_limited_per_source(
         lines = [r for r in caplog.records if r.getMessage() == "failed client authentications"]
         assert len(lines) == 1, [r.__dict__ for r in lines]
         assert lines[0].blocked_sources <= 1  # type: ignore[attr-defined]
+
+
+# -- offline replies (branch gateway-offline) ----------------------------------------------------
+
+
+async def test_offline_replies_only_reach_the_proven_identity(broker_url, tmp_path, unique, amqp):
+    """Replies kept for an offline client_id go to a connection that proves that id, never
+    to one that only claims it (a hint) or proves another one."""
+    pytest.importorskip(
+        "workers.gateway.offline", reason="offline replies are not in this tree (gateway-offline)"
+    )
+    from bench.harness.broker import delete_names
+
+    s = gateway_settings(unique, client_token_secret=SECRET, unproven_client_id="hint")
+    async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
+        alice = await gw.connect(client_id="alice", token=token("alice"))
+        assert await alice.request(b"hello") == b"hello"
+        gone = alice.session
+        await alice.bye()
+        await gw.servers["s1"].wait_events(
+            lambda evs: any(e.event == "disconnect" and e.session == gone for e in evs)
+        )
+        for i in range(2):
+            await publish_reply(amqp, s, b"kept-%d" % i, {"x-session": gone})
+        await wait_until(
+            lambda: gw.metric("bridge_gateway_offline_replies_total", event="kept") == 2, "kept"
+        )
+
+        # claims alice without proof (admitted as a hint): gets its own echo, nothing else
+        mallory = await gw.connect(client_id="alice")
+        assert await mallory.request(b"m") == b"m"
+        with pytest.raises(TimeoutError):
+            await mallory.recv(timeout=1.5)
+        # a token for another id does not make it alice
+        assert await refused_code(gw.port, encode_hello("alice", token("bob"))) == "unauthorized"
+        # another proven identity gets nothing of alice's either
+        bob = await gw.connect(client_id="bob", token=token("bob"))
+        assert await bob.request(b"b") == b"b"
+        with pytest.raises(TimeoutError):
+            await bob.recv(timeout=1.0)
+        # a reply to the hint's session once it is gone is not kept for "alice"
+        hinted = mallory.session
+        await mallory.bye()
+        await gw.servers["s1"].wait_events(
+            lambda evs: any(e.event == "disconnect" and e.session == hinted for e in evs)
+        )
+        await publish_reply(amqp, s, b"to the hint", {"x-session": hinted})
+        [dead] = await get_messages(amqp, s.undeliverable_queue, 1)
+        assert (dead.body, dead.headers["x-dead-reason"]) == (b"to the hint", "session_gone")
+        assert gw.metric("bridge_gateway_offline_replies_total", event="kept") == 2
+
+        # alice, proven again, gets what was kept for her, then her own
+        again = await gw.connect(client_id="alice", token=token("alice"))
+        await again.send(b"live")
+        assert [await again.recv() for _ in range(3)] == [b"kept-0", b"kept-1", b"live"]
+        await again.bye()
+    await delete_names(broker_url, [], [s.offline_queue("alice"), s.offline_queue("bob")])
