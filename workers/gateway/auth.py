@@ -10,14 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from workers.gateway.config import E_REPLACED, GatewaySettings, Listener
+from workers.gateway.config import (
+    E_RATE_LIMITED,
+    E_REPLACED,
+    E_UNAUTHORIZED,
+    GatewaySettings,
+    Listener,
+)
 from workers.gateway.identity import (
     Admitted,
     FailureLimiter,
+    Proof,
     Refused,
     authenticate,
     cert_identity,
@@ -29,23 +36,24 @@ log = logging.getLogger("bridge.gateway")
 
 
 class Client(Protocol):
-    """What the authenticator needs of a session."""
+    """What the authenticator needs of a session (and sets: who the client is)."""
 
-    @property
-    def peer(self) -> str: ...
-
-    @property
-    def listener(self) -> Listener: ...
-
-    @property
-    def client_id(self) -> str | None: ...
-
-    @property
-    def state(self) -> State: ...
-
-    def peer_certificate(self) -> dict[str, object] | None: ...
+    peer: str
+    listener: Listener
+    transport: asyncio.Transport | None
+    state: State
+    client_id: str | None
+    hint: str | None
+    proof: Proof
 
     def fail(self, code: str, message: str) -> None: ...
+
+
+def peer_certificate(client: Client) -> dict[str, Any] | None:
+    """The client's verified TLS certificate (``ssl`` getpeercert form), if any."""
+    transport = client.transport
+    cert = None if transport is None else transport.get_extra_info("peercert")
+    return cert if isinstance(cert, dict) else None
 
 
 class Authenticator:
@@ -77,6 +85,33 @@ class Authenticator:
         self._log_due: asyncio.TimerHandle | None = None
         self._logged_at = -float("inf")
 
+    def admit(
+        self,
+        client: Client,
+        client_id: str | None = None,
+        token: str | None = None,
+        shared: bool | None = None,
+    ) -> bool:
+        """Authenticate a HELLO (``client_id``, ``token``; ``shared`` as :meth:`decide`
+        takes it), or a connection of a certificate listener without HELLO (no arguments):
+        set who the client is and replace an older connection of its proven client_id, or
+        refuse it (ERROR ``rate_limited`` or ``unauthorized``; a listener without HELLO
+        just closes) and return False."""
+        if not self.admits(client):
+            client.fail(E_RATE_LIMITED, "too many failed authentications from this address")
+            return False
+        verdict = self.decide(client, client_id, token, shared)
+        if isinstance(verdict, Refused):
+            client.fail(E_UNAUTHORIZED, verdict.message)
+            return False
+        client.client_id, client.hint, client.proof = (
+            verdict.client_id,
+            verdict.hint,
+            verdict.proof,
+        )
+        self.claim(client)
+        return True
+
     def admits(self, client: Client) -> bool:
         """False when the client's source address has failed too often: refuse it unchecked
         (ERROR ``rate_limited``), counted and logged with the failures."""
@@ -100,7 +135,7 @@ class Authenticator:
             secret=self.secret,
             shared=shared,
             cert_required=required,
-            cert_id=cert_identity(client.peer_certificate(), self.settings.client_cert_id)
+            cert_id=cert_identity(peer_certificate(client), self.settings.client_cert_id)
             if required
             else None,
             unproven=self.unproven,

@@ -28,9 +28,7 @@ from typing import Any, Protocol, cast
 
 from workers.gateway.auth import Authenticator
 from workers.gateway.config import (
-    E_RATE_LIMITED,
     E_SLOW_CONSUMER,
-    E_UNAUTHORIZED,
     EVENT_CONNECT,
     EVENT_DATA,
     H_CLIENT_AUTH,
@@ -38,7 +36,7 @@ from workers.gateway.config import (
     GatewaySettings,
     Listener,
 )
-from workers.gateway.identity import Proof, Refused
+from workers.gateway.identity import Proof
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.protocol import (
     BYE_FRAME,
@@ -283,10 +281,6 @@ class Session(asyncio.Protocol):
         except ProtocolError as exc:
             self.protocol_error(exc)
             return
-        auth = self.hub.auth
-        if not auth.admits(self):
-            self.fail(E_RATE_LIMITED, "too many failed authentications from this address")
-            return
         tokens = self.hub.tokens
         shared: bool | None = None  # no shared tokens configured
         if tokens:
@@ -297,12 +291,9 @@ class Session(asyncio.Protocol):
             for token in tokens:  # no early exit: the time taken says nothing about which
                 ok |= hmac.compare_digest(given, token)
             shared = ok
-        verdict = auth.decide(self, hello.client_id, hello.token, shared)
-        if isinstance(verdict, Refused):
-            self.fail(E_UNAUTHORIZED, verdict.message)
+        # ERROR unauthorized or rate_limited, or who the client is (workers/gateway/auth.py)
+        if not self.hub.auth.admit(self, hello.client_id, hello.token, shared):
             return
-        self.client_id, self.hint, self.proof = verdict.client_id, verdict.hint, verdict.proof
-        auth.claim(self)  # an older connection of the same proven client_id is replaced
         self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
         self.hub.join(self)
@@ -334,12 +325,6 @@ class Session(asyncio.Protocol):
     def sticky_id(self) -> str | None:
         """What stickiness (and ``x-client-id``) goes by: the proven client_id or the hint."""
         return self.client_id if self.client_id is not None else self.hint
-
-    def peer_certificate(self) -> dict[str, Any] | None:
-        """The client's verified TLS certificate (``ssl`` getpeercert form), if any."""
-        transport = self.transport
-        cert = None if transport is None else transport.get_extra_info("peercert")
-        return cert if isinstance(cert, dict) else None
 
     def greet(self, server: str) -> None:
         self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))
@@ -449,25 +434,12 @@ class StreamSession(Session):
             self.proxied()
 
     def proxied(self) -> None:
-        if self.listener.client_auth == "required" and not self._certified():
+        # no HELLO: the client certificate alone names the client (closed if it cannot)
+        if self.listener.client_auth == "required" and not self.hub.auth.admit(self):
             return
         self.state = next_state(self.state, Event.ACCEPT)
         self.update_reading()
         self.hub.join(self)
-
-    def _certified(self) -> bool:
-        """No HELLO: the client certificate alone names the client (closed if it cannot)."""
-        auth = self.hub.auth
-        if not auth.admits(self):
-            self.fail(E_RATE_LIMITED, "")
-            return False
-        verdict = auth.decide(self, None, None, None)
-        if isinstance(verdict, Refused):
-            self.fail(E_UNAUTHORIZED, "")
-            return False
-        self.client_id, self.proof = verdict.client_id, verdict.proof
-        auth.claim(self)
-        return True
 
     def data_received(self, data: bytes) -> None:
         data = self.received(data)
