@@ -428,13 +428,15 @@ async def test_failed_authentications_are_rate_limited_per_source(
         auth_failure_window_s=600,  # one more failure every 120 s: none during the test
         auth_failure_log_s=600,
     )
-    caplog.set_level(logging.WARNING, logger="bridge.gateway")
+    caplog.set_level(logging.DEBUG, logger="bridge")
     async with running_gateway(broker_url, tmp_path, s, ("s1",)) as gw:
         good: list[GatewayClient] = []
+        sent: list[str] = []
 
         async def good_clients() -> None:
             for i in range(10):
-                client = await connect_from("127.0.0.2", gw.port, f"good-{i}", token(f"good-{i}"))
+                sent.append(token(f"good-{i}"))
+                client = await connect_from("127.0.0.2", gw.port, f"good-{i}", sent[-1])
                 gw.clients.append(client)
                 assert await client.request(b"ok %d" % i) == b"ok %d" % i
                 good.append(client)
@@ -456,6 +458,10 @@ async def test_failed_authentications_are_rate_limited_per_source(
         lines = [r for r in caplog.records if r.getMessage() == "failed client authentications"]
         assert len(lines) == 1, [r.__dict__ for r in lines]
         assert lines[0].blocked_sources <= 1  # type: ignore[attr-defined]
+        # and no token or secret in what was logged (the signatures sent were all "A"s)
+        text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+        assert SECRET not in text and "A" * 43 not in text
+        assert not any(t.split(".")[2] in text for t in sent)
 
 
 # -- offline replies (branch gateway-offline) ----------------------------------------------------
