@@ -130,5 +130,22 @@ def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> di
     }
 
 
+def json_safe(value: Any) -> Any:
+    """AMQP header values (bytes, datetimes, decimals) as JSON-friendly values: how a
+    request's headers are stored, to be sent with the message in replies."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
 def json_dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), default=str).encode()

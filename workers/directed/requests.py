@@ -21,6 +21,7 @@ from workers.directed.config import DirectedSettings
 from workers.directed.deadletter import DeadLetters
 from workers.directed.ledger import Ledger, now_ms
 from workers.directed.metrics import DirectedMetrics
+from workers.directed.replies import json_safe
 from workers.directed.store import Content
 
 
@@ -102,7 +103,7 @@ class Requests:
                 props={
                     "content_type": req.content_type,
                     "content_encoding": message.content_encoding,
-                    "headers": wire.json_safe(req.headers),
+                    "headers": json_safe(req.headers),
                 },
             )
             self.ledger.add_content(result.mid, content)

@@ -5,8 +5,8 @@ never the content), for every target an ordered queue of internal message ids ("
 most one ack buffer (the last batch handed out, under a record id). :class:`CoreState` holds
 them, answers the read-only queries (a message's status, a target's, the targets that have
 not acknowledged a message) and rebuilds itself from what the store kept after a restart
-(:meth:`CoreState.restore`). The events that change it are :class:`~workers.directed.core.
-DirectedCore`'s. No I/O and no clock.
+(:meth:`CoreState.restore`). The events that change it are those of its subclass
+:class:`~workers.directed.core.DirectedCore`. No I/O and no clock.
 """
 
 from __future__ import annotations

@@ -295,19 +295,3 @@ def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSe
     return Pull(
         topic, record_id, min(max_n, settings.max_batch), min(wait_ms, settings.max_wait_ms)
     )
-
-
-def json_safe(value: Any) -> Any:
-    """AMQP header values (bytes, datetimes, decimals) as JSON-friendly values."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)

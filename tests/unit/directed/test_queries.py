@@ -57,3 +57,64 @@ def test_group_set_to_nothing_is_a_deletion():
         {"op": "group_set", "group": "g", "targets": []}, DirectedSettings()
     )
     assert (change.op, change.targets) == ("group_set", [])
+
+
+# ----------------------------------------------------------------------------- shards' answers
+
+
+def status(state: str, **counts: int) -> dict:
+    base = dict.fromkeys(("total", "acked", "pending", "expired", "dropped", "recalled"), 0)
+    return {"message_id": "m", **base, **counts, "state": state}
+
+
+@pytest.mark.parametrize(
+    ("states", "merged"),
+    [
+        (["done", "active"], "active"),
+        (["done", "recalled", "expired"], "recalled"),
+        (["expired", "expired"], "expired"),
+        (["expired", "done"], "done"),
+    ],
+)
+def test_total_status_adds_the_shards_counts_and_picks_the_state(states, merged):
+    parts = [status(s, total=2, acked=1, pending=1) for s in states]
+    total = queries.total_status(parts, [3])
+    assert total is not None
+    assert (total["state"], total["total"], total["acked"], total["pending"]) == (
+        merged,
+        2 * len(states),
+        len(states),
+        len(states),
+    )
+    assert total["shards"] == {"holding": len(states), "unanswered": [3]}
+
+
+def test_total_status_of_a_message_no_shard_holds():
+    assert queries.total_status([], []) is None
+    with pytest.raises(WireError) as exc:
+        queries.total_status([], [1])
+    assert exc.value.code == "shards_unavailable"
+
+
+def test_total_stats_adds_the_counts():
+    parts = [{"messages": 2, "targets": 3, "commits": None}, {"messages": 1, "commits": 4}]
+    assert queries.total_stats(parts, [2]) == {
+        "messages": 3,
+        "targets": 3,
+        "commits": 4,
+        "shards": {"answered": 2, "unanswered": [2]},
+    }
+
+
+def test_pending_page_merges_the_shards_pages_in_name_order():
+    query = queries.PendingTargets("m", None, 3)
+    others = [
+        {"pending_targets": {"targets": ["d", "a"], "cursor": None}},
+        {"error": {"code": "not_found"}},
+    ]
+    page = queries.pending_page(query, (["c", "b"], False), others)
+    assert page == {"message_id": "m", "targets": ["a", "b", "c"], "cursor": "c"}
+    assert queries.pending_page(query, None, others[:1])["targets"] == ["a", "d"]
+    with pytest.raises(WireError) as exc:
+        queries.pending_page(query, None, others[1:])
+    assert exc.value.code == "not_found"
