@@ -92,7 +92,7 @@ class DirectedWorker:
         dead = DeadLetters(publisher, s.dead_exchange, metrics.dead_letters, self.shard)
         # One process owns the request queue (this shard's) and with it every queue below:
         # a second one waits, not ready, until this one goes (bridge.amqp.consumer).
-        lease = self.lease = Lease(link, requests_q.name, hint=self.shard.owner_hint(self.name))
+        lease = Lease(link, requests_q.name, hint=self.shard.owner_hint(self.name))
         pulls = self.pulls = Pulls(
             ledger,
             s,
