@@ -159,7 +159,7 @@ class OfflineReplies:
         sid = header_str(headers.get(H_SESSION)) or ""
         session = self.sessions.get(sid)
         if session is not None:
-            client_id = session.client_id
+            client_id = self.owner(session)
         else:
             remembered = self.ended.get(sid)
             client_id = remembered[0] if remembered is not None else None
@@ -270,13 +270,24 @@ class OfflineReplies:
 
     # -- sessions ----------------------------------------------------------------------
 
+    def owner(self, session: Session) -> str | None:
+        """Whose offline replies a session takes and leaves: its proven client_id; with no
+        identity configured (no token secret, no client_auth listener), the one it claimed
+        (there is nothing to prove it with, as for stickiness)."""
+        if session.client_id is not None:
+            return session.client_id
+        s = self.settings
+        if s.client_token_secret is None and not s.client_auth_listeners:
+            return session.hint
+        return None
+
     def applies(self, session: Session) -> bool:
-        return self.enabled and bool(session.client_id)
+        return self.enabled and bool(self.owner(session))
 
     def restore(self, session: Session, server: str) -> None:
         """Welcome ``session`` (a client with a ``client_id``), holding its ``connect``
         until the replies kept for its client are written (see the module)."""
-        client_id = session.client_id
+        client_id = self.owner(session)
         assert client_id is not None
         session.held = True
         session.welcome(server)
@@ -388,7 +399,7 @@ class OfflineReplies:
 
     def session_ended(self, session: Session) -> None:
         """The hub lost ``session``: stop reading for it, remember its client_id."""
-        client_id = session.client_id
+        client_id = self.owner(session)
         if not client_id or not self.enabled:
             return
         sids = self.by_client.get(client_id)
