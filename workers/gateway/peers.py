@@ -339,58 +339,35 @@ class Peers:
             except BaseException:
                 self.pending.extendleft(reversed(chunk))
                 raise
-        self.seq += 1
-        doc: dict[str, Any] = {
-            "v": 1,
-            "op": OP_LEAVE if leaving else OP_COUNTS,
-            "replica": s.instance,
-            "boot": self.boot,
-            "seq": self.seq,
-            "sent": time.time(),
-        }
+        fields: dict[str, Any] = {"sent": time.time()}
         if not leaving:
-            doc["counts"] = {k: n for k, n in hub.balancer.counts().items() if n}
-        assert self._publisher is not None
-        # transient, expiring with the report's usefulness; not mandatory (no replica but
-        # this one may be listening)
-        await self._publisher.publish(
-            s.peers_exchange_name,
-            "",
-            json.dumps(doc, separators=(",", ":")).encode(),
-            Properties(
-                content_type="application/json",
-                expiration=str(max(1, int(s.peer_ttl_s * 1000))),
-            ),
-            mandatory=False,
-        )
+            fields["counts"] = {k: n for k, n in hub.balancer.counts().items() if n}
+        await self._report(OP_LEAVE if leaving else OP_COUNTS, fields)
 
     def offline_kept(self, client_id: str) -> None:
         """A reply was kept for ``client_id``: tell the replica where it may be connected
         (all of them: fanout). Best effort, as the reports: a lost one leaves the reply in
         its queue until the client connects again."""
-        if self._publisher is None or self._channel is None:
-            return
+        if self._publisher is not None and self._channel is not None:
+            self._report(OP_OFFLINE, {"client_id": client_id}).add_done_callback(_ignored)
+
+    def _report(self, op: str, fields: dict[str, Any]) -> asyncio.Future[None]:
+        """One message on the peers exchange, numbered: transient, expiring with the
+        report's usefulness; not mandatory (no replica but this one may be listening)."""
         s = self.settings
         self.seq += 1
-        doc = {
-            "v": 1,
-            "op": OP_OFFLINE,
-            "replica": s.instance,
-            "boot": self.boot,
-            "seq": self.seq,
-            "client_id": client_id,
-        }
-        fut = self._publisher.publish(
+        doc = {"v": 1, "op": op, "replica": s.instance, "boot": self.boot, "seq": self.seq}
+        assert self._publisher is not None
+        return self._publisher.publish(
             s.peers_exchange_name,
             "",
-            json.dumps(doc, separators=(",", ":")).encode(),
+            json.dumps({**doc, **fields}, separators=(",", ":")).encode(),
             Properties(
                 content_type="application/json",
                 expiration=str(max(1, int(s.peer_ttl_s * 1000))),
             ),
             mandatory=False,
         )
-        fut.add_done_callback(_ignored)
 
     async def _publish_stream(self, doc: dict[str, Any]) -> None:
         assert self._publisher is not None
