@@ -16,6 +16,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
+import resource
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +28,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from bench.harness.broker import broker_info, broker_memory, delete_names
+from bench.harness.broker import broker_info, broker_memory, delete_names, rabbitmqctl
 from bench.harness.cpu import cpu_seconds, rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, emit, progress, unique
@@ -224,11 +227,14 @@ async def run_transport(
         out["broker_rss_bytes_per_node"] = rnd((broker1["rss"] - broker0["rss"]) / added, 0)
 
     rounds = []
+    # one group for the fleet: 10,000 names in x-targets would not fit in a header frame
+    group = f"fleet-{name}"
+    await client.group("group_set", group, targets, timeout=60)
     cpu0 = cpu_seconds(worker.pid)
     for r in range(args.rounds):
         message_id = f"{name}-r{r}"
         started = time.perf_counter()
-        await client.send(b"x" * args.body_bytes, targets, message_id=message_id)
+        await client.send(b"x" * args.body_bytes, [], message_id=message_id, groups=[group])
         await until(
             lambda mid=message_id: len(fleet.arrived.get(mid, {})) >= len(targets),
             120,
@@ -275,6 +281,24 @@ async def run_transport(
     return out
 
 
+def raise_files_limit() -> int:
+    """The soft open-files limit raised to the hard one, for this process and the worker
+    (each HTTP node is a socket on both sides, each AMQP node one here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def broker_sockets_limit() -> int | None:
+    """How many sockets ``rabbitmqctl status`` says the broker may open."""
+    try:
+        match = re.search(r"Sockets: \d+, limit: (\d+)", rabbitmqctl("status"))
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+    return int(match.group(1)) if match else None
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     token = unique("bh")
     s = settings_for(token)
@@ -282,6 +306,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-directed-http-"))
     env = env_for(s)
     env["BRIDGE_HTTP_KEEPALIVE_S"] = "120"
+    # the saturation clients pull as fast as they can: the figure is the pull path's cost,
+    # not the rate limit's
+    env["BRIDGE_DIRECTED__HTTP_RATE_PER_TARGET"] = "0"
+    files = raise_files_limit()
     worker = WorkerProcess(["directed"], state_dir=root / "state", env=env).start().wait_ready()
     broker_pid: int | None = None
     try:
@@ -291,6 +319,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     conn = await aio_pika.connect_robust(broker_url())
     client = await DirectedClient(conn, s).open()
     result: dict[str, Any] = {
+        "open_files_limit": files,
+        "broker_sockets_limit": broker_sockets_limit(),
         "nodes": args.nodes,
         "amqp_nodes": args.amqp_nodes,
         "wait_ms": args.wait_ms,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -16,10 +17,15 @@ from bench.harness.report import progress
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    ctl = shutil.which("rabbitmqctl")
+    """``rabbitmqctl`` of the node named by ``BRIDGE_TEST_RABBITMQCTL`` (as the tests use it,
+    ``rabbitmqctl -n h3@localhost``), else of the default node."""
+    command = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL", ""))
+    ctl = shutil.which(command[0] if command else "rabbitmqctl")
     if ctl is None:
         raise RuntimeError("rabbitmqctl not found (broker-side figures need a local broker)")
-    done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run(
+        [ctl, *command[1:], *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
     return done.stdout
 
 
