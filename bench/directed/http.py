@@ -190,6 +190,18 @@ async def settle(seconds: float = 1.0) -> None:
     await asyncio.sleep(seconds)
 
 
+async def fleet_group(client: DirectedClient, group: str, targets: list[str]) -> str:
+    """One group for the fleet: 10,000 names in ``x-targets`` would not fit in a header frame
+    (131,072 bytes), nor in one control message (``MAX_PULL_BYTES``, 64 KiB): set in parts."""
+    step = 2000
+    for i in range(0, len(targets), step):
+        op = "group_set" if i == 0 else "group_add"
+        reply = await client.group(op, group, targets[i : i + step], timeout=60)
+        if "error" in reply:
+            raise RuntimeError(f"{op} {group}: {reply['error']}")
+    return group
+
+
 async def run_transport(
     name: str,
     args: argparse.Namespace,
@@ -203,58 +215,59 @@ async def run_transport(
     """The figures of one transport: memory per idle poller, rounds, saturation."""
     warm = targets[: max(1, len(targets) // 20)]
     fleet = Fleet(targets, pull, args.wait_ms)
-    fleet.start(warm)
-    await until(lambda: fleet.waiting == len(warm), 60, f"{name}: warm-up pollers waiting")
-    await settle()
-    rss0 = rss_bytes(worker.pid)
-    broker0 = broker_memory(broker_pid) if broker_pid else None
-    progress(name, "starting", len(targets) - len(warm), "more idle pollers")
-    fleet.start(targets[len(warm) :])
-    await until(lambda: fleet.waiting == len(targets), 300, f"{name}: every poller waiting")
-    await settle(2.0)
-    rss1 = rss_bytes(worker.pid)
-    broker1 = broker_memory(broker_pid) if broker_pid else None
-    added = len(targets) - len(warm)
-    out: dict[str, Any] = {
-        "nodes": len(targets),
-        "worker_rss_bytes_per_idle_poller": rnd((rss1 - rss0) / added, 0),
-        "worker_rss_bytes_with_all_pollers": rss1,
-    }
-    if broker0 and broker1:
-        out["broker_erlang_bytes_per_node"] = rnd(
-            (broker1["erlang_total"] - broker0["erlang_total"]) / added, 0
-        )
-        out["broker_rss_bytes_per_node"] = rnd((broker1["rss"] - broker0["rss"]) / added, 0)
+    try:
+        fleet.start(warm)
+        await until(lambda: fleet.waiting == len(warm), 60, f"{name}: warm-up pollers waiting")
+        await settle()
+        rss0 = rss_bytes(worker.pid)
+        broker0 = broker_memory(broker_pid) if broker_pid else None
+        progress(name, "starting", len(targets) - len(warm), "more idle pollers")
+        fleet.start(targets[len(warm) :])
+        await until(lambda: fleet.waiting == len(targets), 300, f"{name}: every poller waiting")
+        await settle(2.0)
+        rss1 = rss_bytes(worker.pid)
+        broker1 = broker_memory(broker_pid) if broker_pid else None
+        added = len(targets) - len(warm)
+        out: dict[str, Any] = {
+            "nodes": len(targets),
+            "worker_rss_bytes_per_idle_poller": rnd((rss1 - rss0) / added, 0),
+            "worker_rss_bytes_with_all_pollers": rss1,
+        }
+        if broker0 and broker1:
+            out["broker_erlang_bytes_per_node"] = rnd(
+                (broker1["erlang_total"] - broker0["erlang_total"]) / added, 0
+            )
+            out["broker_rss_bytes_per_node"] = rnd((broker1["rss"] - broker0["rss"]) / added, 0)
 
-    rounds = []
-    # one group for the fleet: 10,000 names in x-targets would not fit in a header frame
-    group = f"fleet-{name}"
-    await client.group("group_set", group, targets, timeout=60)
-    cpu0 = cpu_seconds(worker.pid)
-    for r in range(args.rounds):
-        message_id = f"{name}-r{r}"
-        started = time.perf_counter()
-        await client.send(b"x" * args.body_bytes, [], message_id=message_id, groups=[group])
-        await until(
-            lambda mid=message_id: len(fleet.arrived.get(mid, {})) >= len(targets),
-            120,
-            f"{name}: round {r} delivered to every node",
-        )
-        delays = [t - started for t in fleet.arrived[message_id].values()]
-        rounds.append(
-            {
-                "p50_ms": rnd(percentile(delays, 50) * 1000),
-                "p99_ms": rnd(percentile(delays, 99) * 1000),
-                "all_ms": rnd(max(delays) * 1000),
-            }
-        )
-        progress(name, "round", r, rounds[-1])
-        await asyncio.sleep(args.interval)
-    out["fanout_rounds"] = rounds
-    out["publish_to_99pct_ms_median"] = rnd(median(r["p99_ms"] for r in rounds))
-    out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
-    out["errors"] = fleet.errors
-    await fleet.stop()
+        rounds = []
+        progress(name, "memory", out)
+        group = await fleet_group(client, f"fleet-{name}", targets)
+        cpu0 = cpu_seconds(worker.pid)
+        for r in range(args.rounds):
+            message_id = f"{name}-r{r}"
+            started = time.perf_counter()
+            await client.send(b"x" * args.body_bytes, [], message_id=message_id, groups=[group])
+            await until(
+                lambda mid=message_id: len(fleet.arrived.get(mid, {})) >= len(targets),
+                120,
+                f"{name}: round {r} delivered to every node",
+            )
+            delays = [t - started for t in fleet.arrived[message_id].values()]
+            rounds.append(
+                {
+                    "p50_ms": rnd(percentile(delays, 50) * 1000),
+                    "p99_ms": rnd(percentile(delays, 99) * 1000),
+                    "all_ms": rnd(max(delays) * 1000),
+                }
+            )
+            progress(name, "round", r, rounds[-1])
+            await asyncio.sleep(args.interval)
+        out["fanout_rounds"] = rounds
+        out["publish_to_99pct_ms_median"] = rnd(median(r["p99_ms"] for r in rounds))
+        out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
+        out["errors"] = fleet.errors
+    finally:
+        await fleet.stop()
 
     # saturation: C clients pulling with wait_ms 0 as fast as replies come back
     count = 0

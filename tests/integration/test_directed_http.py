@@ -251,3 +251,41 @@ async def test_any_shard_answers_http_pulls_for_any_target(chx_broker, tmp_path,
             ],
             queues,
         )
+
+
+async def test_http_rate_limit_per_target(broker_url, tmp_path, unique, amqp):
+    s = directed_settings(
+        unique, http_tokens=TOKENS, http_rate_per_target=2, http_rate_burst=2, max_pull_bytes=256
+    )
+    async with http_directed(broker_url, tmp_path, s, amqp) as (port, _, http):
+        for _ in range(2):  # the burst
+            status, doc, _ = await post(http, port, "node-1", {"wait_ms": 0}, "secret-one")
+            assert status == 200 and doc["messages"] == []
+        status, doc, headers = await post(http, port, "node-1", {"wait_ms": 0}, "secret-one")
+        assert (status, doc["error"]["code"], headers["Retry-After"]) == (429, "overloaded", "1")
+        assert "HTTP_RATE_PER_TARGET" in doc["error"]["message"]
+        # per target: another one is not held back
+        status, _, _ = await post(http, port, "node-3", {"wait_ms": 0}, "shared-secret")
+        assert status == 200
+        # authentication comes first: a wrong token neither passes nor spends node-1's budget
+        status, doc, _ = await post(http, port, "node-1", {"wait_ms": 0}, "wrong")
+        assert (status, doc["error"]["code"]) == (401, "unauthorized")
+        # a chunked body (no Content-Length) over MAX_PULL_BYTES is refused as a long one is
+        status, doc, _ = await post_chunked(http, port, "node-3", b" " * 300, "shared-secret")
+        assert (status, doc["error"]["code"]) == (413, "too_large")
+        await asyncio.sleep(0.6)  # 2 a second: one pull's worth of budget is back
+        status, doc, _ = await post(http, port, "node-1", {"wait_ms": 0}, "secret-one")
+        assert status == 200 and "messages" in doc
+        _, body = await _metrics(http, port)
+        assert 'bridge_directed_http_pulls_total{status="429"} 1.0' in body
+
+
+async def post_chunked(
+    http: aiohttp.ClientSession, port: int, target: str, body: bytes, token: str
+) -> tuple[int, Any, Any]:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 100):
+            yield body[i : i + 100]
+
+    async with http.post(url(port, target), data=chunks(), headers=bearer(token)) as response:
+        return response.status, await response.json(content_type=None), response.headers
