@@ -190,6 +190,21 @@ async def settle(seconds: float = 1.0) -> None:
     await asyncio.sleep(seconds)
 
 
+def parked_pulls(worker: WorkerProcess) -> float:
+    """Pulls the worker found nothing for (the first pull of each idle poller: it then
+    waits), from its /metrics."""
+    samples = worker.metrics().get("bridge_directed_pulls_total", {})
+    return samples.get((("kind", "empty"),), 0.0)
+
+
+async def until_parked(worker: WorkerProcess, count: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (parked := parked_pulls(worker)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {parked} of {count} pulls parked in the worker")
+        await asyncio.sleep(0.5)
+
+
 async def fleet_group(client: DirectedClient, group: str, targets: list[str]) -> str:
     """One group for the fleet: 10,000 names in ``x-targets`` would not fit in a header frame
     (131,072 bytes), nor in one control message (``MAX_PULL_BYTES``, 64 KiB): set in parts."""
@@ -215,15 +230,19 @@ async def run_transport(
     """The figures of one transport: memory per idle poller, rounds, saturation."""
     warm = targets[: max(1, len(targets) // 20)]
     fleet = Fleet(targets, pull, args.wait_ms)
+    parked0 = parked_pulls(worker)
     try:
         fleet.start(warm)
         await until(lambda: fleet.waiting == len(warm), 60, f"{name}: warm-up pollers waiting")
+        await until_parked(worker, parked0 + len(warm), 60)
         await settle()
         rss0 = rss_bytes(worker.pid)
         broker0 = broker_memory(broker_pid) if broker_pid else None
         progress(name, "starting", len(targets) - len(warm), "more idle pollers")
         fleet.start(targets[len(warm) :])
         await until(lambda: fleet.waiting == len(targets), 300, f"{name}: every poller waiting")
+        # sent is not parked: a connection may still wait in the listen backlog
+        await until_parked(worker, parked0 + len(targets), 300)
         await settle(2.0)
         rss1 = rss_bytes(worker.pid)
         broker1 = broker_memory(broker_pid) if broker_pid else None

@@ -289,3 +289,37 @@ async def post_chunked(
 
     async with http.post(url(port, target), data=chunks(), headers=bearer(token)) as response:
         return response.status, await response.json(content_type=None), response.headers
+
+
+async def test_message_accepted_while_a_pull_commits_is_not_missed(
+    broker_url, tmp_path, unique, amqp
+):
+    """A pull that found nothing commits its acknowledgement before it waits; a message for
+    its target accepted during that commit must not be left for the end of ``wait_ms``."""
+    s = directed_settings(unique)
+    worker = DirectedWorker(s)
+    port = free_port()
+    try:
+        async with running_host(broker_url, tmp_path, [worker], http_port=port):
+            client = await DirectedClient(amqp, s).open()
+            commit = worker._committed
+            sent = False
+
+            async def commit_then_send() -> None:
+                nonlocal sent
+                await commit()
+                if not sent:  # the pull's commit: the message arrives now, before the wait
+                    sent = True
+                    await client.send(b"late", ["edge-1"], message_id="late")
+                    await wait_applied(client, "late")
+
+            worker._committed = commit_then_send  # type: ignore[method-assign]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    pull = post(http, port, "edge-1", {"wait_ms": 30_000}, None)
+                    status, doc, _ = await asyncio.wait_for(pull, 15)
+                assert status == 200 and decode_messages(doc) == [("late", b"late")]
+            finally:
+                await client.close()
+    finally:
+        await cleanup(broker_url, s)

@@ -653,7 +653,10 @@ class DirectedWorker:
         result = self._pull_core(pull.topic, pull.record_id, pull.max)
         if result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self._stopping:
             await self._committed()  # the acknowledgement is durable before we wait
-            await self._wait_for(pull.topic, pull.wait_ms)
+            assert self.core is not None
+            # a message accepted during that commit found no waiter to wake: no wait then
+            if self.core.backlog(pull.topic) == 0:
+                await self._wait_for(pull.topic, pull.wait_ms)
             result = self._pull_core(pull.topic, None, pull.max)
         await self._committed()
         messages = await self._messages(result.mids)
