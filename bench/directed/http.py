@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import resource
 import subprocess
@@ -29,7 +30,7 @@ import aio_pika
 import aiohttp
 
 from bench.harness.broker import broker_info, broker_memory, delete_names, rabbitmqctl
-from bench.harness.cpu import cpu_seconds, rss_bytes
+from bench.harness.cpu import cpu_seconds, machine_cpu, rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, emit, progress, unique
 from bench.harness.stats import median, percentile, rnd
@@ -280,7 +281,7 @@ async def run_transport(
         rounds = []
         progress(name, "memory", out)
         group = await fleet_group(client, f"fleet-{name}", targets)
-        cpu0 = cpu_seconds(worker.pid)
+        cpu0, own0, machine0 = cpu_seconds(worker.pid), cpu_seconds(os.getpid()), machine_cpu()
         for r in range(args.rounds):
             message_id = f"{name}-r{r}"
             started = time.perf_counter()
@@ -303,6 +304,10 @@ async def run_transport(
         out["fanout_rounds"] = rounds
         out["publish_to_99pct_ms_median"] = rnd(median(r["p99_ms"] for r in rounds))
         out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
+        # the nodes' side (this process) and the machine, to say where a round's time goes
+        out["nodes_cpu_s_per_round"] = rnd((cpu_seconds(os.getpid()) - own0) / args.rounds, 3)
+        busy, total = machine_cpu()
+        out["machine_cpu_busy_during_rounds"] = rnd((busy - machine0[0]) / (total - machine0[1]), 2)
         out["errors"] = fleet.errors
     finally:
         await fleet.stop()

@@ -72,6 +72,24 @@ def stop(children: list[subprocess.Popen[bytes]]) -> None:
         child.wait()
 
 
+PARTS = [  # (part, substrings of the allocating file), first match wins
+    ("aiohttp: connection handler, parser, request, streams, tasks", ("aiohttp/", "yarl/", "multidict/")),
+    ("event loop: uvloop transport and socket (allocated in C)", ("asyncio/runners.py",)),
+    ("weak references to the two tasks", ("weakref",)),
+    ("the target's cursor state (exists with or without a poll)", ("store.py", "model.py")),
+    ("the pull path: http_api, the worker's pull and wait, bridge/http.py", ("workers/", "bridge/")),
+]  # fmt: skip
+
+
+def by_part(diff: list[tracemalloc.StatisticDiff], per: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for stat in diff:
+        name = stat.traceback[0].filename
+        part = next((p for p, keys in PARTS if any(k in name for k in keys)), "other")
+        out[part] = out.get(part, 0.0) + stat.size_diff / per
+    return {part: rnd(size, 0) for part, size in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def top(diff: list[tracemalloc.StatisticDiff], per: int, n: int) -> list[dict[str, Any]]:
     out = []
     for stat in diff[:n]:
@@ -87,14 +105,14 @@ def top(diff: list[tracemalloc.StatisticDiff], per: int, n: int) -> list[dict[st
 
 
 async def waiting(host: Any, count: int, timeout: float) -> None:
-    """Until ``count`` HTTP connections are open (each sends its long poll at once), then a
-    second for the last requests to be parked."""
+    """Until ``count`` HTTP connections are open (each sends its long poll at once), then 5 s
+    for the last requests to be parked (past the commit each makes before it waits)."""
     deadline = time.monotonic() + timeout
     while (open_ := host.http.open) < count:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {open_} of {count} pollers connected")
         await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(5.0)
 
 
 def snapshot() -> tracemalloc.Snapshot:
@@ -145,6 +163,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "traced_bytes_per_poller": rnd(total / args.pollers, 0),
         "traced_blocks_per_poller": rnd(blocks / args.pollers, 1),
         "rss_bytes_per_poller_with_tracemalloc": rnd((rss1 - rss0) / args.pollers, 0),
+        "by_part": by_part(by_file, args.pollers),
         "by_file": [
             {
                 "file": s.traceback[0].filename.split("site-packages/")[-1],

@@ -56,6 +56,7 @@ from workers.directed.http_api import PullApi
 from workers.directed.metrics import DirectedMetrics, top_backlog
 from workers.directed.model import DeleteContent, DirectedCore, OverflowPolicy, PullResult
 from workers.directed.store import Batch, Content, DirectedStore
+from workers.directed.waiters import Waiters
 
 log = logging.getLogger("bridge.directed")
 
@@ -114,7 +115,7 @@ class DirectedWorker:
         self._pending_contents: dict[int, Content] = {}
         self._pending_groups: dict[str, list[str] | None] = {}
         self._cache = ContentCache(self.settings.cache_bytes)
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters = Waiters()
         self.link: Link | None = None
         self.consumers: list[Consumer] = []
         self._active_pulls = 0  # pull handlers running, long polls included
@@ -309,10 +310,7 @@ class DirectedWorker:
         self._stopping = True
         self._consuming = False
         await cancel_all(self.consumers)
-        for waiters in self._waiters.values():  # long polls answer now with what they have
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        self._waiters.release_all()  # long polls answer now with what they have
         await drain_all(self.consumers, grace - 1)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -456,7 +454,7 @@ class DirectedWorker:
             self._pending_contents[result.mid] = content
             self._cache.put(result.mid, content)
             self.metrics.overflow_drops.inc(len(result.dropped))
-            self._wake(targets)
+            self._waiters.wake(targets)
         await self._committed()
         self.metrics.requests.labels(result.status).inc()
         consumer.ack(message)
@@ -516,32 +514,6 @@ class DirectedWorker:
             consumer.ack(message)
 
     # -- pulls -------------------------------------------------------------------------
-
-    def _wake(self, targets: list[str]) -> None:
-        if not self._waiters:
-            return
-        if len(targets) < len(self._waiters):
-            hit = [t for t in targets if t in self._waiters]
-        else:
-            hit = [t for t in self._waiters if t in set(targets)]
-        for target in hit:
-            for fut in self._waiters.pop(target, ()):
-                if not fut.done():
-                    fut.set_result(None)
-
-    async def _wait_for(self, target: str, wait_ms: int) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(target, set()).add(fut)
-        try:
-            await asyncio.wait_for(fut, wait_ms / 1000)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(target)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    self._waiters.pop(target, None)
 
     def _reply(self, message: Delivery, body: bytes) -> None:
         reply(self._replies, message, body)
@@ -656,7 +628,7 @@ class DirectedWorker:
             assert self.core is not None
             # a message accepted during that commit found no waiter to wake: no wait then
             if self.core.backlog(pull.topic) == 0:
-                await self._wait_for(pull.topic, pull.wait_ms)
+                await self._waiters.wait(pull.topic, pull.wait_ms / 1000)
             result = self._pull_core(pull.topic, None, pull.max)
         await self._committed()
         messages = await self._messages(result.mids)
