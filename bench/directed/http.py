@@ -282,6 +282,7 @@ async def run_transport(
         progress(name, "memory", out)
         group = await fleet_group(client, f"fleet-{name}", targets)
         cpu0, own0, machine0 = cpu_seconds(worker.pid), cpu_seconds(os.getpid()), machine_cpu()
+        broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else 0.0
         for r in range(args.rounds):
             message_id = f"{name}-r{r}"
             started = time.perf_counter()
@@ -306,6 +307,10 @@ async def run_transport(
         out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
         # the nodes' side (this process) and the machine, to say where a round's time goes
         out["nodes_cpu_s_per_round"] = rnd((cpu_seconds(os.getpid()) - own0) / args.rounds, 3)
+        if broker_pid:
+            out["broker_cpu_s_per_round"] = rnd(
+                (cpu_seconds(broker_pid) - broker_cpu0) / args.rounds, 3
+            )
         busy, total = machine_cpu()
         out["machine_cpu_busy_during_rounds"] = rnd((busy - machine0[0]) / (total - machine0[1]), 2)
         out["errors"] = fleet.errors
@@ -431,10 +436,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "saturation_pulls_per_s": rnd(
             h["saturation"]["pulls_per_s"] / a["saturation"]["pulls_per_s"]
         ),
-        "worker_rss_per_idle_poller": rnd(
-            h["worker_rss_bytes_per_idle_poller"] / max(1.0, a["worker_rss_bytes_per_idle_poller"])
-        ),
     }
+    if "broker_rss_bytes_per_connection" in a:
+        # where each node costs memory: the worker (HTTP) against the broker (AMQP)
+        result["ratios_http_over_amqp"]["memory_per_node_worker_http_over_broker_amqp"] = rnd(
+            h["worker_rss_bytes_per_idle_poller"] / a["broker_rss_bytes_per_connection"]
+        )
     result["goals"] = {
         "worker_rss_per_idle_http_poller_under_8KiB": h["worker_rss_bytes_per_idle_poller"] < 8192,
     }
