@@ -7,12 +7,12 @@ import asyncio
 from workers.directed.waiters import Waiters
 
 
-async def test_wake_timeout_and_release_all():
+async def test_wake_timeout_and_wake_all():
     waiters = Waiters()
-    a1 = asyncio.ensure_future(waiters.wait("a", 30))
-    a2 = asyncio.ensure_future(waiters.wait("a", 30))  # a second poll of the same target
-    b = asyncio.ensure_future(waiters.wait("b", 30))
-    short = asyncio.ensure_future(waiters.wait("c", 0.01))
+    a1 = asyncio.ensure_future(waiters.wait("a", 30_000))
+    a2 = asyncio.ensure_future(waiters.wait("a", 30_000))  # a second poll of the same target
+    b = asyncio.ensure_future(waiters.wait("b", 30_000))
+    short = asyncio.ensure_future(waiters.wait("c", 10))
     await asyncio.sleep(0)
     assert len(waiters) == 4
     waiters.wake(["a", "x"])
@@ -20,14 +20,14 @@ async def test_wake_timeout_and_release_all():
     assert not b.done()
     await asyncio.wait_for(short, 5)  # its wait is over: it returns without a wake
     assert len(waiters) == 1
-    waiters.release_all()
+    waiters.wake_all()
     await asyncio.wait_for(b, 5)
     assert len(waiters) == 0
 
 
 async def test_a_cancelled_poll_leaves_nothing_behind():
     waiters = Waiters()
-    poll = asyncio.ensure_future(waiters.wait("a", 30))
+    poll = asyncio.ensure_future(waiters.wait("a", 30_000))
     await asyncio.sleep(0)
     poll.cancel()
     await asyncio.gather(poll, return_exceptions=True)

@@ -31,8 +31,8 @@ class Waiters:
         """Polls waiting now."""
         return sum(len(futs) for futs in self._parked.values())
 
-    async def wait(self, target: str, timeout_s: float) -> None:
-        """Until :meth:`wake` names ``target`` (or :meth:`release_all`), or ``timeout_s``
+    async def wait(self, target: str, wait_ms: int) -> None:
+        """Until :meth:`wake` names ``target`` (or :meth:`wake_all`), or ``wait_ms`` passed
         (rounded up to the next tick)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -41,7 +41,7 @@ class Waiters:
             self._parked[target] = [fut]
         else:
             parked.append(fut)
-        tick = math.ceil((loop.time() + timeout_s) / TICK_S)
+        tick = math.ceil((loop.time() + wait_ms / 1000) / TICK_S)
         due = self._due.get(tick)
         if due is None:
             self._due[tick] = {fut}
@@ -79,7 +79,7 @@ class Waiters:
             for fut in self._parked.pop(target, ()):
                 _release(fut)
 
-    def release_all(self) -> None:
+    def wake_all(self) -> None:
         """Every poll returns now (the worker is stopping)."""
         parked, self._parked = self._parked, {}
         for futs in parked.values():

@@ -310,7 +310,7 @@ class DirectedWorker:
         self._stopping = True
         self._consuming = False
         await cancel_all(self.consumers)
-        self._waiters.release_all()  # long polls answer now with what they have
+        self._waiters.wake_all()  # long polls answer now with what they have
         await drain_all(self.consumers, grace - 1)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -628,7 +628,7 @@ class DirectedWorker:
             assert self.core is not None
             # a message accepted during that commit found no waiter to wake: no wait then
             if self.core.backlog(pull.topic) == 0:
-                await self._waiters.wait(pull.topic, pull.wait_ms / 1000)
+                await self._waiters.wait(pull.topic, pull.wait_ms)
             result = self._pull_core(pull.topic, None, pull.max)
         await self._committed()
         messages = await self._messages(result.mids)
