@@ -25,7 +25,7 @@ from tests.conftest import delete_names, running_host
 from tests.integration.directed_helpers import cleanup, directed_settings, wait_applied
 from workers.directed.client import DirectedClient, decode_messages
 from workers.directed.config import BINARY_REPLY_CONTENT_TYPE, DirectedSettings
-from workers.directed.wire import decode_binary_reply
+from workers.directed.replies import decode_binary_reply
 from workers.directed.worker import DirectedWorker
 
 pytestmark = pytest.mark.integration
@@ -302,7 +302,7 @@ async def test_message_accepted_while_a_pull_commits_is_not_missed(
     try:
         async with running_host(broker_url, tmp_path, [worker], http_port=port):
             client = await DirectedClient(amqp, s).open()
-            commit = worker._committed
+            commit = worker.ledger.committed
             sent = False
 
             async def commit_then_send() -> None:
@@ -313,7 +313,7 @@ async def test_message_accepted_while_a_pull_commits_is_not_missed(
                     await client.send(b"late", ["edge-1"], message_id="late")
                     await wait_applied(client, "late")
 
-            worker._committed = commit_then_send  # type: ignore[method-assign]
+            worker.ledger.committed = commit_then_send  # type: ignore[method-assign]
             try:
                 async with aiohttp.ClientSession() as http:
                     pull = post(http, port, "edge-1", {"wait_ms": 30_000}, None)
