@@ -9,9 +9,12 @@ queue cover every shard; a shard's state directory refuses another shard count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -19,7 +22,7 @@ import pytest
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess
 from bridge.sharding import Shard, chx_header_bucket, shard_queue
-from tests.integration.delay.helpers import delay_settings, env_for, make_sink
+from tests.integration.delay.helpers import Sink, delay_settings, env_for, make_sink
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
 
@@ -65,18 +68,34 @@ async def cleanup(url: str, s: DelaySettings, extra_ex: list[str], extra_q: list
     )
 
 
-async def test_two_delay_shards(chx_broker, tmp_path, unique):
-    broker_url = chx_broker
+@contextlib.asynccontextmanager
+async def running_shards(
+    broker_url: str, tmp_path: Path, unique: str
+) -> AsyncIterator[tuple[DelaySettings, list[WorkerProcess], Any, list[Sink]]]:
+    """Both shards as processes, ready; the test's connection and a list for its sinks.
+    After: the shards stopped and every name (the sinks' too) deleted."""
     s = delay_settings(unique, shards_exchange=f"{unique}.delay.in.shards", lanes=2)
     procs = [start_shard(s, i, tmp_path, broker_url) for i in range(SHARDS)]
     conn = await aio_pika.connect_robust(broker_url)
-    sinks = []
+    sinks: list[Sink] = []
     try:
         for p in procs:
             p.start()
         for p in procs:
             await asyncio.to_thread(p.wait_ready)
-        sinks = [await make_sink(conn, unique, f"topic{i}") for i in range(2)]
+        yield s, procs, conn, sinks
+    finally:
+        for p in procs:
+            if p.proc is not None and p.proc.poll() is None:
+                p.terminate()
+        await conn.close()
+        await cleanup(broker_url, s, [x.exchange for x in sinks], [x.queue for x in sinks])
+
+
+async def test_two_delay_shards(chx_broker, tmp_path, unique):
+    broker_url = chx_broker
+    async with running_shards(broker_url, tmp_path, unique) as (s, procs, conn, sinks):
+        sinks += [await make_sink(conn, unique, f"topic{i}") for i in range(2)]
         client = await DelayClient(conn, s).open()
 
         sent: dict[str, float] = {}
@@ -171,17 +190,6 @@ async def test_two_delay_shards(chx_broker, tmp_path, unique):
         await asyncio.sleep(0.5)
         assert [r.message.message_id for r in sinks[1].got[before:]] == [stray]
         assert "forwarded message not owned by this shard" in (tmp_path / "shard-1.log").read_text()
-    finally:
-        for p in procs:
-            if p.proc is not None and p.proc.poll() is None:
-                p.terminate()
-        await conn.close()
-        await cleanup(
-            broker_url,
-            s,
-            [sink.exchange for sink in sinks],
-            [sink.queue for sink in sinks],
-        )
 
     # a shard's state directory refuses another shard count, and says what to do
     wrong = start_shard(s, 1, tmp_path, broker_url, count=3)
@@ -201,15 +209,7 @@ async def test_keyed_versions_meet_in_one_shard_while_the_ring_is_out_of_order(
     (the exchange's hash of the typed header value) and forwards it there, so the new
     version replaces the pending one: one version delivered, never two."""
     broker_url = chx_broker
-    s = delay_settings(unique, shards_exchange=f"{unique}.delay.in.shards", lanes=2)
-    procs = [start_shard(s, i, tmp_path, broker_url) for i in range(SHARDS)]
-    conn = await aio_pika.connect_robust(broker_url)
-    sinks = []
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            await asyncio.to_thread(p.wait_ready)
+    async with running_shards(broker_url, tmp_path, unique) as (s, _, conn, sinks):
         sink = await make_sink(conn, unique, "keyed")
         sinks.append(sink)
         client = await DelayClient(conn, s).open()
@@ -246,12 +246,6 @@ async def test_keyed_versions_meet_in_one_shard_while_the_ring_is_out_of_order(
         await asyncio.sleep(1.0)  # a second version, if any, arrives now
         assert sorted(sink.ids()) == sorted(f"{k}-v2" for k in keys)
         assert (await client.counts())["total"] == 0  # every v1 was replaced
-    finally:
-        for p in procs:
-            if p.proc is not None and p.proc.poll() is None:
-                p.terminate()
-        await conn.close()
-        await cleanup(broker_url, s, [x.exchange for x in sinks], [x.queue for x in sinks])
 
 
 async def _stored(client: DelayClient, total: int) -> bool:

@@ -19,6 +19,7 @@ import aio_pika.exceptions
 import pytest
 
 from bench.harness.broker import delete_names
+from bench.harness.procs import settings_env
 from tests.conftest import running_host
 from workers.gateway.backend import BackendServer, Handler, echo
 from workers.gateway.client import GatewayClient
@@ -48,6 +49,25 @@ def gateway_settings(unique: str, **overrides: Any) -> GatewaySettings:
         del values["port"]  # LISTENERS replaces PORT
     values.update(overrides)
     return GatewaySettings(**values)
+
+
+# What a gateway process needs to use a test's names and port
+ENV_FIELDS = (
+    "host",
+    "port",
+    "servers_exchange",
+    "server_queue_prefix",
+    "undeliverable_queue",
+    "reply_queue_prefix",
+    "registry_queue_prefix",
+    "instance",
+)
+
+
+def env_for(settings: GatewaySettings, *extra: str) -> dict[str, str]:
+    """The test's names (and the ``extra`` fields) as BRIDGE_GATEWAY__* variables, for a
+    worker subprocess."""
+    return settings_env("gateway", settings, (*ENV_FIELDS, *extra))
 
 
 @dataclass

@@ -43,6 +43,7 @@ from tests.integration.gateway.helpers import (
     SERVER_HEARTBEAT_S,
     Gateway,
     cleanup,
+    env_for,
     gateway_settings,
     queue_depth,
     running_gateway,
@@ -380,7 +381,7 @@ async def test_client_cannot_choose_a_queue(broker_url, amqp, tmp_path, unique):
 
 
 def _rabbitmqctl(*args: str) -> None:
-    rabbitmqctl(*args)  # the broker under test's CLI (BRIDGE_TEST_RABBITMQCTL)
+    rabbitmqctl(*args)  # the broker under test's CLI (TEST_BROKER_RABBITMQCTL)
 
 
 async def test_secrets_never_logged(broker_url, tmp_path, unique):
@@ -398,20 +399,7 @@ async def test_secrets_never_logged(broker_url, tmp_path, unique):
         "BRIDGE_SECRETS_DIR": str(secrets),
         "BRIDGE_LOG_LEVEL": "DEBUG",
         "BRIDGE_LOG_FORMAT": "json",
-        **{
-            f"BRIDGE_GATEWAY__{name.upper()}": str(getattr(s, name))
-            for name in (
-                "host",
-                "port",
-                "servers_exchange",
-                "server_queue_prefix",
-                "undeliverable_queue",
-                "reply_queue_prefix",
-                "registry_queue_prefix",
-                "instance",
-                "server_ttl_s",
-            )
-        },
+        **env_for(s, "server_ttl_s"),
     }
     await asyncio.to_thread(_rabbitmqctl, "add_user", user, password)
     proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()

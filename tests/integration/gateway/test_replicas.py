@@ -18,7 +18,7 @@ import pytest
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess, free_port
-from tests.integration.gateway.helpers import SERVER_HEARTBEAT_S, gateway_settings
+from tests.integration.gateway.helpers import SERVER_HEARTBEAT_S, env_for, gateway_settings
 from workers.gateway.backend import BackendServer
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.config import GatewaySettings
@@ -34,14 +34,9 @@ class Replica:
         self.instance = f"{s.instance}-{name}"
         self.tcp_port = free_port()
         env = {
-            "BRIDGE_GATEWAY__HOST": "127.0.0.1",
+            **env_for(s),
             "BRIDGE_GATEWAY__PORT": str(self.tcp_port),
             "BRIDGE_GATEWAY__INSTANCE": self.instance,
-            "BRIDGE_GATEWAY__SERVERS_EXCHANGE": s.servers_exchange,
-            "BRIDGE_GATEWAY__SERVER_QUEUE_PREFIX": s.server_queue_prefix,
-            "BRIDGE_GATEWAY__UNDELIVERABLE_QUEUE": s.undeliverable_queue,
-            "BRIDGE_GATEWAY__REPLY_QUEUE_PREFIX": s.reply_queue_prefix,
-            "BRIDGE_GATEWAY__REGISTRY_QUEUE_PREFIX": s.registry_queue_prefix,
             "BRIDGE_GATEWAY__SERVER_TTL_S": "2",
             "BRIDGE_GATEWAY__TICK_S": "0.1",
             "BRIDGE_GATEWAY__STICKY_RETENTION_S": "120",

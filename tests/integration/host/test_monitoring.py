@@ -112,23 +112,10 @@ def stack(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     ds = directed_helpers.directed_settings(unique)
     ys = delay_helpers.delay_settings(unique)
     gs = gateway_helpers.gateway_settings(unique, port=free_port())
-    gateway_env = {
-        f"BRIDGE_GATEWAY__{name.upper()}": str(getattr(gs, name))
-        for name in (
-            "host",
-            "port",
-            "servers_exchange",
-            "server_queue_prefix",
-            "undeliverable_queue",
-            "reply_queue_prefix",
-            "registry_queue_prefix",
-            "instance",
-        )
-    }
     envs = {
         "directed": directed_helpers.env_for(ds),
         "delay": delay_helpers.env_for(ys),
-        "gateway": gateway_env,
+        "gateway": gateway_helpers.env_for(gs),
     }
     procs = {
         w: WorkerProcess(

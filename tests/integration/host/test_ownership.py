@@ -30,6 +30,7 @@ from tests.integration.directed.helpers import cleanup as directed_cleanup
 from tests.integration.directed.helpers import directed_settings
 from tests.integration.directed.helpers import env_for as directed_env
 from tests.integration.gateway.helpers import SERVER_HEARTBEAT_S, gateway_settings
+from tests.integration.gateway.helpers import env_for as gateway_env
 from workers.delay.client import DelayClient
 from workers.directed.client import DirectedClient
 from workers.gateway.backend import BackendServer
@@ -262,14 +263,8 @@ async def test_second_gateway_with_the_same_instance(broker_url, tmp_path, uniqu
             broker_url,
             tmp_path,
             {
-                "BRIDGE_GATEWAY__HOST": "127.0.0.1",
+                **gateway_env(s),  # BRIDGE_GATEWAY__INSTANCE: the same for both
                 "BRIDGE_GATEWAY__PORT": str(ports[name]),
-                "BRIDGE_GATEWAY__INSTANCE": s.instance,  # the same for both
-                "BRIDGE_GATEWAY__SERVERS_EXCHANGE": s.servers_exchange,
-                "BRIDGE_GATEWAY__SERVER_QUEUE_PREFIX": s.server_queue_prefix,
-                "BRIDGE_GATEWAY__UNDELIVERABLE_QUEUE": s.undeliverable_queue,
-                "BRIDGE_GATEWAY__REPLY_QUEUE_PREFIX": s.reply_queue_prefix,
-                "BRIDGE_GATEWAY__REGISTRY_QUEUE_PREFIX": s.registry_queue_prefix,
                 "BRIDGE_GATEWAY__PEERS": "false",
                 "BRIDGE_GATEWAY__SERVER_TTL_S": "10",
             },
