@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from bridge.cli import main
-from bridge.settings import HostSettings, load_host_settings, redact_url
+from bridge.settings import HostSettings, load_host_settings, redact_url, unknown_variables
+from workers.delay.config import DelaySettings
 from workers.directed.config import DirectedSettings
+from workers.gateway.config import GatewaySettings
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_env_prefix_and_nested_worker_settings(monkeypatch):
@@ -54,3 +61,17 @@ def test_invalid_settings_message_never_shows_the_password(monkeypatch, capsys):
 def test_redact_url():
     assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
     assert redact_url("amqp://h/") == "amqp://h/"
+
+
+def test_what_the_tests_and_ci_set_is_a_setting_or_no_bridge_variable():
+    """The variables the test harness reads and the CI scripts export (the broker under test,
+    its CLI, whether it is required) are settings or named outside ``BRIDGE_``: the workers
+    the tests start inherit them and would warn about every other ``BRIDGE_*`` one."""
+    read: set[str] = set()
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
+        read |= set(re.findall(r'environ(?:\.get\(|\[)"([A-Z0-9_]+)"', path.read_text()))
+    for script in (ROOT / ".ci").iterdir():
+        read |= set(re.findall(r"\b([A-Z][A-Z0-9_]+)(?:=|:-)", script.read_text()))
+    assert {"TEST_BROKER_REQUIRED", "TEST_BROKER_RABBITMQCTL", "BRIDGE_AMQP_URL"} <= read
+    classes = [HostSettings, DirectedSettings, DelaySettings, GatewaySettings]
+    assert unknown_variables(classes, {name: "x" for name in read}) == []
