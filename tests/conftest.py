@@ -169,3 +169,21 @@ async def running_host(
     finally:
         h.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+async def get_messages(amqp: Any, queue: str, count: int, timeout: float = 10.0) -> list[Any]:
+    """Up to ``count`` messages taken from ``queue`` (acknowledged), within ``timeout`` seconds."""
+    channel = await amqp.channel()
+    q = await channel.get_queue(queue)
+    out: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(out) < count:
+        message = await q.get(no_ack=True, fail=False)
+        if message is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        out.append(message)
+    await channel.close()
+    return out

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import settings_env
-from tests.conftest import running_host
+from tests.conftest import get_messages, running_host
 from workers.delay.client import DelayClient
 from workers.delay.config import DelaySettings
 from workers.delay.worker import DelayWorker
@@ -137,20 +137,7 @@ async def delay_worker(
 async def dead_letters(
     amqp: Any, settings: DelaySettings, count: int, timeout: float = 10.0
 ) -> list[AbstractIncomingMessage]:
-    channel = await amqp.channel()
-    queue = await channel.get_queue(settings.dead_queue)
-    out: list[AbstractIncomingMessage] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < count:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is None:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-            continue
-        out.append(message)
-    await channel.close()
-    return out
+    return await get_messages(amqp, settings.dead_queue, count, timeout)
 
 
 async def wait_stored(client: DelayClient, total: int, timeout: float = 10.0) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess, settings_env
-from tests.conftest import running_host
+from tests.conftest import get_messages, running_host
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 from workers.directed.worker import DirectedWorker
@@ -93,20 +93,7 @@ async def wait_applied(
 async def dead_letters(
     amqp: Any, settings: DirectedSettings, count: int, timeout: float = 10.0
 ) -> list[Any]:
-    channel = await amqp.channel()
-    queue = await channel.get_queue(settings.dead_queue)
-    out = []
-    deadline = asyncio.get_running_loop().time() + timeout
-    while len(out) < count:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is None:
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
-            continue
-        out.append(message)
-    await channel.close()
-    return out
+    return await get_messages(amqp, settings.dead_queue, count, timeout)
 
 
 def directed_process(broker_url: str, tmp_path: Path, settings: DirectedSettings) -> WorkerProcess:

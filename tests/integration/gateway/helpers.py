@@ -230,23 +230,6 @@ async def publish_reply(
         await channel.close()
 
 
-async def get_messages(amqp: Any, queue: str, count: int, timeout: float = 10.0) -> list[Any]:
-    channel = await amqp.channel()
-    q = await channel.get_queue(queue)
-    out: list[Any] = []
-    deadline = asyncio.get_running_loop().time() + timeout
-    while len(out) < count:
-        message = await q.get(no_ack=True, fail=False)
-        if message is None:
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
-            continue
-        out.append(message)
-    await channel.close()
-    return out
-
-
 async def queue_depth(amqp: Any, queue: str) -> int:
     """Messages ready in ``queue``; -1 if it does not exist."""
     channel = await amqp.channel()

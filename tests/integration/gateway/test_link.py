@@ -14,12 +14,11 @@ import aio_pika
 import pytest
 
 from bench.harness.proxy import TcpProxy
-from tests.conftest import running_host
+from tests.conftest import get_messages, running_host
 from tests.integration.gateway.helpers import (
     Gateway,
     cleanup,
     gateway_settings,
-    get_messages,
     publish_reply,
     queue_depth,
     running_gateway,
