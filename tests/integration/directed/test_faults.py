@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
 import re
 import shutil
-import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -39,6 +35,7 @@ from tests.integration.directed.helpers import (
     env_for,
     wait_applied,
 )
+from tests.integration.host.helpers import BAD_STATE_FILES, refused_at_start
 from workers.directed.client import DirectedClient
 from workers.directed.config import DirectedSettings
 from workers.directed.worker import DirectedWorker
@@ -363,51 +360,9 @@ async def test_read_only_volume_leaves_requests_in_the_broker(
 # -- state file -----------------------------------------------------------------------------
 
 
-def _foreign(path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
-        db.execute("INSERT INTO invoices VALUES (1, 9.5)")
-    db.close()
-
-
-def _corrupt(path: Path) -> None:
-    path.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (_corrupt, "is not a usable SQLite database"),
-        (_foreign, "did not create"),
-    ],
-    ids=["corrupt", "foreign"],
-)
+@BAD_STATE_FILES
 def test_bad_state_file_is_refused_at_start(broker_url, tmp_path, unique, make, message):
     s = directed_settings(unique)
-    state = tmp_path / "state"
-    (state / "directed").mkdir(parents=True)
-    path = state / "directed" / "directed.sqlite3"
-    make(path)
-    before = hashlib.sha256(path.read_bytes()).hexdigest()
-    env = {
-        **os.environ,
-        **env_for(s),
-        "BRIDGE_AMQP_URL": broker_url,
-        "BRIDGE_STATE_DIR": str(state),
-        "BRIDGE_HTTP_PORT": "0",
-        "BRIDGE_LOG_FORMAT": "text",
-    }
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bridge.cli", "run", "directed"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        asyncio.run(cleanup(broker_url, s))
-    assert done.returncode != 0
-    assert message in done.stderr and str(path) in done.stderr, done.stderr[-2000:]
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the file must stay as is"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["directed.sqlite3"]
+    refused_at_start(
+        "directed", env_for(s), broker_url, tmp_path, make, message, lambda: cleanup(broker_url, s)
+    )

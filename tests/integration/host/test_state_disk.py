@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 import re
 import shutil
-import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +35,7 @@ from tests.integration.delay.helpers import cleanup, delay_settings, env_for, ma
 from tests.integration.directed.helpers import cleanup as directed_cleanup
 from tests.integration.directed.helpers import directed_settings, wait_applied
 from tests.integration.directed.helpers import env_for as directed_env
+from tests.integration.host.helpers import BAD_STATE_FILES, refused_at_start
 from workers.delay.client import DelayClient
 from workers.directed.client import DirectedClient
 
@@ -233,49 +230,16 @@ async def test_directed_read_only_state_file_recovers_without_restart(
         await directed_cleanup(broker_url, s)
 
 
-def _foreign(path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
-        db.execute("INSERT INTO invoices VALUES (1, 9.5)")
-    db.close()
-
-
-def _corrupt(path: Path) -> None:
-    path.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [(_corrupt, "is not a usable SQLite database"), (_foreign, "did not create")],
-    ids=["corrupt", "foreign"],
-)
+@BAD_STATE_FILES
 def test_delay_refuses_a_corrupt_or_foreign_state_file(broker_url, tmp_path, unique, make, message):
     """Not a mount: runs anywhere. The file is left byte for byte as it was."""
     s = delay_settings(unique)
-    state = tmp_path / "state"
-    (state / "delay").mkdir(parents=True)
-    path = state / "delay" / "delay.sqlite3"
-    make(path)
-    before = hashlib.sha256(path.read_bytes()).hexdigest()
-    env = {
-        **os.environ,
-        **env_for(s),
-        "BRIDGE_AMQP_URL": broker_url,
-        "BRIDGE_STATE_DIR": str(state),
-        "BRIDGE_HTTP_PORT": "0",
-        "BRIDGE_LOG_FORMAT": "text",
-    }
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bridge.cli", "run", "delay"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        asyncio.run(cleanup(broker_url, s, [], []))
-    assert done.returncode != 0
-    assert message in done.stderr and str(path) in done.stderr, done.stderr[-2000:]
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the file must stay as is"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["delay.sqlite3"]
+    refused_at_start(
+        "delay",
+        env_for(s),
+        broker_url,
+        tmp_path,
+        make,
+        message,
+        lambda: cleanup(broker_url, s, [], []),
+    )
