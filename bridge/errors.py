@@ -1,5 +1,7 @@
 """The project's own error types; library exceptions are translated into these at the edges."""
 
+import json
+
 
 class BridgeError(Exception):
     """Base class for errors the bridge reports to operators."""
@@ -74,3 +76,21 @@ class Refused(LinkError):
     """The broker refused a channel's setup for a reason the channel waits out (another
     connection owns the queue, see ``bridge.amqp.link.Channel.refused``): the link retries
     it with backoff and without a log line each time, also at the first start."""
+
+
+class WireError(Exception):
+    """A message a worker refuses, with the ``code`` that goes into its error reply (see
+    :func:`encode_error`) or into the ``x-dead-reason`` header, and a sentence for humans.
+
+    Raised by the workers' pure parsers (requests, pulls, control requests) and answered by
+    their adapters; one definition for every worker's wire contract."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode_error(code: str, message: str) -> bytes:
+    """The error reply of every worker's RPC: ``{"error": {"code": ..., "message": ...}}``."""
+    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()

@@ -17,6 +17,7 @@ from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
 from bridge.amqp.messages import reply
 from bridge.amqp.publisher import Publisher
+from bridge.errors import WireError, encode_error
 from workers.delay import shards as sharding
 from workers.delay import wire
 from workers.delay.config import MISSING_REPLY_TO, DelaySettings
@@ -71,8 +72,8 @@ class ControlServer:
                 body = wire.dumps(await self._counts())
             else:
                 body = wire.dumps(await self._list(request))
-        except wire.ControlError as exc:
-            body = wire.encode_error(exc.code, exc.message)
+        except WireError as exc:
+            body = encode_error(exc.code, exc.message)
         reply(self.replies, message, body)
         consumer.ack(message)
 

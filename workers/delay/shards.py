@@ -37,6 +37,7 @@ import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bridge.errors import WireError
 from bridge.rpc import RpcClient
 from bridge.sharding import Shard, shard_queue
 from workers.delay import wire
@@ -89,7 +90,7 @@ def decode_cursor(raw: Any) -> tuple[int, int, int] | None:
             and all(p.isdigit() for p in parts[1:])
         ):
             return int(parts[0]), int(parts[1]), int(parts[2])
-    raise wire.ControlError(
+    raise WireError(
         "invalid_request", f"'after' must be a cursor from a sharded reply, got {raw!r:.80}"
     )
 

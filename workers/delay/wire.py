@@ -15,7 +15,8 @@ requests. No I/O.
   - ``{"op": "counts"}``
   - ``{"op": "list", "topic": "...", "limit": N, "after": "<cursor>" | null}``
 
-  Errors come back as ``{"error": {"code": "...", "message": "..."}}``.
+  Errors come back as ``{"error": {"code": "...", "message": "..."}}``
+  (:class:`bridge.errors.WireError`, the same for every worker).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from bridge.errors import WireError
 
 X_DELAY = "x-delay"
 X_DELIVER_AT = "x-deliver-at"
@@ -261,13 +264,6 @@ def strip_control_headers(headers: Mapping[str, object] | None) -> dict[str, obj
 OPS = ("cancel", "counts", "list")
 
 
-class ControlError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class Cancel:
     by: str  # "message_id" | "key"
@@ -297,7 +293,7 @@ def _short(value: Any) -> str:
 def _name(doc: dict[str, Any], field: str) -> str:
     value = doc.get(field)
     if not isinstance(value, str) or not value or len(value.encode()) > 255:
-        raise ControlError(
+        raise WireError(
             "invalid_request", f"'{field}' must be a non-empty string, got {_short(value)}"
         )
     return value
@@ -314,27 +310,23 @@ def decode_cursor(raw: Any) -> tuple[int, int] | None:
         due, sep, mid = raw.partition(":")
         if sep and due.lstrip("-").isdigit() and mid.isdigit():
             return int(due), int(mid)
-    raise ControlError(
-        "invalid_request", f"'after' must be a cursor from a reply, got {_short(raw)}"
-    )
+    raise WireError("invalid_request", f"'after' must be a cursor from a reply, got {_short(raw)}")
 
 
 def parse_request(body: bytes, *, max_bytes: int, list_max: int) -> Request:
     if len(body) > max_bytes:
-        raise ControlError("too_large", f"body of {len(body)} bytes exceeds {max_bytes}")
+        raise WireError("too_large", f"body of {len(body)} bytes exceeds {max_bytes}")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:
-        raise ControlError("bad_json", f"body is not JSON: {str(exc)[:100]}") from None
+        raise WireError("bad_json", f"body is not JSON: {str(exc)[:100]}") from None
     if not isinstance(doc, dict):
-        raise ControlError("bad_json", "body must be a JSON object")
+        raise WireError("bad_json", "body must be a JSON object")
     op = doc.get("op")
     if op == "cancel":
         has_id, has_key = "message_id" in doc, "key" in doc
         if has_id == has_key:
-            raise ControlError(
-                "invalid_request", "cancel needs exactly one of 'message_id' and 'key'"
-            )
+            raise WireError("invalid_request", "cancel needs exactly one of 'message_id' and 'key'")
         field = "message_id" if has_id else "key"
         return Cancel(field, _name(doc, field))
     if op == "counts":
@@ -343,16 +335,12 @@ def parse_request(body: bytes, *, max_bytes: int, list_max: int) -> Request:
         topic = _name(doc, "topic")
         limit = doc.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ControlError(
+            raise WireError(
                 "invalid_request", f"'limit' must be an integer >= 1, got {_short(limit)}"
             )
         return ListPending(topic, min(limit, list_max), decode_cursor(doc.get("after")))
-    raise ControlError("unknown_op", f"op {_short(op)} is not one of {', '.join(OPS)}")
+    raise WireError("unknown_op", f"op {_short(op)} is not one of {', '.join(OPS)}")
 
 
 def dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), default=str).encode()
-
-
-def encode_error(code: str, message: str) -> bytes:
-    return dumps({"error": {"code": code, "message": message}})

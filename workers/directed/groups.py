@@ -2,19 +2,15 @@
 
 A group is a name and an ordered set of target names. A change returns the new membership
 for the store (``None``: the group is gone, its last member removed); a request's groups are
-resolved once, when it is accepted, into its target list.
+resolved once, when it is accepted, into its target list. A refused change or resolution is
+a :class:`~bridge.errors.WireError` whose code goes into the reply (or the dead letter).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-
-class GroupError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+from bridge.errors import WireError
 
 
 class Groups:
@@ -48,15 +44,15 @@ class Groups:
         for name in names:
             members = self._groups.get(name)
             if members is None:
-                raise GroupError("unknown_group", f"no target group {name!r}")
+                raise WireError("unknown_group", f"no target group {name!r}")
             out.update(members)
             if len(out) > self.max_size:
-                raise GroupError(
+                raise WireError(
                     "too_many_targets",
                     f"the groups resolve to more than the limit of {self.max_size} targets",
                 )
         if not out:
-            raise GroupError("empty_targets", "the named groups have no members")
+            raise WireError("empty_targets", "the named groups have no members")
         return list(out)
 
     def __len__(self) -> int:
@@ -64,7 +60,7 @@ class Groups:
 
     def _store(self, name: str, members: dict[str, None]) -> list[str] | None:
         if len(members) > self.max_size:
-            raise GroupError(
+            raise WireError(
                 "too_many_targets",
                 f"group {name!r} would have {len(members)} members, more than {self.max_size}",
             )

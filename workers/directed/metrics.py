@@ -13,10 +13,10 @@ from prometheus_client.registry import Collector
 from bridge.metrics import LATENCY_BUCKETS
 from bridge.store import GroupCommitter
 from workers.directed.config import DirectedSettings
-from workers.directed.model import DirectedCore
+from workers.directed.state import CoreState
 
 
-def top_backlog(core: DirectedCore, n: int) -> list[tuple[str, int]]:
+def top_backlog(core: CoreState, n: int) -> list[tuple[str, int]]:
     """The ``n`` targets with the most queued ids."""
     if n <= 0:
         return []
@@ -28,7 +28,7 @@ class _StateCollector(Collector):
 
     def __init__(
         self,
-        core: DirectedCore,
+        core: CoreState,
         committer: GroupCommitter[Any],
         cache_bytes: Callable[[], int],
         backlog_targets: int,
@@ -152,7 +152,7 @@ class DirectedMetrics:
         )
 
     def watch(
-        self, core: DirectedCore, committer: GroupCommitter[Any], cache_bytes: Callable[[], int]
+        self, core: CoreState, committer: GroupCommitter[Any], cache_bytes: Callable[[], int]
     ) -> None:
         """Report the core's state (messages, targets, backlog), the commit failures and the
         cache at each scrape."""

@@ -1,8 +1,10 @@
-"""The directed wire contract as pure functions: request, pull and control parsing, replies.
+"""What the directed worker reads, as pure functions: fan-out requests (headers or the JSON
+envelope) and pulls (AMQP or HTTP). Control queries are parsed by
+:mod:`~workers.directed.queries`, replies encoded by :mod:`~workers.directed.replies`.
 
 No I/O here, so every malformed input can be tested without a broker. Parsers return a
-value or raise :class:`WireError` carrying the code that goes into the error reply or the
-``x-dead-reason`` header.
+value or raise :class:`~bridge.errors.WireError` carrying the code that goes into the error
+reply or the ``x-dead-reason`` header.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.errors import WireError
+from bridge.errors import encode_error as encode_error  # the error reply, part of this contract
 from workers.directed.config import (
     ENVELOPE_CONTENT_TYPE,
     H_TARGET_GROUPS,
@@ -27,13 +31,6 @@ from workers.directed.config import (
 # in every encoder and decoder that touches them (JSON, AMQP) and no real header needs them.
 MAX_HEADER_DEPTH = 32
 _ASCII_INT = re.compile(r"\s*-?[0-9]{1,18}\s*")
-
-
-class WireError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +61,18 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def _strict_int(value: Any) -> int | None:
+def strict_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value
 
 
-def _utf8_size(text: str) -> int | None:
+def utf8_size(text: str) -> int | None:
     """Length in UTF-8, or None for text that has no UTF-8 form (a lone surrogate from a
     JSON escape such as ``"\\ud800"``)."""
     try:
@@ -110,7 +107,7 @@ def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
         )
     if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
         raise WireError(
-            "invalid_targets", f"{H_TARGETS} must be an array of strings, got {_short(raw)}"
+            "invalid_targets", f"{H_TARGETS} must be an array of strings, got {short(raw)}"
         )
     if not raw:
         raise WireError("empty_targets", f"{H_TARGETS} is an empty array")
@@ -122,16 +119,16 @@ def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
     for item in raw:
         name = _text(item)
         if name is None:
-            raise WireError("invalid_targets", f"target {_short(item)} is not a string")
-        size = _utf8_size(name)
+            raise WireError("invalid_targets", f"target {short(item)} is not a string")
+        size = utf8_size(name)
         if size is None:
             raise WireError(
-                "invalid_target_name", f"target {_short(name)} is not valid Unicode text"
+                "invalid_target_name", f"target {short(name)} is not valid Unicode text"
             )
         if not name or size > settings.max_target_length:
             raise WireError(
                 "invalid_target_name",
-                f"target names must be 1..{settings.max_target_length} bytes, got {_short(name)}",
+                f"target names must be 1..{settings.max_target_length} bytes, got {short(name)}",
             )
         targets.append(name)
     return list(dict.fromkeys(targets))
@@ -140,14 +137,14 @@ def check_targets(raw: Any, settings: DirectedSettings) -> list[str]:
 def check_ttl(raw: Any, settings: DirectedSettings) -> int:
     if raw is None:
         return settings.default_ttl_ms
-    value = _strict_int(raw)
+    value = strict_int(raw)
     if value is None:
         text = _text(raw)
         # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
         if text is not None and _ASCII_INT.fullmatch(text):
             value = int(text)
     if value is None or value <= 0:
-        raise WireError("invalid_ttl", f"{H_TTL} must be a positive integer, got {_short(raw)}")
+        raise WireError("invalid_ttl", f"{H_TTL} must be a positive integer, got {short(raw)}")
     if value > settings.max_ttl_ms:
         raise WireError(
             "invalid_ttl", f"{H_TTL}={value} exceeds the limit of {settings.max_ttl_ms} ms"
@@ -203,39 +200,6 @@ def check_names(raw: Any, field: str, settings: DirectedSettings) -> list[str]:
         return check_targets(raw, settings)
     except WireError as exc:
         raise WireError("invalid_groups", f"{field}: {exc.message}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class GroupChange:
-    op: str
-    group: str
-    targets: list[str]
-
-
-GROUP_OPS = ("group_set", "group_add", "group_remove", "group_get")
-
-
-def parse_group_change(doc: Mapping[str, Any], settings: DirectedSettings) -> GroupChange:
-    """``{"op": "group_set" | "group_add" | "group_remove", "group": ..., "targets": [...]}``
-    or ``{"op": "group_get", "group": ...}``."""
-    op = doc.get("op")
-    group = doc.get("group")
-    size = _utf8_size(group) if isinstance(group, str) else None
-    if size is None or not group or size > settings.max_target_length:
-        raise WireError(
-            "invalid_query",
-            f"'group' must be a string of 1..{settings.max_target_length} bytes, got {_short(group)}",
-        )
-    if op == "group_get":
-        return GroupChange("group_get", group, [])
-    raw = doc.get("targets")
-    if op == "group_set" and isinstance(raw, list) and not raw:
-        return GroupChange("group_set", group, [])  # an empty set deletes the group
-    try:
-        targets = check_targets(raw, settings)
-    except WireError as exc:
-        raise WireError("invalid_query", f"'targets': {exc.message}") from None
-    return GroupChange(str(op), group, targets)
 
 
 def _parse_envelope(raw: bytes) -> tuple[bytes, str | None, Any, dict[str, Any]]:
@@ -299,17 +263,17 @@ def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSe
     op = doc.get("op", "pull")
     if op != "pull":
         raise WireError(
-            "unknown_op", f"op {_short(op)} is not supported on the pull exchange (use 'pull')"
+            "unknown_op", f"op {short(op)} is not supported on the pull exchange (use 'pull')"
         )
     topic = doc.get("topic")
     if topic is None:
         raise WireError("invalid_pull", "field 'topic' (the target name) is required")
-    size = _utf8_size(topic) if isinstance(topic, str) else None
+    size = utf8_size(topic) if isinstance(topic, str) else None
     if size is None or not topic or size > settings.max_target_length:
         raise WireError(
             "invalid_pull",
             f"'topic' must be a non-empty string of 1..{settings.max_target_length} UTF-8 bytes,"
-            f" got {_short(topic)}",
+            f" got {short(topic)}",
         )
     if expected and expected != topic:
         raise WireError(
@@ -320,183 +284,14 @@ def _pull_fields(doc: dict[str, Any], expected: str | None, settings: DirectedSe
     record_id = doc.get("record_id")
     if record_id is not None and (not isinstance(record_id, str) or len(record_id) > 128):
         raise WireError(
-            "invalid_pull", f"'record_id' must be a string or null, got {_short(record_id)}"
+            "invalid_pull", f"'record_id' must be a string or null, got {short(record_id)}"
         )
     max_n = doc.get("max", settings.default_max)
-    if _strict_int(max_n) is None or max_n < 0:
-        raise WireError("invalid_pull", f"'max' must be an integer >= 0, got {_short(max_n)}")
+    if strict_int(max_n) is None or max_n < 0:
+        raise WireError("invalid_pull", f"'max' must be an integer >= 0, got {short(max_n)}")
     wait_ms = doc.get("wait_ms", 0)
-    if _strict_int(wait_ms) is None or wait_ms < 0:
-        raise WireError("invalid_pull", f"'wait_ms' must be an integer >= 0, got {_short(wait_ms)}")
+    if strict_int(wait_ms) is None or wait_ms < 0:
+        raise WireError("invalid_pull", f"'wait_ms' must be an integer >= 0, got {short(wait_ms)}")
     return Pull(
         topic, record_id, min(max_n, settings.max_batch), min(wait_ms, settings.max_wait_ms)
     )
-
-
-@dataclass(frozen=True, slots=True)
-class PendingTargets:
-    message_id: str
-    cursor: str | None
-    limit: int
-
-
-PENDING_TARGETS_MAX_LIMIT = 1000
-
-
-def parse_pending_targets(doc: Mapping[str, Any]) -> PendingTargets:
-    """``{"op": "pending_targets", "message_id": ..., "cursor": ..., "limit": ...}``: the
-    cursor is the last target name of the previous page (null for the first page)."""
-    message_id = doc.get("message_id")
-    if not isinstance(message_id, str) or not message_id:
-        raise WireError("invalid_query", "'message_id' (string) is required")
-    cursor = doc.get("cursor")
-    if cursor is not None and (not isinstance(cursor, str) or _utf8_size(cursor) is None):
-        raise WireError("invalid_query", f"'cursor' must be a string or null, got {_short(cursor)}")
-    limit = doc.get("limit", 100)
-    if _strict_int(limit) is None or not 1 <= limit <= PENDING_TARGETS_MAX_LIMIT:
-        raise WireError(
-            "invalid_query",
-            f"'limit' must be an integer 1..{PENDING_TARGETS_MAX_LIMIT}, got {_short(limit)}",
-        )
-    return PendingTargets(message_id, cursor, limit)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message of a reply, before encoding."""
-
-    id: str
-    body: bytes
-    props: Mapping[str, Any]
-
-
-def encode_reply(
-    topic: str,
-    record_id: str | None,
-    redelivered: bool,
-    messages: Sequence[dict[str, Any] | Message],
-    *,
-    missed: int = 0,
-    missed_ids: Sequence[str] = (),
-    recalled_ids: Sequence[str] = (),
-) -> bytes:
-    """A pull's reply; ``missed``/``missed_ids`` only when the batch reports a gap,
-    ``recalled`` only when messages of the batch were recalled after it was handed out."""
-    doc = _reply_head(topic, record_id, redelivered, missed, missed_ids, recalled_ids)
-    doc["messages"] = [
-        encode_message(m.id, m.body, m.props) if isinstance(m, Message) else m for m in messages
-    ]
-    return json.dumps(doc, separators=(",", ":"), default=str).encode()
-
-
-def encode_binary_reply(
-    topic: str,
-    record_id: str | None,
-    redelivered: bool,
-    messages: Sequence[Message],
-    *,
-    missed: int = 0,
-    missed_ids: Sequence[str] = (),
-    recalled_ids: Sequence[str] = (),
-) -> bytes:
-    """The reply as :data:`BINARY_REPLY_CONTENT_TYPE`: a 4-byte big-endian length, that many
-    bytes of the JSON reply whose messages carry ``"length"`` instead of ``"body"``, then the
-    messages' bodies one after the other, unencoded."""
-    head = _reply_head(topic, record_id, redelivered, missed, missed_ids, recalled_ids)
-    head["messages"] = [
-        {
-            "id": m.id,
-            "length": len(m.body),
-            "content_type": m.props.get("content_type"),
-            "headers": m.props.get("headers") or {},
-        }
-        for m in messages
-    ]
-    return _binary(head, [m.body for m in messages])
-
-
-def json_reply_to_binary(doc: Mapping[str, Any]) -> bytes:
-    """A JSON reply (another shard's) in the binary form."""
-    head = dict(doc)
-    bodies = []
-    head["messages"] = []
-    for m in doc.get("messages", []):
-        body = base64.b64decode(m.get("body", ""))
-        bodies.append(body)
-        head["messages"].append(
-            {**{k: v for k, v in m.items() if k != "body"}, "length": len(body)}
-        )
-    return _binary(head, bodies)
-
-
-def decode_binary_reply(data: bytes) -> dict[str, Any]:
-    """The binary form read back into a reply whose messages carry ``body`` as bytes."""
-    size = int.from_bytes(data[:4], "big")
-    head = json.loads(data[4 : 4 + size])
-    offset = 4 + size
-    for m in head["messages"]:
-        m["body"] = data[offset : offset + m["length"]]
-        offset += m.pop("length")
-    if offset != len(data):
-        raise ValueError(f"binary reply: {len(data) - offset} bytes after the last body")
-    return dict(head)
-
-
-def _binary(head: dict[str, Any], bodies: list[bytes]) -> bytes:
-    encoded = json.dumps(head, separators=(",", ":"), default=str).encode()
-    return b"".join([len(encoded).to_bytes(4, "big"), encoded, *bodies])
-
-
-def _reply_head(
-    topic: str,
-    record_id: str | None,
-    redelivered: bool,
-    missed: int,
-    missed_ids: Sequence[str],
-    recalled_ids: Sequence[str],
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "topic": topic,
-        "record_id": record_id,
-        "redelivered": redelivered,
-        "messages": [],
-    }
-    if missed:
-        doc["missed"] = missed
-        doc["missed_ids"] = list(missed_ids)
-    if recalled_ids:
-        doc["recalled"] = list(recalled_ids)
-    return doc
-
-
-def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": message_id,
-        "body": base64.b64encode(body).decode("ascii"),
-        "content_type": props.get("content_type"),
-        "headers": props.get("headers") or {},
-    }
-
-
-def encode_error(code: str, message: str, **extra: Any) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}, **extra}, default=str).encode()
-
-
-def json_safe(value: Any) -> Any:
-    """AMQP header values (bytes, datetimes, decimals) as JSON-friendly values."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-def json_dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), default=str).encode()

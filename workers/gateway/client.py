@@ -5,6 +5,7 @@ HELLO, WELCOME, DATA both ways, automatic PONG, BYE. The commands::
 
     rabbitmq-bridge gateway echo-server --id s1        a reference backend (registers, echoes)
     rabbitmq-bridge gateway connect --port 7000        stdin lines -> DATA, replies -> stdout
+    rabbitmq-bridge gateway token --client-id ID --ttl 30d   a signed HELLO token for ID
 """
 
 from __future__ import annotations
@@ -227,6 +228,45 @@ async def _connect_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    """Print a signed token for ``--client-id``, with the gateway's own secret
+    (``BRIDGE_GATEWAY__CLIENT_TOKEN_SECRET``, from the environment or the secrets directory)."""
+    import time
+
+    from bridge.errors import ConfigError
+    from bridge.settings import load_settings
+    from workers.gateway.config import GatewaySettings
+    from workers.gateway.identity import MAX_ID_CHARS, parse_ttl, sign_token
+
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        print(f"bridge: --ttl: {exc}", file=sys.stderr)
+        return 2
+    if not args.client_id or len(args.client_id) > MAX_ID_CHARS:
+        print(f"bridge: --client-id must have 1 to {MAX_ID_CHARS} characters", file=sys.stderr)
+        return 2
+    try:
+        secret = load_settings(GatewaySettings).token_secret
+    except ConfigError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    if secret is None:
+        print(
+            "bridge: BRIDGE_GATEWAY__CLIENT_TOKEN_SECRET is not set (environment or the file "
+            "bridge_gateway__client_token_secret in BRIDGE_SECRETS_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    expiry = int(time.time()) + ttl
+    print(sign_token(secret, args.client_id, expiry))
+    print(
+        f"valid until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expiry))}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_connect(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_connect_loop(args))
@@ -261,3 +301,13 @@ def add_commands(sub: Any) -> None:
         help="after stdin ends, wait up to this long for as many replies as lines sent",
     )
     connect.set_defaults(func=_cmd_connect)
+    token = cmds.add_parser(
+        "token",
+        help="print a signed HELLO token proving a client_id (needs "
+        "BRIDGE_GATEWAY__CLIENT_TOKEN_SECRET)",
+    )
+    token.add_argument("--client-id", required=True, help="the client_id the token proves")
+    token.add_argument(
+        "--ttl", default="30d", help="how long it is valid: 30d, 12h, 15m, 90s (default 30d)"
+    )
+    token.set_defaults(func=_cmd_token)

@@ -12,10 +12,11 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from bridge.settings import worker_settings_config
+from workers.gateway.identity import CertIdSource, UnprovenPolicy
 
 # AMQP headers of the contract (gateway -> server and server -> gateway).
 H_EVENT = "x-event"
@@ -27,6 +28,7 @@ H_CLOSE = "x-close"
 H_DEAD_REASON = "x-dead-reason"
 H_DEAD_DETAIL = "x-dead-detail"
 H_MOVED_FROM = "x-moved-from"  # on the connect of a client moved off a server that is gone
+H_CLIENT_AUTH = "x-client-auth"  # how the client was identified: token, cert, shared, none
 
 EVENT_CONNECT = "connect"
 EVENT_DATA = "data"
@@ -47,6 +49,8 @@ E_IDLE_TIMEOUT = "idle_timeout"
 E_SLOW_CONSUMER = "slow_consumer"
 E_UNAVAILABLE = "unavailable"
 E_SERVER_GONE = "server_gone"
+E_REPLACED = "replaced"  # a newer connection proved the same client_id
+E_RATE_LIMITED = "rate_limited"  # too many failed authentications from the source address
 
 # x-dead-reason values on gateway.undeliverable.
 DEAD_SESSION_GONE = "session_gone"
@@ -69,6 +73,11 @@ class Listener(BaseModel):
     byte_order: Literal["big", "little"] = "big"
     proxy_protocol: bool = False
     tls: bool = False
+    client_auth: Literal["none", "required"] = Field(
+        default="none",
+        description="required: TLS client certificate signed by tls_client_ca; it names the "
+        "client (tls only)",
+    )
     passthrough: str | None = Field(
         default=None,
         description="host:port: a connection whose first bytes are not a HELLO is relayed "
@@ -93,6 +102,8 @@ class Listener(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Listener:
+        if self.client_auth == "required" and not self.tls:
+            raise ValueError('client_auth "required" needs tls: true')
         if self.passthrough is not None and self.framing != "frames":
             raise ValueError(
                 f'passthrough only applies to framing "frames" (a {self.framing} listener '
@@ -254,6 +265,47 @@ class GatewaySettings(BaseSettings):
         default=2.0, gt=0, description="how often sticky records are saved for a restart"
     )
 
+    # Client identities (docs/gateway.md, "Client identities"; workers/gateway/identity.py).
+    client_token_secret: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="HMAC key of the signed HELLO tokens that prove a client_id "
+        "(rabbitmq-bridge gateway token); best from the secrets directory",
+    )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs that sign client certificates (listeners with "
+        'client_auth "required")',
+    )
+    client_cert_id: CertIdSource = Field(
+        default="cn",
+        description="which name of a client certificate is the client_id: the subject's cn, "
+        "or its first dns, email or uri subjectAltName",
+    )
+    unproven_client_id: UnprovenPolicy | None = Field(
+        default=None,
+        description="a HELLO client_id without a signed token or certificate: refuse "
+        "(ERROR unauthorized) or keep it as a sticky hint only; unset = refuse when "
+        "client_token_secret or a client_auth listener is set, else hint",
+    )
+    auth_failure_limit: int = Field(
+        default=10,
+        ge=0,
+        description="failed authentications a source address may have in a row before its "
+        "HELLOs are refused (ERROR rate_limited); 0 = no limit",
+    )
+    auth_failure_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a source's allowance of failures comes back at auth_failure_limit per "
+        "this long",
+    )
+    auth_failure_log_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="failed authentications are logged in one line per this long",
+    )
+
     @field_validator("tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
@@ -294,6 +346,11 @@ class GatewaySettings(BaseSettings):
                 raise ValueError("BRIDGE_GATEWAY__LISTENERS names a port twice")
             if any(x.tls for x in self.listeners) and self.tls_cert is None:
                 raise ValueError("a listener with tls: true needs tls_cert and tls_key")
+            if self.client_auth_listeners and self.tls_client_ca is None:
+                raise ValueError(
+                    'a listener with client_auth "required" needs tls_client_ca (the CA '
+                    "bundle of the client certificates)"
+                )
         if not self.plain_listener and self.tls_cert is None:
             raise ValueError("plain_listener=false needs tls_cert and tls_key")
         if self.max_hello_frame > self.max_frame:
@@ -324,6 +381,26 @@ class GatewaySettings(BaseSettings):
             taken.add(label)
             out.append((label, f"BRIDGE_GATEWAY__LISTENERS[{i}]", listener))
         return out
+
+    @property
+    def client_auth_listeners(self) -> bool:
+        return any(x.client_auth == "required" for x in self.listeners)
+
+    @property
+    def unproven_policy(self) -> UnprovenPolicy:
+        """What an unproven HELLO client_id gets: the setting, else ``refuse`` as soon as
+        identities can be proven (a token secret or a client-certificate listener), else
+        ``hint`` (nothing could be proven: the client_id stays the sticky hint it was)."""
+        if self.unproven_client_id is not None:
+            return self.unproven_client_id
+        if self.client_token_secret is not None or self.client_auth_listeners:
+            return "refuse"
+        return "hint"
+
+    @property
+    def token_secret(self) -> bytes | None:
+        secret = self.client_token_secret
+        return None if secret is None else secret.get_secret_value().encode()
 
     def server_queue(self, server_id: str) -> str:
         return self.server_queue_prefix + server_id

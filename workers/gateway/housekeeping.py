@@ -125,7 +125,7 @@ class Housekeeper:
             # Rows of long-lived connections would age out of the retention window.
             self._last_refresh = mono
             hub.sticky_dirty.update(
-                x.client_id for x in hub.sessions.values() if x.client_id is not None
+                x.sticky_id for x in hub.sessions.values() if x.sticky_id is not None
             )
         dirty, hub.sticky_dirty = hub.sticky_dirty, set()
         upserts: list[tuple[str, str, float]] = []

@@ -33,6 +33,7 @@ from bridge.amqp import declare_quorum_queue
 from bridge.amqp.frames import EncodeError, Properties
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
+from workers.gateway.auth import Authenticator
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     E_NO_SERVER,
@@ -67,6 +68,7 @@ class GatewayHub:
         self.metrics = metrics
         self.balancer = balancer
         self.tokens = tokens  # SHA-256 digests of the accepted HELLO tokens
+        self.auth = Authenticator(settings, metrics.registry)
         self.publisher = publisher
         self._channel = channel  # declarations of server queues (aio-pika, control plane)
         self.sessions: dict[str, Session] = {}
@@ -104,10 +106,10 @@ class GatewayHub:
         self.spawn(self._wait_for_server(session))
 
     def _assign(self, session: Session) -> bool:
-        server = self.balancer.assign(session.sid, session.client_id, time.monotonic())
+        server = self.balancer.assign(session.sid, session.sticky_id, time.monotonic())
         if server is None:
             return False
-        self._associated(session.client_id, server)
+        self._associated(session.sticky_id, server)
         session.welcome(server)
         return True
 
@@ -149,7 +151,7 @@ class GatewayHub:
             moved += 1
             self.metrics.server_loss.labels("moved").inc()
             session.moved_from, session.server = server_id, server
-            self._associated(session.client_id, server)
+            self._associated(session.sticky_id, server)
             if session.pending is None:
                 session.pending = deque()
             session.pending.appendleft((EVENT_CONNECT, b""))
@@ -172,10 +174,11 @@ class GatewayHub:
 
     def lost(self, session: Session, previous_state: State) -> None:
         self.sessions.pop(session.sid, None)
+        self.auth.release(session)
         if session.server is None:  # never welcomed: nothing announced, nothing associated
             return
         self.balancer.release(session.sid, time.monotonic())
-        self._associated(session.client_id, session.server)
+        self._associated(session.sticky_id, session.server)
         self.metrics.closed.labels(session.close_reason or "peer_closed").inc()
         if session.pending is None:
             session.pending = deque()

@@ -326,8 +326,8 @@ class Peers:
             self._last_refresh = mono
             wall = time.time()
             for session in list(hub.sessions.values()):
-                if session.state == OPEN and session.client_id and session.server:
-                    self.pending.append((session.client_id, session.server, wall))
+                if session.state == OPEN and session.sticky_id and session.server:
+                    self.pending.append((session.sticky_id, session.server, wall))
         while self.pending:
             chunk = [self.pending.popleft() for _ in range(min(CHUNK, len(self.pending)))]
             try:

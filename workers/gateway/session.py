@@ -26,15 +26,17 @@ import uuid
 from collections import deque
 from typing import Any, Protocol, cast
 
+from workers.gateway.auth import Authenticator
 from workers.gateway.config import (
     E_SLOW_CONSUMER,
-    E_UNAUTHORIZED,
     EVENT_CONNECT,
     EVENT_DATA,
+    H_CLIENT_AUTH,
     H_MOVED_FROM,
     GatewaySettings,
     Listener,
 )
+from workers.gateway.identity import Proof
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.protocol import (
     BYE_FRAME,
@@ -70,6 +72,7 @@ class Hub(Protocol):
     metrics: GatewayMetrics
     sessions: dict[str, Session]
     tokens: tuple[bytes, ...]  # SHA-256 digests of the accepted HELLO tokens
+    auth: Authenticator  # signed tokens, client certificates, failures, one connection per id
 
     def join(self, session: Session) -> None: ...
 
@@ -96,6 +99,7 @@ class Session(asyncio.Protocol):
         "close_reason",
         "decoder",
         "head",
+        "hint",
         "hub",
         "in_flight",
         "last_ping",
@@ -106,6 +110,7 @@ class Session(asyncio.Protocol):
         "peer",
         "pending",
         "prepared",
+        "proof",
         "proxy",
         "server",
         "sid",
@@ -126,7 +131,11 @@ class Session(asyncio.Protocol):
         self.state = HANDSHAKE
         self.sid = ""
         self.peer = ""
+        # the proven client_id (signed token, certificate), else None; an unproven HELLO
+        # client_id accepted as a sticky hint only (unproven_client_id = hint) is ``hint``
         self.client_id: str | None = None
+        self.hint: str | None = None
+        self.proof: Proof = "none"  # x-client-auth
         self.server: str | None = None
         self.moved_from: str | None = None  # the server it had before a move
         self.decoder: FrameDecoder | None = None
@@ -273,6 +282,7 @@ class Session(asyncio.Protocol):
             self.protocol_error(exc)
             return
         tokens = self.hub.tokens
+        shared: bool | None = None  # no shared tokens configured
         if tokens:
             # Digests of equal length: compare_digest's time then depends on neither the
             # given token nor the accepted ones, not even on their lengths.
@@ -280,10 +290,10 @@ class Session(asyncio.Protocol):
             ok = False
             for token in tokens:  # no early exit: the time taken says nothing about which
                 ok |= hmac.compare_digest(given, token)
-            if not ok:
-                self.fail(E_UNAUTHORIZED, "HELLO token missing or not accepted")
-                return
-        self.client_id = hello.client_id
+            shared = ok
+        # ERROR unauthorized or rate_limited, or who the client is (workers/gateway/auth.py)
+        if not self.hub.auth.admit(self, hello.client_id, hello.token, shared):
+            return
         self.state = next_state(self.state, Event.HELLO)
         self.update_reading()
         self.hub.join(self)
@@ -302,13 +312,19 @@ class Session(asyncio.Protocol):
         headers = {
             "x-event": event,
             "x-session": self.sid,
-            "x-client-id": self.client_id or "",
+            "x-client-id": self.sticky_id or "",
+            H_CLIENT_AUTH: self.proof,
             "x-client-addr": self.peer,
             "x-gateway": gateway,
         }
         if event == EVENT_CONNECT and self.moved_from is not None:
             headers[H_MOVED_FROM] = self.moved_from
         return headers
+
+    @property
+    def sticky_id(self) -> str | None:
+        """What stickiness (and ``x-client-id``) goes by: the proven client_id or the hint."""
+        return self.client_id if self.client_id is not None else self.hint
 
     def greet(self, server: str) -> None:
         self.write(encode_welcome(self.sid, server, self.hub.settings.heartbeat_s))
@@ -418,6 +434,9 @@ class StreamSession(Session):
             self.proxied()
 
     def proxied(self) -> None:
+        # no HELLO: the client certificate alone names the client (closed if it cannot)
+        if self.listener.client_auth == "required" and not self.hub.auth.admit(self):
+            return
         self.state = next_state(self.state, Event.ACCEPT)
         self.update_reading()
         self.hub.join(self)

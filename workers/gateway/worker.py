@@ -95,6 +95,7 @@ class GatewayWorker:
         s = self.settings
         self.metrics = GatewayMetrics(ctx.registry)
         ssl_context = self._ssl_context()
+        self._client_context = self._client_auth_context()
         self.store = GatewayStore(ctx.state_dir(self.name), s.state_name)
 
         broker = ctx.broker
@@ -213,12 +214,13 @@ class GatewayWorker:
         loop = asyncio.get_running_loop()
         for label, _, listener in s.bound_listeners():
             kind = Session if listener.framing == "frames" else StreamSession
+            context = self._client_context if listener.client_auth == "required" else ssl_context
             server = await loop.create_server(
                 functools.partial(kind, hub, listener),
                 s.host,
                 listener.port,
                 backlog=s.backlog,
-                ssl=ssl_context if listener.tls else None,
+                ssl=context if listener.tls else None,
                 ssl_handshake_timeout=s.hello_timeout_s if listener.tls else None,
             )
             self.listeners.append(server)
@@ -256,6 +258,29 @@ class GatewayWorker:
             raise ConfigError(
                 f"cannot load TLS certificate {s.tls_cert} / key {s.tls_key}: {exc}"
             ) from exc
+        return context
+
+    def _client_auth_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the listeners with ``client_auth: required``: the client's
+        certificate must be signed by ``tls_client_ca``. It is asked for, not demanded
+        (CERT_OPTIONAL), so that a client without one gets ERROR ``unauthorized`` from the
+        session (counted, rate-limited) instead of a bare TLS alert; one that does not
+        verify fails the handshake."""
+        s = self.settings
+        if not s.client_auth_listeners or s.tls_client_ca is None or s.tls_cert is None:
+            return None
+        # Not create_default_context: it would also trust the system's CAs, and any
+        # certificate a public CA signed for a name would then prove that client_id.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+            context.load_verify_locations(cafile=s.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {s.tls_cert} / key {s.tls_key} / client CA "
+                f"{s.tls_client_ca}: {exc}"
+            ) from exc
+        context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
     @property
@@ -313,6 +338,7 @@ class GatewayWorker:
                 self.publisher.close()
             if self.hub is not None:
                 self.hub.cancel_tasks()
+                self.hub.auth.close()  # the last failed authentications, in their line
             for channel in self._channels:
                 with contextlib.suppress(Exception):
                     await channel.close()
@@ -406,7 +432,8 @@ class GatewayWorker:
                     {
                         "session": session.sid,
                         "state": session.state.label,
-                        "client_id": session.client_id,
+                        "client_id": session.sticky_id,
+                        "client_auth": session.proof,
                         "client_addr": session.peer,
                         "server": session.server,
                         "age_s": round(now - session.accepted_at, 3),

@@ -25,7 +25,7 @@ from tests.conftest import delete_names, running_host
 from tests.integration.directed.helpers import cleanup, directed_settings, wait_applied
 from workers.directed.client import DirectedClient, decode_messages
 from workers.directed.config import BINARY_REPLY_CONTENT_TYPE, DirectedSettings
-from workers.directed.wire import decode_binary_reply
+from workers.directed.replies import decode_binary_reply
 from workers.directed.worker import DirectedWorker
 
 pytestmark = pytest.mark.integration

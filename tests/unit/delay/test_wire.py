@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.errors import WireError, encode_error
 from workers.delay import wire
 from workers.delay.store import (
     MAX_MID,
@@ -212,10 +213,10 @@ def test_parse_request(body: bytes, expected: wire.Request) -> None:
 
 @pytest.mark.parametrize(("body", "code"), ERRORS)
 def test_parse_request_errors(body: bytes, code: str) -> None:
-    with pytest.raises(wire.ControlError) as err:
+    with pytest.raises(WireError) as err:
         wire.parse_request(body, max_bytes=100, list_max=1000)
     assert err.value.code == code
-    assert json.loads(wire.encode_error(err.value.code, err.value.message))["error"]["code"]
+    assert json.loads(encode_error(err.value.code, err.value.message))["error"]["code"]
 
 
 @given(st.integers(-(10**15), 10**15), st.integers(0, MAX_MID))

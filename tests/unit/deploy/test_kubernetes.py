@@ -173,7 +173,12 @@ def test_prod_overlay_has_disruption_budgets_and_anti_affinity():
     assert sum(d["kind"] == "PodDisruptionBudget" for d in docs) == 3
     for doc in docs:
         if doc["kind"] in ("StatefulSet", "Deployment"):
-            assert "podAntiAffinity" in doc["spec"]["template"]["spec"]["affinity"]
+            anti = doc["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            # a selector that matches no pod (a label only on the workload object) spreads nothing
+            for term in anti["preferredDuringSchedulingIgnoredDuringExecution"]:
+                selector = term["podAffinityTerm"]["labelSelector"]
+                assert _matches(selector, labels), doc["metadata"]["name"]
 
 
 def test_dockerfile_lints_clean_and_runs_as_non_root_with_exec_entrypoint():

@@ -14,8 +14,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from workers.gateway import session as session_module
+from workers.gateway.auth import Authenticator
 from workers.gateway.config import GatewaySettings, Listener
 from workers.gateway.protocol import FrameDecoder, FrameType, encode, encode_hello
 from workers.gateway.session import JOINING, Session
@@ -125,10 +127,11 @@ class _Hub:
         )
         self.sessions: dict[str, Session] = {}
         self.tokens = tuple(hashlib.sha256(t.encode()).digest() for t in tokens)
+        self.auth = Authenticator(self.settings, CollectorRegistry())
         self.joined: list[str | None] = []  # the client ids of the sessions that joined
 
     def join(self, session: Session) -> None:
-        self.joined.append(session.client_id)
+        self.joined.append(session.sticky_id)
 
     def pump(self, session: Session) -> None:
         pass
@@ -203,5 +206,12 @@ def test_hello_cannot_carry_a_destination(extra: dict[str, Any]) -> None:
     assert not frames and hub.joined == ["c1"]
     assert session.server is None  # chosen later, by the balancer only
     headers = session.headers("data", "gw")
-    assert set(headers) == {"x-event", "x-session", "x-client-id", "x-client-addr", "x-gateway"}
+    assert set(headers) == {
+        "x-event",
+        "x-session",
+        "x-client-id",
+        "x-client-auth",
+        "x-client-addr",
+        "x-gateway",
+    }
     assert headers["x-session"] == session.sid != "other"

@@ -1,4 +1,4 @@
-"""The directed wire contract's parsers, without a broker."""
+"""The directed wire contract's parsers (workers.directed.wire), without a broker."""
 
 from __future__ import annotations
 
@@ -135,42 +135,36 @@ def test_any_request_parses_or_raises_wire_error(headers, body):
     assert 1 <= len(r.targets) <= S.max_targets
 
 
-@pytest.mark.parametrize(
-    "doc",
-    [
-        {},
-        {"message_id": 5},
-        {"message_id": ""},
-        {"message_id": "m", "cursor": 3},
-        {"message_id": "m", "limit": 0},
-        {"message_id": "m", "limit": 1001},
-        {"message_id": "m", "limit": True},
-        {"message_id": "m", "limit": "10"},
-    ],
-)
-def test_pending_targets_query_refusals(doc):
-    with pytest.raises(wire.WireError) as exc:
-        wire.parse_pending_targets(doc)
-    assert exc.value.code == "invalid_query"
-
-
-def test_pending_targets_query_defaults():
-    assert wire.parse_pending_targets({"message_id": "m"}) == wire.PendingTargets("m", None, 100)
-
-
-def test_binary_reply_round_trip_and_from_json():
-    messages = [
-        wire.Message("m1", b"\x00\xffbody", {"content_type": "x/y", "headers": {"k": 1}}),
-        wire.Message("m2", b"", {}),
-    ]
-    raw = wire.encode_binary_reply("t", "r1", False, messages, missed=1, missed_ids=["m0"])
-    doc = wire.decode_binary_reply(raw)
-    assert doc["messages"] == [
-        {"id": "m1", "body": b"\x00\xffbody", "content_type": "x/y", "headers": {"k": 1}},
-        {"id": "m2", "body": b"", "content_type": None, "headers": {}},
-    ]
-    assert (doc["record_id"], doc["missed"], doc["missed_ids"]) == ("r1", 1, ["m0"])
-    as_json = json.loads(wire.encode_reply("t", "r1", False, messages, missed=1, missed_ids=["m0"]))
-    assert wire.decode_binary_reply(wire.json_reply_to_binary(as_json)) == doc
-    with pytest.raises(ValueError):
-        wire.decode_binary_reply(raw + b"x")
+def test_request_with_groups_alone_or_beside_targets():
+    s = DirectedSettings()
+    req = wire.parse_request(
+        body=b"x",
+        headers={"x-target-groups": ["eu", "eu"]},
+        content_type=None,
+        message_id="m",
+        settings=s,
+    )
+    assert (req.targets, req.groups) == ([], ("eu",))
+    req = wire.parse_request(
+        body=b"x",
+        headers={"x-targets": [], "x-target-groups": ["eu"]},
+        content_type=None,
+        message_id="m",
+        settings=s,
+    )
+    assert req.groups == ("eu",)
+    env = b'{"targets": ["a"], "target_groups": ["eu"], "body": "eA=="}'
+    req = wire.parse_request(
+        body=env, headers={}, content_type=ENVELOPE_CONTENT_TYPE, message_id="m", settings=s
+    )
+    assert (req.targets, req.groups, req.body) == (["a"], ("eu",), b"x")
+    for bad in ("eu", [], [1], [""]):
+        with pytest.raises(wire.WireError) as exc:
+            wire.parse_request(
+                body=b"x",
+                headers={"x-target-groups": bad},
+                content_type=None,
+                message_id="m",
+                settings=s,
+            )
+        assert exc.value.code == "invalid_groups", bad

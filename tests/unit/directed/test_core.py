@@ -1,7 +1,5 @@
-"""Directed core: tables over (state, event) pairs, and hypothesis invariants.
-
-``ReplayStore`` is the smallest store that honours the journal contract; every test that
-replays a journal into it also proves the journal says everything the core changed.
+"""Directed core (workers.directed.core): tables over (state, event) pairs, and hypothesis
+invariants. Journals are replayed into :class:`~tests.unit.directed.replay.ReplayStore`.
 """
 
 from __future__ import annotations
@@ -18,14 +16,14 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from tests.unit.directed.replay import ReplayStore, fill, replayed
+from workers.directed.core import DirectedCore
 from workers.directed.model import (
-    Buffer,
     ClearBuffer,
     Counts,
     DeleteContent,
     Dequeue,
     Detail,
-    DirectedCore,
     Enqueue,
     NewMessage,
     Op,
@@ -36,106 +34,6 @@ from workers.directed.model import (
     SetGap,
     SubmitResult,
 )
-
-
-class ReplayStore:
-    """Dicts that apply the journal op by op and refuse anything the contract rules out."""
-
-    def __init__(self) -> None:
-        self.details: dict[int, Detail] = {}
-        self.content: set[int] = set()
-        self.queues: dict[str, dict[int, int]] = {}  # target -> {seq: mid}
-        self.buffers: dict[str, Buffer] = {}
-        self.gaps: dict[str, tuple[int, tuple[str, ...]]] = {}
-
-    def apply(self, ops: list[Op]) -> None:
-        for op in ops:
-            match op:
-                case NewMessage():
-                    assert op.mid not in self.details
-                    self.details[op.mid] = Detail(
-                        op.mid,
-                        op.message_id,
-                        op.total,
-                        op.total,
-                        created_ms=op.created_ms,
-                        expires_at_ms=op.expires_at_ms,
-                    )
-                    self.content.add(op.mid)
-                case Enqueue():
-                    q = self.queues.setdefault(op.target, {})
-                    assert op.seq == (max(q) + 1 if q else 1), "seqs are contiguous from 1"
-                    q[op.seq] = op.mid
-                case Dequeue():
-                    q = self.queues[op.target]
-                    gone = [seq for seq in q if seq <= op.upto_seq]
-                    assert gone, "a dequeue always removes something"
-                    for seq in gone:
-                        del q[seq]
-                    if not q:
-                        del self.queues[op.target]
-                case SetBuffer():
-                    assert op.target not in self.buffers
-                    assert op.mids or op.missed, "a batch has messages or a gap"
-                    assert len(op.missed_ids) == min(op.missed, 100)
-                    self.buffers[op.target] = Buffer(
-                        op.record_id, op.mids, op.missed, op.missed_ids
-                    )
-                case SetGap():
-                    assert len(op.missed_ids) == min(op.missed, 100)
-                    if op.missed:
-                        assert op.missed > self.gaps.get(op.target, (0, ()))[0], "gaps only grow"
-                        self.gaps[op.target] = (op.missed, op.missed_ids)
-                    else:
-                        del self.gaps[op.target]
-                case ClearBuffer():
-                    del self.buffers[op.target]
-                case Counts():
-                    d = self.details[op.mid]
-                    assert d.alive, "counters of a tombstone never change"
-                    d.remaining, d.acked = op.remaining, op.acked
-                    d.expired, d.dropped = op.expired, op.dropped
-                    assert op.recalled >= d.recalled
-                    d.recalled = op.recalled
-                case DeleteContent():
-                    assert op.mid in self.content, "content is deleted exactly once"
-                    self.content.remove(op.mid)
-                    d = self.details[op.mid]
-                    assert d.remaining == 0
-                    d.done_ms = op.done_ms
-                case Purge():
-                    assert not self.details.pop(op.mid).alive
-                case _:  # pragma: no cover
-                    raise AssertionError(f"unknown op {op!r}")
-
-    def restore(self, **config: Any) -> DirectedCore:
-        return DirectedCore.restore(
-            details=[dataclasses.replace(d) for d in self.details.values()],
-            queues={t: sorted(q.items()) for t, q in self.queues.items()},
-            buffers=dict(self.buffers),
-            gaps=dict(self.gaps),
-            **config,
-        )
-
-    def alive_queue(self, target: str) -> list[int]:
-        q = self.queues.get(target, {})
-        return [q[seq] for seq in sorted(q) if q[seq] in self.content]
-
-
-def replayed(core: DirectedCore, store: ReplayStore | None = None) -> ReplayStore:
-    store = store or ReplayStore()
-    store.apply(core.take_journal())
-    return store
-
-
-def fill(core: DirectedCore, *requests: tuple[str, list[str]], now: int = 0) -> list[int]:
-    mids = []
-    for message_id, targets in requests:
-        result = core.submit(message_id, targets, now, None)
-        assert result.status == "accepted" and result.mid is not None
-        mids.append(result.mid)
-    return mids
-
 
 # ----------------------------------------------------------------------------- construction
 
@@ -588,91 +486,6 @@ def test_purged_content_still_queued_is_skipped() -> None:
     ]
 
 
-# ----------------------------------------------------------------------------- queries
-
-
-def test_status_of_unknown_message_is_none() -> None:
-    assert DirectedCore().status("nope") is None
-
-
-def test_detail_is_a_copy() -> None:
-    core = DirectedCore()
-    fill(core, ("a", ["t"]))
-    d = core.detail(1)
-    assert d is not None and d.alive
-    d.remaining = 99
-    assert core.detail(1) == Detail(1, "a", 1, 1)
-
-
-def test_metrics_properties() -> None:
-    core = DirectedCore()
-    fill(core, ("a", ["t", "u"]), ("b", ["u"]))
-    assert (core.alive_messages, core.target_count, core.tombstones) == (2, 2, 0)
-    assert sorted(core.targets()) == ["t", "u"]
-    core.pull("t", None, 5, 0, "r1")
-    assert core.target_count == 2  # t keeps its buffer
-    core.pull("t", "r1", 0, 0, "r2")
-    assert (core.alive_messages, core.target_count, core.tombstones) == (2, 1, 0)
-    core.pull("u", None, 5, 0, "r3")
-    core.pull("u", "r3", 0, 0, "r4")
-    assert (core.alive_messages, core.target_count, core.tombstones) == (0, 0, 2)
-
-
-# ----------------------------------------------------------------------------- restore
-
-
-def test_restore_continues_mids_and_seqs_with_an_empty_journal() -> None:
-    core = DirectedCore()
-    fill(core, ("a", ["t", "u"]), ("b", ["t"]), ("c", ["t"]))
-    core.pull("t", None, 1, 0, "r1")
-    store = replayed(core)
-    back = store.restore()
-    assert back.take_journal() == []
-    assert back.mid_of("b") == 2 and back.backlog("t") == 2 and back.backlog("u") == 1
-    assert back.submit("d", ["t", "v"], 1, None) == SubmitResult("accepted", 4)
-    assert back.take_journal()[1:] == [Enqueue("t", 4, 4), Enqueue("v", 1, 4)]
-    assert back.pull("t", "nope", 5, 2, "r2") == PullResult("resend", "r1", (1,), True, ())
-
-
-def test_restore_rebuilds_the_expiry_heap() -> None:
-    core = DirectedCore()
-    core.submit("a", ["t"], 0, 50)
-    core.submit("b", ["t"], 0, 20)
-    core.submit("c", ["t"], 0, None)
-    back = replayed(core).restore()
-    assert back.expire(100) == [2, 1]
-    assert back.backlog("t") == 1
-
-
-def test_restore_never_reuses_a_mid_that_a_queue_still_refers_to() -> None:
-    core = DirectedCore()
-    fill(core, ("keep", ["t"]))
-    core.submit("a", ["t"], 0, 1)
-    core.expire(1)
-    core.purge(1, 0)  # mid 2 forgotten, its dead entry still queued behind mid 1
-    back = replayed(core).restore()
-    result = back.submit("b", ["t"], 2, None)
-    assert result.mid == 3
-    assert back.pull("t", None, 5, 3, "r1").mids == (1, 3)
-
-
-def test_restore_does_not_share_details_with_the_caller() -> None:
-    src = Detail(1, "a", 1, 1)
-    core = DirectedCore.restore(details=[src], queues={"t": [(1, 1)]}, buffers={})
-    core.pull("t", None, 1, 0, "r1")
-    core.pull("t", "r1", 0, 0, "r2")
-    assert src == Detail(1, "a", 1, 1)
-
-
-@pytest.mark.parametrize(
-    "entries", [[(1, 1), (3, 2)], [(1, 2), (2, 1)]], ids=["seq-gap", "mids-descending"]
-)
-def test_restore_refuses_a_queue_it_cannot_represent(entries: list[tuple[int, int]]) -> None:
-    details = [Detail(1, "a", 1, 1), Detail(2, "b", 1, 1)]
-    with pytest.raises(ValueError):
-        DirectedCore.restore(details=details, queues={"t": entries}, buffers={})
-
-
 # ----------------------------------------------------------------------------- invariants
 
 TARGETS = ("a", "b", "c", "d")
@@ -1054,24 +867,6 @@ TestRejectInvariants = RejectMachine.TestCase
 TestRejectInvariants.settings = MACHINE_SETTINGS
 
 
-# ----------------------------------------------------------------------------- pending targets
-
-
-def test_pending_targets_pages_in_name_order_through_queues_and_batches() -> None:
-    core = DirectedCore()
-    fill(core, ("a", ["d", "b", "c", "e"]), ("b", ["b"]))
-    core.pull("c", None, 1, 0, "r1")  # c holds a in its batch: still pending
-    core.pull("e", None, 1, 0, "r2")
-    core.pull("e", "r2", 0, 0, "r3")  # e acknowledged it: not pending
-    assert core.pending_targets("a", None, 2) == (["b", "c"], True)
-    assert core.pending_targets("a", "c", 2) == (["d"], False)
-    assert core.pending_targets("b", None, 10) == (["b"], False)
-    assert core.pending_targets("nope", None, 10) is None
-    core.pull("b", None, 5, 0, "r4")
-    core.pull("b", "r4", 0, 0, "r5")
-    assert core.pending_targets("b", None, 10) == ([], False)  # done: nobody is pending
-
-
 # ----------------------------------------------------------------------------- recall
 
 
@@ -1102,15 +897,3 @@ def test_recall_takes_a_message_back_from_queues_and_names_it_in_handed_out_batc
     assert core.recall("a", 9) == status  # again: nothing changes
     assert core.take_journal() == []
     assert core.recall("nope", 9) is None
-
-
-def test_recall_survives_restore() -> None:
-    core = DirectedCore()
-    fill(core, ("a", ["t", "u"]))
-    core.pull("u", None, 5, 0, "r1")
-    store = replayed(core)
-    core.recall("a", 3)
-    back = replayed(core, store).restore()
-    assert back.status("a") == core.status("a")
-    assert back.pull("t", None, 5, 4, "r2").mids == ()
-    assert back.pull("u", None, 5, 4, "r3").recalled_ids == ("a",)

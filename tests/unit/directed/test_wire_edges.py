@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.directed import wire
+from workers.directed import replies, wire
 from workers.directed.config import ENVELOPE_CONTENT_TYPE, DirectedSettings
 
 S = DirectedSettings(max_targets=5, max_body_bytes=1000)
@@ -166,4 +166,6 @@ def test_any_envelope_with_wild_text_parses_or_raises_wire_error(doc):
         assert exc.code in REQUEST_REASONS
         return
     assert 1 <= len(r.targets) <= S.max_targets
-    wire.encode_reply("t", "r", False, [wire.encode_message("m", r.body, {"headers": r.headers})])
+    replies.encode_reply(
+        "t", "r", False, [replies.encode_message("m", r.body, {"headers": r.headers})]
+    )

@@ -1,0 +1,208 @@
+"""What the parts of the directed worker share: the pure core, the target groups, the store,
+its group committer and the cache of recently stored content.
+
+Order of effects, which is what makes a ``kill -9`` safe:
+
+- a request is acknowledged to the broker only after the commit that holds its effect;
+  a redelivered request is recognised by its ``message_id`` (or content digest) and not
+  applied twice (:mod:`~workers.directed.requests`);
+- a pull is answered only after the commit that holds its buffer/acknowledgement, so a
+  target never sees a record id that a restart could forget (:mod:`~workers.directed.pulls`);
+- a recall or a group change is answered only after its commit
+  (:mod:`~workers.directed.control`).
+
+The core journals its own changes (:meth:`DirectedCore.take_journal`); new contents and group
+changes wait here for the same commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Counter
+
+from bridge.store import GroupCommitter
+from workers.directed.config import DirectedSettings
+from workers.directed.core import DirectedCore
+from workers.directed.groups import Groups
+from workers.directed.model import DeleteContent, OverflowPolicy
+from workers.directed.replies import Message
+from workers.directed.store import Batch, Content, DirectedStore
+
+log = logging.getLogger("bridge.directed")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ContentCache:
+    """Recently stored content, bounded by bytes, so most pulls never read the file."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[int, Content] = OrderedDict()
+
+    def put(self, mid: int, content: Content) -> None:
+        size = len(content.body) + 64
+        if size > self.max_bytes:
+            return
+        self._items[mid] = content
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old.body) + 64
+
+    def get(self, mid: int) -> Content | None:
+        item = self._items.get(mid)
+        if item is not None:
+            self._items.move_to_end(mid)
+        return item
+
+    def drop(self, mid: int) -> None:
+        item = self._items.pop(mid, None)
+        if item is not None:
+            self.bytes -= len(item.body) + 64
+
+
+class Ledger:
+    """The core, the groups and the store, and the few operations that keep them consistent."""
+
+    def __init__(
+        self,
+        store: DirectedStore,
+        core: DirectedCore,
+        groups: Groups,
+        *,
+        cache_bytes: int,
+        on_commit: Callable[[int, float], None],
+    ) -> None:
+        self.store = store
+        self.core = core
+        self.groups = groups
+        self.cache = ContentCache(cache_bytes)
+        self._contents: dict[int, Content] = {}
+        self._groups: dict[str, list[str] | None] = {}
+        self.committer: GroupCommitter[Batch] = GroupCommitter(
+            store.db, self._take, store.apply, on_commit=on_commit
+        )
+
+    @classmethod
+    async def restore(
+        cls,
+        store: DirectedStore,
+        settings: DirectedSettings,
+        on_commit: Callable[[int, float], None],
+    ) -> Ledger:
+        """The state the store kept, in a new core (its committer not started yet)."""
+        s = settings
+        started = time.perf_counter()
+        details, queues, buffers = await store.db.run(store.load)
+        gaps = await store.db.run(store.load_gaps)
+        groups = Groups(await store.db.run(store.load_groups), max_size=s.max_targets)
+        core = DirectedCore.restore(
+            details=details,
+            queues=queues,
+            buffers=buffers,
+            gaps=gaps,
+            queue_limit=s.queue_limit,
+            overflow=OverflowPolicy(s.overflow),
+            max_batch=s.max_batch,
+        )
+        log.info(
+            "state restored",
+            extra={
+                "messages": len(details),
+                "targets": len(queues),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        return cls(store, core, groups, cache_bytes=s.cache_bytes, on_commit=on_commit)
+
+    # -- the journal -------------------------------------------------------------------
+
+    def add_content(self, mid: int, content: Content) -> None:
+        """The content of an accepted message: written by the next commit, cached now."""
+        self._contents[mid] = content
+        self.cache.put(mid, content)
+
+    def group_changed(self, name: str, members: list[str] | None) -> None:
+        """A group's members after a change (None: the group is gone), for the next commit."""
+        self._groups[name] = members
+
+    async def committed(self) -> None:
+        """Wait until everything journaled so far is committed."""
+        await self.committer.barrier()
+
+    def _take(self) -> list[Batch]:
+        ops = self.core.take_journal()
+        if not ops and not self._contents and not self._groups:
+            return []
+        contents, self._contents = self._contents, {}
+        groups, self._groups = self._groups, {}
+        for op in ops:
+            if isinstance(op, DeleteContent):
+                self.cache.drop(op.mid)
+        return [Batch(ops=ops, contents=contents, groups=groups)]
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def messages(self, mids: tuple[int, ...]) -> list[Message]:
+        """The alive messages of ``mids`` with their content, from the cache or the store."""
+        if not mids:
+            return []
+        found: dict[int, Content] = {}
+        missing = []
+        for mid in mids:
+            content = self.cache.get(mid)
+            if content is None:
+                missing.append(mid)
+            else:
+                found[mid] = content
+        if missing:
+            loaded = await self.store.db.run(self.store.contents, missing)
+            for mid, content in loaded.items():
+                self.cache.put(mid, content)
+            found.update(loaded)
+        out = []
+        for mid in mids:
+            message_id = self.core.alive_message_id(mid)
+            content = found.get(mid)
+            if message_id is None or content is None:
+                continue  # expired or deleted between the decision and the read
+            out.append(Message(message_id, content.body, content.props))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The admin summary, also the ``stats`` control query."""
+        return {
+            "messages": self.core.alive_messages,
+            "targets": self.core.target_count,
+            "commits": self.committer.commits,
+            "commit_failing": self.committer.failing,
+            "cache_bytes": self.cache.bytes,
+        }
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    async def housekeep(self, settings: DirectedSettings, expired: Counter) -> None:
+        """Forever: finish what passed its TTL and forget old tombstones, then commit."""
+        core = self.core
+        while True:
+            await asyncio.sleep(settings.housekeeping_interval_s)
+            now = now_ms()
+            done = core.expire(now)
+            for mid in done:
+                detail = core.detail(mid)
+                if detail is not None:
+                    expired.inc(detail.expired)
+                self.cache.drop(mid)
+            purged = core.purge(now, settings.dedup_retention_ms)
+            if done or purged:
+                await self.committed()
