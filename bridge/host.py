@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -29,6 +30,7 @@ from bridge.errors import ConfigError
 from bridge.http import HttpEndpoint
 from bridge.metrics import ScrapeCollector
 from bridge.settings import HostSettings, load_settings, unknown_variables
+from bridge.tls import server_context
 
 log = logging.getLogger("bridge.host")
 
@@ -260,6 +262,8 @@ class Host:
                 routes=self._worker_routes(),
                 max_body_bytes=self.settings.http_max_body_bytes,
                 keepalive_s=self.settings.http_keepalive_s,
+                max_connections=self.settings.http_max_connections,
+                tls=self._http_tls(),
             )
             try:
                 await self.http.start(self.settings.http_host, self.settings.http_port)
@@ -283,6 +287,14 @@ class Host:
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _http_tls(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.http_tls_cert is None or s.http_tls_key is None:
+            return None
+        return server_context(
+            s.http_tls_cert, s.http_tls_key, settings="BRIDGE_HTTP_TLS_CERT / BRIDGE_HTTP_TLS_KEY"
+        )
 
     def _worker_routes(self) -> list[Any]:
         routes: list[Any] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bridge.errors import ConfigError
@@ -86,6 +86,15 @@ class HostSettings(BaseSettings):
         ge=1024,
         description="Largest HTTP request body; beyond, 413 (a worker's API may set a lower cap).",
     )
+    http_max_connections: int = Field(
+        default=16_384,
+        ge=1,
+        description="HTTP connections open at once; one more is answered 503 and closed.",
+    )
+    http_tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: the HTTP port speaks HTTPS only."
+    )
+    http_tls_key: Path | None = Field(default=None, description="PEM private key of it.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
     log_format: str = Field(default="json", description="json (one object per line) or text.")
     drain_seconds: float = Field(
@@ -99,6 +108,12 @@ class HostSettings(BaseSettings):
         ge=0,
         description="AMQP heartbeat; a silent broker is noticed after about 3 heartbeats.",
     )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HostSettings:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("BRIDGE_HTTP_TLS_CERT and BRIDGE_HTTP_TLS_KEY go together")
+        return self
 
     @field_validator("amqp_url")
     @classmethod

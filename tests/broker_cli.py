@@ -1,10 +1,10 @@
 """The CLI of the broker under test, for tests that raise alarms, restart it or ask it.
 
-``rabbitmqctl`` is ``BRIDGE_TEST_RABBITMQCTL`` and ``rabbitmq-diagnostics`` is
-``BRIDGE_TEST_RABBITMQ_DIAGNOSTICS`` (each split like a shell would, e.g.
+``rabbitmqctl`` is ``TEST_BROKER_RABBITMQCTL`` and ``rabbitmq-diagnostics`` is
+``TEST_BROKER_RABBITMQ_DIAGNOSTICS`` (each split like a shell would, e.g.
 ``.ci/rabbitmq43 ctl`` or ``docker exec rmq rabbitmqctl``), by default the tool of that name.
 :func:`require_cli` skips a test that needs one when it is missing or talks to another node
-than the broker under test, and fails it instead under ``BRIDGE_REQUIRE_BROKER=1``.
+than the broker under test, and fails it instead under ``TEST_BROKER_REQUIRED=1``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ class BrokerCliError(RuntimeError):
 
 
 TOOLS = {
-    "rabbitmqctl": "BRIDGE_TEST_RABBITMQCTL",
-    "rabbitmq-diagnostics": "BRIDGE_TEST_RABBITMQ_DIAGNOSTICS",
+    "rabbitmqctl": "TEST_BROKER_RABBITMQCTL",
+    "rabbitmq-diagnostics": "TEST_BROKER_RABBITMQ_DIAGNOSTICS",
 }
 
 
@@ -90,7 +90,7 @@ def cli_available(url: str | None = None, tool: str = "rabbitmqctl") -> bool:
 
 def require_cli(url: str | None = None, tool: str = "rabbitmqctl") -> None:
     """Skip the calling test without the broker's CLI tool (fail under
-    BRIDGE_REQUIRE_BROKER=1)."""
+    TEST_BROKER_REQUIRED=1)."""
     if cli_available(url, tool):
         return
     reason = (
@@ -98,6 +98,6 @@ def require_cli(url: str | None = None, tool: str = "rabbitmqctl") -> None:
         f"{shlex.join(cli_command(tool))} status failed or reaches another node; "
         f"set {TOOLS[tool]}"
     )
-    if os.environ.get("BRIDGE_REQUIRE_BROKER") == "1":
-        pytest.fail(reason + " (BRIDGE_REQUIRE_BROKER=1)")
+    if os.environ.get("TEST_BROKER_REQUIRED") == "1":
+        pytest.fail(reason + " (TEST_BROKER_REQUIRED=1)")
     pytest.skip(reason)

@@ -1,9 +1,9 @@
 """Test harness: find a RabbitMQ, give each test unique names, run workers in-process.
 
 Broker, in order: ``BRIDGE_AMQP_URL`` / ``AMQP_URL``; a testcontainers RabbitMQ when a
-Docker engine answers (image ``BRIDGE_TEST_RABBITMQ_IMAGE``, default ``rabbitmq:4.3``); the
+Docker engine answers (image ``TEST_BROKER_IMAGE``, default ``rabbitmq:4.3``); the
 local broker on 127.0.0.1:5672. With none, integration tests skip with the reason, unless
-``BRIDGE_REQUIRE_BROKER=1`` (CI), where they fail.
+``TEST_BROKER_REQUIRED=1`` (CI), where they fail.
 """
 
 from __future__ import annotations
@@ -24,6 +24,22 @@ from bench.harness.broker import delete_names
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTAINER_IMAGE = "rabbitmq:4.3"
+
+# The tests' own variables are named outside BRIDGE_, where every worker warns about a
+# variable that is no setting. Their former names are refused rather than ignored.
+RENAMED = {
+    "BRIDGE_REQUIRE_BROKER": "TEST_BROKER_REQUIRED",
+    "BRIDGE_TEST_RABBITMQCTL": "TEST_BROKER_RABBITMQCTL",
+    "BRIDGE_TEST_RABBITMQ_DIAGNOSTICS": "TEST_BROKER_RABBITMQ_DIAGNOSTICS",
+    "BRIDGE_TEST_RABBITMQ_IMAGE": "TEST_BROKER_IMAGE",
+    "BRIDGE_CI_RABBITMQ43_DIR": "TEST_BROKER_RABBITMQ43_DIR",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = [f"{old} is now {new}" for old, new in RENAMED.items() if old in os.environ]
+    if stale:
+        raise pytest.UsageError("renamed test variables: " + "; ".join(stale))
 
 
 def _reachable(url: str, timeout: float = 1.0) -> bool:
@@ -55,7 +71,7 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
-    required = os.environ.get("BRIDGE_REQUIRE_BROKER") == "1"
+    required = os.environ.get("TEST_BROKER_REQUIRED") == "1"
     explicit = os.environ.get("BRIDGE_AMQP_URL") or os.environ.get("AMQP_URL")
     if explicit:
         if not _reachable(explicit, 5):
@@ -67,7 +83,7 @@ def broker_url() -> Iterator[str]:
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        image = os.environ.get("BRIDGE_TEST_RABBITMQ_IMAGE") or CONTAINER_IMAGE
+        image = os.environ.get("TEST_BROKER_IMAGE") or CONTAINER_IMAGE
         with RabbitMqContainer(image) as container:
             # sharded workers need the consistent-hash exchange (ships with RabbitMQ)
             container.exec("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
@@ -82,7 +98,7 @@ def broker_url() -> Iterator[str]:
         "nothing listens on 127.0.0.1:5672"
     )
     if required:
-        pytest.fail(reason + " (BRIDGE_REQUIRE_BROKER=1)")
+        pytest.fail(reason + " (TEST_BROKER_REQUIRED=1)")
     pytest.skip(reason)
 
 
@@ -96,8 +112,8 @@ async def chx_broker(broker_url: str) -> str:
     try:
         await ensure_chx_exchange(broker_url, "tests", name)
     except ConfigError as exc:
-        if os.environ.get("BRIDGE_REQUIRE_BROKER") == "1":
-            pytest.fail(f"{exc} (BRIDGE_REQUIRE_BROKER=1)")
+        if os.environ.get("TEST_BROKER_REQUIRED") == "1":
+            pytest.fail(f"{exc} (TEST_BROKER_REQUIRED=1)")
         pytest.skip(str(exc))
     await delete_names(broker_url, [name], [])
     return broker_url
@@ -153,3 +169,21 @@ async def running_host(
     finally:
         h.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+async def get_messages(amqp: Any, queue: str, count: int, timeout: float = 10.0) -> list[Any]:
+    """Up to ``count`` messages taken from ``queue`` (acknowledged), within ``timeout`` seconds."""
+    channel = await amqp.channel()
+    q = await channel.get_queue(queue)
+    out: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(out) < count:
+        message = await q.get(no_ack=True, fail=False)
+        if message is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        out.append(message)
+    await channel.close()
+    return out

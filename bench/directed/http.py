@@ -16,6 +16,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import re
+import resource
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -25,8 +29,8 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from bench.harness.broker import broker_info, broker_memory, delete_names
-from bench.harness.cpu import cpu_seconds, rss_bytes
+from bench.harness.broker import broker_info, broker_memory, delete_names, rabbitmqctl
+from bench.harness.cpu import cpu_seconds, machine_cpu, rss_bytes
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url, emit, progress, unique
 from bench.harness.stats import median, percentile, rnd
@@ -129,23 +133,42 @@ class AmqpNodes:
         self.conns: dict[str, Any] = {}
         self.exchanges: dict[str, Any] = {}
         self.futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.failures = 0
 
-    async def connect(self, targets: list[str], parallel: int = 32) -> None:
+    async def connect(self, targets: list[str], parallel: int = 8) -> list[str]:
+        """A connection per target, ``parallel`` handshakes at a time (the broker closes one
+        that takes over 10 s), each tried 3 times; the targets that got one."""
         sem = asyncio.Semaphore(parallel)
+        self.failures = 0
 
         async def one(target: str) -> None:
             async with sem:
-                # a broker out of sockets accepts the TCP connection and never answers
-                conn = await asyncio.wait_for(aio_pika.connect(broker_url()), 30)
-                channel = await conn.channel(publisher_confirms=False)
-                queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
-                await queue.consume(self._reply, no_ack=True)
-                self.conns[target] = conn
-                self.exchanges[target] = await channel.get_exchange(
-                    self.s.pull_exchange, ensure=False
-                )
+                for attempt in range(3):
+                    try:
+                        await self._open(target)
+                        return
+                    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                        self.failures += 1
+                        if attempt == 2:
+                            progress("amqp: no connection for", target, repr(exc))
+                        await asyncio.sleep(1)
 
         await asyncio.gather(*(one(t) for t in targets))
+        return [t for t in targets if t in self.exchanges]
+
+    async def _open(self, target: str) -> None:
+        # a broker out of sockets accepts the TCP connection and never answers
+        conn = await asyncio.wait_for(aio_pika.connect(broker_url()), 30)
+        try:
+            channel = await conn.channel(publisher_confirms=False)
+            queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+            await queue.consume(self._reply, no_ack=True)
+            exchange = await channel.get_exchange(self.s.pull_exchange, ensure=False)
+        except BaseException:
+            await conn.close()
+            raise
+        self.conns[target] = conn
+        self.exchanges[target] = exchange
 
     async def _reply(self, message: Any) -> None:
         fut = self.futures.pop(message.correlation_id or "", None)
@@ -187,6 +210,33 @@ async def settle(seconds: float = 1.0) -> None:
     await asyncio.sleep(seconds)
 
 
+def parked_pulls(worker: WorkerProcess) -> float:
+    """Pulls the worker found nothing for (the first pull of each idle poller: it then
+    waits), from its /metrics."""
+    samples = worker.metrics().get("bridge_directed_pulls_total", {})
+    return samples.get((("kind", "empty"),), 0.0)
+
+
+async def until_parked(worker: WorkerProcess, count: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (parked := parked_pulls(worker)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {parked} of {count} pulls parked in the worker")
+        await asyncio.sleep(0.5)
+
+
+async def fleet_group(client: DirectedClient, group: str, targets: list[str]) -> str:
+    """One group for the fleet: 10,000 names in ``x-targets`` would not fit in a header frame
+    (131,072 bytes), nor in one control message (``MAX_PULL_BYTES``, 64 KiB): set in parts."""
+    step = 2000
+    for i in range(0, len(targets), step):
+        op = "group_set" if i == 0 else "group_add"
+        reply = await client.group(op, group, targets[i : i + step], timeout=60)
+        if "error" in reply:
+            raise RuntimeError(f"{op} {group}: {reply['error']}")
+    return group
+
+
 async def run_transport(
     name: str,
     args: argparse.Namespace,
@@ -200,55 +250,72 @@ async def run_transport(
     """The figures of one transport: memory per idle poller, rounds, saturation."""
     warm = targets[: max(1, len(targets) // 20)]
     fleet = Fleet(targets, pull, args.wait_ms)
-    fleet.start(warm)
-    await until(lambda: fleet.waiting == len(warm), 60, f"{name}: warm-up pollers waiting")
-    await settle()
-    rss0 = rss_bytes(worker.pid)
-    broker0 = broker_memory(broker_pid) if broker_pid else None
-    progress(name, "starting", len(targets) - len(warm), "more idle pollers")
-    fleet.start(targets[len(warm) :])
-    await until(lambda: fleet.waiting == len(targets), 300, f"{name}: every poller waiting")
-    await settle(2.0)
-    rss1 = rss_bytes(worker.pid)
-    broker1 = broker_memory(broker_pid) if broker_pid else None
-    added = len(targets) - len(warm)
-    out: dict[str, Any] = {
-        "nodes": len(targets),
-        "worker_rss_bytes_per_idle_poller": rnd((rss1 - rss0) / added, 0),
-        "worker_rss_bytes_with_all_pollers": rss1,
-    }
-    if broker0 and broker1:
-        out["broker_erlang_bytes_per_node"] = rnd(
-            (broker1["erlang_total"] - broker0["erlang_total"]) / added, 0
-        )
-        out["broker_rss_bytes_per_node"] = rnd((broker1["rss"] - broker0["rss"]) / added, 0)
+    parked0 = parked_pulls(worker)
+    try:
+        fleet.start(warm)
+        await until(lambda: fleet.waiting == len(warm), 60, f"{name}: warm-up pollers waiting")
+        await until_parked(worker, parked0 + len(warm), 60)
+        await settle()
+        rss0 = rss_bytes(worker.pid)
+        broker0 = broker_memory(broker_pid) if broker_pid else None
+        progress(name, "starting", len(targets) - len(warm), "more idle pollers")
+        fleet.start(targets[len(warm) :])
+        await until(lambda: fleet.waiting == len(targets), 300, f"{name}: every poller waiting")
+        # sent is not parked: a connection may still wait in the listen backlog
+        await until_parked(worker, parked0 + len(targets), 300)
+        await settle(2.0)
+        rss1 = rss_bytes(worker.pid)
+        broker1 = broker_memory(broker_pid) if broker_pid else None
+        added = len(targets) - len(warm)
+        out: dict[str, Any] = {
+            "nodes": len(targets),
+            "worker_rss_bytes_per_idle_poller": rnd((rss1 - rss0) / added, 0),
+            "worker_rss_bytes_with_all_pollers": rss1,
+        }
+        if broker0 and broker1:
+            out["broker_erlang_bytes_per_node"] = rnd(
+                (broker1["erlang_total"] - broker0["erlang_total"]) / added, 0
+            )
+            out["broker_rss_bytes_per_node"] = rnd((broker1["rss"] - broker0["rss"]) / added, 0)
 
-    rounds = []
-    cpu0 = cpu_seconds(worker.pid)
-    for r in range(args.rounds):
-        message_id = f"{name}-r{r}"
-        started = time.perf_counter()
-        await client.send(b"x" * args.body_bytes, targets, message_id=message_id)
-        await until(
-            lambda mid=message_id: len(fleet.arrived.get(mid, {})) >= len(targets),
-            120,
-            f"{name}: round {r} delivered to every node",
-        )
-        delays = [t - started for t in fleet.arrived[message_id].values()]
-        rounds.append(
-            {
-                "p50_ms": rnd(percentile(delays, 50) * 1000),
-                "p99_ms": rnd(percentile(delays, 99) * 1000),
-                "all_ms": rnd(max(delays) * 1000),
-            }
-        )
-        progress(name, "round", r, rounds[-1])
-        await asyncio.sleep(args.interval)
-    out["fanout_rounds"] = rounds
-    out["publish_to_99pct_ms_median"] = rnd(median(r["p99_ms"] for r in rounds))
-    out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
-    out["errors"] = fleet.errors
-    await fleet.stop()
+        rounds = []
+        progress(name, "memory", out)
+        group = await fleet_group(client, f"fleet-{name}", targets)
+        cpu0, own0, machine0 = cpu_seconds(worker.pid), cpu_seconds(os.getpid()), machine_cpu()
+        broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else 0.0
+        for r in range(args.rounds):
+            message_id = f"{name}-r{r}"
+            started = time.perf_counter()
+            await client.send(b"x" * args.body_bytes, [], message_id=message_id, groups=[group])
+            await until(
+                lambda mid=message_id: len(fleet.arrived.get(mid, {})) >= len(targets),
+                120,
+                f"{name}: round {r} delivered to every node",
+            )
+            delays = [t - started for t in fleet.arrived[message_id].values()]
+            rounds.append(
+                {
+                    "p50_ms": rnd(percentile(delays, 50) * 1000),
+                    "p99_ms": rnd(percentile(delays, 99) * 1000),
+                    "all_ms": rnd(max(delays) * 1000),
+                }
+            )
+            progress(name, "round", r, rounds[-1])
+            await asyncio.sleep(args.interval)
+        out["fanout_rounds"] = rounds
+        out["publish_to_99pct_ms_median"] = rnd(median(r["p99_ms"] for r in rounds))
+        out["worker_cpu_s_per_round"] = rnd((cpu_seconds(worker.pid) - cpu0) / args.rounds, 3)
+        # the nodes' side (this process) and the machine, to say where a round's time goes
+        out["nodes_cpu_s_per_round"] = rnd((cpu_seconds(os.getpid()) - own0) / args.rounds, 3)
+        if broker_pid:
+            out["broker_cpu_s_per_round"] = rnd(
+                (cpu_seconds(broker_pid) - broker_cpu0) / args.rounds, 3
+            )
+        busy, total = machine_cpu()
+        out["machine_cpu_busy_during_rounds"] = rnd((busy - machine0[0]) / (total - machine0[1]), 2)
+        out["errors"] = fleet.errors
+    finally:
+        await fleet.stop()
 
     # saturation: C clients pulling with wait_ms 0 as fast as replies come back
     count = 0
@@ -275,6 +342,24 @@ async def run_transport(
     return out
 
 
+def raise_files_limit() -> int:
+    """The soft open-files limit raised to the hard one, for this process and the worker
+    (each HTTP node is a socket on both sides, each AMQP node one here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def broker_sockets_limit() -> int | None:
+    """How many sockets ``rabbitmqctl status`` says the broker may open."""
+    try:
+        match = re.search(r"Sockets: \d+, limit: (\d+)", rabbitmqctl("status"))
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+    return int(match.group(1)) if match else None
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     token = unique("bh")
     s = settings_for(token)
@@ -282,6 +367,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-directed-http-"))
     env = env_for(s)
     env["BRIDGE_HTTP_KEEPALIVE_S"] = "120"
+    # the saturation clients pull as fast as they can: the figure is the pull path's cost,
+    # not the rate limit's
+    env["BRIDGE_DIRECTED__HTTP_RATE_PER_TARGET"] = "0"
+    files = raise_files_limit()
     worker = WorkerProcess(["directed"], state_dir=root / "state", env=env).start().wait_ready()
     broker_pid: int | None = None
     try:
@@ -291,6 +380,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     conn = await aio_pika.connect_robust(broker_url())
     client = await DirectedClient(conn, s).open()
     result: dict[str, Any] = {
+        "open_files_limit": files,
+        "broker_sockets_limit": broker_sockets_limit(),
         "nodes": args.nodes,
         "amqp_nodes": args.amqp_nodes,
         "wait_ms": args.wait_ms,
@@ -311,7 +402,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             # broker memory per node includes the connection: measured around connect()
             before = broker_memory(broker_pid) if broker_pid else None
-            await amqp.connect(amqp_targets)
+            connected = await amqp.connect(amqp_targets)
+            progress("amqp:", len(connected), "connections,", amqp.failures, "failed attempts")
+            if len(connected) < len(amqp_targets):
+                result["amqp_nodes_connected"] = len(connected)
+                amqp_targets = connected
             await settle(2.0)
             after = broker_memory(broker_pid) if broker_pid else None
             result["amqp"] = await run_transport(
@@ -341,10 +436,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "saturation_pulls_per_s": rnd(
             h["saturation"]["pulls_per_s"] / a["saturation"]["pulls_per_s"]
         ),
-        "worker_rss_per_idle_poller": rnd(
-            h["worker_rss_bytes_per_idle_poller"] / max(1.0, a["worker_rss_bytes_per_idle_poller"])
-        ),
     }
+    if "broker_rss_bytes_per_connection" in a:
+        # where each node costs memory: the worker (HTTP) against the broker (AMQP)
+        result["ratios_http_over_amqp"]["memory_per_node_worker_http_over_broker_amqp"] = rnd(
+            h["worker_rss_bytes_per_idle_poller"] / a["broker_rss_bytes_per_connection"]
+        )
     result["goals"] = {
         "worker_rss_per_idle_http_poller_under_8KiB": h["worker_rss_bytes_per_idle_poller"] < 8192,
     }

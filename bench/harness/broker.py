@@ -26,11 +26,14 @@ def ctl_command() -> list[str]:
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    cmd = ctl_command()
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} not found (broker-side figures need a local broker)")
+    """``rabbitmqctl`` of the node named by ``BRIDGE_TEST_RABBITMQCTL`` (as the tests use it,
+    ``rabbitmqctl -n h3@localhost``), else of the default node."""
+    command = ctl_command()
+    ctl = shutil.which(command[0])
+    if ctl is None:
+        raise RuntimeError("rabbitmqctl not found (broker-side figures need a local broker)")
     done = subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, timeout=timeout, check=True
+        [ctl, *command[1:], *args], capture_output=True, text=True, timeout=timeout, check=True
     )
     return done.stdout
 

@@ -99,6 +99,15 @@ class DirectedSettings(ShardFields, BaseSettings):
         description="HTTP pull API: JSON object target -> bearer token ('*': one token for "
         "every target; a value 'sha256:<hex>' is the token's SHA-256); unset: no authentication",
     )
+    http_rate_per_target: float = Field(
+        default=10.0,
+        ge=0,
+        description="HTTP pulls a second one target may make on average (0: no limit); "
+        "beyond, 429 'overloaded' with Retry-After",
+    )
+    http_rate_burst: int = Field(
+        default=20, ge=1, description="HTTP pulls one target may make at once before the rate"
+    )
 
     @field_validator("http_tokens")
     @classmethod

@@ -36,6 +36,7 @@ from workers.directed.deadletter import DeadLetters
 from workers.directed.ledger import Ledger, now_ms
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import PullResult
+from workers.directed.waiters import Waiters
 
 log = logging.getLogger("bridge.directed")
 
@@ -45,45 +46,6 @@ def record_ids() -> Iterator[str]:
     (cheaper per pull than uuid4, which makes a getrandom syscall each time)."""
     prefix = os.urandom(6).hex()
     return (f"{prefix}-{n:x}" for n in itertools.count(1))
-
-
-class Waiters:
-    """The long polls waiting for a target's next message."""
-
-    def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-
-    def wake(self, targets: list[str]) -> None:
-        if not self._waiters:
-            return
-        if len(targets) < len(self._waiters):
-            hit = [t for t in targets if t in self._waiters]
-        else:
-            hit = [t for t in self._waiters if t in set(targets)]
-        for target in hit:
-            for fut in self._waiters.pop(target, ()):
-                if not fut.done():
-                    fut.set_result(None)
-
-    def wake_all(self) -> None:
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-
-    async def wait(self, target: str, wait_ms: int) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(target, set()).add(fut)
-        try:
-            await asyncio.wait_for(fut, wait_ms / 1000)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(target)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    self._waiters.pop(target, None)
 
 
 class Pulls:
@@ -283,7 +245,9 @@ class Pulls:
         result = self._cursor(pull.topic, pull.record_id, pull.max)
         if result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self.stopping:
             await self.ledger.committed()  # the acknowledgement is durable before we wait
-            await self.waiters.wait(pull.topic, pull.wait_ms)
+            # a message accepted during that commit found no waiter to wake: no wait then
+            if self.ledger.core.backlog(pull.topic) == 0:
+                await self.waiters.wait(pull.topic, pull.wait_ms)
             result = self._cursor(pull.topic, None, pull.max)
         await self.ledger.committed()
         messages = await self.ledger.messages(result.mids)

@@ -304,6 +304,8 @@ class DirectedWorker:
             max_body_bytes=self.settings.max_pull_bytes,
             pull=self._http_pull,
             count=self._count_http,
+            rate_per_target=self.settings.http_rate_per_target,
+            rate_burst=self.settings.http_rate_burst,
         ).routes()
 
     def _count_http(self, status: int) -> None:

@@ -26,9 +26,10 @@ from typing import Any
 
 import aio_pika
 
+from bench.chaos import probes
 from bench.chaos.directed.load import Load, deployment
-from bench.chaos.harness import ChaosProcess, Harness, run_scenarios
-from bench.chaos.probes import QueueDepth, median_or_none, metric, stall, wait_ready_state
+from bench.chaos.harness import Harness, run_scenarios
+from bench.chaos.probes import QueueDepth, metric, stall
 from bench.harness.cpu import rss_bytes
 from bench.harness.stats import percentile
 from workers.directed.client import DirectedClient
@@ -40,12 +41,7 @@ async def kill9(h: Harness) -> None:
         try:
             t0 = time.monotonic()
             kills = await h.kill_loop(proc, h.kills, gap=(0.4, 2.0) if h.quick else (0.5, 3.0))
-            figures = h.scenario("kill9")
-            figures["kills"] = len(kills)
-            figures["kills_during_startup"] = sum(1 for k in kills if k["phase"] == "startup")
-            figures["restart_s_median"] = median_or_none(
-                [k["ready_s"] for k in kills if "ready_s" in k]
-            )
+            figures = probes.kill_figures(h, kills)
             figures["load_s"] = round(time.monotonic() - t0, 1)
             await asyncio.sleep(2)
             await load.finish()
@@ -61,68 +57,24 @@ async def broker_link(h: Harness) -> None:
         watch = h.watch(proc)
         pid = proc.pid
         faults: list[dict[str, Any]] = []
+
+        def pulls() -> int:
+            return load.stats["pulls"]
+
         try:
             for cycle in range(1 if h.quick else 3):
-                faults.append(await _cut(h, proc, watch, proxy))
+                faults.append(await probes.cut(h, proc, watch, proxy))
                 faults.append(await stall(h, proc, watch, proxy, h.rng.uniform(1.0, 2.5), "short"))
                 faults.append(await stall(h, proc, watch, proxy, 30.0, "long"))
-                faults.append(await _slow(h, proc, watch, proxy, load))
+                faults.append(
+                    await probes.slow_link(h, proc, watch, proxy, pulls, "pulls_answered")
+                )
                 h.progress(f"broker_link cycle {cycle + 1} done")
             await load.finish()
         finally:
             await watch.stop()
             await load.close()
-        figures = h.scenario("broker_link")
-        figures["faults"] = faults
-        figures["same_process"] = proc.alive and proc.pid == pid and proc.starts == 1
-        figures["not_ready_s"] = watch.not_ready_s
-        h.check(figures["same_process"], "broker_link: the worker was restarted or died")
-        for fault in faults:
-            if fault["kind"] in ("cut", "stall-long"):
-                h.check(
-                    fault["went_down"] and fault["came_back"],
-                    f"broker_link: /readyz did not go false then true on {fault['kind']}",
-                )
-
-
-async def _cut(h: Harness, proc: ChaosProcess, watch: Any, proxy: Any) -> dict[str, Any]:
-    mark = len(watch.transitions)
-    refuse = h.rng.uniform(0.5, 2.0)
-    proxy.accepting = False
-    proxy.cut()
-    went_down = await wait_ready_state(proc, False, 10)
-    await asyncio.sleep(refuse)
-    proxy.accepting = True
-    t = time.monotonic()
-    came_back = await wait_ready_state(proc, True, 60)
-    return {
-        "kind": "cut",
-        "refused_s": round(refuse, 2),
-        "went_down": went_down,
-        "came_back": came_back,
-        "ready_again_s": round(time.monotonic() - t, 2),
-        "transitions": watch.since(mark),
-    }
-
-
-async def _slow(
-    h: Harness, proc: ChaosProcess, watch: Any, proxy: Any, load: Load
-) -> dict[str, Any]:
-    mark = len(watch.transitions)
-    latency = h.rng.uniform(0.05, 0.2)
-    seconds = 4.0 if h.quick else 8.0
-    before = load.stats["pulls"]
-    proxy.latency = latency
-    await asyncio.sleep(seconds)
-    proxy.latency = 0.0
-    return {
-        "kind": "slow",
-        "latency_ms_each_way": round(latency * 1000),
-        "seconds": seconds,
-        "pulls_answered": load.stats["pulls"] - before,
-        "stayed_ready": all(up for _, up in watch.since(mark)) and await proc.ready(),
-        "transitions": watch.since(mark),
-    }
+        probes.link_figures(h, proc, pid, watch, faults)
 
 
 async def broker_restart(h: Harness) -> None:
@@ -132,21 +84,13 @@ async def broker_restart(h: Harness) -> None:
         pid = proc.pid
         try:
             await asyncio.sleep(3)
-            figures = h.scenario("broker_restart")
-            figures.update(await h.broker_restart(h.rng.uniform(2.0, 5.0)))
-            t = time.monotonic()
-            figures["came_back"] = await wait_ready_state(proc, True, 120)
-            figures["ready_after_start_app_s"] = round(time.monotonic() - t, 2)
+            figures = await probes.restart_broker(h, proc)
             await asyncio.sleep(3)
             await load.finish()
         finally:
             await watch.stop()
             await load.close()
-        figures["went_down"] = watch.went_down
-        figures["transitions"] = watch.transitions
-        figures["same_process"] = proc.alive and proc.pid == pid and proc.starts == 1
-        h.check(figures["same_process"], "broker_restart: the worker was restarted or died")
-        h.check(watch.went_down and figures["came_back"], "broker_restart: /readyz not false->true")
+        probes.check_restart(h, proc, pid, watch, figures)
 
 
 async def overload(h: Harness) -> None:

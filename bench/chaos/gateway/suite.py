@@ -26,7 +26,7 @@ Prints one JSON object on stdout (progress on stderr). Scenarios:
 
 What "acknowledged" means here. The clients here speak protocol version 1: the gateway
 tells them nothing when the broker confirms their DATA (no ACK frame; that is version 2,
-tested in ``tests/integration/test_gateway_v2.py``), and the server's reply is the only
+tested in ``tests/integration/gateway/test_v2.py``), and the server's reply is the only
 sign that a message got through. So a client cannot know which of its messages were taken when a session ends
 without a reply (gateway killed, ERROR ``unavailable``): per socket the gateway path is
 *at most once*. It is *at least once* for clients that resend what was not answered, keyed

@@ -6,7 +6,8 @@ which ERROR code (or HTTP 400, or WELCOME and then which echoes, PONGs and BYE) 
 contract promises when the backend echoes every DATA. :func:`exchange` sends the bytes to a
 running gateway over a real socket and returns what came back; :func:`check` compares the
 two. The corpus in ``tests/corpus/gateway/`` and the hypothesis-generated sequences of
-``test_gateway_faults.py`` (and ``python -m bench.chaos.gateway``) all go through these three.
+``tests/integration/gateway/test_faults.py`` (and ``python -m bench.chaos.gateway``) all go
+through these three.
 
 Blocking sockets on purpose: the callers run them in a thread while the gateway under test
 serves on the event loop, so a sequence can be replayed byte for byte, with no event loop

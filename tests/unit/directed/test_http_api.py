@@ -9,7 +9,7 @@ import pytest
 from bridge.errors import ConfigError
 from bridge.settings import load_settings
 from workers.directed.config import DirectedSettings
-from workers.directed.http_api import Tokens
+from workers.directed.http_api import RateLimit, Tokens
 from workers.directed.wire import WireError, parse_http_pull
 
 TABLE = {"a": "tok-a", "b": "sha256:" + hashlib.sha256(b"tok-b").hexdigest()}
@@ -72,3 +72,18 @@ def test_http_pull_body():
     with pytest.raises(WireError) as exc:
         parse_http_pull(b'{"topic": "n2"}', "n1", s)
     assert exc.value.code == "topic_mismatch"
+
+
+def test_rate_limit_per_key_with_burst_and_forgetting():
+    now = [100.0]
+    limit = RateLimit(rate=2, burst=3, clock=lambda: now[0])
+    assert [limit.check("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limit.check("a") == pytest.approx(0.5)  # the burst spent: one more in 1/rate s
+    assert limit.check("b") == 0.0  # another key has its own budget
+    now[0] += 0.5
+    assert limit.check("a") == 0.0
+    assert limit.check("a") == pytest.approx(0.5)
+    now[0] += 10  # budgets full again: forgotten at the next sweep, and full when asked
+    assert limit.check("c") == 0.0
+    assert [limit.check("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limit.check("a") > 0
