@@ -17,9 +17,9 @@ from bench.harness.report import progress
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    """``rabbitmqctl`` of the node named by ``BRIDGE_TEST_RABBITMQCTL`` (as the tests use it,
+    """``rabbitmqctl`` of the node named by ``TEST_BROKER_RABBITMQCTL`` (as the tests use it,
     ``rabbitmqctl -n h3@localhost``), else of the default node."""
-    command = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL", ""))
+    command = shlex.split(os.environ.get("TEST_BROKER_RABBITMQCTL", ""))
     ctl = shutil.which(command[0] if command else "rabbitmqctl")
     if ctl is None:
         raise RuntimeError("rabbitmqctl not found (broker-side figures need a local broker)")
