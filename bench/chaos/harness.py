@@ -316,7 +316,7 @@ class Harness:
         host = urlsplit(self.broker_url).hostname
         if host not in ("localhost", "127.0.0.1", "::1"):
             raise RuntimeError("broker restart needs a local broker and rabbitmqctl")
-        # the CLI of the broker under test (BRIDGE_TEST_RABBITMQCTL), never another node's
+        # the CLI of the broker under test (TEST_BROKER_RABBITMQCTL), never another node's
         await asyncio.to_thread(require_same_node, self.broker_url)
 
         def ctl_run(*args: str) -> None:

@@ -19,14 +19,14 @@ from bench.harness.report import progress
 
 
 def ctl_command() -> list[str]:
-    """The broker's CLI: ``BRIDGE_TEST_RABBITMQCTL`` (split like a shell would, e.g.
+    """The broker's CLI: ``TEST_BROKER_RABBITMQCTL`` (split like a shell would, e.g.
     ``rabbitmqctl -n h4@localhost`` or ``.ci/rabbitmq43 ctl``), as for the tests, else
     ``rabbitmqctl`` (which reaches the machine's default node)."""
-    return shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL") or "rabbitmqctl")
+    return shlex.split(os.environ.get("TEST_BROKER_RABBITMQCTL") or "rabbitmqctl")
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    """``rabbitmqctl`` of the node named by ``BRIDGE_TEST_RABBITMQCTL`` (as the tests use it,
+    """``rabbitmqctl`` of the node named by ``TEST_BROKER_RABBITMQCTL`` (as the tests use it,
     ``rabbitmqctl -n h3@localhost``), else of the default node."""
     command = ctl_command()
     ctl = shutil.which(command[0])
@@ -50,7 +50,7 @@ def require_same_node(url: str) -> None:
     ):
         raise RuntimeError(
             f"{shlex.join(ctl_command())} reaches a node without an AMQP listener on port "
-            f"{port} ({url.split('@')[-1]}): set BRIDGE_TEST_RABBITMQCTL to the CLI of the "
+            f"{port} ({url.split('@')[-1]}): set TEST_BROKER_RABBITMQCTL to the CLI of the "
             "broker under test"
         )
 

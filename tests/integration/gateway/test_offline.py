@@ -16,11 +16,11 @@ import pytest
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess, free_port
+from tests.conftest import get_messages
 from tests.integration.gateway.helpers import (
     SERVER_HEARTBEAT_S,
     cleanup,
     gateway_settings,
-    get_messages,
     publish_reply,
     queue_depth,
     running_gateway,

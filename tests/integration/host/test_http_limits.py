@@ -18,7 +18,7 @@ from bridge.errors import ConfigError
 from bridge.host import Host
 from bridge.settings import HostSettings, load_settings
 from tests.conftest import running_host
-from tests.integration.test_http import RoutesWorker, _exchange
+from tests.integration.host.test_http import RoutesWorker, _exchange
 
 pytestmark = pytest.mark.integration
 
