@@ -136,6 +136,13 @@ class GatewayWorker:
             s, self.metrics, hub.sessions, self.publisher, self._declare_channel, link, hub.pump
         )
         hub.offline = self.offline
+        if s.offline_max_messages and s.client_token_secret is None and not s.client_auth_listeners:
+            log.warning(
+                "gateway: no client identities configured (no client_token_secret, no "
+                "client_auth listener): a client_id is taken on trust, and replies kept for an "
+                "offline client_id go to whoever claims it next; see docs/gateway.md, Client "
+                "identities"
+            )
         replies = Replies(hub.sessions, self.publisher, s, self.metrics, self.offline)
         # One process serves an instance: it holds the lease on the reply queue, and the
         # consumers below wait for it (bridge.amqp.consumer). A second replica with the same
