@@ -36,6 +36,7 @@ from bridge.amqp.publisher import Publisher
 from bridge.errors import ConfigError, LinkError
 from bridge.host import WorkerContext
 from bridge.settings import load_settings
+from bridge.tls import server_context
 from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     GatewaySettings,
@@ -272,14 +273,9 @@ class GatewayWorker:
         s = self.settings
         if s.tls_cert is None or s.tls_key is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load TLS certificate {s.tls_cert} / key {s.tls_key}: {exc}"
-            ) from exc
-        return context
+        return server_context(
+            s.tls_cert, s.tls_key, settings="BRIDGE_GATEWAY__TLS_CERT / BRIDGE_GATEWAY__TLS_KEY"
+        )
 
     def _client_auth_context(self) -> ssl.SSLContext | None:
         """The TLS context of the listeners with ``client_auth: required``: the client's
