@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import aio_pika.exceptions
 import pytest
 
 from bench.harness.broker import delete_names
-from bench.harness.procs import settings_env
+from bench.harness.procs import WorkerProcess, free_port, settings_env
 from tests.conftest import running_host
 from workers.gateway.backend import BackendServer, Handler, echo
 from workers.gateway.client import GatewayClient
@@ -339,3 +340,63 @@ def small_rcvbuf_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     return sock
+
+
+REPLICA_DEADLINE = 60.0  # generous: the machine is shared
+
+
+class Replica:
+    """A gateway replica as a real process (`rabbitmq-bridge run gateway`) with the test's
+    names, its own port, instance and disk, and short peer timings; ``env`` adds or
+    overrides variables."""
+
+    def __init__(
+        self,
+        name: str,
+        s: GatewaySettings,
+        broker_url: str,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.instance = f"{s.instance}-{name}"
+        self.reply_queue = s.reply_queue_prefix + self.instance
+        self.tcp_port = free_port()
+        self.proc = WorkerProcess(
+            ["gateway"],
+            broker_url=broker_url,
+            state_dir=tmp / f"state-{name}",  # its own disk: what it knows comes from peers
+            env={
+                **env_for(s),
+                "BRIDGE_GATEWAY__PORT": str(self.tcp_port),
+                "BRIDGE_GATEWAY__INSTANCE": self.instance,
+                "BRIDGE_GATEWAY__SERVER_TTL_S": "2",
+                "BRIDGE_GATEWAY__TICK_S": "0.1",
+                "BRIDGE_GATEWAY__PEER_REPORT_S": "0.2",
+                "BRIDGE_GATEWAY__PEER_DEBOUNCE_S": "0.02",
+                "BRIDGE_GATEWAY__PEER_TTL_S": "1.5",
+                "BRIDGE_DRAIN_SECONDS": "5",
+                **(env or {}),
+            },
+            log=tmp / f"{name}.log",
+        )
+
+    async def start(self) -> Replica:
+        self.proc.start()
+        await asyncio.to_thread(self.proc.wait_ready, REPLICA_DEADLINE)
+        return self
+
+    async def admin(self, view: str) -> Any:
+        status, body = await asyncio.to_thread(self.proc.http, f"/admin/gateway/{view}", 5.0)
+        return json.loads(body) if status == 200 else None
+
+    async def global_view(self) -> dict[str, int]:
+        snap = await self.admin("associations")
+        return {k: v for k, v in snap["global_clients"].items() if v}
+
+    async def sticky_server(self, client_id: str) -> str | None:
+        doc = await self.admin(f"sticky/{urllib.parse.quote(client_id, safe='')}")
+        return None if doc is None else doc["server"]
+
+    async def connect(self, client_id: str | None) -> GatewayClient:
+        return await GatewayClient.connect("127.0.0.1", self.tcp_port, client_id=client_id)

@@ -9,16 +9,15 @@ Every wait is on a condition with a generous deadline; nothing asserts how long 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.harness.broker import delete_names
-from bench.harness.procs import WorkerProcess, free_port
 from tests.conftest import get_messages
 from tests.integration.gateway.helpers import (
     SERVER_HEARTBEAT_S,
+    Replica,
     cleanup,
     gateway_settings,
     publish_reply,
@@ -27,8 +26,6 @@ from tests.integration.gateway.helpers import (
     wait_until,
 )
 from workers.gateway.backend import BackendServer
-from workers.gateway.client import GatewayClient
-from workers.gateway.config import GatewaySettings
 
 pytestmark = pytest.mark.integration
 
@@ -128,46 +125,6 @@ async def test_without_offline_replies_the_reply_is_session_gone(
 
 
 # -- two replicas as real processes ------------------------------------------------------
-
-
-class Replica:
-    def __init__(self, name: str, s: GatewaySettings, broker_url: str, tmp: Path) -> None:
-        self.instance = f"{s.instance}-{name}"
-        self.reply_queue = s.reply_queue_prefix + self.instance
-        self.tcp_port = free_port()
-        env = {
-            "BRIDGE_GATEWAY__HOST": "127.0.0.1",
-            "BRIDGE_GATEWAY__PORT": str(self.tcp_port),
-            "BRIDGE_GATEWAY__INSTANCE": self.instance,
-            "BRIDGE_GATEWAY__SERVERS_EXCHANGE": s.servers_exchange,
-            "BRIDGE_GATEWAY__SERVER_QUEUE_PREFIX": s.server_queue_prefix,
-            "BRIDGE_GATEWAY__UNDELIVERABLE_QUEUE": s.undeliverable_queue,
-            "BRIDGE_GATEWAY__REPLY_QUEUE_PREFIX": s.reply_queue_prefix,
-            "BRIDGE_GATEWAY__REGISTRY_QUEUE_PREFIX": s.registry_queue_prefix,
-            "BRIDGE_GATEWAY__OFFLINE_QUEUE_PREFIX": s.offline_queue_prefix,
-            "BRIDGE_GATEWAY__OFFLINE_EXCHANGE": s.offline_exchange,
-            "BRIDGE_GATEWAY__SERVER_TTL_S": "2",
-            "BRIDGE_GATEWAY__TICK_S": "0.1",
-            "BRIDGE_GATEWAY__PEER_REPORT_S": "0.2",
-            "BRIDGE_GATEWAY__PEER_DEBOUNCE_S": "0.02",
-            "BRIDGE_GATEWAY__PEER_TTL_S": "1.5",
-            "BRIDGE_DRAIN_SECONDS": "5",
-        }
-        self.proc = WorkerProcess(
-            ["gateway"],
-            broker_url=broker_url,
-            state_dir=tmp / f"state-{name}",
-            env=env,
-            log=tmp / f"{name}.log",
-        )
-
-    async def start(self) -> Replica:
-        self.proc.start()
-        await asyncio.to_thread(self.proc.wait_ready, DEADLINE)
-        return self
-
-    async def connect(self, client_id: str) -> GatewayClient:
-        return await GatewayClient.connect("127.0.0.1", self.tcp_port, client_id=client_id)
 
 
 async def test_offline_replies_follow_the_client_to_another_replica(

@@ -8,71 +8,21 @@ Every wait is on a condition with a generous deadline; nothing asserts how long 
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.parse
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.harness.broker import delete_names
-from bench.harness.procs import WorkerProcess, free_port
-from tests.integration.gateway.helpers import SERVER_HEARTBEAT_S, env_for, gateway_settings
+from tests.integration.gateway.helpers import SERVER_HEARTBEAT_S, Replica, gateway_settings
 from workers.gateway.backend import BackendServer
 from workers.gateway.client import GatewayClient, GatewayError
-from workers.gateway.config import GatewaySettings
 
 pytestmark = pytest.mark.integration
 
 DEADLINE = 60.0  # generous: the machine is shared
-
-
-class Replica:
-    def __init__(self, name: str, s: GatewaySettings, broker_url: str, tmp: Path) -> None:
-        self.name = name
-        self.instance = f"{s.instance}-{name}"
-        self.tcp_port = free_port()
-        env = {
-            **env_for(s),
-            "BRIDGE_GATEWAY__PORT": str(self.tcp_port),
-            "BRIDGE_GATEWAY__INSTANCE": self.instance,
-            "BRIDGE_GATEWAY__SERVER_TTL_S": "2",
-            "BRIDGE_GATEWAY__TICK_S": "0.1",
-            "BRIDGE_GATEWAY__STICKY_RETENTION_S": "120",
-            "BRIDGE_GATEWAY__PEER_REPORT_S": "0.2",
-            "BRIDGE_GATEWAY__PEER_DEBOUNCE_S": "0.02",
-            "BRIDGE_GATEWAY__PEER_TTL_S": "1.5",
-            "BRIDGE_GATEWAY__PEER_CATCHUP_S": "20",
-            "BRIDGE_DRAIN_SECONDS": "5",
-        }
-        self.proc = WorkerProcess(
-            ["gateway"],
-            broker_url=broker_url,
-            state_dir=tmp / f"state-{name}",  # its own disk: what it knows comes from peers
-            env=env,
-            log=tmp / f"{name}.log",
-        )
-
-    async def start(self) -> Replica:
-        self.proc.start()
-        await asyncio.to_thread(self.proc.wait_ready, DEADLINE)
-        return self
-
-    async def admin(self, view: str) -> Any:
-        status, body = await asyncio.to_thread(self.proc.http, f"/admin/gateway/{view}", 5.0)
-        return json.loads(body) if status == 200 else None
-
-    async def global_view(self) -> dict[str, int]:
-        snap = await self.admin("associations")
-        return {k: v for k, v in snap["global_clients"].items() if v}
-
-    async def sticky_server(self, client_id: str) -> str | None:
-        doc = await self.admin(f"sticky/{urllib.parse.quote(client_id, safe='')}")
-        return None if doc is None else doc["server"]
-
-    async def connect(self, client_id: str | None) -> GatewayClient:
-        return await GatewayClient.connect("127.0.0.1", self.tcp_port, client_id=client_id)
+# sticky client_ids kept long enough, and a restarted replica catching up from its peers
+STICKY = {"BRIDGE_GATEWAY__STICKY_RETENTION_S": "120", "BRIDGE_GATEWAY__PEER_CATCHUP_S": "20"}
 
 
 async def wait_for(check: Any, what: str) -> Any:
@@ -89,9 +39,9 @@ async def wait_for(check: Any, what: str) -> Any:
 
 async def test_replicas_share_counts_and_sticky_records(broker_url, tmp_path, unique):
     s = gateway_settings(unique)
-    a = Replica("a", s, broker_url, tmp_path)
-    b = Replica("b", s, broker_url, tmp_path)
-    c = Replica("c", s, broker_url, tmp_path)
+    a = Replica("a", s, broker_url, tmp_path, STICKY)
+    b = Replica("b", s, broker_url, tmp_path, STICKY)
+    c = Replica("c", s, broker_url, tmp_path, STICKY)
     servers = {
         sid: BackendServer(broker_url, sid, settings=s, heartbeat_s=SERVER_HEARTBEAT_S)
         for sid in ("s1", "s2")

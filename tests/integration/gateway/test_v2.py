@@ -16,12 +16,12 @@ import pytest
 from bench.harness.broker import delete_names
 from tests.integration.gateway.helpers import (
     SERVER_HEARTBEAT_S,
+    Replica,
     cleanup,
     gateway_settings,
     running_gateway,
     wait_until,
 )
-from tests.integration.gateway.test_offline import Replica
 from workers.gateway.backend import BackendServer, ServerEvent
 from workers.gateway.client import GatewayClient
 from workers.gateway.protocol import FrameType, encode_data
