@@ -104,7 +104,7 @@ class DelayWorker:
         # delayed-message plugin's) is one line saying what to do, not a half-declared topology.
         await check_exchanges(
             ctx.broker.url,
-            self._exchanges(),
+            self.exchanges(),
             MIGRATION_HINTS,
             arguments={s.shards_exchange: chx_arguments()},
         )
@@ -211,7 +211,7 @@ class DelayWorker:
             },
         )
 
-    def _exchanges(self) -> list[tuple[str, str, str]]:
+    def exchanges(self) -> list[tuple[str, str, str]]:
         """(name, type, setting) of the exchanges the worker declares, checked first."""
         s = self.settings
         wanted = [
