@@ -59,8 +59,8 @@ log = logging.getLogger("bridge.delay")
 MIGRATION_HINTS = {
     DELAYED_MESSAGE_TYPE: "It is the delayed-message plugin's exchange: keep it and give the "
     "worker its own (the default delay.in; producers add x-target-exchange), or take over "
-    "its name once the plugin holds no message (docs/delay.md, 'Migrating from "
-    "rabbitmq-delayed-message-exchange')."
+    "its name with `rabbitmq-bridge delay migrate <exchange>` (docs/delay.md, 'Migrating "
+    "from rabbitmq-delayed-message-exchange')."
 }
 
 
