@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -16,10 +17,15 @@ from bench.harness.report import progress
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
+    """The broker's rabbitmqctl: ``BRIDGE_TEST_RABBITMQCTL`` (a command line, as for the
+    tests, e.g. ``rabbitmqctl -n h5@localhost``) or ``rabbitmqctl`` (the default node: the
+    wrong one when ``BRIDGE_AMQP_URL`` names another)."""
+    argv = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL") or "rabbitmqctl")
+    if shutil.which(argv[0]) is None:
         raise RuntimeError("rabbitmqctl not found (broker-side figures need a local broker)")
-    done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
     return done.stdout
 
 

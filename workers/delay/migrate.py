@@ -359,17 +359,23 @@ class Migration:
         channel = await self.conn.channel(publisher_confirms=False)
         try:
             raw = await channel.get_underlay_channel()
-            await channel.declare_exchange(
-                plan.target,
-                plan.delayed_type,
-                durable=True,
-                arguments=plan.target_arguments or None,
-            )
-            for b in plan.outgoing:
-                await self._bind(raw, plan.target, b)
-            self.out(f"1. done: {plan.target} has {x}'s {len(plan.outgoing)} binding(s)")
-            await declare_quorum_queue(channel, plan.in_queue)
-            self.out(f"2. done: queue {plan.in_queue}")
+            try:
+                await channel.declare_exchange(
+                    plan.target,
+                    plan.delayed_type,
+                    durable=True,
+                    arguments=plan.target_arguments or None,
+                )
+                for b in plan.outgoing:
+                    await self._bind(raw, plan.target, b)
+                self.out(f"1. done: {plan.target} has {x}'s {len(plan.outgoing)} binding(s)")
+                await declare_quorum_queue(channel, plan.in_queue)
+                self.out(f"2. done: queue {plan.in_queue}")
+            except aio_pika.exceptions.AMQPChannelError as exc:  # before anything is deleted
+                raise self.refuse(
+                    f"the broker refused a declaration ({exc}); {x} was not touched: fix that "
+                    "and run again"
+                ) from exc
             while True:
                 await self.wait_drained(plan, wait_s)
                 self.out(f"3. done: the plugin holds no message for {x}")
