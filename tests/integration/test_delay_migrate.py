@@ -327,3 +327,59 @@ async def test_refuses_when_another_worker_consumes_the_ingress_queue(plugin_bro
         await delete_names(
             plugin_broker, [s.in_exchange, f"{unique}.up"], [f"{unique}.orders", s.in_queue]
         )
+
+
+async def test_a_producer_that_keeps_publishing_through_the_swap_loses_nothing(
+    plugin_broker, amqp, tmp_path, unique
+):
+    """Short delays published all along: each confirmed message is delivered once, by the
+    plugin before the swap or by the worker after it (a publish refused while X is swapped
+    is an error the producer sees, not a loss)."""
+    s = names(unique)
+    t = await legacy_topology(amqp, s, unique)
+    confirmed: list[str] = []
+    refused = 0
+    stop = asyncio.Event()
+
+    async def producer() -> None:
+        nonlocal refused
+        channel = await amqp.channel(publisher_confirms=True)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            mid = f"p-{n}"
+            try:
+                x = await channel.get_exchange(s.in_exchange, ensure=False)
+                await x.publish(
+                    aio_pika.Message(b"p", message_id=mid, headers={"x-delay": 30}),
+                    "order.created",
+                )
+                confirmed.append(mid)
+            except aio_pika.exceptions.AMQPError:
+                refused += 1
+                channel = await amqp.channel(publisher_confirms=True)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(producer())
+    try:
+        await asyncio.sleep(1.0)
+        run = await asyncio.to_thread(migrate, plugin_broker, s, s.in_exchange, "--wait", "60")
+        assert run.returncode == 0, run.stdout + run.stderr
+        async with delay_worker(plugin_broker, tmp_path, s, amqp):
+            await asyncio.sleep(1.0)
+            stop.set()
+            await task
+            got = await drain(t["orders"], len(confirmed), timeout=30)
+            ids = [m.message_id for m in got]
+            assert sorted(ids, key=str) == sorted(confirmed, key=str), (
+                f"{len(confirmed)} confirmed, {len(got)} delivered, {refused} refused"
+            )
+            assert await drain(t["orders"], 1, timeout=0.5) == []
+    finally:
+        stop.set()
+        await task
+        await delete_names(
+            plugin_broker,
+            [s.in_exchange, s.default_target or "", f"{unique}.up"],
+            [f"{unique}.orders", s.in_queue],
+        )
