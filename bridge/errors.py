@@ -42,9 +42,12 @@ class NoAnswer(BridgeError, TimeoutError):
     """No worker answered a control-plane request within the caller's timeout (a
     TimeoutError too, for callers that treat a silent worker like any other timeout)."""
 
-    def __init__(self, worker: str, exchange: str, timeout: float) -> None:
+    def __init__(
+        self, worker: str, exchange: str, timeout: float, *, returned: bool = False
+    ) -> None:
+        why = " (the request came back unroutable: no queue is bound for it)" if returned else ""
         super().__init__(
-            f"no {worker} worker answered on {exchange} within {timeout:g} s: "
+            f"no {worker} worker answered on {exchange} within {timeout:g} s{why}: "
             f'is "rabbitmq-bridge run {worker}" running?'
         )
 

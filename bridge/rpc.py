@@ -4,6 +4,14 @@ Replies come back on ``amq.rabbitmq.reply-to``, so a caller needs no queue of it
 are matched to replies by ``correlation_id``. A request expires in its queue when its caller
 stops waiting (``expiration`` = the timeout): a worker that starts later does not answer a
 caller that is gone.
+
+Every publish is ``mandatory`` on a confirm channel: a request the broker cannot route to any
+queue comes back (``basic.return``) instead of vanishing. That happens for a moment while a
+sharded worker re-orders its consistent-hash ring (``bridge.ring.RingKeeper`` unbinds and
+binds each shard queue) or before a worker has declared its queue; the publish is retried
+with backoff for :data:`RETURN_RETRY_S` (a call: its timeout), then fails with one clear
+error (:class:`~bridge.errors.PublishFailed` ``unroutable``, or :class:`~bridge.errors.NoAnswer`
+saying the request was returned).
 """
 
 from __future__ import annotations
@@ -18,9 +26,49 @@ import aio_pika
 import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from bridge.errors import NoAnswer, NotDeclared
+from bridge.errors import NoAnswer, NotDeclared, PublishFailed
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+RETURN_RETRY_S = 5.0  # how long a returned (unroutable) publish is retried
+_FIRST_PAUSE_S = 0.02  # first pause after a return, doubled up to _MAX_PAUSE_S
+_MAX_PAUSE_S = 0.5
+
+
+async def publish_routed(
+    channel: AbstractChannel,
+    exchange: str,
+    message: aio_pika.Message,
+    routing_key: str,
+    retry_s: float,
+) -> int:
+    """Publish ``message`` mandatory on the confirm channel ``channel`` (opened with
+    ``on_return_raises``) until the broker routes it to a queue; returns how many times it
+    came back. Raises :class:`PublishFailed` ``unroutable`` when it still comes back after
+    ``retry_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_s
+    pause = _FIRST_PAUSE_S
+    returned = 0
+    target = (
+        channel.default_exchange
+        if exchange == ""
+        else await channel.get_exchange(exchange, ensure=False)
+    )
+    while True:
+        try:
+            await target.publish(message, routing_key=routing_key, mandatory=True)
+            return returned
+        except aio_pika.exceptions.PublishError:
+            returned += 1
+        if deadline - loop.time() <= pause:  # the next attempt would come too late
+            raise PublishFailed(
+                "unroutable",
+                f"exchange {exchange or '(default)'!r} routed the message (routing key "
+                f"{routing_key!r}) to no queue, {returned} times in {retry_s:g} s: no queue "
+                "is bound for it (is the worker running, with the same names?)",
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _MAX_PAUSE_S)
 
 
 class RpcClient:
@@ -33,7 +81,7 @@ class RpcClient:
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def open(self) -> RpcClient:
-        self.channel = await self.connection.channel(publisher_confirms=False)
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         # declared (passively), not just looked up: a robust channel re-consumes only the
         # queues it declared, and the replies must keep flowing after a reconnect
         queue = await self.channel.declare_queue(REPLY_TO, passive=True)
@@ -56,30 +104,37 @@ class RpcClient:
         self, exchange: str, routing_key: str, doc: Any, timeout: float = 10.0
     ) -> dict[str, Any]:
         """Publish ``doc`` (JSON, or raw bytes) and wait for the reply document;
-        :class:`NoAnswer` after ``timeout`` seconds."""
+        :class:`NoAnswer` after ``timeout`` seconds (also when the request came back
+        unroutable until then: retried meanwhile, see the module)."""
         assert self.channel is not None, "open() first"
         corr = uuid.uuid4().hex
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[corr] = fut
         body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        target = (
-            self.channel.default_exchange
-            if exchange == ""
-            else await self.channel.get_exchange(exchange, ensure=False)
+        message = aio_pika.Message(
+            body,
+            reply_to=REPLY_TO,
+            correlation_id=corr,
+            content_type="application/json",
+            expiration=timeout,
         )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await target.publish(
-                aio_pika.Message(
-                    body,
-                    reply_to=REPLY_TO,
-                    correlation_id=corr,
-                    content_type="application/json",
-                    expiration=timeout,
-                ),
-                routing_key=routing_key,
-                mandatory=False,
-            )
-            return await asyncio.wait_for(fut, timeout)
+            try:
+                await asyncio.wait_for(
+                    publish_routed(self.channel, exchange, message, routing_key, timeout),
+                    timeout,
+                )
+            except PublishFailed:
+                raise NoAnswer(
+                    self.worker, exchange or routing_key, timeout, returned=True
+                ) from None
+            except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+                raise NotDeclared(self.worker, exchange) from exc
+            return await asyncio.wait_for(fut, max(deadline - loop.time(), 0.001))
+        except NoAnswer:
+            raise
         except TimeoutError:
             raise NoAnswer(self.worker, exchange or routing_key, timeout) from None
         finally:
@@ -92,13 +147,18 @@ class WorkerClient:
 
     worker = "bridge"
 
-    def __init__(self, connection: AbstractRobustConnection) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, *, return_retry_s: float = RETURN_RETRY_S
+    ) -> None:
         self.connection = connection
+        self.return_retry_s = return_retry_s
         self.rpc = RpcClient(connection, self.worker)
         self._channel: AbstractChannel | None = None
 
     async def open(self) -> Self:
-        self._channel = await self.connection.channel(publisher_confirms=True)
+        self._channel = await self.connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         await self.rpc.open()
         return self
 
@@ -108,12 +168,13 @@ class WorkerClient:
         await self.rpc.close()
 
     async def publish(self, exchange: str, message: aio_pika.Message, routing_key: str) -> None:
-        """Publish to one of the worker's exchanges, confirmed; :class:`NotDeclared` if the
-        exchange does not exist (the worker never ran here, or under other names)."""
+        """Publish to one of the worker's exchanges, confirmed and routed to a queue (a
+        return is retried for ``return_retry_s``, then :class:`PublishFailed`
+        ``unroutable``); :class:`NotDeclared` if the exchange does not exist (the worker
+        never ran here, or under other names)."""
         assert self._channel is not None, "open() first"
-        target = await self._channel.get_exchange(exchange, ensure=False)
         try:
-            await target.publish(message, routing_key=routing_key)
+            await publish_routed(self._channel, exchange, message, routing_key, self.return_retry_s)
         except aio_pika.exceptions.ChannelNotFoundEntity as exc:
             raise NotDeclared(self.worker, exchange) from exc
 

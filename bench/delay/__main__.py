@@ -23,6 +23,9 @@ Parts, each measured in the same run against its baseline:
 - ``topics``: tenants sharing one exchange (``TOPIC_BY=header:x-tenant``): 50,000 due at once
   for a hot tenant, 10 cold tenants with a message every 20 ms; cold-tenant lateness with a
   topic per tenant vs. one topic for all (what ``TOPIC_BY=exchange`` gives them);
+- ``hotcold``: issue 16's scenario (50,000 due at once on a hot topic, 10 cold topics with a
+  message every 20 ms) against the delayed-message plugin in the same run where the broker
+  has it, with everything sharing the cores and with the worker pinned to a core of its own;
 - ``scale``: 1,000,000 pending messages written straight into the worker's SQLite file (a
   bulk path in this script: ingest through AMQP is measured by ``ingest``), then worker RSS,
   store size on disk and time from process start to ready, with the in-memory window full
@@ -46,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.delay.hotcold import bench_hotcold
 from bench.delay.ingest import bench_ingest
 from bench.delay.isolation import bench_isolation
 from bench.delay.lateness import bench_lateness
@@ -62,6 +66,7 @@ PARTS = {
     "isolation": bench_isolation,
     "scale": bench_scale,
     "topics": bench_topics,
+    "hotcold": bench_hotcold,
 }
 
 

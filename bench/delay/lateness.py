@@ -17,12 +17,14 @@ from bench.delay.traffic import Arrivals, ConsumerGroup, publish_all
 from bench.delay.worker import (
     NoiseProbe,
     Worker,
+    broker_pid,
     cpu_pressure,
     delete_worker_names,
     now_ms,
     stored,
     summary,
 )
+from bench.harness.cpu import cpu_seconds
 from bench.harness.report import broker_url, progress
 
 
@@ -36,14 +38,18 @@ async def run_schedule(
     settle_s: float,
     groups: list[list[str]] | None = None,
     headers: Callable[[str], dict[str, Any]] | None = None,
+    on_started: Callable[[int], None] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Store ``schedule`` in a fresh worker, let it fall due, and measure arrivals.
 
     ``groups`` splits the topics over consumer processes (default: one process for all);
-    ``headers`` adds headers to each message of a topic (suffix).
+    ``headers`` adds headers to each message of a topic (suffix); ``on_started`` gets the
+    worker's pid once it is ready (to pin it).
     """
     worker = Worker(tag, state, lanes=lanes, **settings).start()
+    if on_started is not None:
+        on_started(worker.pid)
     conn = await aio_pika.connect_robust(broker_url())
     topics = sorted({t for t, _ in schedule})
     per_topic: dict[str, int] = {}
@@ -86,10 +92,14 @@ async def run_schedule(
         await asyncio.sleep(max(0.0, (start - now_ms()) / 1000 - 0.2))
         probe = NoiseProbe((last_due - now_ms()) / 1000)
         cpu0 = worker.cpu_seconds()
+        broker = broker_pid()
+        b0 = cpu_seconds(broker) if broker else 0.0
         t0 = time.perf_counter()
         for group in consumers:
             arrivals.merge(await group.result())
-        cpu = (worker.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+        worker_s = worker.cpu_seconds() - cpu0
+        broker_s = cpu_seconds(broker) - b0 if broker else None
+        cpu = worker_s / (time.perf_counter() - t0)
         busy = worker.process.metrics().get("bridge_delay_lane_busy_seconds_total", {})
         return {
             "lanes_that_sent": sum(1 for seconds in busy.values() if seconds > 0),
@@ -99,6 +109,10 @@ async def run_schedule(
             "arrivals": arrivals,
             "worker_view": worker.lateness_from_histogram(),
             "worker_cpu_cores": round(cpu, 2),
+            "worker_cpu_us_per_message": round(worker_s * 1e6 / len(messages), 1),
+            "broker_cpu_us_per_message": (
+                round(broker_s * 1e6 / len(messages), 1) if broker_s is not None else None
+            ),
             **worker.memory(),
             "delivered": len(arrivals.late),
             "expected": len(messages),

@@ -173,9 +173,11 @@ async def check_exchanges(
     url: str,
     wanted: Sequence[tuple[str, str, str]],
     hints: Mapping[str, str] | None = None,
+    arguments: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Before declaring anything: that each ``(name, kind, setting)`` exchange either does not
-    exist yet or exists as the worker would declare it (durable, of type ``kind``).
+    exist yet or exists as the worker would declare it (durable, of type ``kind``, with
+    ``arguments[name]`` if given).
 
     Uses a throw-away connection (the broker closes a channel on each refusal) and changes
     nothing: an existing exchange is declared again only as it is, and one that does not
@@ -196,7 +198,12 @@ async def check_exchanges(
                 await close_channels(channel)
             channel = await conn.channel(publisher_confirms=False)
             try:
-                await channel.declare_exchange(name, ExchangeType(kind), durable=True)
+                await channel.declare_exchange(
+                    name,
+                    ExchangeType(kind),
+                    durable=True,
+                    arguments=dict((arguments or {}).get(name) or {}) or None,
+                )
             except aio_pika.exceptions.ChannelPreconditionFailed as exc:
                 reason = str(exc)
                 found = _CURRENT_TYPE.search(reason)

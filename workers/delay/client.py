@@ -219,6 +219,32 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from bridge.amqp import connect_once
+    from bridge.settings import load_host_settings, load_settings
+    from workers.delay.migrate import migrate
+
+    async def go() -> int:
+        url = load_host_settings().amqp_url
+        conn = await connect_once(url)
+        try:
+            await migrate(
+                conn,
+                url,
+                load_settings(DelaySettings),
+                args.exchange,
+                rabbitmqctl=args.rabbitmqctl,
+                dry_run=args.dry_run,
+                wait_s=args.wait,
+                out=lambda line: print(line, flush=True),
+            )
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
 def add_commands(sub: Any) -> None:
     parser = sub.add_parser("delay", help="client helpers for the delay worker")
     cmds = parser.add_subparsers(dest="delay_command", metavar="ACTION", required=True)
@@ -252,3 +278,6 @@ def add_commands(sub: Any) -> None:
     watch.add_argument("routing_key", nargs="?", default="#", help="binding key (default '#')")
     watch.add_argument("--count", type=int, default=0, help="exit after N messages")
     watch.set_defaults(func=_cmd_watch)
+    from workers.delay.migrate import add_migrate_command
+
+    add_migrate_command(cmds, _cmd_migrate)

@@ -59,8 +59,8 @@ log = logging.getLogger("bridge.delay")
 MIGRATION_HINTS = {
     DELAYED_MESSAGE_TYPE: "It is the delayed-message plugin's exchange: keep it and give the "
     "worker its own (the default delay.in; producers add x-target-exchange), or take over "
-    "its name once the plugin holds no message (docs/delay.md, 'Migrating from "
-    "rabbitmq-delayed-message-exchange')."
+    "its name with `rabbitmq-bridge delay migrate <exchange>` (docs/delay.md, 'Migrating "
+    "from rabbitmq-delayed-message-exchange')."
 }
 
 
@@ -102,7 +102,12 @@ class DelayWorker:
         started = time.perf_counter()
         # Before anything is opened or declared: a name taken by another kind of exchange (the
         # delayed-message plugin's) is one line saying what to do, not a half-declared topology.
-        await check_exchanges(ctx.broker.url, self._exchanges(), MIGRATION_HINTS)
+        await check_exchanges(
+            ctx.broker.url,
+            self.exchanges(),
+            MIGRATION_HINTS,
+            arguments={s.shards_exchange: chx_arguments()},
+        )
         if s.switch_interval_ms > 0:
             sys.setswitchinterval(s.switch_interval_ms / 1000)
         if s.gc_gen2_threshold > 0:
@@ -206,14 +211,17 @@ class DelayWorker:
             },
         )
 
-    def _exchanges(self) -> list[tuple[str, str, str]]:
+    def exchanges(self) -> list[tuple[str, str, str]]:
         """(name, type, setting) of the exchanges the worker declares, checked first."""
         s = self.settings
-        return [
+        wanted = [
             (s.in_exchange, "topic", "BRIDGE_DELAY__IN_EXCHANGE"),
             (s.dead_exchange, "fanout", "BRIDGE_DELAY__DEAD_EXCHANGE"),
             (s.control_exchange, "fanout", "BRIDGE_DELAY__CONTROL_EXCHANGE"),
         ]
+        if self.shard.sharded:  # hashing x-delay-key (chx_arguments)
+            wanted.append((s.shards_exchange, CHX_TYPE, "BRIDGE_DELAY__SHARDS_EXCHANGE"))
+        return wanted
 
     async def _declare_topology(self, broker: Any) -> tuple[QueueSpec, list[QueueSpec]]:
         """Ingress and control topology; returns the ingress queue and the control queues

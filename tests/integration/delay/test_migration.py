@@ -83,3 +83,37 @@ async def test_every_conflict_is_one_line_with_the_advice_for_its_type(broker_ur
         assert not await exists(amqp, f"{unique}.new")  # checked, not declared
     finally:
         await delete_names(broker_url, [f"{unique}.a", f"{unique}.b", f"{unique}.ok"], [])
+
+
+async def test_sharded_run_over_a_shards_exchange_of_another_type_is_one_line(
+    broker_url, amqp, tmp_path, unique
+):
+    s = delay_settings(unique, shards_exchange=f"{unique}.shards")
+    channel = await amqp.channel()
+    await channel.declare_exchange(s.shards_exchange, "fanout", durable=True)
+    env = {
+        **env_for(s),
+        "BRIDGE_DELAY__SHARDS_EXCHANGE": s.shards_exchange,
+        "BRIDGE_DELAY__SHARD_COUNT": "2",
+        "BRIDGE_DELAY__SHARD_INDEX": "0",
+        "BRIDGE_AMQP_URL": broker_url,
+        "BRIDGE_STATE_DIR": str(tmp_path),
+        "BRIDGE_HTTP_PORT": str(free_port()),
+    }
+    try:
+        run = run_cli("run", "delay", env=env)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr
+        errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+        assert errors == [
+            f"rabbitmq-bridge: configuration error: BRIDGE_DELAY__SHARDS_EXCHANGE="
+            f"{s.shards_exchange}: that exchange already exists with type fanout, the worker "
+            "needs a durable x-consistent-hash exchange; nothing was declared. Delete it if "
+            "nothing else uses it, or give the worker another name."
+        ], run.stderr
+        for name in (s.in_exchange, s.dead_exchange, s.control_exchange):
+            assert not await exists(amqp, name), f"{name} was declared"
+    finally:
+        await delete_names(
+            broker_url, [s.shards_exchange, s.in_exchange, s.dead_exchange, s.control_exchange], []
+        )

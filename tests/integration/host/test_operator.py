@@ -158,11 +158,12 @@ async def _queue_depth(amqp, name: str) -> int:
 
 
 async def _control_queue(amqp, exchange: str, queue: str) -> None:
-    """What a worker that once ran leaves behind: its control exchange and queue."""
+    """What a worker that once ran leaves behind: its control (or pull) exchange and queue,
+    bound so that every request reaches the queue (a request routed nowhere comes back)."""
     channel = await amqp.channel()
-    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT)
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
     q = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
-    await q.bind(ex, routing_key="")
+    await q.bind(ex, routing_key="#")
     await channel.close()
 
 
