@@ -144,10 +144,18 @@ class DelaySettings(ShardFields, BaseSettings):
         "shorter lets an idle lane take over from a busy one sooner",
     )
 
-    ingress_commit_linger_ms: float = Field(
-        default=1.0,
+    dispatch_interval_ms: float = Field(
+        default=10.0,
         ge=0,
-        description="how long an ingress delivery may wait for others to share its commit",
+        description="shortest time between two passes of the dispatcher: what falls due "
+        "meanwhile goes to the lanes in one batch per topic (at most this much later)",
+    )
+    ingress_commit_linger_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long an ingress delivery may wait for others to share its commit "
+        "(its acknowledgement waits for that commit; a commit costs the writer thread about "
+        "as much as the rows in it, so sharing one is most of the ingest's store CPU)",
     )
     delete_commit_delay_ms: float = Field(
         default=20.0,
