@@ -104,16 +104,8 @@ class Dispatcher:
         loop = self._loop
         n_lanes = len(self.lanes)
         grow_ms = self.settings.lane_grow_ms
-        tick = self.settings.dispatch_interval_ms / 1000
-        last_pass = -tick
+        tick_ms = self.settings.dispatch_interval_ms
         while self.running:
-            # At most one pass per DISPATCH_INTERVAL_MS: what fell due meanwhile goes out in
-            # one batch per topic, not in a batch per due time (each batch costs a hand-off
-            # to a lane thread and back, a store read, a socket write and a confirm wait).
-            gap = last_pass + tick - loop.time()
-            if gap > 0:
-                await asyncio.sleep(gap)
-            last_pass = loop.time()
             now = now_ms()
             for assignment in scheduler.assign(now):
                 self._lane_used[assignment.lane] = time.monotonic()
@@ -144,6 +136,12 @@ class Dispatcher:
                 elif now - nxt >= grow_ms and self._lane_stuck(grow_ms):
                     self._lanes_wanted_at = time.monotonic()
                 # else: every lane is busy; a lane's report wakes us
+            if wake_at is not None:
+                # Woken by the clock at most once per DISPATCH_INTERVAL_MS: what falls due
+                # meanwhile goes out as one batch per topic, not a batch per due time (each
+                # costs a hand-off to a lane thread and back, a store read, a socket write
+                # and a confirm wait). A lane that reports (kick) is given work at once.
+                wake_at = max(wake_at, now + tick_ms)
             wake: asyncio.Future[None] = loop.create_future()
             self._wake = wake
             handle = None
