@@ -147,8 +147,9 @@ class DelaySettings(ShardFields, BaseSettings):
     dispatch_interval_ms: float = Field(
         default=10.0,
         ge=0,
-        description="shortest time between two passes of the dispatcher: what falls due "
-        "meanwhile goes to the lanes in one batch per topic (at most this much later)",
+        description="the clock wakes the dispatcher at most this often: what falls due "
+        "meanwhile goes to the lanes in one batch per topic (at most this much later); a "
+        "lane that reports gets work at once",
     )
     ingress_commit_linger_ms: float = Field(
         default=10.0,
