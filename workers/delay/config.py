@@ -152,11 +152,10 @@ class DelaySettings(ShardFields, BaseSettings):
         "lane that reports gets work at once",
     )
     ingress_commit_linger_ms: float = Field(
-        default=10.0,
+        default=1.0,
         ge=0,
         description="how long an ingress delivery may wait for others to share its commit "
-        "(its acknowledgement waits for that commit; a commit costs the writer thread about "
-        "as much as the rows in it, so sharing one is most of the ingest's store CPU)",
+        "(its acknowledgement waits for that commit)",
     )
     delete_commit_delay_ms: float = Field(
         default=20.0,

@@ -140,6 +140,18 @@ class Ledger:
 
         barrier.add_done_callback(done)
 
+    async def close(self) -> None:
+        """Commit what is journaled, the shared commit that waits for its time included (its
+        waiters, the ingress's acknowledgements among them, are settled before the link
+        closes: a delivery stored but not acknowledged would be stored again after the
+        restart), then stop the committer."""
+        fut = self._linger
+        if fut is not None:
+            if self._linger_handle is not None:
+                self._linger_handle.cancel()
+            self._seal(fut)
+        await self.committer.close()
+
     def delete_done(self, rows: Iterable[tuple[int, str]]) -> None:
         """Messages confirmed at their target (or dead-lettered): delete their rows, in a
         commit within ``DELETE_COMMIT_DELAY_MS`` (shared with the ingress's). Until that
