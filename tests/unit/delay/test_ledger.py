@@ -67,3 +67,21 @@ async def test_deletes_alone_are_committed_within_their_delay(tmp_path) -> None:
     finally:
         await ledger.committer.close()
         store.close()
+
+
+async def test_close_commits_a_shared_commit_still_waiting_and_settles_it(tmp_path) -> None:
+    """At stop, a commit whose linger has not run out is made at once and its waiters (the
+    ingress's acknowledgements) are settled before the link closes."""
+    settings = DelaySettings(ingress_commit_linger_ms=60_000)
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    ledger.committer.start()
+    try:
+        ledger.append(_insert(1))
+        stored = ledger.stored()
+        await asyncio.wait_for(ledger.close(), 10)
+        await asyncio.sleep(0)
+        assert stored.done() and stored.exception() is None
+        assert _rows(store) == [1]
+    finally:
+        store.close()
