@@ -77,7 +77,7 @@ class LinkError(BridgeError):
 
 class Refused(LinkError):
     """The broker refused a channel's setup for a reason the channel waits out (another
-    connection owns the queue, see ``bridge.amqp.link.Channel.refused``): the link retries
+    connection owns the queue, see ``bridge.amqp.channel.Channel.refused``): the link retries
     it with backoff and without a log line each time, also at the first start."""
 
 

@@ -1,5 +1,8 @@
 """``steady``: ingest and delivery at once at a fixed rate, worker CPU per message and lateness end
-to end; with ``--against TREE`` the same rounds with that checkout's worker, interleaved."""
+to end; with ``--against TREE`` the same rounds with that checkout's worker, interleaved. Each
+round also runs the ``floor``: the same publisher and consumers with no worker between them
+(published straight to the target exchanges, due at once), which is what the machine and the
+broker add to the end-to-end lateness on their own."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import asyncio
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import aio_pika
 
 from bench.delay.traffic import Arrivals, ConsumerGroup
 from bench.delay.worker import Worker, delete_worker_names, now_ms, summary
+from bench.harness.broker import delete_names
 from bench.harness.report import broker_url, progress
 
 
@@ -35,43 +40,22 @@ async def steady_round(
         await group.start(deadline=time.time() + seconds + 60)
         channel = await conn.channel(publisher_confirms=True)
         ex = await channel.get_exchange(worker.names["in_exchange"], ensure=False)
-        body = b"x" * 100
-        slots = asyncio.Semaphore(1000)
-        pending: set[asyncio.Task[None]] = set()
 
         async def one(i: int) -> None:
-            async with slots:
-                due = now_ms() + delay_ms
-                await ex.publish(
-                    aio_pika.Message(
-                        body,
-                        headers={
-                            "x-delay": delay_ms,
-                            "x-target-exchange": f"{tag}.{topics[i % 10]}",
-                            "bench-due": due,
-                        },
-                        message_id=f"{i}",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key="bench",
-                )
+            await ex.publish(
+                _message(
+                    i,
+                    {
+                        "x-delay": delay_ms,
+                        "x-target-exchange": f"{tag}.{topics[i % 10]}",
+                        "bench-due": now_ms() + delay_ms,
+                    },
+                ),
+                routing_key="bench",
+            )
 
         cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
-        tick = 0.01
-        per_tick = max(1, round(rate * tick))
-        i = 0
-        while i < n:
-            target = t0 + (i / rate)
-            wait = target - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            for _ in range(min(per_tick, n - i)):
-                task = asyncio.ensure_future(one(i))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                i += 1
-        publish_s = time.perf_counter() - t0
-        await asyncio.gather(*pending)
+        publish_s = await _publish_at(rate, n, one)
         arrivals = Arrivals()
         arrivals.merge(await group.result())
         wall = time.perf_counter() - t0
@@ -96,13 +80,91 @@ async def steady_round(
         await delete_worker_names(worker, topics)
 
 
+def _message(i: int, headers: dict[str, Any]) -> aio_pika.Message:
+    return aio_pika.Message(
+        b"x" * 100,
+        headers=headers,
+        message_id=f"{i}",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def _publish_at(rate: int, n: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """``one(i)`` for i < n at ``rate``/s (a tick of 10 ms), at most 1,000 unconfirmed;
+    returns the seconds the publishing took (all confirmed)."""
+    slots = asyncio.Semaphore(1000)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def slot(i: int) -> None:
+        async with slots:
+            await one(i)
+
+    t0 = time.perf_counter()
+    per_tick = max(1, round(rate * 0.01))
+    i = 0
+    while i < n:
+        wait = t0 + (i / rate) - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        for _ in range(min(per_tick, n - i)):
+            task = asyncio.ensure_future(slot(i))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+    publish_s = time.perf_counter() - t0
+    await asyncio.gather(*pending)
+    return publish_s
+
+
+async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
+    """The same publisher and consumer process as :func:`steady_round` with no worker
+    between them: published straight to the 10 target exchanges, due at once. Its
+    lateness is what the machine and the broker add on their own."""
+    topics = [f"t{i}" for i in range(10)]
+    tag = f"bf-{uuid.uuid4().hex[:6]}"
+    n = int(rate * seconds)
+    group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
+    conn = await aio_pika.connect_robust(broker_url())
+    try:
+        await group.start(deadline=time.time() + seconds + 60)  # declares the topics
+        channel = await conn.channel(publisher_confirms=True)
+        exchanges = [await channel.get_exchange(f"{tag}.{t}", ensure=False) for t in topics]
+
+        async def one(i: int) -> None:
+            await exchanges[i % 10].publish(_message(i, {"bench-due": now_ms()}), "bench")
+
+        publish_s = await _publish_at(rate, n, one)
+        arrivals = Arrivals()
+        arrivals.merge(await group.result())
+        late = list(arrivals.late.values())
+        return {
+            "published_per_s": round(n / publish_s, 1),
+            "delivered": len(late),
+            "expected": n,
+            "end_to_end": summary(late),
+        }
+    finally:
+        group.kill()
+        await conn.close()
+        await delete_names(
+            broker_url(), [f"{tag}.{t}" for t in topics], [f"{tag}.{t}.q" for t in topics]
+        )
+
+
 async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """The issue's steady state: 2,000 msg/s published and delivered at once; with
     ``--against TREE`` the same rounds with that checkout's worker, interleaved."""
     rate = 2000
     seconds = 5.0 if args.quick else 20.0
     rounds: dict[str, list[dict[str, Any]]] = {"worker": [], "against": []}
+    floor: list[dict[str, Any]] = []
     for r in range(args.rounds):
+        progress(f"steady round {r}: floor, {rate}/s for {seconds:g} s, no worker")
+        floor.append(await floor_round(rate, seconds))
+        progress(
+            f"  floor p99 {floor[-1]['end_to_end']['p99_ms']} ms, "
+            f"delivered {floor[-1]['delivered']}/{floor[-1]['expected']}"
+        )
         for name, tree in (("worker", None), ("against", args.against)):
             if name == "against" and tree is None:
                 continue
@@ -117,6 +179,10 @@ async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "rate_per_s": rate,
         "publish_seconds": seconds,
         "rounds": rounds,
+        "floor": floor,
+        "floor_median_p99_ms": statistics.median(x["end_to_end"]["p99_ms"] or 0 for x in floor)
+        if floor
+        else None,
         "goal_worker_cpu_us_per_message_at_most": 120,
         "goal_p99_ms_below": 50,
     }

@@ -19,17 +19,8 @@ closes the channel, and its next setup declares the queue again with its
 :class:`QueueSpec` (arguments and bindings) and consumes it again, retried with backoff by
 the link; ``on_restored`` is called after.
 
-Poison. A delivery whose handler raises is requeued, and its failures are counted here,
-keyed by its ``message_id`` (or a digest of routing key and body), in a bounded map: at
-:data:`POISON_ATTEMPTS` failures it goes to the consumer's ``poison`` callback instead,
-which dead-letters it with reason :data:`PROCESSING_FAILED` and the exception's class
-(:data:`H_DEAD_EXCEPTION`). A :class:`~bridge.errors.BridgeError` (the store cannot
-commit, the broker refused a publish) says the worker cannot work right now, not that the
-message is bad: requeued, not counted. A delivery that cannot be requeued (``no_ack``,
-``ack_on_receipt``) goes to ``poison`` at its first failure. The count lives in memory, so
-a message that makes the process die is caught by the broker's count instead: a
-redelivery whose ``x-delivery-count`` (quorum queues) reached :data:`DELIVERY_LIMIT` goes
-to ``poison`` with reason :data:`DELIVERY_LIMIT_REASON` before the handler sees it.
+Poison (a delivery whose handler keeps raising, or that the broker redelivered too often)
+is told apart and handed to the consumer's ``poison`` callback by :mod:`bridge.amqp.poison`.
 
 One owner per stateful queue. A stateful worker keeps what its queues carry in files of its
 own, so two processes consuming them would split the messages between two stores. Its
@@ -49,29 +40,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.amqp import frames as F
-from bridge.amqp.link import Channel, Link
+from bridge.amqp.channel import Channel
+from bridge.amqp.link import Link
+from bridge.amqp.poison import DELIVERY_LIMIT as DELIVERY_LIMIT
+from bridge.amqp.poison import (
+    DELIVERY_LIMIT_REASON,
+    POISON_ATTEMPTS,
+    PROCESSING_FAILED,
+    Failures,
+    Poison,
+    failure_detail,
+    over_delivery_limit,
+)
+from bridge.amqp.poison import H_DEAD_EXCEPTION as H_DEAD_EXCEPTION
+from bridge.amqp.poison import H_DELIVERY_COUNT as H_DELIVERY_COUNT
 from bridge.errors import BridgeError
 
 LEASE_SUFFIX = ".owner"
-POISON_ATTEMPTS = 5  # failures of one message before it is dead-lettered
-POISON_MEMORY = 10_000  # messages whose failures are remembered (least recent forgotten)
-DELIVERY_LIMIT = 20  # broker-counted returns (x-delivery-count) before it is dead-lettered
-H_DELIVERY_COUNT = "x-delivery-count"
-H_DEAD_EXCEPTION = "x-dead-exception"
-PROCESSING_FAILED = "processing_failed"
-DELIVERY_LIMIT_REASON = "delivery_limit"
-
-# poison(delivery, reason, detail, exception class name or None): dead-letter it (and
-# settle it); called at most once per delivery
-Poison = Callable[[F.Delivery, str, str, str | None], Awaitable[None]]
 
 log = logging.getLogger("bridge.amqp.consumer")
 
@@ -96,6 +87,8 @@ class QueueSpec:
 
 class Consumer(Channel):
     """One consumer on a channel of its own (see the module)."""
+
+    link: Link
 
     def __init__(
         self,
@@ -135,7 +128,7 @@ class Consumer(Channel):
         self._flush_scheduled = False
         self._stopped = False
         self.poison = poison
-        self.failures: OrderedDict[str, int] = OrderedDict()  # message key -> failures
+        self.failures = Failures()
         self.lease = lease
         self.waiting = False  # open, but the lease is not held: not consuming
         self.refusal: str | None = None  # the broker's refusal while another owner holds it
@@ -332,32 +325,21 @@ class Consumer(Channel):
             return
         attempts = 1
         if not settled:
-            key = delivery.message_id or _digest(delivery)
-            failures = self.failures
-            attempts = failures.pop(key, 0) + 1
+            attempts = self.failures.count(delivery)
             if attempts < POISON_ATTEMPTS or self.poison is None:
-                failures[key] = attempts
-                if len(failures) > POISON_MEMORY:
-                    failures.popitem(last=False)
                 self.nack(delivery, requeue=True)
                 return
+            self.failures.forget(delivery)
         if self.poison is not None:
-            detail = f"{type(exc).__name__}: {exc}"
-            if attempts > 1:
-                detail = f"failed {attempts} times, last: {detail}"
+            detail = failure_detail(exc, attempts)
             self._spawn_poison(delivery, PROCESSING_FAILED, detail, type(exc).__name__)
 
     def _over_limit(self, delivery: F.Delivery) -> bool:
         """A redelivery the broker counted :data:`DELIVERY_LIMIT` times: poison, unseen by
         the handler (it may be what made the process die each time)."""
-        headers = delivery.properties.headers
-        count = headers.get(H_DELIVERY_COUNT) if headers else None
-        if type(count) is not int or count < DELIVERY_LIMIT:
+        detail = over_delivery_limit(delivery)
+        if detail is None:
             return False
-        detail = (
-            f"delivered {count + 1} times without being settled (the worker stopped or lost "
-            "its connection while handling it each time)"
-        )
         self._spawn_poison(delivery, DELIVERY_LIMIT_REASON, detail, None)
         return True
 
@@ -428,12 +410,6 @@ class Consumer(Channel):
         # a fresh channel: its setup declares the queue (and bindings) and consumes again,
         # retried with backoff by the link
         self.link.restart_channel(self, "consumer cancelled by the broker")
-
-
-def _digest(delivery: F.Delivery) -> str:
-    h = hashlib.sha256((delivery.routing_key or "").encode())
-    h.update(delivery.body)
-    return h.hexdigest()
 
 
 def lease_queue(queue: str) -> str:

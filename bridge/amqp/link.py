@@ -33,103 +33,20 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.amqp import frames as F
+from bridge.amqp.channel import Channel, settled
+from bridge.amqp.connection import (
+    CHANNEL_MAX,
+    FRAME_MAX,
+    LinkProtocol,
+    connection_method,
+    handshake,
+)
 from bridge.amqp.endpoint import Endpoint, describe_connect_error
 from bridge.errors import BrokerUnavailable, LinkError, Refused
 
 log = logging.getLogger("bridge.amqp.link")
 
-CHANNEL_MAX = 64
-FRAME_MAX = 131072
 RETRY_MAX_S = 5.0
-
-
-class Channel:
-    """One channel of a :class:`Link`; :class:`~bridge.amqp.publisher.Publisher` and
-    :class:`~bridge.amqp.consumer.Consumer` are its two kinds.
-
-    The link calls :meth:`setup` after opening it (on start, after a reconnect, after the
-    broker closed it), :meth:`on_event` for each frame of its own, :meth:`on_closed` when
-    the broker closed it and :meth:`on_lost` when the connection went.
-    """
-
-    def __init__(self, link: Link, *, name: str) -> None:
-        self.link = link
-        self.name = name
-        self.number = 0  # set by the link; 0 = not open
-        self.is_open = False
-        self.epoch = 0  # +1 each time it is opened: delivery tags of older epochs are stale
-        link.attach(self)
-
-    def describe(self) -> str:
-        """What is wrong with it, for readiness (called when it is not set up)."""
-        return f"{self.name}: channel reopening"
-
-    def refused(self, code: int, text: str) -> bool:
-        """Whether the broker closing the channel with ``code`` is a refusal this channel
-        reports itself and waits out (then the link retries quietly; see ``Refused``)."""
-        return False
-
-    async def setup(self) -> None:
-        """What the channel does once open (confirm mode, qos, consume)."""
-
-    def on_event(self, event: Any) -> None:
-        """A method, delivery or return for this channel."""
-
-    def on_closed(self, code: int, text: str) -> None:
-        """The broker closed this channel (it is reopened after)."""
-
-    def on_lost(self) -> None:
-        """The connection went (it is reopened after)."""
-
-    def on_writable(self) -> None:
-        """Writing may go on (connection unblocked, socket buffer drained, channel open)."""
-
-    def flush(self) -> None:
-        """Write now what waits for the next loop turn (acks, publishes): before a close."""
-
-    def write(self, data: bytes) -> None:
-        self.link.write(data)
-
-    async def call(self, method: F.Method, reply: type[F.Method]) -> Any:
-        return await self.link.call(self.number, method, reply)
-
-
-class _Protocol(asyncio.Protocol):
-    def __init__(self, link: Link) -> None:
-        self.link = link
-        self.transport: asyncio.Transport | None = None
-        self.decoder = F.Decoder(FRAME_MAX)
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        link = self.link
-        link.last_read = link.loop.time()
-        try:
-            events = self.decoder.feed(data)
-        except F.DecodeError as exc:
-            log.error(
-                "broker sent bytes that are not AMQP; reconnecting",
-                extra={"link": link.name, "error": str(exc)},
-            )
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        link.dispatch(self, events)
-
-    def pause_writing(self) -> None:
-        self.link.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.link.write_paused = False
-        self.link.writable()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.link.connection_lost(self, exc)
 
 
 class Link:
@@ -163,7 +80,7 @@ class Link:
         # what the broker announced in connection.start (product, version, capabilities)
         self.server_properties: dict[str, Any] = {}
         self.on_disconnected: list[Callable[[], None]] = []
-        self._proto: _Protocol | None = None
+        self._proto: LinkProtocol | None = None
         self._up = False
         self._heartbeat = 0
         self._waiters: list[tuple[int, type, asyncio.Future[Any]]] = []
@@ -210,13 +127,13 @@ class Link:
     @property
     def ready(self) -> bool:
         """Connected and every channel set up (every consumer consuming)."""
-        return self._up and all(c.is_open and _settled(c) for c in self.channels)
+        return self._up and all(c.is_open and settled(c) for c in self.channels)
 
     def not_ready(self) -> list[str]:
         """What is not set up, one phrase each (for /readyz)."""
         if not self._up:
             return [f"{self.name}: broker link not connected"]
-        return [c.describe() for c in self.channels if not (c.is_open and _settled(c))]
+        return [c.describe() for c in self.channels if not (c.is_open and settled(c))]
 
     async def close(self) -> None:
         self._closing = True
@@ -263,7 +180,7 @@ class Link:
     async def _run(self) -> None:
         delay = 0.25
         while not self._closing:
-            proto: _Protocol | None = None
+            proto: LinkProtocol | None = None
             try:
                 proto = await self._connect()
                 delay = 0.25
@@ -296,7 +213,7 @@ class Link:
             delay = min(delay * 2, self.retry_max_s)
             self.reconnects += 1
 
-    def _abandon(self, proto: _Protocol | None) -> None:
+    def _abandon(self, proto: LinkProtocol | None) -> None:
         if proto is not None and proto.transport is not None:
             proto.transport.abort()
         for _, _, waiter in self._waiters:
@@ -304,54 +221,16 @@ class Link:
                 waiter.cancel()
         self._waiters.clear()
 
-    async def _connect(self) -> _Protocol:
+    async def _connect(self) -> LinkProtocol:
         e = self.endpoint
         async with asyncio.timeout(self.connect_timeout):
             _, proto = await self.loop.create_connection(
-                lambda: _Protocol(self), e.host, e.port, ssl=e.ssl_context()
+                lambda: LinkProtocol(self), e.host, e.port, ssl=e.ssl_context()
             )
             self._proto = proto
-            start = self._expect(0, F.ConnectionStart)
-            self.write(F.PROTOCOL_HEADER)
-            self.server_properties = dict((await start).server_properties or {})
-            tune = self._expect(0, F.ConnectionTune)
-            self.write(
-                F.method_frame(
-                    0,
-                    F.ConnectionStartOk(
-                        client_properties={
-                            "product": "rabbitmq-bridge-workers",
-                            "connection_name": e.name or self.name,
-                            "capabilities": {
-                                "publisher_confirms": True,
-                                "basic.nack": True,
-                                "consumer_cancel_notify": True,
-                                "connection.blocked": True,
-                                "authentication_failure_close": True,
-                                "exchange_exchange_bindings": True,
-                            },
-                        },
-                        mechanism="PLAIN",
-                        response=f"\0{e.user}\0{e.password}",
-                    ),
-                )
-            )
-            t = await tune
-            frame_max = min(t.frame_max or FRAME_MAX, FRAME_MAX)
-            ours, theirs = self.heartbeat_s, t.heartbeat
-            heartbeat = min(ours, theirs) if ours and theirs else (ours or theirs)
+            frame_max, heartbeat = await handshake(self, proto)
             self.frame_max = frame_max
-            proto.decoder.frame_max = frame_max
             self._heartbeat = heartbeat
-            channel_max = min(t.channel_max or CHANNEL_MAX, CHANNEL_MAX)
-            self.write(
-                F.method_frame(
-                    0,
-                    F.ConnectionTuneOk(
-                        channel_max=channel_max, frame_max=frame_max, heartbeat=heartbeat
-                    ),
-                )
-            )
             await self.call(0, F.ConnectionOpen(virtual_host=e.vhost), F.ConnectionOpenOk)
             self.last_read = self.last_write = self.loop.time()
             if heartbeat:
@@ -381,7 +260,7 @@ class Link:
         await channel.setup()
         channel.on_writable()
 
-    async def _open_channel(self, channel: Channel, proto: _Protocol | None) -> None:
+    async def _open_channel(self, channel: Channel, proto: LinkProtocol | None) -> None:
         """Open (or reopen) one channel on the running connection, with backoff."""
         delay = 0.25
         while not self._closing and self._proto is proto and self._up:
@@ -405,17 +284,13 @@ class Link:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
 
-    def connection_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+    def connection_lost(self, proto: LinkProtocol, exc: Exception | None) -> None:
         if proto is not self._proto:
             return
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
             self._heartbeat_timer = None
-        error = LinkError(320, f"connection lost: {exc}" if exc else "connection closed")
-        for _, _, waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._waiters.clear()
+        self.fail_waiters(LinkError(320, f"connection lost: {exc}" if exc else "connection closed"))
         self.write_paused = False
         if self._up:
             self._down()
@@ -500,7 +375,7 @@ class Link:
             if channel.is_open:
                 channel.on_writable()
 
-    def _expect(self, channel: int, kind: type) -> asyncio.Future[Any]:
+    def expect(self, channel: int, kind: type) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
         fut.add_done_callback(_retrieved)
         self._waiters.append((channel, kind, fut))
@@ -509,26 +384,26 @@ class Link:
     async def call(self, channel: int, method: F.Method, reply: type[F.Method]) -> Any:
         """Send a synchronous method and wait for its reply; a channel closed by the broker
         instead raises :class:`LinkError` with the broker's code."""
-        fut = self._expect(channel, reply)
+        fut = self.expect(channel, reply)
         self.write(F.method_frame(channel, method))
         return await fut
 
     # -- frames in ---------------------------------------------------------------------
 
-    def dispatch(self, proto: _Protocol, events: list[F.Event]) -> None:
+    def dispatch(self, proto: LinkProtocol, events: list[F.Event]) -> None:
         if proto is not self._proto:
             return
         by_number = self._by_number
         for number, event in events:
             if number == 0:
                 if event is not F.HEARTBEAT_EVENT:
-                    self._connection_method(proto, event)
+                    connection_method(self, proto, event)
                 continue
             channel = by_number.get(number)
             if isinstance(event, F.ChannelClose):
                 self._channel_closed(proto, number, channel, event)
                 continue
-            if isinstance(event, F.Method) and self._resolve(number, event):
+            if isinstance(event, F.Method) and self.resolve(number, event):
                 continue
             if channel is not None:
                 try:
@@ -539,7 +414,7 @@ class Link:
                         extra={"link": self.name, "channel": channel.name},
                     )
 
-    def _resolve(self, number: int, method: F.Method) -> bool:
+    def resolve(self, number: int, method: F.Method) -> bool:
         for i, (ch, kind, fut) in enumerate(self._waiters):
             if ch == number and isinstance(method, kind) and not fut.done():
                 del self._waiters[i]
@@ -567,7 +442,7 @@ class Link:
         self.spawn(restart(), f"restart {channel.name}")
 
     def _channel_closed(
-        self, proto: _Protocol, number: int, channel: Channel | None, method: Any
+        self, proto: LinkProtocol, number: int, channel: Channel | None, method: Any
     ) -> None:
         code, text = method.reply_code, method.reply_text
         with contextlib.suppress(LinkError):
@@ -604,43 +479,12 @@ class Link:
         if not failed_setup:  # a failed setup call: its caller retries
             self.spawn(self._open_channel(channel, proto), f"reopen {channel.name}")
 
-    def _connection_method(self, proto: _Protocol, method: Any) -> None:
-        if isinstance(method, F.ConnectionClose):
-            log.warning(
-                "broker closed the connection",
-                extra={"link": self.name, "code": method.reply_code, "text": method.reply_text},
-            )
-            with contextlib.suppress(LinkError):
-                self.write(F.method_frame(0, F.ConnectionCloseOk()))
-            error = LinkError(method.reply_code, method.reply_text)
-            for _, _, fut in self._waiters:
-                if not fut.done():
-                    fut.set_exception(error)
-            self._waiters.clear()
-            if proto.transport is not None:
-                proto.transport.close()
-            return
-        if isinstance(method, F.ConnectionBlocked):
-            self.blocked = method.reason or "blocked"
-            log.warning(
-                "broker blocks publishing (resource alarm); publishes wait",
-                extra={"link": self.name, "reason": method.reason},
-            )
-            return
-        if isinstance(method, F.ConnectionUnblocked):
-            self.blocked = None
-            log.info("broker unblocks publishing", extra={"link": self.name})
-            self.writable()
-            return
-        if not self._resolve(0, method):
-            log.debug(
-                "unexpected method ignored", extra={"link": self.name, "method": repr(method)}
-            )
-
-
-def _settled(channel: Channel) -> bool:
-    consuming = getattr(channel, "consuming", None)
-    return consuming is None or bool(consuming)
+    def fail_waiters(self, error: LinkError) -> None:
+        """Every call waiting for a reply gets ``error`` (the connection went or closed)."""
+        for _, _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:

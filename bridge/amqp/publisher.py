@@ -25,8 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.amqp import frames as F
+from bridge.amqp.channel import Channel
 from bridge.amqp.confirms import TIMEOUT, ConfirmTracker, Outcome
-from bridge.amqp.link import Channel, Link
+from bridge.amqp.link import Link
 from bridge.errors import PublishFailed
 
 log = logging.getLogger("bridge.amqp.publisher")
@@ -39,6 +40,8 @@ _Queued = tuple[str, str, bytes, bytes, "str | None", bool, "asyncio.Future[None
 
 class Publisher(Channel):
     """One publishing channel of a link (see the module)."""
+
+    link: Link
 
     def __init__(
         self,

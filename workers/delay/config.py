@@ -144,10 +144,18 @@ class DelaySettings(ShardFields, BaseSettings):
         "shorter lets an idle lane take over from a busy one sooner",
     )
 
+    dispatch_interval_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="the clock wakes the dispatcher at most this often: what falls due "
+        "meanwhile goes to the lanes in one batch per topic (at most this much later); a "
+        "lane that reports gets work at once",
+    )
     ingress_commit_linger_ms: float = Field(
         default=1.0,
         ge=0,
-        description="how long an ingress delivery may wait for others to share its commit",
+        description="how long an ingress delivery may wait for others to share its commit "
+        "(its acknowledgement waits for that commit)",
     )
     delete_commit_delay_ms: float = Field(
         default=20.0,

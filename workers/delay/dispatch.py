@@ -104,6 +104,7 @@ class Dispatcher:
         loop = self._loop
         n_lanes = len(self.lanes)
         grow_ms = self.settings.lane_grow_ms
+        tick_ms = self.settings.dispatch_interval_ms
         while self.running:
             now = now_ms()
             for assignment in scheduler.assign(now):
@@ -135,6 +136,12 @@ class Dispatcher:
                 elif now - nxt >= grow_ms and self._lane_stuck(grow_ms):
                     self._lanes_wanted_at = time.monotonic()
                 # else: every lane is busy; a lane's report wakes us
+            if wake_at is not None:
+                # Woken by the clock at most once per DISPATCH_INTERVAL_MS: what falls due
+                # meanwhile goes out as one batch per topic, not a batch per due time (each
+                # costs a hand-off to a lane thread and back, a store read, a socket write
+                # and a confirm wait). A lane that reports (kick) is given work at once.
+                wake_at = max(wake_at, now + tick_ms)
             wake: asyncio.Future[None] = loop.create_future()
             self._wake = wake
             handle = None

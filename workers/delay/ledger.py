@@ -66,7 +66,10 @@ class Ledger:
         self._journal: list[Op] = []
         self._next_mid = next_mid
         self._topics: dict[str, str] = {}  # one str object per topic name
+        # the next commit that requests share (see _commit_within), when it is asked for
         self._linger: asyncio.Future[None] | None = None
+        self._linger_at = 0.0
+        self._linger_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._on_commit_seconds = on_commit_seconds
         # A message due now may enter a window capped by a backlog, up to this many extra.
@@ -99,15 +102,30 @@ class Ledger:
         Deliveries arriving within ``INGRESS_COMMIT_LINGER_MS`` share one barrier (and one
         commit): far fewer futures and writer-thread round trips than one per delivery.
         """
+        return self._commit_within(self.settings.ingress_commit_linger_ms)
+
+    def _commit_within(self, ms: float) -> asyncio.Future[None]:
+        """A future resolved once everything journaled so far is committed, by a commit
+        asked for at most ``ms`` from now. Requests whose waits overlap share one commit:
+        a commit's cost in the writer thread is mostly per commit (the pages it rewrites in
+        the WAL, its fsync), not per row."""
+        loop = self._loop
+        at = loop.time() + ms / 1000
         fut = self._linger
+        if fut is not None and self._linger_at <= at:
+            return fut
         if fut is None:
-            fut = self._linger = self._loop.create_future()
-            self._loop.call_later(self.settings.ingress_commit_linger_ms / 1000, self._seal, fut)
+            fut = self._linger = loop.create_future()
+        elif self._linger_handle is not None:
+            self._linger_handle.cancel()  # wanted sooner than planned
+        self._linger_at = at
+        self._linger_handle = loop.call_at(at, self._seal, fut)
         return fut
 
     def _seal(self, fut: asyncio.Future[None]) -> None:
         if self._linger is fut:
             self._linger = None
+            self._linger_handle = None
         barrier = self.committer.barrier()  # covers everything journaled before now
 
         def done(b: asyncio.Future[None]) -> None:
@@ -122,16 +140,31 @@ class Ledger:
 
         barrier.add_done_callback(done)
 
+    async def close(self) -> None:
+        """Commit what is journaled, the shared commit that waits for its time included (its
+        waiters, the ingress's acknowledgements among them, are settled before the link
+        closes: a delivery stored but not acknowledged would be stored again after the
+        restart), then stop the committer."""
+        fut = self._linger
+        if fut is not None:
+            if self._linger_handle is not None:
+                self._linger_handle.cancel()
+            self._seal(fut)
+        await self.committer.close()
+
     def delete_done(self, rows: Iterable[tuple[int, str]]) -> None:
-        """Messages confirmed at their target (or dead-lettered): delete their rows. Until
-        that commit, the loader and cancel skip them."""
+        """Messages confirmed at their target (or dead-lettered): delete their rows, in a
+        commit within ``DELETE_COMMIT_DELAY_MS`` (shared with the ingress's). Until that
+        commit, the loader and cancel skip them."""
         rows = list(rows)
         if not rows:
             return
         mids = [mid for mid, _ in rows]
         self.deleting.update(mids)
         self._journal.append(Delete(rows))
-        self.commit_soon().add_done_callback(lambda _: self.deleting.difference_update(mids))
+        fut = self._commit_within(self.settings.delete_commit_delay_ms)
+        fut.add_done_callback(_consume_result)
+        fut.add_done_callback(lambda _: self.deleting.difference_update(mids))
 
     def _take(self) -> list[Op]:
         ops, self._journal = self._journal, []

@@ -305,7 +305,7 @@ class DelayWorker:
             self.dispatcher.dead_log.close()
         if self.ledger is not None:
             with contextlib.suppress(Exception):
-                await self.ledger.committer.close()
+                await self.ledger.close()
         if self._ring is not None:
             await self._ring.close()
         if self.shards is not None:

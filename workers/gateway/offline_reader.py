@@ -46,6 +46,8 @@ class Subscription:
 class OfflineReader(Channel):
     """The consumes of the offline queues, multiplexed on one channel (see the module)."""
 
+    link: Link  # the link itself (a Channel names it by the shape channels need)
+
     def __init__(
         self, link: Link, *, prefetch: int, on_gone: Callable[[Subscription], None]
     ) -> None:

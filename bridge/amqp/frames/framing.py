@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from bridge.amqp.frames.methods import BasicAck, BasicNack, BasicReturn, Method, _decode_method
@@ -18,7 +19,6 @@ from bridge.amqp.frames.tables import (
     FRAME_MAX_DEFAULT,
     FRAME_METHOD,
     DecodeError,
-    _Reader,
     _shortstr,
 )
 
@@ -92,6 +92,13 @@ def nack_frame(channel: int, delivery_tag: int, multiple: bool, requeue: bool) -
 
 
 # -- frames in ---------------------------------------------------------------------------
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace")
 
 
 class Delivery:
@@ -258,16 +265,21 @@ class Decoder:
                 method.requeue = bool(flags & 2)
             events.append((channel, method))
             return
-        if head == b"\x00\x3c\x00\x3c":  # deliver
-            reader = _Reader(payload, 4)
+        if head == b"\x00\x3c\x00\x3c":  # deliver: the hot path, without a _Reader
             d = Delivery()
             d.channel = channel
-            d.consumer_tag = reader.shortstr()
-            d.delivery_tag = reader.unpack(_U64)
-            d.redelivered = bool(reader.octet() & 1)
-            d.exchange = reader.shortstr()
-            d.routing_key = reader.shortstr()
-            if reader.pos != len(payload):
+            try:
+                end = 5 + payload[4]
+                d.consumer_tag = _text(payload[5:end])
+                d.delivery_tag = _U64.unpack_from(payload, end)[0]
+                d.redelivered = bool(payload[end + 8] & 1)
+                pos = end + 10 + payload[end + 9]
+                d.exchange = _text(payload[end + 10 : pos])
+                end = pos + 1 + payload[pos]
+                d.routing_key = _text(payload[pos + 1 : end])
+            except (IndexError, struct.error):
+                raise DecodeError("basic.deliver shorter than its fields") from None
+            if end != len(payload):  # also a short string that ran past the end
                 raise DecodeError("basic.deliver of the wrong size")
             self._content[channel] = [d, -1, []]
             return

@@ -148,10 +148,12 @@ class Properties:
             last = _U16.unpack_from(data, pos)[0]
             pos += 2
         props = cls.__new__(cls)
-        props.error = None
+        props.content_type = props.content_encoding = props.headers = None
+        props.delivery_mode = props.priority = props.correlation_id = props.reply_to = None
+        props.expiration = props.message_id = props.timestamp = props.type = None
+        props.user_id = props.app_id = props.cluster_id = props.error = None
         for name, kind, bit in _PROPERTIES:
             if not flags & bit:
-                setattr(props, name, None)
                 continue
             if kind == "shortstr":
                 end = pos + 1 + data[pos]

@@ -1,0 +1,87 @@
+"""The delay worker's ledger (workers.delay.ledger): requests for a commit share one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from workers.delay.config import DelaySettings
+from workers.delay.ledger import Ledger
+from workers.delay.store import DelayStore, Insert
+
+
+def _insert(mid: int) -> Insert:
+    return Insert(mid, 1000 + mid, "t", "rk", None, f"m{mid}", "{}", None, b"x")
+
+
+def _rows(store: DelayStore) -> list[int]:
+    return store.db.run_sync(
+        lambda c: [r[0] for r in c.execute("SELECT mid FROM pending ORDER BY mid")]
+    )
+
+
+async def test_deletes_and_ingress_share_one_commit(tmp_path) -> None:
+    """The deletes of confirmed messages wait up to DELETE_COMMIT_DELAY_MS and ride along
+    with the ingress's commit (a commit costs the writer thread about as much as its rows),
+    and the one commit settles both."""
+    settings = DelaySettings(ingress_commit_linger_ms=10, delete_commit_delay_ms=1000)
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    ledger.committer.start()
+    try:
+        ledger.append(_insert(1))
+        ledger.append(_insert(2))
+        await ledger.stored()
+        commits = ledger.committer.commits
+        assert _rows(store) == [1, 2]
+
+        ledger.delete_done([(1, "t")])  # would wait up to 1 s on its own
+        assert 1 in ledger.deleting
+        ledger.append(_insert(3))
+        await asyncio.wait_for(ledger.stored(), 5)  # well before the deletes' delay
+
+        assert ledger.committer.commits == commits + 1
+        assert _rows(store) == [2, 3]
+        await asyncio.sleep(0)
+        assert 1 not in ledger.deleting
+        assert ledger.topic_counts == {"t": 2}
+    finally:
+        await ledger.committer.close()
+        store.close()
+
+
+async def test_deletes_alone_are_committed_within_their_delay(tmp_path) -> None:
+    settings = DelaySettings(delete_commit_delay_ms=20)
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    ledger.committer.start()
+    try:
+        ledger.append(_insert(1))
+        await ledger.stored()
+        ledger.delete_done([(1, "t")])
+        for _ in range(500):  # the commit comes by itself, without an ingress to share it
+            if not ledger.deleting:
+                break
+            await asyncio.sleep(0.01)
+        assert not ledger.deleting
+        assert _rows(store) == []
+    finally:
+        await ledger.committer.close()
+        store.close()
+
+
+async def test_close_commits_a_shared_commit_still_waiting_and_settles_it(tmp_path) -> None:
+    """At stop, a commit whose linger has not run out is made at once and its waiters (the
+    ingress's acknowledgements) are settled before the link closes."""
+    settings = DelaySettings(ingress_commit_linger_ms=60_000)
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    ledger.committer.start()
+    try:
+        ledger.append(_insert(1))
+        stored = ledger.stored()
+        await asyncio.wait_for(ledger.close(), 10)
+        await asyncio.sleep(0)
+        assert stored.done() and stored.exception() is None
+        assert _rows(store) == [1]
+    finally:
+        store.close()
