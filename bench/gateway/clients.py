@@ -15,7 +15,7 @@ from typing import Any, cast
 from bench.harness.cpu import CpuWatch
 from bench.harness.report import progress
 from bench.harness.stats import percentile, rnd
-from workers.gateway.protocol import PONG_FRAME, FrameDecoder, FrameType, encode_data, encode_hello
+from workers.gateway.wire import PONG_FRAME, FrameDecoder, FrameType, encode_data, encode_hello
 
 PAYLOAD = b"p" * 256
 STOMP_PORT = 61613

@@ -16,7 +16,7 @@ from typing import cast
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url
-from workers.gateway.protocol import (
+from workers.gateway.wire import (
     PONG_FRAME,
     FrameDecoder,
     FrameType,

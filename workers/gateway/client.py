@@ -18,7 +18,7 @@ import ssl
 import sys
 from typing import Any
 
-from workers.gateway.protocol import (
+from workers.gateway.wire import (
     BYE_FRAME,
     PING_FRAME,
     PONG_FRAME,

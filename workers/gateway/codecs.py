@@ -1,6 +1,6 @@
 """The framings of listeners for clients that already exist (docs/gateway.md, Listeners):
-``length``, ``lines`` and ``raw``. Pure, no I/O, like :mod:`workers.gateway.protocol`, whose
-:class:`~workers.gateway.protocol.ProtocolError` they raise for a frame over the limit.
+``length``, ``lines`` and ``raw``. Pure, no I/O, like :mod:`workers.gateway.wire`, whose
+:class:`~workers.gateway.wire.ProtocolError` they raise for a frame over the limit.
 
 No HELLO, no frame types: every frame (or line, or chunk) is one message. A codec cuts the
 inbound stream into payloads and frames the server's replies; like the ``frames`` decoder it
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final, Literal, TypeAlias
 
-from workers.gateway.protocol import ProtocolError
+from workers.gateway.wire import ProtocolError
 
 __all__ = ["Framing", "LengthCodec", "LineCodec", "RawCodec", "StreamCodec", "stream_codec"]
 

@@ -1,7 +1,7 @@
 """Settings of the gateway worker (``BRIDGE_GATEWAY__*``) and the wire names it uses.
 
 Every exchange and queue name is the default of a setting; AMQP headers, event names and the
-ERROR codes the gateway adds to those of :mod:`workers.gateway.protocol` are defined here once.
+ERROR codes the gateway adds to those of :mod:`workers.gateway.wire` are defined here once.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The gateway's sessions and what they share: the association of clients with servers
-(the pure :class:`~workers.gateway.balancer.Balancer`), the publish window and the server
+(the pure :class:`~workers.gateway.core.Balancer`), the publish window and the server
 queues.
 
 A :class:`~workers.gateway.session.Session` calls :meth:`GatewayHub.join` once its HELLO is
@@ -34,7 +34,6 @@ from bridge.amqp.frames import EncodeError, Properties
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
 from workers.gateway.auth import Authenticator
-from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     E_NO_SERVER,
     E_SERVER_GONE,
@@ -45,11 +44,12 @@ from workers.gateway.config import (
     H_SEQ,
     GatewaySettings,
 )
+from workers.gateway.core import Balancer
 from workers.gateway.metrics import GatewayMetrics
 from workers.gateway.passthrough import Pipe, relay
-from workers.gateway.protocol import SEQ_BYTES, encode_ack, split_seq
 from workers.gateway.session import JOINING, OPEN, Session
 from workers.gateway.states import State
+from workers.gateway.wire import SEQ_BYTES, encode_ack, split_seq
 
 if TYPE_CHECKING:
     from workers.gateway.offline import OfflineReplies

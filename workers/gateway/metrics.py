@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from bridge.amqp.link import Link
 from bridge.metrics import LATENCY_BUCKETS
-from workers.gateway.balancer import Balancer
+from workers.gateway.core import Balancer
 
 
 class GatewayState(Protocol):

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from workers.gateway.protocol import ProtocolError
+from workers.gateway.wire import ProtocolError
 
 V1_PREFIX: Final = b"PROXY "
 V1_MAX: Final = 107  # the whole v1 line, CRLF included (spec 2.1)

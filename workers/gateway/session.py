@@ -1,6 +1,6 @@
 """One client connection of the gateway: an ``asyncio.Protocol`` driving the framing core.
 
-A session owns its socket, its decoder (:class:`~workers.gateway.protocol.FrameDecoder` on
+A session owns its socket, its decoder (:class:`~workers.gateway.wire.FrameDecoder` on
 a ``frames`` listener; a :class:`StreamSession` has the codec of its listener's ``length``,
 ``lines`` or ``raw`` framing and no HELLO), the PROXY protocol header's decoder when its
 listener wants one, and the queue of events waiting to be published to its server; on a
@@ -39,7 +39,9 @@ from workers.gateway.config import (
 )
 from workers.gateway.identity import Proof
 from workers.gateway.metrics import GatewayMetrics
-from workers.gateway.protocol import (
+from workers.gateway.proxy_header import ProxyHeaderDecoder, format_addr
+from workers.gateway.states import Event, State, next_state
+from workers.gateway.wire import (
     BYE_FRAME,
     HTTP_400_RESPONSE,
     PING_FRAME,
@@ -53,8 +55,6 @@ from workers.gateway.protocol import (
     parse_hello,
     split_seq,
 )
-from workers.gateway.proxy_header import ProxyHeaderDecoder, format_addr
-from workers.gateway.states import Event, State, next_state
 
 # module names for the hot path (a global is cheaper than State.OPEN)
 HANDSHAKE, JOINING, OPEN, CLOSING, CLOSED = State

@@ -3,7 +3,7 @@
 The parts, in the order a client's DATA meets them: a
 :class:`~workers.gateway.session.Session` per connection (framing, HELLO, its event queue),
 the :class:`~workers.gateway.hub.GatewayHub` (assignment to a server by the pure
-:class:`~workers.gateway.balancer.Balancer`, the publish window, the server queues); the
+:class:`~workers.gateway.core.Balancer`, the publish window, the server queues); the
 reply comes back through :class:`~workers.gateway.replies.Replies`. The servers announce
 themselves to :class:`~workers.gateway.registry.ServerRegistry`; replicas share counts and
 sticky records through :class:`~workers.gateway.peers.Peers`; the
@@ -37,10 +37,10 @@ from bridge.errors import ConfigError, LinkError
 from bridge.host import WorkerContext
 from bridge.settings import load_settings
 from bridge.tls import server_context
-from workers.gateway.balancer import Balancer
 from workers.gateway.config import (
     GatewaySettings,
 )
+from workers.gateway.core import Balancer
 from workers.gateway.housekeeping import Housekeeper
 from workers.gateway.hub import GatewayHub
 from workers.gateway.metrics import GatewayMetrics

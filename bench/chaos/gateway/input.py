@@ -37,7 +37,7 @@ from bench.harness.cpu import rss_bytes
 from bench.harness.procs import WorkerProcess, free_port
 from bench.harness.report import broker_url, progress, unique
 from bench.harness.stats import percentile, rnd
-from workers.gateway.protocol import encode_data, encode_hello
+from workers.gateway.wire import encode_data, encode_hello
 
 TOKEN = "corpus-token"
 LIMITS = Limits(max_hello_frame=4096, max_frame=65536, tokens=(TOKEN,))

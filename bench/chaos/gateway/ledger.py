@@ -14,7 +14,7 @@ from typing import Any
 
 from workers.gateway.backend import Reply, ServerEvent
 from workers.gateway.client import GatewayClient, GatewayError
-from workers.gateway.protocol import FrameType, encode_data
+from workers.gateway.wire import FrameType, encode_data
 
 NAME = "gateway"
 SERVERS = ("s1", "s2")

@@ -1,7 +1,7 @@
 """What the gateway must answer to any byte sequence, and a blocking client that checks it.
 
 :func:`expected` is written from the rejection table of docs/gateway.md, not from
-``workers/gateway/protocol.py``: it says, for the bytes a client sends on one connection,
+``workers/gateway/wire.py``: it says, for the bytes a client sends on one connection,
 which ERROR code (or HTTP 400, or WELCOME and then which echoes, PONGs and BYE) the
 contract promises when the backend echoes every DATA. :func:`exchange` sends the bytes to a
 running gateway over a real socket and returns what came back; :func:`check` compares the

@@ -25,7 +25,7 @@ from tests.conftest import running_host
 from workers.gateway.backend import BackendServer, Handler, echo
 from workers.gateway.client import GatewayClient
 from workers.gateway.config import GatewaySettings
-from workers.gateway.protocol import Frame, FrameDecoder, FrameType
+from workers.gateway.wire import Frame, FrameDecoder, FrameType
 from workers.gateway.worker import GatewayWorker
 
 SERVER_HEARTBEAT_S = 0.2

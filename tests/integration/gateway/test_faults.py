@@ -53,7 +53,7 @@ from tests.integration.gateway.helpers import (
 )
 from workers.gateway.backend import BackendServer, Reply, ServerEvent
 from workers.gateway.client import GatewayClient, GatewayError
-from workers.gateway.protocol import FrameType, encode_data, encode_hello
+from workers.gateway.wire import FrameType, encode_data, encode_hello
 from workers.gateway.worker import GatewayWorker
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ from tests.integration.gateway.helpers import (
 )
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.identity import sign_token
-from workers.gateway.protocol import FrameType, encode_hello
+from workers.gateway.wire import FrameType, encode_hello
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from tests.integration.gateway.helpers import (
     self_signed_cert,
 )
 from workers.gateway.client import GatewayClient, GatewayError
-from workers.gateway.protocol import FrameType, encode, encode_data, encode_hello
+from workers.gateway.wire import FrameType, encode, encode_data, encode_hello
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,8 @@ from tests.integration.gateway.helpers import (
     wait_until,
 )
 from workers.gateway.backend import Reply, ServerEvent
-from workers.gateway.protocol import FrameDecoder, FrameType, encode_data, encode_hello
 from workers.gateway.session import OPEN
+from workers.gateway.wire import FrameDecoder, FrameType, encode_data, encode_hello
 from workers.gateway.worker import GatewayWorker
 
 LISTENERS: list[dict[str, Any]] = [

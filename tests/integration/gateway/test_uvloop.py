@@ -14,7 +14,7 @@ from tests.integration.gateway.helpers import (
     raw_exchange,
     running_gateway,
 )
-from workers.gateway.protocol import FrameType, encode_data
+from workers.gateway.wire import FrameType, encode_data
 
 uvloop = pytest.importorskip("uvloop")
 

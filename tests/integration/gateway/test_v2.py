@@ -24,7 +24,7 @@ from tests.integration.gateway.helpers import (
 )
 from workers.gateway.backend import BackendServer, ServerEvent
 from workers.gateway.client import GatewayClient
-from workers.gateway.protocol import FrameType, encode_data
+from workers.gateway.wire import FrameType, encode_data
 
 pytestmark = pytest.mark.integration
 

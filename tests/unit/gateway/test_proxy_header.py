@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from workers.gateway.protocol import ProtocolError
 from workers.gateway.proxy_header import V2_SIGNATURE, ProxiedAddress, ProxyHeaderDecoder
+from workers.gateway.wire import ProtocolError
 
 
 def v2(

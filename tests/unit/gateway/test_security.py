@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from workers.gateway import session as session_module
 from workers.gateway.auth import Authenticator
 from workers.gateway.config import GatewaySettings, Listener
-from workers.gateway.protocol import FrameDecoder, FrameType, encode, encode_hello
 from workers.gateway.session import JOINING, Session
+from workers.gateway.wire import FrameDecoder, FrameType, encode, encode_hello
 
 GATEWAY = Path(session_module.__file__).resolve().parent
 

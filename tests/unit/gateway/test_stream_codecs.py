@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers.gateway.codecs import LengthCodec, LineCodec, RawCodec, StreamCodec, stream_codec
-from workers.gateway.protocol import ProtocolError
+from workers.gateway.wire import ProtocolError
 
 
 def feed_split(codec: StreamCodec, data: bytes, cuts: list[int]) -> tuple[list[bytes], str | None]:

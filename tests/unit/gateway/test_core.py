@@ -18,7 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from workers.gateway.balancer import Balancer
+from workers.gateway.core import Balancer
 
 TTL = 10.0
 RETENTION = 30.0

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.gateway.protocol import (
+from workers.gateway.wire import (
     BYE_FRAME,
     HTTP_400_RESPONSE,
     MAX_CLIENT_ID_CHARS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.gateway.balancer import Balancer
+from workers.gateway.core import Balancer
 
 
 def make() -> Balancer:
