@@ -2,7 +2,10 @@
 :mod:`workers.gateway.identity` to a connection (its certificate, its source address),
 counts them, logs failed authentications in one line per interval, and keeps one live
 connection per proven ``client_id`` (the newer one wins, the older gets ERROR
-``replaced``).
+``replaced``): at once among this replica's connections, and across replicas when their
+claims arrive through the peers exchange (workers/gateway/peers.py). "Newer" is the
+claim's stamp, ``(admit time in wall-clock ms, replica instance)``, the same order on
+every replica, so of two connections on two replicas exactly one survives.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
@@ -38,6 +43,7 @@ log = logging.getLogger("bridge.gateway")
 class Client(Protocol):
     """What the authenticator needs of a session (and sets: who the client is)."""
 
+    sid: str
     peer: str
     listener: Listener
     transport: asyncio.Transport | None
@@ -56,6 +62,12 @@ def peer_certificate(client: Client) -> dict[str, Any] | None:
     return cert if isinstance(cert, dict) else None
 
 
+@dataclass(slots=True)
+class Claim:
+    client: Client
+    at: int  # wall-clock ms when it was admitted (with the instance: the claim's order)
+
+
 class Authenticator:
     def __init__(self, settings: GatewaySettings, registry: CollectorRegistry) -> None:
         self.settings = settings
@@ -63,7 +75,9 @@ class Authenticator:
         self.unproven = settings.unproven_policy
         self.limiter = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
         # the live connection of each proven client_id (sessions of this replica)
-        self.claims: dict[str, Client] = {}
+        self.claims: dict[str, Claim] = {}
+        # tells the other replicas (client_id, session, stamp): Peers.claimed
+        self.announce: Callable[[str, str, int], None] | None = None
         self.failures = Counter(
             "bridge_gateway_auth_failures_total",
             "failed authentications (ERROR unauthorized), and attempts refused unchecked "
@@ -153,20 +167,42 @@ class Authenticator:
     def claim(self, client: Client) -> None:
         """``client`` proved its ``client_id``: it is that client's connection now, and an
         older live one is closed with ERROR ``replaced`` (before the new one is welcomed,
-        so no reply or offline message can reach both)."""
+        so no reply or offline message can reach both); the other replicas are told."""
         client_id = client.client_id
         if client_id is None:
             return
         older = self.claims.get(client_id)
-        self.claims[client_id] = client
-        if older is not None and older is not client and older.state < State.CLOSING:
+        # the newer arrival wins here even if the wall clock stepped back
+        at = max(int(time.time() * 1000), older.at + 1 if older is not None else 0)
+        self.claims[client_id] = Claim(client, at)
+        if older is not None and older.client is not client:
+            self._replace(older.client, "a newer connection proved the same client_id")
+        if self.announce is not None:
+            self.announce(client_id, client.sid, at)
+
+    def claimed_elsewhere(self, client_id: str, at: int, replica: str) -> None:
+        """Replica ``replica`` admitted ``client_id`` with stamp ``at``: close this replica's
+        connection of that id if its claim is older; if it is newer, say so again, so that
+        the other replica closes its own (their order is the same on both)."""
+        mine = self.claims.get(client_id)
+        if mine is None or mine.client.state >= State.CLOSING:
+            return
+        if (mine.at, self.settings.instance) < (at, replica):
+            del self.claims[client_id]
+            self._replace(mine.client, f"a newer connection proved the same client_id ({replica})")
+        elif self.announce is not None:
+            self.announce(client_id, mine.client.sid, mine.at)
+
+    def _replace(self, older: Client, message: str) -> None:
+        if older.state < State.CLOSING:
             self.replaced.inc()
-            older.fail(E_REPLACED, "a newer connection proved the same client_id")
+            older.fail(E_REPLACED, message)
 
     def release(self, client: Client) -> None:
         """The connection is gone: its client_id is free (unless a newer one holds it)."""
         client_id = client.client_id
-        if client_id is not None and self.claims.get(client_id) is client:
+        claim = None if client_id is None else self.claims.get(client_id)
+        if client_id is not None and claim is not None and claim.client is client:
             del self.claims[client_id]
 
     # -- one log line per interval -------------------------------------------------------

@@ -365,10 +365,20 @@ class OfflineReplies:
     def _deliver(self, restore: _Restore, delivery: Delivery) -> None:
         headers = delivery.properties.headers or {}
         marker = headers.get(H_OFFLINE_MARKER)
-        if marker is not None:
-            self.reader.settle(delivery, ok=True)  # a marker is never written to a client
+        if marker is not None:  # never written to a client
             if header_str(marker) == restore.marker:
+                self.reader.settle(delivery, ok=True)
                 restore.drained.set()
+            elif not restore.session.held and restore.sub is not None:
+                # Another session's, once ours is read: a newer connection of this client_id (on
+                # another replica, whose claim has not closed this one yet) reads the queue
+                # now. The marker goes back for it, and this session stops reading (until
+                # the next reply kept for it, see arrived).
+                self.reader.settle(delivery, ok=False)
+                self.reader.unsubscribe(restore.sub)
+                restore.sub = None
+            else:
+                self.reader.settle(delivery, ok=True)  # left by an older session: dropped
             return
         session = restore.session
         if session.state != OPEN:

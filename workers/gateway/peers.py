@@ -39,7 +39,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import time
 import uuid
 from collections import deque
@@ -54,8 +53,15 @@ from bridge.amqp.consumer import Consumer, Lease, QueueSpec
 from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
-from workers.gateway.config import SERVER_ID_RE
 from workers.gateway.hub import GatewayHub
+from workers.gateway.peer_messages import (
+    PeerMessageError,
+    parse_claim,
+    parse_client_id,
+    parse_counts,
+    parse_sticky,
+    to_monotonic,
+)
 from workers.gateway.session import OPEN
 
 if TYPE_CHECKING:
@@ -68,54 +74,10 @@ OP_LEAVE = "leave"
 OP_STICKY = "sticky"
 OP_MARKER = "marker"
 OP_OFFLINE = "offline"  # a reply was kept for an offline client_id (workers/gateway/offline)
-MAX_CLIENT_ID = 4096  # a HELLO is at most max_hello_frame bytes anyway
+OP_CLAIM = "claim"  # a proven client_id was admitted (workers/gateway/auth.py)
 CHUNK = 1000  # sticky records per stream message
 MAX_PENDING = 100_000  # sticky records waiting for the broker; older ones are dropped
 STREAM_PREFETCH = 64  # a stream consumer needs one; records come in chunks of CHUNK
-
-
-class PeerMessageError(ValueError):
-    pass
-
-
-def parse_counts(doc: Any) -> dict[str, int]:
-    counts = doc.get("counts")
-    if not isinstance(counts, dict):
-        raise PeerMessageError("counts is not an object")
-    out: dict[str, int] = {}
-    for server, n in counts.items():
-        if not isinstance(server, str) or not SERVER_ID_RE.match(server):
-            raise PeerMessageError(f"bad server id {server!r}")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise PeerMessageError(f"bad count {n!r}")
-        out[server] = n
-    return out
-
-
-def parse_sticky(doc: Any) -> list[tuple[str, str, float]]:
-    records = doc.get("records")
-    if not isinstance(records, list):
-        raise PeerMessageError("records is not an array")
-    out: list[tuple[str, str, float]] = []
-    for record in records:
-        if not isinstance(record, list) or len(record) != 3:
-            raise PeerMessageError("a record is not [client_id, server, time]")
-        client_id, server, at = record
-        if not isinstance(client_id, str) or not 0 < len(client_id) <= MAX_CLIENT_ID:
-            raise PeerMessageError("bad client_id")
-        if not isinstance(server, str) or not SERVER_ID_RE.match(server):
-            raise PeerMessageError(f"bad server id {server!r}")
-        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
-            raise PeerMessageError("bad time")
-        out.append((client_id, server, float(at)))
-    return out
-
-
-def to_monotonic(wall: float, *, wall_now: float, mono_now: float, max_age: float) -> float:
-    """A wall-clock time from another host on this process's monotonic clock, never in
-    the future and never older than ``max_age``."""
-    age = min(max(0.0, wall_now - wall), max_age)
-    return mono_now - age
 
 
 class _StreamConsumer(Consumer):
@@ -164,6 +126,8 @@ class Peers:
         self.stream_ok = False
         # told when another replica kept a reply for a client_id (it may be connected here)
         self.on_offline: Callable[[str], None] | None = None
+        # told when another replica admitted a proven client_id (client_id, stamp, replica)
+        self.on_claim: Callable[[str, int, str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -348,8 +312,17 @@ class Peers:
         """A reply was kept for ``client_id``: tell the replica where it may be connected
         (all of them: fanout). Best effort, as the reports: a lost one leaves the reply in
         its queue until the client connects again."""
+        self._notice(OP_OFFLINE, {"client_id": client_id})
+
+    def claimed(self, client_id: str, session: str, at: int) -> None:
+        """A connection proved ``client_id`` here (stamp ``at``, wall-clock ms): tell every
+        replica, so that one holding an older connection of that id closes it. Best effort,
+        as the reports (docs/gateway.md, "Client identities")."""
+        self._notice(OP_CLAIM, {"client_id": client_id, "session": session, "at": at})
+
+    def _notice(self, op: str, fields: dict[str, Any]) -> None:
         if self._publisher is not None and self._channel is not None:
-            self._report(OP_OFFLINE, {"client_id": client_id}).add_done_callback(_ignored)
+            self._report(op, fields).add_done_callback(_ignored)
 
     def _report(self, op: str, fields: dict[str, Any]) -> asyncio.Future[None]:
         """One message on the peers exchange, numbered: transient, expiring with the
@@ -392,13 +365,10 @@ class Peers:
                 raise PeerMessageError("replica and boot must be strings")
             if not isinstance(seq, int) or isinstance(seq, bool):
                 raise PeerMessageError("seq must be an integer")
-            if op not in (OP_COUNTS, OP_LEAVE, OP_OFFLINE):
+            if op not in (OP_COUNTS, OP_LEAVE, OP_OFFLINE, OP_CLAIM):
                 raise PeerMessageError(f"unknown op {op!r}")
-            client_id = doc.get("client_id") if op == OP_OFFLINE else None
-            if op == OP_OFFLINE and (
-                not isinstance(client_id, str) or not 0 < len(client_id) <= MAX_CLIENT_ID
-            ):
-                raise PeerMessageError("bad client_id")
+            client_id = parse_client_id(doc) if op == OP_OFFLINE else None
+            claim = parse_claim(doc) if op == OP_CLAIM else None
             counts = parse_counts(doc) if op == OP_COUNTS else {}
             sent = doc.get("sent")
             if op == OP_COUNTS and (not isinstance(sent, int | float) or isinstance(sent, bool)):
@@ -416,6 +386,11 @@ class Peers:
             metrics.labels(op).inc()
             if self.on_offline is not None and client_id is not None:
                 self.on_offline(client_id)
+            return
+        if claim is not None:
+            metrics.labels(op).inc()
+            if self.on_claim is not None:
+                self.on_claim(claim[0], claim[2], replica)
             return
         last = self._last_seq.get(replica)
         if last is not None and last[0] == boot and seq <= last[1]:

@@ -197,6 +197,8 @@ class GatewayWorker:
             hub.on_association = self.peers.associated
             self.offline.notify = self.peers.offline_kept
             self.peers.on_offline = self.offline.arrived
+            hub.auth.announce = self.peers.claimed
+            self.peers.on_claim = hub.auth.claimed_elsewhere
             await self.peers.attach(broker, link, lease)
         try:
             await link.start()

@@ -21,7 +21,7 @@ import pytest
 
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess, free_port, settings_env
-from tests.conftest import running_host
+from tests.conftest import get_messages, running_host
 from workers.gateway.backend import BackendServer, Handler, echo
 from workers.gateway.client import GatewayClient
 from workers.gateway.config import GatewaySettings
@@ -398,5 +398,30 @@ class Replica:
         doc = await self.admin(f"sticky/{urllib.parse.quote(client_id, safe='')}")
         return None if doc is None else doc["server"]
 
-    async def connect(self, client_id: str | None) -> GatewayClient:
-        return await GatewayClient.connect("127.0.0.1", self.tcp_port, client_id=client_id)
+    async def connect(self, client_id: str | None, token: str | None = None) -> GatewayClient:
+        return await GatewayClient.connect(
+            "127.0.0.1", self.tcp_port, client_id=client_id, token=token
+        )
+
+    async def metric(self, name: str, **labels: str) -> float:
+        scrape = await asyncio.to_thread(self.proc.metrics)
+        return scrape.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+async def where_it_went(amqp: Any, s: Any, client: GatewayClient) -> tuple[list[bytes], list[Any]]:
+    """What ``client`` received and what landed in gateway.undeliverable, once either has
+    something, and a second longer for a copy that should not come."""
+    loop = asyncio.get_running_loop()
+    received: list[bytes] = []
+    kept: list[Any] = []
+    deadline = loop.time() + 20
+    settle: float | None = None
+    while loop.time() < (settle or deadline):
+        kept += await get_messages(amqp, s.undeliverable_queue, 1, timeout=0.1)
+        try:
+            received.append(await client.recv(timeout=0.1))
+        except TimeoutError:
+            pass
+        if (received or kept) and settle is None:
+            settle = loop.time() + 1.0
+    return received, kept

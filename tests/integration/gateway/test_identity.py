@@ -25,6 +25,7 @@ from tests.integration.gateway.helpers import (
     raw_exchange,
     running_gateway,
     wait_until,
+    where_it_went,
 )
 from workers.gateway.client import GatewayClient, GatewayError
 from workers.gateway.identity import sign_token
@@ -259,25 +260,6 @@ async def test_newer_connection_replaces_the_older(broker_url, tmp_path, unique,
             await new.recv(timeout=5)
         assert again.value.code == "replaced"
         assert await third.request(b"3") == b"3"
-
-
-async def where_it_went(amqp: Any, s: Any, client: GatewayClient) -> tuple[list[bytes], list[Any]]:
-    """What ``client`` received and what landed in gateway.undeliverable, once either has
-    something, and a second longer for a copy that should not come."""
-    loop = asyncio.get_running_loop()
-    received: list[bytes] = []
-    kept: list[Any] = []
-    deadline = loop.time() + 20
-    settle: float | None = None
-    while loop.time() < (settle or deadline):
-        kept += await get_messages(amqp, s.undeliverable_queue, 1, timeout=0.1)
-        try:
-            received.append(await client.recv(timeout=0.1))
-        except TimeoutError:
-            pass
-        if (received or kept) and settle is None:
-            settle = loop.time() + 1.0
-    return received, kept
 
 
 # -- TLS client certificates --------------------------------------------------------------------
