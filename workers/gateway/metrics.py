@@ -167,7 +167,7 @@ class GatewayMetrics:
         )
         self.peer_messages = Counter(
             "bridge_gateway_peer_messages_total",
-            "messages from other replicas: counts, leave, sticky, stale, malformed",
+            "messages from other replicas: counts, leave, sticky, offline, claim, stale, malformed",
             ["kind"],
             registry=registry,
         )

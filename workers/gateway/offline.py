@@ -26,7 +26,10 @@ socket and then acknowledged, until the marker comes through: everything kept be
 client came back is written before the server hears of the new session, so before any new
 reply. The consume stays while the session is open (a reply to the old session that comes
 late is written when it is kept), and ends with it (what was not written goes back to the
-queue).
+queue). A session whose own reading is done that receives another session's marker gives
+the queue over: a newer connection of the same client_id (through another replica, before
+its claim closed this one) is waiting for that marker, so it goes back to the queue and
+this session stops reading.
 """
 
 from __future__ import annotations

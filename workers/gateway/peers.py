@@ -8,7 +8,10 @@ Two channels, because the two kinds of news age differently:
   ``peer_debounce_s`` after a change and at least every ``peer_report_s``. A receiver keeps
   the latest report of each replica (an older sequence number of the same boot is
   ignored) and forgets a replica that has been silent for ``peer_ttl_s`` (killed -9) or that
-  said ``leave`` (stopped). Only the latest report matters, so nothing is stored.
+  said ``leave`` (stopped). Only the latest report matters, so nothing is stored. Two
+  notices go the same way, unnumbered in effect (never stale): ``offline`` (a reply was
+  kept for a client_id) and ``claim`` (a proven client_id was admitted; the replica that
+  holds an older connection of it closes it, see :mod:`workers.gateway.auth`).
 * **Sticky records** (stream ``<servers_exchange>.sticky``). Each replica appends
   ``[client_id, server, wall time]`` when a client with a ``client_id`` is welcomed, when it
   goes, and every third of ``sticky_retention_s`` for the ones still connected, batched per
