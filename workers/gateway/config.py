@@ -295,7 +295,6 @@ class GatewaySettings(BaseSettings):
     # Client identities (docs/gateway.md, "Client identities"; workers/gateway/identity.py).
     client_token_secret: SecretStr | None = Field(
         default=None,
-        min_length=16,
         description="HMAC key of the signed HELLO tokens that prove a client_id "
         "(rabbitmq-bridge gateway token); best from the secrets directory",
     )
@@ -332,6 +331,15 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="failed authentications are logged in one line per this long",
     )
+
+    @field_validator("client_token_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError(
+                "must be at least 16 characters (e.g. the output of: openssl rand -base64 32)"
+            )
+        return value
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -60,6 +60,7 @@ def test_a_short_secret_is_refused_without_showing_it(monkeypatch: pytest.Monkey
         load_settings(GatewaySettings)
     text = str(refused.value)
     assert "BRIDGE_GATEWAY__CLIENT_TOKEN_SECRET" in text and "tiny-secret" not in text
+    assert "at least 16 characters" in text
 
 
 def test_the_secret_is_not_in_the_settings_repr() -> None:
