@@ -289,7 +289,9 @@ class GatewaySettings(BaseSettings):
         default=1.0, gt=0, description="housekeeping period (timeouts, pings, expiry)"
     )
     state_flush_s: float = Field(
-        default=2.0, gt=0, description="how often sticky records are saved for a restart"
+        default=2.0,
+        gt=0,
+        description="how often sticky records and session client_ids are saved for a restart",
     )
 
     # Client identities (docs/gateway.md, "Client identities"; workers/gateway/identity.py).

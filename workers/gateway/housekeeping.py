@@ -1,5 +1,5 @@
 """The gateway's periodic work: server expiry, HELLO and idle timeouts, PINGs, and saving
-the sticky records for a restart.
+the sticky records and the sessions' client_ids for a restart.
 
 One sweep over all sessions per tick instead of a timer per connection: a timer handle per
 idle connection costs memory, a sweep of 10,000 sessions costs about a millisecond.
@@ -38,7 +38,7 @@ class Housekeeper:
             0.02, min(s.tick_s, s.hello_timeout_s / 2, s.heartbeat_s / 2, s.server_ttl_s / 3)
         )
         self._task: asyncio.Task[None] | None = None
-        self._last_save = self._last_refresh = time.monotonic()
+        self._last_save = self._last_refresh = self._last_seen = time.monotonic()
         self._servers_saved: dict[str, float] = {}
 
     async def restore(self) -> list[str]:
@@ -47,16 +47,26 @@ class Housekeeper:
         s = hub.settings
         wall, mono = time.time(), time.monotonic()
         saved = await self.store.load(
-            since_sticky=wall - s.sticky_retention_s, since_server=wall - s.server_ttl_s
+            since_sticky=wall - s.sticky_retention_s,
+            since_server=wall - s.server_ttl_s,
+            since_session=wall - s.offline_ttl_s,
         )
         for server_id, last in saved.servers.items():
             hub.balancer.register(server_id, mono - (wall - last))
         for client_id, server_id, released in saved.sticky:
             hub.balancer.restore_sticky(client_id, server_id, mono - (wall - released))
-        if saved.servers or saved.sticky:
+        if hub.offline is not None and hub.offline.enabled:
+            # sessions of the previous run: replies for them may wait in the reply queue
+            for sid, client_id in saved.sessions:
+                hub.offline.remember(sid, client_id)
+        if saved.servers or saved.sticky or saved.sessions:
             log.info(
                 "gateway state restored",
-                extra={"servers": sorted(saved.servers), "sticky": len(saved.sticky)},
+                extra={
+                    "servers": sorted(saved.servers),
+                    "sticky": len(saved.sticky),
+                    "sessions": len(saved.sessions),
+                },
             )
         return sorted(saved.servers)
 
@@ -128,6 +138,17 @@ class Housekeeper:
                 x.sticky_id for x in hub.sessions.values() if x.sticky_id is not None
             )
         dirty, hub.sticky_dirty = hub.sticky_dirty, set()
+        offline = hub.offline
+        seen: dict[str, str] = {}
+        if offline is not None and offline.enabled:
+            if mono - self._last_seen > max(s.offline_ttl_s / 2, s.state_flush_s):
+                # rows of open sessions would age out of the offline_ttl_s window
+                self._last_seen = mono
+                offline.seen.update(
+                    (x.sid, c) for x in hub.sessions.values() if (c := offline.owner(x))
+                )
+            seen, offline.seen = offline.seen, {}
+        sessions = [(sid, client_id, wall) for sid, client_id in seen.items()]
         upserts: list[tuple[str, str, float]] = []
         deletes: list[str] = []
         for client_id in dirty:
@@ -145,14 +166,26 @@ class Housekeeper:
             for sid, info in snapshot.items()
             if info["alive"]
         }
-        if not upserts and not deletes and servers.keys() == self._servers_saved.keys():
+        if (
+            not upserts
+            and not deletes
+            and not sessions
+            and servers.keys() == self._servers_saved.keys()
+        ):
             if all(abs(servers[k] - self._servers_saved[k]) < s.server_ttl_s / 3 for k in servers):
                 return
         try:
             await self.store.save(
-                upserts, deletes, servers, forget_before=wall - s.sticky_retention_s
+                upserts,
+                deletes,
+                servers,
+                sessions,
+                forget_before=wall - s.sticky_retention_s,
+                forget_sessions_before=wall - s.offline_ttl_s,
             )
         except Exception:
             hub.sticky_dirty |= dirty  # try again next time
+            if offline is not None:
+                offline.seen = {**seen, **offline.seen}
             raise
         self._servers_saved = servers

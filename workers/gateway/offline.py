@@ -5,7 +5,9 @@ RabbitMQ and written to it when it connects again, through any replica (docs/gat
 Keeping. A reply whose session is no longer open (:class:`~workers.gateway.replies.Replies`
 would keep it in ``gateway.undeliverable`` as ``session_gone``) is kept instead when that
 session had a ``client_id``: this replica remembers the ``client_id`` of its sessions that
-ended (for ``offline_ttl_s``). It goes, in the order the replies came, to the client's
+ended (for ``offline_ttl_s``), and, through its store (:attr:`seen`, saved by the
+:class:`~workers.gateway.housekeeping.Housekeeper`), those of a previous run of the same
+instance that was killed: their replies waited in its reply queue. It goes, in the order the replies came, to the client's
 durable classic queue ``gateway.offline.<client_id>`` (declared by the replica that keeps
 the first reply, again when its declaration is older than half the TTL): ``x-max-length``
 ``offline_max_messages`` with ``x-overflow: reject-publish`` (a reply beyond it is
@@ -124,6 +126,7 @@ class OfflineReplies:
         self.waiting: dict[str, deque[tuple[Delivery, bytes, bytes]]] = {}  # queue -> to keep
         self.restores: dict[str, _Restore] = {}  # sid -> its reading of the offline queue
         self.by_client: dict[str, set[str]] = {}  # client_id -> sids open here
+        self.seen: dict[str, str] = {}  # sid -> client_id, opened or ended since last saved
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -295,6 +298,7 @@ class OfflineReplies:
         session.held = True
         session.welcome(server)
         self.by_client.setdefault(client_id, set()).add(session.sid)
+        self.seen[session.sid] = client_id  # saved for a restart (Housekeeper.save)
         restore = self.restores[session.sid] = _Restore(session)
         self._spawn(self._restore(restore, client_id))
 
@@ -427,9 +431,17 @@ class OfflineReplies:
                 restore.sub = None
             restore.drained.set()
         self._release(session)
+        self.seen[session.sid] = client_id  # its row's time is now the time it ended
+        self.remember(session.sid, client_id)
+
+    def remember(self, sid: str, client_id: str) -> None:
+        """``sid`` (of ``client_id``) is not open here: a reply for it is kept for
+        ``offline_ttl_s``. Also for the sessions the store had when this instance started:
+        their replies waited in its reply queue while it was down."""
         now = time.monotonic()
         ended = self.ended
-        ended[session.sid] = (client_id, now + self.settings.offline_ttl_s)
+        ended[sid] = (client_id, now + self.settings.offline_ttl_s)
+        ended.move_to_end(sid)
         while ended:
             _, (_, until) = next(iter(ended.items()))
             if until > now and len(ended) <= MAX_REMEMBERED:

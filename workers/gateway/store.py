@@ -1,8 +1,12 @@
-"""What a gateway replica remembers across a restart: its sticky records and live servers.
+"""What a gateway replica remembers across a restart: its sticky records, live servers and
+the ``client_id`` of its sessions.
 
-The gateway is otherwise stateless, but without these two tables a restart would forget
+The gateway is otherwise stateless, but without the first two tables a restart would forget
 which server each ``client_id`` belonged to, and would send the first reconnecting clients
-to whichever server heartbeats first. Both are best effort (a lost write costs a client its
+to whichever server heartbeats first. Without the third, a reply that waited in this
+instance's reply queue while it was down (killed with -9) would find a session it never
+heard of and go to ``gateway.undeliverable`` instead of its client's offline queue
+(workers/gateway/offline.py). All are best effort (a lost write costs a client its
 stickiness, not data), so they are saved every few seconds and at shutdown, with
 ``synchronous=NORMAL``. Times are stored as wall-clock epoch seconds, because the balancer's
 monotonic clock does not survive the process.
@@ -20,12 +24,16 @@ from pathlib import Path
 
 from bridge.store import Database, transaction
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_SESSIONS = """CREATE TABLE IF NOT EXISTS sessions (
+    sid TEXT PRIMARY KEY, client_id TEXT NOT NULL, seen_at REAL NOT NULL)"""
+MIGRATIONS = {1: (_SESSIONS,)}  # version 1 had no sessions table
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sticky (
         client_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, released_at REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS servers (
         server_id TEXT PRIMARY KEY, last_heartbeat REAL NOT NULL)""",
+    _SESSIONS,
 )
 
 
@@ -33,6 +41,7 @@ SCHEMA = (
 class Saved:
     sticky: list[tuple[str, str, float]]  # (client_id, server_id, released_at), oldest first
     servers: dict[str, float]  # server_id -> last heartbeat
+    sessions: list[tuple[str, str]]  # (sid, client_id) of sessions seen within the window
 
 
 class GatewayStore:
@@ -44,9 +53,12 @@ class GatewayStore:
             schema_version=SCHEMA_VERSION,
             schema=SCHEMA,
             synchronous="NORMAL",
+            migrations=MIGRATIONS,
         )
 
-    async def load(self, *, since_sticky: float, since_server: float) -> Saved:
+    async def load(
+        self, *, since_sticky: float, since_server: float, since_session: float
+    ) -> Saved:
         def read(conn: sqlite3.Connection) -> Saved:
             sticky = conn.execute(
                 "SELECT client_id, server_id, released_at FROM sticky "
@@ -59,7 +71,14 @@ class GatewayStore:
                     (since_server,),
                 ).fetchall()
             )
-            return Saved(sticky=[tuple(r) for r in sticky], servers=servers)
+            sessions = conn.execute(
+                "SELECT sid, client_id FROM sessions WHERE seen_at >= ?", (since_session,)
+            ).fetchall()
+            return Saved(
+                sticky=[tuple(r) for r in sticky],
+                servers=servers,
+                sessions=[tuple(r) for r in sessions],
+            )
 
         return await self.db.run(read)
 
@@ -68,9 +87,14 @@ class GatewayStore:
         upserts: list[tuple[str, str, float]],
         deletes: list[str],
         servers: dict[str, float],
+        sessions: list[tuple[str, str, float]],
         *,
         forget_before: float,
+        forget_sessions_before: float,
     ) -> None:
+        """``sessions``: (sid, client_id, seen_at) to upsert; rows not seen since
+        ``forget_sessions_before`` go."""
+
         def write(conn: sqlite3.Connection) -> None:
             def body(c: sqlite3.Connection) -> None:
                 c.executemany("INSERT OR REPLACE INTO sticky VALUES (?, ?, ?)", upserts)
@@ -78,6 +102,8 @@ class GatewayStore:
                 c.execute("DELETE FROM sticky WHERE released_at < ?", (forget_before,))
                 c.execute("DELETE FROM servers")
                 c.executemany("INSERT INTO servers VALUES (?, ?)", servers.items())
+                c.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", sessions)
+                c.execute("DELETE FROM sessions WHERE seen_at < ?", (forget_sessions_before,))
 
             transaction(conn, body)
 

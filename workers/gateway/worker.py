@@ -131,12 +131,12 @@ class GatewayWorker:
             s, self.metrics, self.balancer, self.tokens, self.publisher, self._declare_channel
         )
         self.metrics.watch(hub, link)
-        self.housekeeper = Housekeeper(hub, self.store, lambda: link.ready)
-        saved_servers = await self.housekeeper.restore()
         self.offline = OfflineReplies(
             s, self.metrics, hub.sessions, self.publisher, self._declare_channel, link, hub.pump
         )
         hub.offline = self.offline
+        self.housekeeper = Housekeeper(hub, self.store, lambda: link.ready)
+        saved_servers = await self.housekeeper.restore()
         if s.offline_max_messages and s.client_token_secret is None and not s.client_auth_listeners:
             log.warning(
                 "gateway: no client identities configured (no client_token_secret, no "

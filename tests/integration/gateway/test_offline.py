@@ -9,6 +9,8 @@ Every wait is on a condition with a generous deadline; nothing asserts how long 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from typing import Any
 
 import pytest
@@ -201,3 +203,74 @@ async def _reply(channel: Any, reply_queue: str, body: bytes, session: str) -> N
     await channel.default_exchange.publish(
         aio_pika.Message(body, headers={"x-session": session}), routing_key=reply_queue
     )
+
+
+async def _saved_sessions(replica: Replica) -> set[str]:
+    """The sessions replica's SQLite store has saved (workers/gateway/store.py)."""
+    path = replica.proc.state_dir / "gateway" / f"{replica.instance}.sqlite3"
+
+    def read() -> set[str]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            try:
+                return {sid for (sid,) in conn.execute("SELECT sid FROM sessions")}
+            except sqlite3.OperationalError:  # not created yet
+                return set()
+
+    return await asyncio.to_thread(read)
+
+
+async def test_replies_for_sessions_of_a_killed_replica_are_kept_when_it_comes_back(
+    broker_url, amqp, tmp_path, unique
+):
+    s = gateway_settings(unique)
+    flush = {"BRIDGE_GATEWAY__STATE_FLUSH_S": "0.2"}
+    a = Replica("a", s, broker_url, tmp_path, env=flush)
+    b = Replica("b", s, broker_url, tmp_path, env=flush)
+    server = BackendServer(
+        broker_url, "s1", settings=s, heartbeat_s=SERVER_HEARTBEAT_S, keep_events=True
+    )
+    client_id = "killed-1"
+    queue = s.offline_queue(client_id)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await server.start()
+        owned = await a.connect(client_id)
+        assert await owned.request(b"hi") == b"hi"
+        anonymous = await a.connect(None)  # no client_id: nobody to keep its replies for
+        assert await anonymous.request(b"hi") == b"hi"
+        session, other = owned.session, anonymous.session
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while session not in await _saved_sessions(a):
+            assert asyncio.get_running_loop().time() < deadline, "the session saved"
+            await asyncio.sleep(0.05)
+        assert other not in await _saved_sessions(a)
+
+        a.proc.kill9()
+        owned.close()
+        anonymous.close()
+        # the server answers both sessions while their replica is down: a's reply queue
+        # keeps the answers until the same instance comes back
+        channel = await amqp.channel()
+        await _reply(channel, a.reply_queue, b"for the client", session)
+        await _reply(channel, a.reply_queue, b"for nobody", other)
+        await a.start()  # same instance, same state directory
+        while await queue_depth(amqp, queue) != 1:
+            assert asyncio.get_running_loop().time() < deadline, "the reply kept"
+            await asyncio.sleep(0.05)
+        dead = await get_messages(amqp, s.undeliverable_queue, 1)
+        assert [(m.body, m.headers["x-dead-reason"], m.headers["x-session"]) for m in dead] == [
+            (b"for nobody", "session_gone", other)
+        ]
+
+        # the client comes back through the other replica and gets it first
+        back = await b.connect(client_id)
+        await back.send(b"live")
+        assert [await back.recv() for _ in range(2)] == [b"for the client", b"live"]
+        await back.bye()
+        await channel.close()
+    finally:
+        await server.stop()
+        a.proc.stop()
+        b.proc.stop()
+        await cleanup(broker_url, s, ["s1"])
+        await delete_names(broker_url, [], [a.reply_queue, b.reply_queue, queue])
