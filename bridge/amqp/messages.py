@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
+
+from prometheus_client import Counter
 
 from bridge.amqp import frames as F
+from bridge.amqp.consumer import Consumer
+from bridge.amqp.poison import H_DEAD_EXCEPTION
 from bridge.amqp.publisher import Publisher
+from bridge.errors import PublishFailed
 
 log = logging.getLogger("bridge.amqp")
 
@@ -66,3 +73,93 @@ def dead_letter_properties(
         }
         out = props.copy(headers=headers, delivery_mode=2)
     return out
+
+
+class DeadLetters:
+    """A worker's dead-letter exchange for the deliveries it refuses: the delivery is
+    published there (confirmed) with ``reason_header``/``detail_header`` and ``stamp`` added
+    to its headers, then acknowledged on its consumer; if that publish fails, it is requeued
+    (after a second, so a broken dead-letter exchange does not spin). A ``user_id`` that is
+    not ``user``, the worker's own login, is dropped: RabbitMQ closes the channel on a
+    ``user_id`` other than the publishing connection's user, and the producer's claim was
+    checked when it published."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        exchange: str,
+        counter: Counter,
+        *,
+        user: str | None,
+        reason_header: str,
+        detail_header: str,
+        logger: logging.Logger,
+        stamp: dict[str, object] | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.exchange = exchange
+        self.counter = counter
+        self.user = user
+        self.reason_header = reason_header
+        self.detail_header = detail_header
+        self.log = logger
+        self.stamp = dict(stamp or {})
+
+    def carried(self, delivered: F.Delivery, headers: dict[str, Any]) -> F.Properties:
+        """The delivery's properties with other headers, minus a foreign ``user_id``."""
+        return self._own(delivered.properties.copy(headers=headers))
+
+    def _own(self, props: F.Properties) -> F.Properties:
+        if props.user_id is not None and props.user_id != self.user:
+            props.user_id = None
+        return props
+
+    async def poison(
+        self,
+        consumer: Consumer | None,
+        delivered: F.Delivery,
+        reason: str,
+        detail: str,
+        exception: str | None,
+    ) -> None:
+        """A message a consumer gave up on (:mod:`bridge.amqp.consumer`): dead-lettered;
+        ``consumer`` is None for a consumer that acknowledges on receipt."""
+        extra: dict[str, object] | None = {H_DEAD_EXCEPTION: exception} if exception else None
+        await self.reject(delivered, reason, detail, ack=consumer, extra=extra)
+
+    async def reject(
+        self,
+        delivered: F.Delivery,
+        reason: str,
+        detail: str,
+        *,
+        ack: Consumer | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        """Dead-letter ``delivered`` with its reason, then acknowledge it on ``ack``, its
+        consumer (None: it was acknowledged on receipt, and a failed publish is only logged)."""
+        props = dead_letter_properties(
+            delivered,
+            reason,
+            detail,
+            reason_header=self.reason_header,
+            detail_header=self.detail_header,
+            extra={**self.stamp, **(extra or {})} or None,
+        )
+        try:
+            await self.publisher.publish(
+                self.exchange, delivered.routing_key, delivered.body, self._own(props)
+            )
+        except PublishFailed as exc:
+            self.log.error(
+                "dead-letter publish failed; requeueing" if ack else "dead-letter publish failed",
+                extra={"reason": reason, "error": str(exc)},
+            )
+            if ack is not None:
+                await asyncio.sleep(1)
+                ack.nack(delivered, requeue=True)
+            return
+        self.counter.labels(reason).inc()
+        self.log.warning("message dead-lettered", extra={"reason": reason, "detail": detail[:200]})
+        if ack is not None:
+            ack.ack(delivered)

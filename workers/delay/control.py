@@ -15,13 +15,12 @@ from prometheus_client import Counter
 
 from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
-from bridge.amqp.messages import reply
+from bridge.amqp.messages import DeadLetters, reply
 from bridge.amqp.publisher import Publisher
 from bridge.errors import WireError, encode_error
 from workers.delay import shards as sharding
 from workers.delay import wire
 from workers.delay.config import MISSING_REPLY_TO, DelaySettings
-from workers.delay.deadletter import DeadLetters
 from workers.delay.ledger import Ledger
 from workers.delay.shards import DelayShards
 from workers.delay.store import DelayStore, Delete
@@ -52,9 +51,9 @@ class ControlServer:
         if not message.reply_to:
             await self.dead.reject(
                 message,
-                consumer,
                 MISSING_REPLY_TO,
                 "a control request needs reply_to to be answered",
+                ack=consumer,
             )
             return
         try:

@@ -20,11 +20,11 @@ from prometheus_client import Counter
 
 from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
+from bridge.amqp.messages import DeadLetters
 from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
 from bridge.sharding import Shard, chx_header_bucket, header_hash_typed, shard_queue
 from workers.delay.config import DelaySettings
-from workers.delay.deadletter import DeadLetters
 from workers.delay.ledger import Ledger, now_ms
 from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
 from workers.delay.store import Insert, KeyDelete, encode_headers, props_dict
@@ -94,7 +94,7 @@ class Ingress:
             )
         if isinstance(decision, Reject):
             self.received.labels("rejected").inc()
-            return self.dead.reject(delivered, consumer, decision.reason, decision.detail)
+            return self.dead.reject(delivered, decision.reason, decision.detail, ack=consumer)
         if self.shard.sharded:
             owner, new_id = self._owner(delivered, decision.key is not None)
             if owner != self.shard.index:
@@ -208,9 +208,9 @@ class Ingress:
                 self.received.labels("rejected").inc()
                 await self.dead.reject(
                     delivered,
-                    consumer,
                     INVALID_HEADERS,
                     f"cannot be forwarded to shard {owner}: {exc.detail}",
+                    ack=consumer,
                 )
                 return
             log.error(

@@ -36,18 +36,18 @@ from bridge.amqp import (
 from bridge.amqp.consumer import Consumer, Lease, QueueSpec, cancel_all, drain_all
 from bridge.amqp.frames import Delivery
 from bridge.amqp.link import Link
+from bridge.amqp.messages import DeadLetters
 from bridge.amqp.publisher import Publisher
 from bridge.host import WorkerContext
 from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
 from bridge.store import GroupCommitter
-from workers.delay.config import DelaySettings
+from workers.delay.config import H_DEAD_DETAIL, H_DEAD_REASON, DelaySettings
 from workers.delay.control import ControlServer
 from workers.delay.core import Scheduler
-from workers.delay.deadletter import DeadLetters
 from workers.delay.dispatch import Dispatcher
 from workers.delay.ingress import Ingress
-from workers.delay.lanes import Lane, Verified, login_user, start_lanes
+from workers.delay.lanes import Lane, Verified, start_lanes
 from workers.delay.ledger import Ledger
 from workers.delay.metrics import DelayMetrics
 from workers.delay.shards import DelayShards, chx_arguments
@@ -144,7 +144,13 @@ class DelayWorker:
         publisher = Publisher(link, name="dead letters and forwards")
         publisher.start_expiry()
         dead = DeadLetters(
-            publisher, s.dead_exchange, metrics.dead_letters, login_user(ctx.settings.amqp_url)
+            publisher,
+            s.dead_exchange,
+            metrics.dead_letters,
+            user=link.endpoint.user,
+            reason_header=H_DEAD_REASON,
+            detail_header=H_DEAD_DETAIL,
+            logger=log,
         )
         control = ControlServer(
             ledger,

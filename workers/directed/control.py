@@ -18,14 +18,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.amqp.frames import Delivery
-from bridge.amqp.messages import reply
+from bridge.amqp.messages import DeadLetters, reply
 from bridge.amqp.publisher import Publisher
 from bridge.errors import NoAnswer, WireError, encode_error
 from bridge.rpc import RpcClient
 from bridge.sharding import Shard, shard_queue
 from workers.directed import queries, wire
 from workers.directed.config import DirectedSettings
-from workers.directed.deadletter import DeadLetters
 from workers.directed.ledger import Ledger, now_ms
 from workers.directed.replies import json_dumps
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from bridge.amqp.consumer import Lease
 from bridge.amqp.frames import Delivery, Properties
-from bridge.amqp.messages import reply
+from bridge.amqp.messages import DeadLetters, reply
 from bridge.amqp.publisher import Publisher
 from bridge.errors import NoAnswer, WireError, encode_error
 from bridge.ring import RingKeeper
@@ -32,7 +32,6 @@ from bridge.rpc import RpcClient
 from bridge.sharding import Shard, shard_queue
 from workers.directed import replies, wire
 from workers.directed.config import H_FORWARDED_FROM, H_ORIGINAL_ROUTING_KEY, DirectedSettings
-from workers.directed.deadletter import DeadLetters
 from workers.directed.ledger import Ledger, now_ms
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.model import PullResult

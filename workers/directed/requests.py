@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 from bridge.amqp.consumer import Consumer
 from bridge.amqp.frames import Delivery
+from bridge.amqp.messages import DeadLetters
 from bridge.errors import WireError
 from bridge.sharding import Shard
 from workers.directed import wire
 from workers.directed.config import DirectedSettings
-from workers.directed.deadletter import DeadLetters
 from workers.directed.ledger import Ledger, now_ms
 from workers.directed.metrics import DirectedMetrics
 from workers.directed.replies import json_safe

@@ -27,15 +27,15 @@ from typing import Any
 from bridge.amqp import close_channels, declare_dead_letter, declare_exchange
 from bridge.amqp.consumer import Consumer, Lease, QueueSpec, cancel_all, drain_all
 from bridge.amqp.link import Link
+from bridge.amqp.messages import DeadLetters
 from bridge.amqp.publisher import Publisher
 from bridge.errors import WireError
 from bridge.host import WorkerContext
 from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.rpc import RpcClient
 from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
-from workers.directed.config import DirectedSettings
+from workers.directed.config import H_DEAD_DETAIL, H_DEAD_REASON, H_SHARD, DirectedSettings
 from workers.directed.control import ControlServer
-from workers.directed.deadletter import DeadLetters
 from workers.directed.http_api import PullApi
 from workers.directed.ledger import Ledger
 from workers.directed.metrics import DirectedMetrics, top_backlog
@@ -89,7 +89,16 @@ class DirectedWorker:
         publisher = Publisher(link, name="dead letters")
         publisher.start_expiry()
         replies = Publisher(link, name="replies", confirms=False)
-        dead = DeadLetters(publisher, s.dead_exchange, metrics.dead_letters, self.shard)
+        dead = DeadLetters(
+            publisher,
+            s.dead_exchange,
+            metrics.dead_letters,
+            user=link.endpoint.user,
+            reason_header=H_DEAD_REASON,
+            detail_header=H_DEAD_DETAIL,
+            logger=log,
+            stamp={H_SHARD: self.shard.index} if self.shard.sharded else None,
+        )
         # One process owns the request queue (this shard's) and with it every queue below:
         # a second one waits, not ready, until this one goes (bridge.amqp.consumer).
         lease = Lease(link, requests_q.name, hint=self.shard.owner_hint(self.name))
