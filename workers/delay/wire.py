@@ -34,6 +34,11 @@ X_DELIVER_AT = "x-deliver-at"
 X_TARGET_EXCHANGE = "x-target-exchange"
 X_DELAY_KEY = "x-delay-key"
 CONTROL_HEADERS = (X_DELAY, X_DELIVER_AT, X_TARGET_EXCHANGE, X_DELAY_KEY)
+# Set by the broker on a redelivery from the worker's quorum queue (delay.in): it counts the
+# worker's deliveries, not the target's, and carried onward it would make the target's first
+# delivery look like a redelivery (a consumer with a delivery limit would give up early).
+BROKER_HEADERS = ("x-delivery-count",)
+_NOT_CARRIED = frozenset(CONTROL_HEADERS + BROKER_HEADERS)
 
 INVALID_DELAY = "invalid_delay"
 AMBIGUOUS_DELAY = "ambiguous_delay"
@@ -253,10 +258,11 @@ def topic_of(
 
 
 def strip_control_headers(headers: Mapping[str, object] | None) -> dict[str, object]:
-    """The headers to publish onward: everything the producer sent except ours."""
+    """The headers to publish onward: everything the producer sent except ours and the
+    ingress queue's delivery count."""
     if not headers:
         return {}
-    return {k: v for k, v in headers.items() if k not in CONTROL_HEADERS}
+    return {k: v for k, v in headers.items() if k not in _NOT_CARRIED}
 
 
 # --------------------------------------------------------------------------- control requests
