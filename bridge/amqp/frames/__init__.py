@@ -84,6 +84,7 @@ from bridge.amqp.frames.tables import HEARTBEAT as HEARTBEAT
 from bridge.amqp.frames.tables import MAX_DEPTH as MAX_DEPTH
 from bridge.amqp.frames.tables import PROTOCOL_HEADER as PROTOCOL_HEADER
 from bridge.amqp.frames.tables import DecodeError as DecodeError
+from bridge.amqp.frames.tables import Double as Double
 from bridge.amqp.frames.tables import EncodeError as EncodeError
 from bridge.amqp.frames.tables import FrameError as FrameError
 from bridge.amqp.frames.tables import decode_table as decode_table

@@ -34,6 +34,14 @@ _DEC = struct.Struct(">Bi")
 _END = b"\xce"
 
 
+class Double(float):
+    """A float that travels as AMQP's 64-bit ``d``. A table value decoded from ``d`` is one, so
+    it is written back as ``d``, unchanged; a plain ``float`` is written as the 32-bit ``f``,
+    as pamqp (and so aio-pika) write it."""
+
+    __slots__ = ()
+
+
 class FrameError(Exception):
     """Base of the codec's errors."""
 
@@ -140,6 +148,8 @@ def _value(value: Any, depth: int) -> bytes:
     if isinstance(value, list):
         return b"A" + _array(value, depth + 1)
     if isinstance(value, float):
+        if kind is Double:
+            return b"d" + _F64.pack(value)
         try:
             return b"f" + _F32.pack(value)
         except OverflowError as exc:
@@ -317,7 +327,6 @@ _SCALARS: dict[int, struct.Struct] = {
     0x6C: _I64,  # l
     0x4C: _I64,  # L (pamqp reads it signed)
     0x66: _F32,  # f
-    0x64: _F64,  # d
 }
 
 
@@ -329,6 +338,10 @@ def _any(buf: bytes, pos: int, end: int, kind: int, depth: int) -> tuple[Any, in
         if vend > end:
             raise DecodeError("value overruns the table")
         return st.unpack_from(buf, pos)[0], vend
+    if kind == 0x64:  # d: kept a Double, so that it is written back as d
+        if pos + 8 > end:
+            raise DecodeError("value overruns the table")
+        return Double(_F64.unpack_from(buf, pos)[0]), pos + 8
     if kind == 0x46 or kind == 0x41 or kind == 0x53 or kind == 0x78:  # F, A, S, x
         if pos + 4 > end:
             raise DecodeError("value overruns the table")

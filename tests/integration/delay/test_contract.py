@@ -10,6 +10,9 @@ import sqlite3
 import aio_pika
 import pytest
 
+from bridge.amqp.frames import Double, Properties
+from bridge.amqp.link import Link
+from bridge.amqp.publisher import Publisher
 from tests.integration.delay.helpers import (
     dead_letters,
     delay_settings,
@@ -114,6 +117,30 @@ async def test_properties_and_headers_preserved_control_headers_removed(
         bare = next(r.message for r in got if r.message.body == b"bare")
         assert bare.message_id and bare.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
         assert not bare.headers
+
+
+async def test_a_64_bit_float_header_crosses_the_worker_bit_for_bit(
+    broker_url, amqp, tmp_path, unique
+):
+    """A producer's ``d`` (64-bit float) header arrives as a ``d`` with the same value: the
+    worker decodes and re-encodes the headers it stores, and a 32-bit ``f`` would round it."""
+    s = delay_settings(unique)
+    sink = await make_sink(amqp, unique, "double")
+    value = 0.1 + 2**-40  # not representable in 32 bits
+    link = Link(broker_url, name=f"{unique}-producer")
+    publisher = Publisher(link, name="producer")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as _:
+        await link.start()
+        try:
+            headers = {"x-delay": 0, "x-target-exchange": sink.exchange, "price": Double(value)}
+            props = Properties(message_id="d-1", headers=headers)
+            await publisher.publish(s.in_exchange, "rk", b"d", props)
+        finally:
+            await link.close()
+        got = await sink.wait_for(1)
+        assert header(got[0].message, "price") == value
 
 
 BAD_INPUTS = [

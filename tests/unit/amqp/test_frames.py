@@ -165,6 +165,8 @@ def typed(value: Any) -> Any:
         return ("dict", {k: typed(v) for k, v in value.items()})
     if isinstance(value, list):
         return ("list", [typed(v) for v in value])
+    if type(value) is frames.Double:  # a float that remembers it came as d (pamqp: float)
+        return ("float", value)
     return (type(value).__name__, value)
 
 
@@ -557,6 +559,24 @@ def test_decode_table_reads_every_field_type_as_pamqp(data: bytes) -> None:
     consumed, theirs = pamqp_decode.field_table(data)
     assert consumed == len(data)
     assert typed(frames.decode_table(data)) == typed(theirs)
+
+
+def test_a_double_is_written_back_as_a_double() -> None:
+    """A ``d`` value read from a table is written back as ``d``, bit for bit (a relay such as
+    delay must not turn a producer's 64-bit float into a 32-bit one); a plain float is
+    written as ``f``, as pamqp writes it."""
+    value = 0.1 + 2**-40
+    wire = _raw_table(
+        [
+            (b"n", b"A" + _raw_array([b"d" + _pack(">d", 1e300)])),  # keys sorted, as written
+            (b"price", b"d" + _pack(">d", value)),
+        ]
+    )
+    decoded = frames.decode_table(wire)
+    assert decoded["price"] == value and type(decoded["price"]) is frames.Double
+    assert frames.encode_table(decoded) == wire
+    assert frames.encode_table({"plain": 1.5}) == pamqp_encode.field_table({"plain": 1.5})
+    assert frames.encode_table({"plain": 1.5}).endswith(b"f" + _pack(">f", 1.5))
 
 
 # -- names pamqp refuses -------------------------------------------------------------------
