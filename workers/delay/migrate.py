@@ -36,14 +36,12 @@ from bridge.amqp import (
     DELAYED_MESSAGE_TYPE,
     check_exchanges,
     close_channels,
-    declare_exchange,
     declare_quorum_queue,
 )
 from bridge.errors import InvalidRequest
 from workers.delay.config import DelaySettings
 
 DELAYED_TYPE_ARG = "x-delayed-type"
-SETTLE_S = 0.1  # after the delete, for a publish that had already found X to be stored
 
 
 @dataclass(frozen=True)
@@ -76,6 +74,18 @@ class Plan:
     incoming: list[Binding] = field(default_factory=list)  # other exchanges -> X
 
     @property
+    def catch_keys(self) -> list[str]:
+        """The keys the worker's queue is bound to X with. ``#`` takes everything producers
+        publish to X as a topic exchange. A message the plugin still holds for X when X is
+        swapped is routed, when due, over X's bindings of then with X's former type: a topic,
+        fanout or headers type reaches the queue through ``#`` too; a direct one only through
+        the routing keys X was bound with (a key no binding had was unroutable anyway)."""
+        keys = ["#"]
+        if self.delayed_type == "direct":
+            keys += sorted({b.routing_key for b in self.outgoing} - {"#"})
+        return keys
+
+    @property
     def target_arguments(self) -> dict[str, Any]:
         return {k: v for k, v in self.arguments.items() if k != DELAYED_TYPE_ARG}
 
@@ -102,15 +112,16 @@ class Plan:
                 else f"check that the plugin holds no message for {x} (else stop: use --wait)"
             ),
             f"4. delete exchange {x} (its bindings go with it: consumers now receive through "
-            f"{t}), then count again after {SETTLE_S:g} s: if a message entered meanwhile, "
-            f"declare {x} again as it was, with its bindings, and "
-            + ("wait again" if wait else "stop"),
-            f"5. declare exchange {x} (topic, durable), bind queue {self.in_queue} to it '#'"
+            f"{t}) and at once declare it again (topic, durable), bind queue {self.in_queue} "
+            f"to it {', '.join(repr(k) for k in self.catch_keys)}"
             + (
                 " and bind again into it: " + "; ".join(b.describe() for b in self.incoming)
                 if self.incoming
                 else ""
             ),
+            f"5. count again: a message the plugin took for {x} after step 3 is routed by it, "
+            f"when due, into the new {x}, with the plugin's negative x-delay: the worker "
+            f"delivers it at once through {t}",
             f"6. then {self.start()}",
         ]
 
@@ -376,31 +387,38 @@ class Migration:
                     f"the broker refused a declaration ({exc}); {x} was not touched: fix that "
                     "and run again"
                 ) from exc
-            while True:
-                await self.wait_drained(plan, wait_s)
-                self.out(f"3. done: the plugin holds no message for {x}")
-                await raw.exchange_delete(x)
-                await asyncio.sleep(SETTLE_S)
-                late = await asyncio.to_thread(self.cli.delayed, x)
-                if not late:
-                    break
-                await self._restore(raw, plan)
-                plan.delayed = late
-                self.out(
-                    f"4. {late} message(s) entered {x} before it was deleted: {x} is back as "
-                    "it was (the plugin delivers them when due)"
-                )
-                if wait_s is None:
-                    raise self.refuse(
-                        f"{late} delayed message(s) entered {x} while it was swapped; {x} was "
-                        "put back as it was: run again with --wait"
-                    )
-            self.out(f"4. done: {x} deleted, the plugin holds nothing for it")
-            ingress = await declare_exchange(channel, x, "topic")
-            await declare_quorum_queue(channel, plan.in_queue, bind=(ingress, "#"))
+            await self.wait_drained(plan, wait_s)
+            self.out(f"3. done: the plugin holds no message for {x}")
+            # The swap: each call waits for the broker's answer and nothing runs in between,
+            # so X is missing for one round trip and unbound for one more (docs/delay.md).
+            started = time.monotonic()
+            await raw.exchange_delete(x)
+            deleted = time.monotonic()
+            await raw.exchange_declare(exchange=x, exchange_type="topic", durable=True)
+            declared = time.monotonic()
+            for key in plan.catch_keys:
+                await raw.queue_bind(queue=plan.in_queue, exchange=x, routing_key=key)
+            bound = time.monotonic()
             for b in plan.incoming:
                 await self._bind(raw, x, b, as_destination=True)
-            self.out(f"5. done: {x} is a topic exchange bound '#' to {plan.in_queue}")
+            keys = ", ".join(repr(k) for k in plan.catch_keys)
+            self.out(
+                f"4. done: {x} is a topic exchange bound {keys} to {plan.in_queue} (the delete "
+                f"took {(deleted - started) * 1000:.1f} ms, {x} was missing for "
+                f"{(declared - deleted) * 1000:.1f} ms and unbound for "
+                f"{(bound - declared) * 1000:.1f} ms)"
+            )
+            late = await asyncio.to_thread(self.cli.delayed, x)
+            plan.delayed = late
+            self.out(
+                f"5. done: the plugin holds {late} message(s) for {x}"
+                + (
+                    f" (taken after step 3): it routes them into {x} when due, and the worker "
+                    f"delivers them at once through {plan.target}"
+                    if late
+                    else ""
+                )
+            )
         finally:
             await close_channels(channel)
 
@@ -423,18 +441,6 @@ class Migration:
                 routing_key=b.routing_key,
                 arguments=args,
             )
-
-    async def _restore(self, raw: Any, plan: Plan) -> None:
-        await raw.exchange_declare(
-            exchange=plan.exchange,
-            exchange_type=DELAYED_MESSAGE_TYPE,
-            durable=plan.durable,
-            arguments=plan.arguments,
-        )
-        for b in plan.outgoing:
-            await self._bind(raw, plan.exchange, b)
-        for b in plan.incoming:
-            await self._bind(raw, plan.exchange, b, as_destination=True)
 
 
 def _other_exchanges(s: DelaySettings) -> list[tuple[str, str, str]]:

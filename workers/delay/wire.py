@@ -134,7 +134,10 @@ def parse_ingress(
 
     Checks run in this order and the first failure is reported: the delay headers, the
     horizon, the target exchange, the key. An ``x-deliver-at`` in the past is due now: late is
-    better than dead-lettered, and the producer cannot fix a clock race anyway.
+    better than dead-lettered, and the producer cannot fix a clock race anyway. A negative
+    ``x-delay`` is due now too, as the delayed-message plugin treats it: the plugin stamps
+    ``x-delay: -<delay>`` on every message it has delayed, so that one passed on (or routed
+    into the worker by the plugin after ``delay migrate``) is not delayed twice.
     """
     h: Mapping[str, object] = headers if headers is not None else {}
     has_delay = X_DELAY in h
@@ -144,12 +147,12 @@ def parse_ingress(
     if has_delay:
         raw = h[X_DELAY]
         delay = _as_int(raw)
-        if delay is None or delay < 0:
+        if delay is None:
             return Reject(
                 INVALID_DELAY,
-                f"x-delay must be a whole number of milliseconds >= 0, got {_show(raw)}",
+                f"x-delay must be a whole number of milliseconds, got {_show(raw)}",
             )
-        due_ms = now_ms + delay
+        due_ms = now_ms + max(delay, 0)
     elif has_at:
         raw = h[X_DELIVER_AT]
         at = _as_int(raw)

@@ -145,7 +145,7 @@ async def test_a_64_bit_float_header_crosses_the_worker_bit_for_bit(
 
 BAD_INPUTS = [
     ("invalid_delay", {"x-delay": "soon"}),
-    ("invalid_delay", {"x-delay": -5}),
+    ("invalid_delay", {"x-delay": "-5 ms"}),
     ("ambiguous_delay", {"x-delay": 10, "x-deliver-at": 1}),
     ("missing_delay", {}),
     ("missing_target", {"x-delay": 10, "x-target-exchange": None}),

@@ -308,44 +308,41 @@ def _double_header_properties(target: str, message_id: str = "double") -> bytes:
 
 
 async def test_a_message_whose_processing_raises_is_dead_lettered_after_bounded_attempts(
-    broker_url, amqp, tmp_path, unique
+    broker_url, amqp, tmp_path, unique, monkeypatch
 ):
     """Poison: processing raises for this input each time; after POISON_ATTEMPTS it is
-    dead-lettered ``processing_failed`` with the exception's class (its headers, which
-    cannot be written again, dropped and the detail saying so), and the topic goes on."""
+    dead-lettered ``processing_failed`` with the exception's class and message, and the topic
+    goes on. No input is known to make the worker raise (every header the data path decodes
+    it can write again), so the fault is put into the worker's own header encoding, for
+    messages that carry a ``boom`` header only."""
     from bridge.amqp.consumer import POISON_ATTEMPTS
-    from bridge.amqp.link import Link
-    from bridge.amqp.publisher import Publisher
     from tests.integration.delay.helpers import dead_letters, header
+    from workers.delay import ingress
 
+    real = ingress.encode_headers
+
+    def failing(headers: Any) -> Any:
+        if headers and "boom" in headers:
+            raise ValueError("injected: cannot store this message")
+        return real(headers)
+
+    monkeypatch.setattr(ingress, "encode_headers", failing)
     s = delay_settings(unique)
     sink = await make_sink(amqp, unique, "target")
     async with delay_worker(
         broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
     ) as (worker, client):
-        link = Link(broker_url, name="raw producer")
-        pub = Publisher(link, name="raw")
-        await link.start()
-        try:
-            await asyncio.wait_for(
-                pub.publish(
-                    s.in_exchange,
-                    "rk",
-                    b"poison body",
-                    _double_header_properties(sink.exchange),
-                    message_id="double",
-                ),
-                30,
-            )
-        finally:
-            await link.close()
+        await client.send(
+            b"poison body", sink.exchange, delay_ms=0, message_id="poison", headers={"boom": 1}
+        )
         (dead,) = await dead_letters(amqp, s, 1, timeout=60)
-        assert dead.message_id == "double" and dead.body == b"poison body"
+        assert dead.message_id == "poison" and dead.body == b"poison body"
         assert dead.headers["x-dead-reason"] == "processing_failed"
-        assert dead.headers["x-dead-exception"] == "EncodeError"
+        assert dead.headers["x-dead-exception"] == "ValueError"
         detail = header(dead, "x-dead-detail")
         assert f"failed {POISON_ATTEMPTS} times" in detail, detail
-        assert "float out of 32-bit range" in detail and "original headers dropped" in detail
+        assert "injected: cannot store this message" in detail
+        assert dead.headers["boom"] == 1  # its own headers are carried
         await client.send(b"after", sink.exchange, delay_ms=0, message_id="after")
         await sink.wait_for(1)
         assert sink.ids() == ["after"]
@@ -353,17 +350,18 @@ async def test_a_message_whose_processing_raises_is_dead_lettered_after_bounded_
         assert await dead_letters(amqp, s, 1, timeout=0.5) == []  # given up once
 
 
-async def test_a_message_a_shard_cannot_forward_is_dead_lettered(
+async def test_a_message_for_another_shard_is_forwarded_with_its_headers_bit_for_bit(
     chx_broker, amqp, tmp_path, unique
 ):
-    """Sharded: a keyless message that belongs to another shard is forwarded; one whose
-    headers cannot be written again is dead-lettered ``invalid_headers`` instead of being
-    requeued (and failing) forever."""
+    """Sharded: a keyless message that belongs to another shard is forwarded to that
+    shard's queue with its headers as they came: a 64-bit float (``d``) that does not fit
+    in 32 bits stays the same double (before the data path wrote ``d`` back, this header
+    could not be written again and the message was dead-lettered)."""
     from bridge.amqp.link import Link
     from bridge.amqp.publisher import Publisher
     from bridge.sharding import Shard, shard_queue
     from tests.conftest import delete_names
-    from tests.integration.delay.helpers import dead_letters, header
+    from tests.integration.delay.helpers import dead_letters
 
     broker_url = chx_broker
     s = delay_settings(
@@ -388,10 +386,20 @@ async def test_a_message_a_shard_cannot_forward_is_dead_lettered(
                 )
             finally:
                 await link.close()
-            (dead,) = await dead_letters(amqp, s, 1, timeout=30)
-            assert dead.message_id == mid and dead.body == b"poison body"
-            assert header(dead, "x-dead-reason") == "invalid_headers"
-            assert "cannot be forwarded to shard 1" in header(dead, "x-dead-detail")
+            channel = await amqp.channel()
+            queue = await channel.get_queue(shard_queue(s.in_queue, 1), ensure=False)
+            got = None
+            for _ in range(300):
+                got = await queue.get(no_ack=True, fail=False)
+                if got is not None:
+                    break
+                await asyncio.sleep(0.1)
+            await channel.close()
+            assert got is not None, "not forwarded to shard 1"
+            assert got.message_id == mid and got.body == b"poison body"
+            assert got.headers["big"] == 1e300
+            assert got.headers["x-target-exchange"] == f"{unique}.target"
+            assert await dead_letters(amqp, s, 1, timeout=0.5) == []
             assert worker.ready()[0]
     finally:
         await delete_names(

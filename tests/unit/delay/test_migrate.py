@@ -38,10 +38,15 @@ def test_the_steps_name_every_binding_and_what_waits_where():
         "   orders.due -> exchange audit ('#' {'x-match': 'all'})",
     ]
     assert lines[5] == "3. wait until the plugin holds no message for orders"
-    assert lines[6].endswith("and wait again")
-    assert (
-        lines[7] == "5. declare exchange orders (topic, durable), bind queue orders.delay to it '#'"
+    # direct: the plugin routes what it still holds at the swap by the keys X was bound with
+    assert lines[6] == (
+        "4. delete exchange orders (its bindings go with it: consumers now receive through "
+        "orders.due) and at once declare it again (topic, durable), bind queue orders.delay "
+        "to it '#', 'created'"
     )
+    assert lines[7].startswith("5. count again: a message the plugin took for orders after")
+    assert plan(delayed_type="topic").catch_keys == ["#"]
+    assert plan().catch_keys == ["#", "created"]
     assert plan(target_exists=True).steps(wait=False)[1].startswith("1. keep exchange orders.due")
     assert plan().target_arguments == {"alternate-exchange": "ae"}
 

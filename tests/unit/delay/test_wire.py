@@ -81,8 +81,10 @@ PARSE_CASES: list[tuple[str, dict[str, object] | None, str | None, Schedule | st
     ("no headers at all", None, "fallback", "missing_delay"),
     ("empty headers", {}, "fallback", "missing_delay"),
     # invalid delay
-    ("negative delay", {"x-delay": -1, **T}, None, "invalid_delay"),
-    ("negative str delay", {"x-delay": "-1", **T}, None, "invalid_delay"),
+    # negative: due now, as the plugin treats it (it stamps -delay on what it delayed)
+    ("negative delay", {"x-delay": -1, **T}, None, Schedule(NOW, "orders", None)),
+    ("plugin-stamped delay", {"x-delay": -30_000, **T}, None, Schedule(NOW, "orders", None)),
+    ("negative str delay", {"x-delay": "-1", **T}, None, Schedule(NOW, "orders", None)),
     ("bool delay", {"x-delay": True, **T}, None, "invalid_delay"),
     ("float delay", {"x-delay": 5000.0, **T}, None, "invalid_delay"),
     ("nan delay", {"x-delay": math.nan, **T}, None, "invalid_delay"),
