@@ -22,8 +22,6 @@ from typing import Literal
 from workers.directed.model import (
     Buffer,
     ClearBuffer,
-    Counts,
-    DeleteContent,
     Dequeue,
     Detail,
     Enqueue,
@@ -206,6 +204,7 @@ class DirectedCore(CoreState):
     def purge(self, now_ms: int, retention_ms: int) -> list[int]:
         """Forget tombstones with ``done_ms <= now_ms - retention_ms``; returns their mids."""
         cutoff = now_ms - retention_ms
+        self._journal_counts()  # a tombstone's last counters before its Purge
         grave = self._graveyard
         purged: list[int] = []
         while grave and grave[0][0] <= cutoff:
@@ -335,19 +334,11 @@ class DirectedCore(CoreState):
         self._gaps_touched[key] = None
 
     def _flush(self) -> None:
-        """Journal the counters of every message touched by this call (and their deletion),
-        and the grown gaps of targets."""
-        emit = self._journal.append
-        if self._touched:
-            details = self._details
-            for mid in self._touched:
-                d = details[mid]
-                emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped, d.recalled))
-                # Only alive messages are ever touched, so a done one died during this call.
-                if d.done_ms is not None:
-                    emit(DeleteContent(mid, d.done_ms))
-            self._touched.clear()
+        """Journal the grown gaps of targets. The counters of the messages touched wait for
+        :meth:`take_journal` (one :class:`Counts` per message per commit, however many pulls
+        acknowledged it)."""
         if self._gaps_touched:
+            emit = self._journal.append
             for key in self._gaps_touched:
                 gap = self._targets.get(key)
                 if gap is not None:

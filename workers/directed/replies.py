@@ -102,7 +102,7 @@ def decode_binary_reply(data: bytes) -> dict[str, Any]:
 
 
 def _binary(head: dict[str, Any], bodies: list[bytes]) -> bytes:
-    encoded = json.dumps(head, separators=(",", ":"), default=str).encode()
+    encoded = json_dumps(head)
     return b"".join([len(encoded).to_bytes(4, "big"), encoded, *bodies])
 
 
@@ -157,5 +157,10 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+# json.dumps with these arguments builds this encoder at every call: build it once
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def json_dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), default=str).encode()
+    """``json.dumps(doc, separators=(",", ":"), default=str)`` as bytes."""
+    return _ENCODER.encode(doc).encode()

@@ -20,6 +20,8 @@ from typing import Literal, Self
 from workers.directed.model import (
     MISSED_IDS_LIMIT,
     Buffer,
+    Counts,
+    DeleteContent,
     Detail,
     MessageStatus,
     Op,
@@ -81,8 +83,9 @@ class CoreState:
         self._next_mid = 1
         self._alive = 0
         self._journal: list[Op] = []
-        # Messages whose counters changed during the current call; one Counts each at the
-        # end, so dropping the same old message from 10,000 queues journals one update.
+        # Messages whose counters changed since the journal was last taken; one Counts each
+        # when it is taken, so 10,000 targets acknowledging (or dropping) the same message
+        # journal one update.
         self._touched: dict[int, None] = {}
         self._gaps_touched: dict[str, None] = {}  # targets whose gap grew during this call
 
@@ -195,8 +198,24 @@ class CoreState:
 
     def take_journal(self) -> list[Op]:
         """The ops recorded since the last call, in the order the store must apply them."""
+        self._journal_counts()
         ops, self._journal = self._journal, []
         return ops
+
+    def _journal_counts(self) -> None:
+        """Journal the counters of every message touched since the last time (and the
+        deletion of the content of those that finished)."""
+        if not self._touched:
+            return
+        emit = self._journal.append
+        details = self._details
+        for mid in self._touched:
+            d = details[mid]
+            emit(Counts(mid, d.remaining, d.acked, d.expired, d.dropped, d.recalled))
+            # Only alive messages are ever touched, so a done one died since the last time.
+            if d.done_ms is not None:
+                emit(DeleteContent(mid, d.done_ms))
+        self._touched.clear()
 
     # -- restart -----------------------------------------------------------------------------
 

@@ -171,18 +171,11 @@ class DirectedStore:
         ]
         if fresh:
             self._new_tids(conn, list(dict.fromkeys(fresh)))
-        # Counts are absolute: only the last of each message in this transaction is written
-        # (10,000 targets acknowledging the same message in one commit: one UPDATE).
-        last_counts = {
-            op.mid: op for batch in batches for op in batch.ops if isinstance(op, m.Counts)
-        }
         enqueue: list[tuple[int, int, int]] = []
         for batch in batches:
             for op in batch.ops:
                 if isinstance(op, m.Enqueue):
                     enqueue.append((tids[op.target], op.seq, op.mid))
-                    continue
-                if isinstance(op, m.Counts) and last_counts[op.mid] is not op:
                     continue
                 if enqueue:  # keep order: flush the run of enqueues before any other op
                     conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)

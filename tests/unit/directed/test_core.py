@@ -114,9 +114,9 @@ def test_drop_head_removes_the_oldest_and_deletes_content_nobody_holds() -> None
         NewMessage(3, "c", 1, 7, None),
         Dequeue("t", 1),
         Enqueue("t", 3, 3),
-        Counts(1, 0, 0, 0, 1),
-        DeleteContent(1, 7),
         SetGap("t", 1, ("a",)),  # t lost a before it got it: its next batch says so
+        Counts(1, 0, 0, 0, 1),  # counters when the journal is taken: one per message
+        DeleteContent(1, 7),
     ]
     assert core.status("a") == {
         "message_id": "a",
@@ -140,8 +140,8 @@ def test_drop_head_keeps_content_other_targets_still_hold() -> None:
         NewMessage(2, "b", 1, 3, None),
         Dequeue("t", 1),
         Enqueue("t", 1, 2),  # the queue was emptied, so seqs restart at 1 (as after restore)
-        Counts(1, 1, 0, 0, 1),
         SetGap("t", 1, ("a",)),
+        Counts(1, 1, 0, 0, 1),
     ]
     assert core.detail(1) == Detail(1, "a", 2, 1, dropped=1)
 
@@ -326,14 +326,14 @@ def test_pull_skips_and_dequeues_expired_content() -> None:
     result = core.pull("t", None, 1, 5, "r1")  # the pull itself expires a and c first
     assert result.mids == (2,)
     assert core.take_journal() == [
-        Counts(1, 0, 0, 1, 0),
-        DeleteContent(1, 5),
-        Counts(3, 0, 0, 1, 0),
-        DeleteContent(3, 5),
         SetGap("t", 2, ("a", "c")),
         Dequeue("t", 3),  # a, b, and the dead c that followed b
         SetBuffer("t", "r1", (2,), 2, ("a", "c")),  # the batch reports the gap...
         SetGap("t", 0, ()),  # ...which is no longer pending
+        Counts(1, 0, 0, 1, 0),
+        DeleteContent(1, 5),
+        Counts(3, 0, 0, 1, 0),
+        DeleteContent(3, 5),
     ]
     assert (result.missed, result.missed_ids) == (2, ("a", "c"))
 
@@ -411,9 +411,9 @@ def test_expire_counts_every_target_that_had_not_acknowledged() -> None:
     assert core.expire(10) == [1]
     # v had it queued (a gap); u had it in its batch (handed out: not a gap)
     assert core.take_journal() == [
+        SetGap("v", 1, ("a",)),
         Counts(1, 0, 1, 2, 0),
         DeleteContent(1, 10),
-        SetGap("v", 1, ("a",)),
     ]
     assert core.status("a") == {
         "message_id": "a",
@@ -897,3 +897,23 @@ def test_recall_takes_a_message_back_from_queues_and_names_it_in_handed_out_batc
     assert core.recall("a", 9) == status  # again: nothing changes
     assert core.take_journal() == []
     assert core.recall("nope", 9) is None
+
+
+def test_counters_of_a_message_are_journaled_once_per_take() -> None:
+    """Many targets acknowledging the same message between two commits: one Counts."""
+    core = DirectedCore()
+    fill(core, ("a", ["t", "u", "v"]))
+    for target in ("t", "u", "v"):
+        core.pull(target, None, 1, 1, f"r-{target}")
+    core.take_journal()
+    for target in ("t", "u"):
+        core.pull(target, f"r-{target}", 0, 2, "unused")
+    assert core.take_journal() == [ClearBuffer("t"), ClearBuffer("u"), Counts(1, 1, 2, 0, 0)]
+    core.pull("v", "r-v", 0, 3, "unused")
+    core.purge(3, 0)  # the tombstone's counters and deletion are journaled before its Purge
+    assert core.take_journal() == [
+        ClearBuffer("v"),
+        Counts(1, 0, 3, 0, 0),
+        DeleteContent(1, 3),
+        Purge(1),
+    ]
