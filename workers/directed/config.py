@@ -86,6 +86,13 @@ class DirectedSettings(ShardFields, BaseSettings):
         description="pulls handled at once (long polls included); beyond, an 'overloaded' error reply",
     )
     cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="content cache in memory")
+    pull_commit_interval_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="least time between the starts of two group commits that answer pulls: "
+        "under load more pulls share one commit (fewer fsyncs), each waiting up to this long",
+    )
     synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
         description="SQLite fsync policy; NORMAL survives a process crash, not power loss",

@@ -109,6 +109,7 @@ class Ledger:
         *,
         cache_bytes: int,
         on_commit: Callable[[int, float], None],
+        commit_interval_s: float = 0.0,
     ) -> None:
         self.store = store
         self.core = core
@@ -119,6 +120,8 @@ class Ledger:
         # on_committed callbacks waiting for the same commit: they share one barrier, until
         # the committer takes the journal (then the next callback needs a later commit)
         self._round: list[Callable[[BaseException | None], None]] | None = None
+        self.commit_interval_s = commit_interval_s
+        self._round_started = -commit_interval_s  # loop time of the last round's barrier
         self.committer: GroupCommitter[Batch] = GroupCommitter(
             store.db, self._take, store.apply, on_commit=on_commit
         )
@@ -153,7 +156,14 @@ class Ledger:
                 "seconds": round(time.perf_counter() - started, 3),
             },
         )
-        return cls(store, core, groups, cache_bytes=s.cache_bytes, on_commit=on_commit)
+        return cls(
+            store,
+            core,
+            groups,
+            cache_bytes=s.cache_bytes,
+            on_commit=on_commit,
+            commit_interval_s=s.pull_commit_interval_ms / 1000,
+        )
 
     # -- the journal -------------------------------------------------------------------
 
@@ -174,11 +184,22 @@ class Ledger:
         """Call ``callback(None)`` once everything journaled so far is committed, or
         ``callback(error)`` if that commit was given up (the store is closing while commits
         fail). The callbacks of one commit share one barrier future: a pull waiting for its
-        commit costs a list entry, not a future and a task."""
+        commit costs a list entry, not a future and a task. Rounds start at most every
+        ``commit_interval_s``: under load a commit carries more pulls (the commits and their
+        fsyncs, not the pulls, are what costs); when idle the commit starts at once."""
         if self._round is None:
             self._round = []
-            self.committer.barrier().add_done_callback(functools.partial(_call_back, self._round))
+            loop = asyncio.get_running_loop()
+            if self._round_started + self.commit_interval_s > loop.time():
+                self._round_started += self.commit_interval_s
+                loop.call_at(self._round_started, self._barrier, self._round)
+            else:
+                self._round_started = loop.time()
+                self._barrier(self._round)
         self._round.append(callback)
+
+    def _barrier(self, callbacks: list[Callable[[BaseException | None], None]]) -> None:
+        self.committer.barrier().add_done_callback(functools.partial(_call_back, callbacks))
 
     def _take(self) -> list[Batch]:
         # The committer hands the barriers it holds their result after committing what this

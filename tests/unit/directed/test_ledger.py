@@ -100,3 +100,33 @@ def test_cache_stays_within_its_bytes_when_encodings_are_added():
         assert cache.bytes <= 2_000
     assert cache.get(1) is None  # the oldest went
     assert cache.get(19) is not None
+
+
+async def test_rounds_spaced_by_the_commit_interval_still_commit_before_answering(
+    tmp_path: Path,
+):
+    """With a commit interval, a round that starts right after another is started later:
+    its callbacks still run only once what was journaled before them is in the file."""
+    store = DirectedStore(tmp_path)
+    ledger = Ledger(
+        store,
+        DirectedCore(),
+        Groups({}, max_size=10),
+        cache_bytes=1 << 20,
+        on_commit=_ignore,
+        commit_interval_s=0.05,
+    )
+    ledger.committer.start()
+    path = store.db.path
+    try:
+        for name in ("a", "b", "c"):
+            _accept(ledger, name)
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            ledger.on_committed(
+                lambda e, n=name, f=done: f.set_result(e is None and _stored(path, n))
+            )
+            assert await asyncio.wait_for(done, 10)
+        assert ledger.committer.commits >= 3
+    finally:
+        await ledger.committer.close()
+        store.close()
