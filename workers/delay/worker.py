@@ -297,6 +297,13 @@ class DelayWorker:
         self._consuming = False
         await cancel_all(self.consumers)
         await drain_all(self.consumers, deadline - time.monotonic())
+        if self.ledger is not None:
+            # deliveries stored and not acknowledged yet: their commit now, and their acks
+            # written before the link closes (else the broker delivers them again)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ledger.commit_now(), deadline - time.monotonic())
+            for consumer in self.consumers:
+                consumer.flush()
         if self.dispatcher is not None:
             # lanes finish the batch in hand (its confirms included); their reports journal
             # the deletes
