@@ -47,7 +47,7 @@ from workers.delay.config import (
     DelaySettings,
 )
 from workers.delay.core import Assignment, Entry
-from workers.delay.store import StoredMessage, build_properties, fetch_messages, open_reader
+from workers.delay.store import StoredMessage, fetch_messages, open_reader
 from workers.delay.wire import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 log = logging.getLogger("bridge.delay.lane")
@@ -147,18 +147,23 @@ def login_user(url: str) -> str | None:
     return unquote(user) if user else None
 
 
-def carried_properties(
-    props: dict[str, Any], headers: dict[str, Any] | None, user: str | None
-) -> Properties:
-    """The stored properties to publish with, minus a ``user_id`` the broker would refuse.
+_USER_ID_FLAG = 0x0010  # in the low byte of the property flags
+
+
+def carried_properties(properties: bytes, user: str | None) -> bytes:
+    """The stored (encoded) properties to publish with, minus a ``user_id`` the broker
+    would refuse; decoded only when they carry a ``user_id`` at all.
 
     RabbitMQ closes the channel on a ``user_id`` that is not the publishing connection's
     user; the producer's claim was checked when it published, and cannot be carried onward
     by another user.
     """
-    if "user_id" in props and props["user_id"] != user:
-        props = {k: v for k, v in props.items() if k != "user_id"}
-    return build_properties(props, headers)
+    if not properties[1] & _USER_ID_FLAG:
+        return properties
+    decoded = Properties.decode(properties)
+    if decoded.user_id == user:
+        return properties
+    return decoded.copy(user_id=None).encode()
 
 
 class Lane:
@@ -278,8 +283,6 @@ class Lane:
                     break
                 try:
                     report = await self._run(assignment, reader)
-                except asyncio.CancelledError:
-                    raise
                 except Exception:  # pragma: no cover - _run catches everything
                     log.exception("lane crashed", extra={"lane": self.index})
                     report = LaneReport(self.index, assignment.topic)
@@ -420,16 +423,19 @@ class Lane:
         assert publisher is not None
         user = self._user
         now = time.time()
+        observe = self._observe_lateness
+        publish = publisher.publish
         futures = []
         for item in items:
             row = item.row
-            self._observe_lateness(item.entry.topic, now - item.entry.due_ms / 1000)
+            observe(item.entry.topic, now - item.entry.due_ms / 1000)
             futures.append(
-                publisher.publish(
+                publish(
                     topic,
                     row.routing_key,
                     row.body,
-                    carried_properties(row.props, row.headers, user),
+                    carried_properties(row.properties, user),
+                    message_id=row.message_id,
                 )
             )
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -442,19 +448,23 @@ class Lane:
         assert publisher is not None
         futures = []
         for item, reason, detail in dead:
-            headers = dict(item.row.headers)
+            props = Properties.decode(item.row.properties)
+            headers = dict(props.headers or {})
             headers[X_TARGET_EXCHANGE] = topic
             headers[X_DELIVER_AT] = item.entry.due_ms
             if item.entry.key is not None:
                 headers[X_DELAY_KEY] = item.entry.key
             headers[H_DEAD_REASON] = reason
             headers[H_DEAD_DETAIL] = (detail or reason)[:500]
+            if props.user_id != self._user:
+                props.user_id = None
+            props.headers = headers
             futures.append(
                 publisher.publish(
                     self.settings.dead_exchange,
                     item.row.routing_key,
                     item.row.body,
-                    carried_properties(item.row.props, headers, self._user),
+                    props,
                     mandatory=False,
                 )
             )
