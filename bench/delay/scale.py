@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sqlite3
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 from bench.delay.worker import Worker, now_ms
 from bench.harness.broker import delete_names
 from bench.harness.report import broker_url, progress
+from bridge.amqp.frames import Properties
 from workers.delay.store import SCHEMA, SCHEMA_VERSION
 
 
@@ -31,7 +31,7 @@ def bulk_store(path: Path, n: int, *, first_due: int, spread_ms: int) -> float:
     )
     for statement in SCHEMA:
         conn.execute(statement)
-    props = json.dumps({"delivery_mode": 2, "message_id": "x"}, separators=(",", ":"))
+    props = Properties(delivery_mode=2, message_id="x").encode()
     body = b"x" * 100
     conn.execute("BEGIN")
     chunk = 50_000
@@ -45,14 +45,13 @@ def bulk_store(path: Path, n: int, *, first_due: int, spread_ms: int) -> float:
                 None,
                 f"m{i}",
                 props,
-                None,
                 body,
             )
             for i in range(start, min(n, start + chunk))
         ]
         conn.executemany(
             "INSERT INTO pending (mid, due_ms, topic, routing_key, key, message_id, props,"
-            " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
     conn.execute("COMMIT")

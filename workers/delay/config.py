@@ -62,7 +62,9 @@ class DelaySettings(ShardFields, BaseSettings):
         description="sharded mode: how long a control call waits for the other shards",
     )
 
-    lanes: int = Field(default=8, ge=1, le=256, description="sender lanes (threads)")
+    lanes: int = Field(
+        default=8, ge=1, le=256, description="sender lanes (tasks, each with its own connection)"
+    )
     batch: int = Field(
         default=500, ge=1, le=100_000, description="most messages a topic sends per lane turn"
     )
@@ -141,7 +143,8 @@ class DelaySettings(ShardFields, BaseSettings):
         default=1.0,
         ge=0,
         description="Python thread switch interval the worker sets (0 keeps the default 5 ms); "
-        "shorter lets an idle lane take over from a busy one sooner",
+        "shorter gives the event loop (ingress, dispatcher and lanes) the interpreter back "
+        "sooner from the store's threads",
     )
 
     dispatch_interval_ms: float = Field(

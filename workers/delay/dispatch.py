@@ -94,11 +94,11 @@ class Dispatcher:
     async def _dispatch(self) -> None:
         """Hand due topics to lanes; wake at the next due time or when a lane reports.
 
-        Lanes are started on demand: a light load spread over many topics is sent by few
-        lanes (threads of one process share the GIL, and waking many of them for tiny
-        batches costs more latency than it saves), and a topic that waited ``LANE_GROW_MS``
-        for a lane makes one more lane active, so a hot topic holding a lane cannot make the
-        others wait longer than that.
+        Lanes are used on demand: a light load spread over many topics is sent by few lanes
+        (each lane has a connection of its own, and spreading tiny batches over many costs
+        more socket writes and confirm streams than it saves), and a topic that waited
+        ``LANE_GROW_MS`` for a lane makes one more lane active, so a hot topic holding a lane
+        cannot make the others wait longer than that.
         """
         scheduler = self.ledger.scheduler
         loop = self._loop
@@ -120,7 +120,7 @@ class Dispatcher:
                     # Due topics wait for a lane. Add one once the oldest waited grow_ms while
                     # some lane has held its batch that long (a big batch of a hot topic).
                     # Lanes that are merely busy with short batches would not go faster
-                    # with more threads: they share one interpreter.
+                    # with more lanes: they share one event loop.
                     if now - nxt >= grow_ms and self._lane_stuck(grow_ms):
                         self._lanes_wanted_at = mono = time.monotonic()
                         if mono - self._grown_at >= grow_ms / 1000:  # one lane per grow_ms
@@ -139,7 +139,7 @@ class Dispatcher:
             if wake_at is not None:
                 # Woken by the clock at most once per DISPATCH_INTERVAL_MS: what falls due
                 # meanwhile goes out as one batch per topic, not a batch per due time (each
-                # costs a hand-off to a lane thread and back, a store read, a socket write
+                # costs a lane turn, a store read, a socket write
                 # and a confirm wait). A lane that reports (kick) is given work at once.
                 wake_at = max(wake_at, now + tick_ms)
             wake: asyncio.Future[None] = loop.create_future()
@@ -179,12 +179,8 @@ class Dispatcher:
 
     # -- what the lanes did ------------------------------------------------------------
 
-    def report_from_lane(self, report: LaneReport) -> None:
-        """Called on a lane thread."""
-        with contextlib.suppress(RuntimeError):  # loop closed: the worker is gone
-            self._loop.call_soon_threadsafe(self._on_report, report)
-
-    def _on_report(self, r: LaneReport) -> None:
+    def report_from_lane(self, r: LaneReport) -> None:
+        """A lane finished its batch (called by the lane's task)."""
         self._lane_used[r.lane] = time.monotonic()
         dead = [mid for mid, _ in r.dead]
         self.ledger.scheduler.complete(r.lane, done=[*r.sent, *dead, *r.gone], retry=r.retry)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
@@ -27,7 +26,7 @@ from bridge.sharding import Shard, chx_header_bucket, header_hash_typed, shard_q
 from workers.delay.config import DelaySettings
 from workers.delay.ledger import Ledger, now_ms
 from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
-from workers.delay.store import Insert, KeyDelete, encode_headers, props_dict
+from workers.delay.store import Insert, KeyDelete, stored_properties
 from workers.delay.wire import (
     INVALID_HEADERS,
     X_DELAY_KEY,
@@ -38,7 +37,6 @@ from workers.delay.wire import (
 )
 
 log = logging.getLogger("bridge.delay")
-_json = json.JSONEncoder(separators=(",", ":")).encode  # stored properties, compact
 
 
 class Ingress:
@@ -110,12 +108,9 @@ class Ingress:
                 )
         # What can fail for this input (a header value that cannot be written again) comes
         # before any change of state: the consumer requeues it, then gives it up (poison).
-        stored_headers = encode_headers(strip_control_headers(headers))
-        props = props_dict(properties)
-        message_id = props.get("message_id")
-        if not message_id:
-            # A stable id: a re-publish after a crash carries the same one.
-            message_id = props["message_id"] = uuid.uuid4().hex
+        # A stable id: a re-publish after a crash carries the same one.
+        message_id = properties.message_id or uuid.uuid4().hex
+        props = stored_properties(properties, strip_control_headers(headers), message_id)
         mid = ledger.next_mid()
         key = decision.key
         replace: KeyDelete | None = None
@@ -133,8 +128,7 @@ class Ingress:
             routing_key=delivered.routing_key,
             key=key,
             message_id=message_id,
-            props=_json(props),
-            headers=stored_headers,
+            props=props,
             body=delivered.body,
         )
         ledger.append(op)

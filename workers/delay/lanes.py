@@ -1,8 +1,11 @@
-"""Sender lanes: threads that publish due messages into their target exchanges.
+"""Sender lanes: tasks of the worker's event loop that publish due messages into their target
+exchanges.
 
-Each lane is a thread with its own event loop, its own AMQP connection (a
-:class:`bridge.amqp.link.Link` with one confirm-mode :class:`~bridge.amqp.publisher.Publisher`)
-and its own read-only SQLite connection. The worker's scheduler hands a lane one
+Each lane is a task with its own AMQP connection (a :class:`bridge.amqp.link.Link` with one
+confirm-mode :class:`~bridge.amqp.publisher.Publisher`) and its own read-only SQLite
+connection. Lanes are tasks rather than threads: a batch is handed over and reported back
+without a hand-off between event loops (``call_soon_threadsafe`` both ways, per batch), and
+lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane one
 :class:`~workers.delay.core.Assignment` at a time (one topic, at most ``batch`` messages in
 due order); the lane reads the rows, publishes them with ``mandatory`` (the publisher writes
 up to ``publish_window`` unconfirmed publishes per socket write and resolves each one's
@@ -19,11 +22,9 @@ out alone; only after it proved the exchange exists is the rest of the batch pip
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from workers.delay.config import (
     DelaySettings,
 )
 from workers.delay.core import Assignment, Entry
-from workers.delay.store import StoredMessage, build_properties, fetch_messages, open_reader
+from workers.delay.store import StoredMessage, fetch_messages, open_reader
 from workers.delay.wire import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 log = logging.getLogger("bridge.delay.lane")
@@ -73,31 +74,27 @@ class Verified:
         self._topics: dict[str, None] = {}
         self._refused: dict[str, int] = {}
         self._limit = limit
-        self._lock = threading.Lock()
 
     def __contains__(self, topic: object) -> bool:
         return topic in self._topics
 
     def add(self, topic: str) -> None:
-        with self._lock:
-            self._topics.pop(topic, None)
-            self._topics[topic] = None
-            while len(self._topics) > self._limit:
-                del self._topics[next(iter(self._topics))]
-            self._refused.pop(topic, None)
+        self._topics.pop(topic, None)
+        self._topics[topic] = None
+        while len(self._topics) > self._limit:
+            del self._topics[next(iter(self._topics))]
+        self._refused.pop(topic, None)
 
     def refused(self, topic: str) -> int:
         """One more refused probe of ``topic``; how many in a row so far."""
-        with self._lock:
-            count = self._refused.pop(topic, 0) + 1
-            self._refused[topic] = count
-            while len(self._refused) > self._limit:
-                del self._refused[next(iter(self._refused))]
-            return count
+        count = self._refused.pop(topic, 0) + 1
+        self._refused[topic] = count
+        while len(self._refused) > self._limit:
+            del self._refused[next(iter(self._refused))]
+        return count
 
     def discard(self, topic: str) -> None:
-        with self._lock:
-            self._topics.pop(topic, None)
+        self._topics.pop(topic, None)
 
 
 @dataclass(slots=True)
@@ -150,23 +147,29 @@ def login_user(url: str) -> str | None:
     return unquote(user) if user else None
 
 
-def carried_properties(
-    props: dict[str, Any], headers: dict[str, Any] | None, user: str | None
-) -> Properties:
-    """The stored properties to publish with, minus a ``user_id`` the broker would refuse.
+_USER_ID_FLAG = 0x0010  # in the low byte of the property flags
+
+
+def carried_properties(properties: bytes, user: str | None) -> bytes:
+    """The stored (encoded) properties to publish with, minus a ``user_id`` the broker
+    would refuse; decoded only when they carry a ``user_id`` at all.
 
     RabbitMQ closes the channel on a ``user_id`` that is not the publishing connection's
     user; the producer's claim was checked when it published, and cannot be carried onward
     by another user.
     """
-    if "user_id" in props and props["user_id"] != user:
-        props = {k: v for k, v in props.items() if k != "user_id"}
-    return build_properties(props, headers)
+    if not properties[1] & _USER_ID_FLAG:
+        return properties
+    decoded = Properties.decode(properties)
+    if decoded.user_id == user:
+        return properties
+    return decoded.copy(user_id=None).encode()
 
 
 class Lane:
-    """One sender lane. ``start()`` returns a future resolved once connected; ``submit()``
-    queues an assignment; results come back through ``report`` (called on the lane thread)."""
+    """One sender lane. ``await start()`` connects it; ``submit()`` hands it an assignment;
+    results come back through ``report`` (called on the worker's loop, when the batch is
+    done)."""
 
     def __init__(
         self,
@@ -188,42 +191,48 @@ class Lane:
         self._observe_lateness = observe_lateness
         self._add_busy = add_busy
         self._user = login_user(host.amqp_url)
-        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Assignment | None] | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(
-            target=self._thread_main, name=f"delay-lane-{index}", daemon=True
-        )
+        self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reader: sqlite3.Connection | None = None
         self._verified = verified if verified is not None else Verified()
         self._failures = 0
         self.link: Link | None = None
         self.publisher: Publisher | None = None
         self.batches = 0
 
-    # -- control from the worker's thread ---------------------------------------------
+    # -- control from the worker -------------------------------------------------------
 
-    def start(self) -> concurrent.futures.Future[None]:
-        self._thread.start()
-        return self._ready
+    async def start(self) -> None:
+        """Connect (retrying with capped backoff until :meth:`request_stop`), open the
+        store reader, and start serving assignments."""
+        try:
+            await self._connect()
+            self._reader = open_reader(self.db_path)
+        except BaseException:
+            await self._close()
+            raise
+        self._task = asyncio.get_running_loop().create_task(
+            self._serve(), name=f"delay-lane-{self.index}"
+        )
 
     def submit(self, assignment: Assignment) -> None:
-        loop, queue = self._loop, self._queue
-        assert loop is not None and queue is not None, "lane not started"
-        loop.call_soon_threadsafe(queue.put_nowait, assignment)
+        assert self._task is not None, "lane not started"
+        self._queue.put_nowait(assignment)
 
     def request_stop(self) -> None:
-        """Finish the batch in hand, then disconnect and end the thread."""
-        loop, queue, stop = self._loop, self._queue, self._stop
-        if loop is None or queue is None or stop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-            loop.call_soon_threadsafe(stop.set)
+        """Finish the batch in hand, then disconnect."""
+        self._queue.put_nowait(None)
+        self._stop.set()
 
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    async def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the lane to finish; whether it did."""
+        task = self._task
+        if task is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        return task.done()
 
     @property
     def connected(self) -> bool:
@@ -233,25 +242,10 @@ class Lane:
     def reconnects(self) -> int:
         return self.link.reconnects if self.link is not None else 0
 
-    # -- the lane thread --------------------------------------------------------------
-
-    def _thread_main(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:  # pragma: no cover - _main catches everything
-            log.exception("lane crashed", extra={"lane": self.index})
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+    # -- the lane's task --------------------------------------------------------------
 
     async def _connect(self) -> None:
         """Connect the lane's link, retrying with capped backoff until stopped."""
-        assert self._stop is not None
         delay = 0.5
         while True:
             link = Link(
@@ -279,32 +273,28 @@ class Lane:
             self.link, self.publisher = link, publisher
             return
 
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
-        self._stop = asyncio.Event()
-        reader: sqlite3.Connection | None = None
-        try:
-            await self._connect()
-            reader = open_reader(self.db_path)
-        except BaseException as exc:
-            self._ready.set_exception(exc)
-            await self._close(reader)
-            return
-        self._ready.set_result(None)
+    async def _serve(self) -> None:
+        reader = self._reader
+        assert reader is not None
         try:
             while True:
                 assignment = await self._queue.get()
                 if assignment is None:
                     break
-                report = await self._run(assignment, reader)
+                try:
+                    report = await self._run(assignment, reader)
+                except Exception:  # pragma: no cover - _run catches everything
+                    log.exception("lane crashed", extra={"lane": self.index})
+                    report = LaneReport(self.index, assignment.topic)
+                    report.retry = [e.mid for e in assignment.entries]
                 report.assignment = assignment
                 self.batches += 1
                 self._report(report)
         finally:
-            await self._close(reader)
+            await self._close()
 
-    async def _close(self, reader: sqlite3.Connection | None) -> None:
+    async def _close(self) -> None:
+        reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
         if self.publisher is not None:
@@ -349,7 +339,6 @@ class Lane:
         return report
 
     async def _back_off(self, report: LaneReport) -> None:
-        assert self._stop is not None
         self._failures += 1
         pause = min(self.settings.retry_backoff_max_s, 0.05 * 2 ** min(self._failures, 10))
         log.warning(
@@ -434,16 +423,19 @@ class Lane:
         assert publisher is not None
         user = self._user
         now = time.time()
+        observe = self._observe_lateness
+        publish = publisher.publish
         futures = []
         for item in items:
             row = item.row
-            self._observe_lateness(item.entry.topic, now - item.entry.due_ms / 1000)
+            observe(item.entry.topic, now - item.entry.due_ms / 1000)
             futures.append(
-                publisher.publish(
+                publish(
                     topic,
                     row.routing_key,
                     row.body,
-                    carried_properties(row.props, row.headers, user),
+                    carried_properties(row.properties, user),
+                    message_id=row.message_id,
                 )
             )
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -456,19 +448,23 @@ class Lane:
         assert publisher is not None
         futures = []
         for item, reason, detail in dead:
-            headers = dict(item.row.headers)
+            props = Properties.decode(item.row.properties)
+            headers = dict(props.headers or {})
             headers[X_TARGET_EXCHANGE] = topic
             headers[X_DELIVER_AT] = item.entry.due_ms
             if item.entry.key is not None:
                 headers[X_DELAY_KEY] = item.entry.key
             headers[H_DEAD_REASON] = reason
             headers[H_DEAD_DETAIL] = (detail or reason)[:500]
+            if props.user_id != self._user:
+                props.user_id = None
+            props.headers = headers
             futures.append(
                 publisher.publish(
                     self.settings.dead_exchange,
                     item.row.routing_key,
                     item.row.body,
-                    carried_properties(item.row.props, headers, self._user),
+                    props,
                     mandatory=False,
                 )
             )
@@ -483,18 +479,22 @@ class Lane:
 
 async def start_lanes(lanes: list[Lane], stop: asyncio.Event) -> None:
     """Start every lane and wait until all are connected (or raise the first failure)."""
-    futures: list[asyncio.Future[Any]] = [asyncio.wrap_future(lane.start()) for lane in lanes]
+    starts: list[asyncio.Future[Any]] = [asyncio.ensure_future(lane.start()) for lane in lanes]
     stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
-        pending: set[asyncio.Future[Any]] = set(futures)
+        pending: set[asyncio.Future[Any]] = set(starts)
         while pending:
             done, pending = await asyncio.wait(
                 pending | {stopped}, return_when=asyncio.FIRST_COMPLETED
             )
             if stopped in done:
+                for lane in lanes:
+                    lane.request_stop()
                 raise BrokerUnavailable("stopped while the sender lanes were connecting")
             pending.discard(stopped)
             for fut in done:
                 fut.result()
     finally:
         stopped.cancel()
+        for fut in starts:
+            fut.cancel()

@@ -70,6 +70,8 @@ class Ledger:
         self._linger: asyncio.Future[None] | None = None
         self._linger_at = 0.0
         self._linger_handle: asyncio.TimerHandle | None = None
+        # shared commits asked for and not done yet (their waiters not run yet)
+        self._sealed: set[asyncio.Future[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._on_commit_seconds = on_commit_seconds
         # A message due now may enter a window capped by a backlog, up to this many extra.
@@ -126,6 +128,8 @@ class Ledger:
         if self._linger is fut:
             self._linger = None
             self._linger_handle = None
+        self._sealed.add(fut)
+        fut.add_done_callback(self._sealed.discard)
         barrier = self.committer.barrier()  # covers everything journaled before now
 
         def done(b: asyncio.Future[None]) -> None:
@@ -140,16 +144,26 @@ class Ledger:
 
         barrier.add_done_callback(done)
 
-    async def close(self) -> None:
-        """Commit what is journaled, the shared commit that waits for its time included (its
-        waiters, the ingress's acknowledgements among them, are settled before the link
-        closes: a delivery stored but not acknowledged would be stored again after the
-        restart), then stop the committer."""
+    async def commit_now(self) -> None:
+        """Commit what is journaled now, the shared commit that waits for its time included,
+        and return once the waiters of every shared commit asked so far have run.
+
+        The ingress acknowledges a delivery in such a waiter: on shutdown this runs before
+        the acknowledgements are flushed and the link closes, else a delivery stored but not
+        acknowledged is delivered again by the broker and stored twice. Awaiting the very
+        futures the waiters were added to makes them run first (callbacks run in order).
+        """
         fut = self._linger
         if fut is not None:
             if self._linger_handle is not None:
                 self._linger_handle.cancel()
             self._seal(fut)
+        if self._sealed:
+            await asyncio.wait(list(self._sealed))
+
+    async def close(self) -> None:
+        """Commit what is journaled (see :meth:`commit_now`), then stop the committer."""
+        await self.commit_now()
         await self.committer.close()
 
     def delete_done(self, rows: Iterable[tuple[int, str]]) -> None:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the delay worker (names ``bridge_delay_*``).
 
-Lanes update the lateness histogram and their busy counter from their own threads
-(prometheus_client metrics are thread-safe); everything else is updated on the worker's loop.
+Everything is updated on the worker's loop, the lanes' lateness histogram and busy counter
+included; the scrape reads from the HTTP server's side (prometheus_client metrics are
+thread-safe).
 
 Topics are labels with bounded cardinality (``BRIDGE_DELAY__TOPIC_BY`` can make one per
 tenant): the scheduled gauge shows the N largest topics and adds the rest up as ``other``;

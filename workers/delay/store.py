@@ -5,7 +5,12 @@ One file, ``<state_dir>/delay/delay.sqlite3``, one table ``pending``: a row per 
 was accepted and not yet confirmed by the broker at its target (or dead-lettered). ``mid`` is
 the arrival order. ``topic`` is the message's topic (``BRIDGE_DELAY__TOPIC_BY``, computed at
 ingress); ``exchange`` is its target exchange, NULL when it is the topic itself (the default,
-and every row of a version 1 file, whose topic was always the target exchange). The row is the truth; the in-memory scheduler holds only a near-term
+and every row of a version 1 file, whose topic was always the target exchange). ``props``
+holds the basic properties as the AMQP content header carries them (property flags and
+fields, the headers table inside, the control headers stripped): a lane publishes them as
+they are, without decoding or encoding anything (version 3). Rows of version 1 and 2 files
+hold them as JSON text with the headers table in ``headers``; they are read as such until
+they are delivered. The row is the truth; the in-memory scheduler holds only a near-term
 window of ``(mid, topic, due, key)`` hints. A lane that finds no row for a hint (cancelled or
 replaced while the hint travelled) skips it.
 
@@ -33,7 +38,7 @@ from bridge.amqp import frames
 from bridge.sharding import SHARD_COUNT_HINT
 from bridge.store import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pending (
         mid INTEGER PRIMARY KEY,
@@ -42,7 +47,7 @@ SCHEMA = (
         routing_key TEXT NOT NULL,
         key TEXT,
         message_id TEXT,
-        props TEXT NOT NULL,
+        props BLOB NOT NULL,
         headers BLOB,
         body BLOB NOT NULL,
         exchange TEXT)""",
@@ -53,13 +58,20 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS pending_message_id ON pending (message_id)",
 )
 # Version 1 had no exchange column: its topic was the target exchange (NULL says just that).
-MIGRATIONS = {1: ("ALTER TABLE pending ADD COLUMN exchange TEXT",)}
+# Version 2 stored the properties as JSON text and the headers apart; version 3 stores them
+# encoded (new rows only: the column's type is a declaration, SQLite keeps the blob as it is;
+# older rows are read as they were written, see fetch_messages). Nothing to rewrite, but a
+# release before version 3 must not read a version 3 file.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE pending ADD COLUMN exchange TEXT",),
+    2: (),
+}
 MAX_MID = (1 << 63) - 1
 FILE_NAME = "delay.sqlite3"
 
-# AMQP basic properties kept per message, headers aside: the stored JSON names (kept from
-# the first version of the file format, which used pamqp's names: ``message_type``) and the
-# data path's Properties attribute names.
+# AMQP basic properties of a version 1 or 2 row, headers aside: the stored JSON names (the
+# first version of the file format used pamqp's names: ``message_type``) and the data path's
+# Properties attribute names.
 PROP_FIELDS = (
     ("content_type", "content_type"),
     ("content_encoding", "content_encoding"),
@@ -79,47 +91,30 @@ PROP_FIELDS = (
 # ---------------------------------------------------------------- message codec
 
 
-def encode_headers(headers: Mapping[str, Any] | None) -> bytes | None:
-    """Headers as an AMQP field table (the wire encoding; a value that is not UTF-8 text
-    stays a long string of its bytes)."""
-    if not headers:
-        return None
-    return frames.encode_table(dict(headers))
+def stored_properties(
+    properties: frames.Properties, headers: Mapping[str, Any], message_id: str
+) -> bytes:
+    """What a row keeps of a delivery's properties, encoded: every basic property as it came
+    (``cluster_id`` aside, a field AMQP 0-9-1 deprecated), ``headers`` instead of its headers,
+    and ``message_id``. Raises :class:`bridge.amqp.frames.EncodeError` for a header value
+    that cannot be written again."""
+    return properties.copy(
+        headers=dict(headers) if headers else None, message_id=message_id, cluster_id=None
+    ).encode()
 
 
-def decode_headers(blob: bytes | None) -> dict[str, Any]:
-    if not blob:
-        return {}
-    return frames.decode_table(bytes(blob))
-
-
-def props_dict(properties: frames.Properties) -> dict[str, Any]:
-    """The basic properties of a delivery as a JSON-able dict, exactly as sent (headers
-    aside; ``timestamp`` as epoch seconds)."""
-    out: dict[str, Any] = {}
+def legacy_properties(props: str, headers: bytes | None) -> bytes:
+    """The encoded properties of a version 1 or 2 row (JSON text and a headers table)."""
+    doc = json.loads(props)
+    out = frames.Properties(headers=frames.decode_table(bytes(headers)) if headers else None)
     for stored, attr in PROP_FIELDS:
-        value = getattr(properties, attr)
-        if value is None:
-            continue
-        if stored == "timestamp":
-            value = int(value.timestamp()) if isinstance(value, dt.datetime) else int(value)
-        out[stored] = value
-    return out
-
-
-def build_properties(
-    props: Mapping[str, Any], headers: Mapping[str, Any] | None
-) -> frames.Properties:
-    """Properties to publish with, from a stored dict and headers."""
-    out = frames.Properties(headers=dict(headers) if headers else None)
-    for stored, attr in PROP_FIELDS:
-        value = props.get(stored)
+        value = doc.get(stored)
         if value is None:
             continue
         if stored == "timestamp":
             value = dt.datetime.fromtimestamp(value, dt.UTC)
         setattr(out, attr, value)
-    return out
+    return out.encode()
 
 
 # ---------------------------------------------------------------- journal ops
@@ -135,8 +130,7 @@ class Insert:
     routing_key: str
     key: str | None
     message_id: str | None
-    props: str
-    headers: bytes | None
+    props: bytes  # stored_properties()
     body: bytes
     exchange: str | None = None  # the target exchange when it is not ``topic``
     in_window: bool = False
@@ -150,7 +144,6 @@ class Insert:
             self.key,
             self.message_id,
             self.props,
-            self.headers,
             self.body,
             self.exchange,
         )
@@ -192,8 +185,7 @@ class StoredMessage:
     exchange: str  # where it is published when due
     routing_key: str
     message_id: str | None
-    props: dict[str, Any]
-    headers: dict[str, Any]
+    properties: bytes  # encoded, as publish() takes them (see stored_properties)
     body: bytes
 
 
@@ -375,9 +367,9 @@ class DelayStore:
 
 
 # Statement sizes for multi-row writes: few distinct statements, so sqlite3's statement
-# cache keeps them compiled. 256 rows x 10 columns stays under SQLite's variable limit.
+# cache keeps them compiled. 256 rows x 9 columns stays under SQLite's variable limit.
 _CHUNK_SIZES = (256, 64, 16, 4, 1)
-_COLUMNS = "(mid, due_ms, topic, routing_key, key, message_id, props, headers, body, exchange)"
+_COLUMNS = "(mid, due_ms, topic, routing_key, key, message_id, props, body, exchange)"
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -392,7 +384,7 @@ def _chunks(n: int) -> list[tuple[int, int]]:
 
 @functools.cache
 def _insert_sql(rows: int) -> str:
-    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     return f"INSERT INTO pending {_COLUMNS} VALUES {values}"
 
 
@@ -437,8 +429,7 @@ def fetch_messages(conn: sqlite3.Connection, mids: Iterable[int]) -> dict[int, S
                 exchange=exchange,
                 routing_key=routing_key,
                 message_id=message_id,
-                props=json.loads(props),
-                headers=decode_headers(headers),
-                body=bytes(body),
+                properties=props if isinstance(props, bytes) else legacy_properties(props, headers),
+                body=body,
             )
     return out

@@ -7,8 +7,8 @@ The parts, in the order a delayed message meets them:
   :mod:`~workers.delay.ledger` (store, group commit, in-memory window);
 - :mod:`~workers.delay.dispatch` hands due topics to sender lanes (decisions of the pure
   :mod:`~workers.delay.core`) and deletes what the lanes confirmed;
-- :mod:`~workers.delay.lanes` publish into the target exchanges, each lane a thread with its
-  own connection;
+- :mod:`~workers.delay.lanes` publish into the target exchanges, each lane a task of the
+  worker's event loop with its own connection;
 - :mod:`~workers.delay.control` answers the control RPC; :mod:`~workers.delay.deadletter`
   refuses what cannot be scheduled.
 
@@ -297,6 +297,13 @@ class DelayWorker:
         self._consuming = False
         await cancel_all(self.consumers)
         await drain_all(self.consumers, deadline - time.monotonic())
+        if self.ledger is not None:
+            # deliveries stored and not acknowledged yet: their commit now, and their acks
+            # written before the link closes (else the broker delivers them again)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ledger.commit_now(), deadline - time.monotonic())
+            for consumer in self.consumers:
+                consumer.flush()
         if self.dispatcher is not None:
             # lanes finish the batch in hand (its confirms included); their reports journal
             # the deletes
@@ -305,8 +312,7 @@ class DelayWorker:
         for lane in self.lanes:
             lane.request_stop()
         for lane in self.lanes:
-            await asyncio.to_thread(lane.join, max(deadline - time.monotonic(), 0.5))
-        await asyncio.sleep(0)  # reports the lanes queued while stopping
+            await lane.join(max(deadline - time.monotonic(), 0.5))
         if self.dispatcher is not None:
             self.dispatcher.dead_log.close()
         if self.ledger is not None:

@@ -319,14 +319,14 @@ async def test_a_message_whose_processing_raises_is_dead_lettered_after_bounded_
     from tests.integration.delay.helpers import dead_letters, header
     from workers.delay import ingress
 
-    real = ingress.encode_headers
+    real = ingress.stored_properties
 
-    def failing(headers: Any) -> Any:
+    def failing(properties: Any, headers: Any, message_id: str) -> Any:
         if headers and "boom" in headers:
             raise ValueError("injected: cannot store this message")
-        return real(headers)
+        return real(properties, headers, message_id)
 
-    monkeypatch.setattr(ingress, "encode_headers", failing)
+    monkeypatch.setattr(ingress, "stored_properties", failing)
     s = delay_settings(unique)
     sink = await make_sink(amqp, unique, "target")
     async with delay_worker(

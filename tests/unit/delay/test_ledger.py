@@ -10,7 +10,7 @@ from workers.delay.store import DelayStore, Insert
 
 
 def _insert(mid: int) -> Insert:
-    return Insert(mid, 1000 + mid, "t", "rk", None, f"m{mid}", "{}", None, b"x")
+    return Insert(mid, 1000 + mid, "t", "rk", None, f"m{mid}", b"\x00\x00", b"x")
 
 
 def _rows(store: DelayStore) -> list[int]:
@@ -84,4 +84,25 @@ async def test_close_commits_a_shared_commit_still_waiting_and_settles_it(tmp_pa
         assert stored.done() and stored.exception() is None
         assert _rows(store) == [1]
     finally:
+        store.close()
+
+
+async def test_commit_now_returns_after_the_waiters_of_a_lingering_commit_ran(tmp_path) -> None:
+    """On shutdown the worker commits what is journaled and flushes the acknowledgements that
+    the commit's waiters make: they must have run by then (else a stored delivery goes
+    unacknowledged and the broker delivers it again)."""
+    settings = DelaySettings(ingress_commit_linger_ms=60_000)
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    ledger.committer.start()
+    acked: list[int] = []
+    try:
+        for mid in (1, 2):
+            ledger.append(_insert(mid))
+            ledger.stored().add_done_callback(lambda _, mid=mid: acked.append(mid))
+        await asyncio.wait_for(ledger.commit_now(), 5)  # not the linger's minute
+        assert acked == [1, 2]
+        assert _rows(store) == [1, 2]
+    finally:
+        await ledger.committer.close()
         store.close()

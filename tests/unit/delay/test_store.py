@@ -21,12 +21,10 @@ from workers.delay.store import (
     Insert,
     KeyDelete,
     _chunks,
-    build_properties,
-    decode_headers,
-    encode_headers,
     fetch_messages,
+    legacy_properties,
     open_reader,
-    props_dict,
+    stored_properties,
 )
 
 NOW = 1_700_000_000_000
@@ -36,50 +34,68 @@ HORIZON = 60_000
 # ---------------------------------------------------------------- message codec
 
 
-def test_headers_round_trip_keeps_types_and_binary_values() -> None:
-    headers = {
-        "s": "text",
-        "n": 42,
-        "big": 2**40,
-        "f": 1.5,
-        "b": True,
-        "none": None,
-        "bin": b"\xff\x00",  # a non-UTF-8 long string decodes as bytes (as pamqp does)
-        "list": [1, "two", b"\xfe"],
-        "nested": {"a": {"b": [1]}},
-        "ts": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
-        "dec": decimal.Decimal("1.25"),
-    }
-    blob = encode_headers(headers)
-    assert blob is not None
-    back = decode_headers(blob)
-    assert back == headers  # binary values stay long strings of their bytes
-    # the stored format is the AMQP field table (files written by pamqp read back the same)
-    assert decode_headers(bytes(pamqp.encode.field_table({"s": "x", "n": 1}))) == {"s": "x", "n": 1}
-    assert encode_headers({}) is None and decode_headers(None) == {}
+HEADERS = {
+    "s": "text",
+    "n": 42,
+    "big": 2**40,
+    "f": 1.5,
+    "b": True,
+    "none": None,
+    "bin": b"\xff\x00",  # a non-UTF-8 long string decodes as bytes (as pamqp does)
+    "list": [1, "two", b"\xfe"],
+    "nested": {"a": {"b": [1]}},
+    "ts": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+    "dec": decimal.Decimal("1.25"),
+}
+INCOMING = Properties(
+    content_type="text/plain",
+    content_encoding="gzip",
+    delivery_mode=2,
+    correlation_id="c",
+    message_id="m",
+    type="t",
+    user_id="guest",
+    app_id="a",
+    expiration="1001",
+    timestamp=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC),
+    headers={"x-delay": 5},
+    cluster_id="deprecated",
+)
 
 
-def test_properties_round_trip_exactly() -> None:
-    incoming = Properties(
-        content_type="text/plain",
-        content_encoding="gzip",
-        delivery_mode=2,
-        correlation_id="c",
-        message_id="m",
-        type="t",
-        user_id="guest",
-        app_id="a",
-        expiration="1001",
-        timestamp=dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC),
-        headers={"h": 1},
+def test_stored_properties_are_the_delivery_s_with_its_carried_headers_and_id() -> None:
+    stored = stored_properties(INCOMING, HEADERS, "m2")
+    back = Properties.decode(stored)
+    assert back.headers == HEADERS  # types kept, binary values stay long strings of bytes
+    assert back == INCOMING.copy(headers=HEADERS, message_id="m2", cluster_id=None)
+    assert stored == back.encode()  # what a lane publishes, byte for byte
+    assert Properties.decode(stored_properties(INCOMING, {}, "m")).headers is None
+    assert INCOMING.headers == {"x-delay": 5}  # the delivery itself is left as it came
+
+
+def test_a_version_2_row_reads_as_the_properties_it_was_stored_from() -> None:
+    # as the version 2 code wrote them: JSON with pamqp's property names, headers apart
+    props = json.dumps(
+        {
+            "content_type": "text/plain",
+            "content_encoding": "gzip",
+            "delivery_mode": 2,
+            "correlation_id": "c",
+            "expiration": "1001",
+            "message_id": "m",
+            "timestamp": 1714979289,
+            "message_type": "t",
+            "user_id": "guest",
+            "app_id": "a",
+        }
     )
-    props = props_dict(incoming)
-    assert props["expiration"] == "1001" and props["timestamp"] == 1714979289
-    assert props["message_type"] == "t"  # the stored name (file format of version 1)
-    assert "priority" not in props and "reply_to" not in props and "headers" not in props
-    built = build_properties(json.loads(json.dumps(props)), {"h": 1})
-    assert built == incoming
-    assert built.encode() == incoming.encode()
+    headers = bytes(pamqp.encode.field_table({"s": "x", "n": 1}))
+    expected = INCOMING.copy(headers={"s": "x", "n": 1}, cluster_id=None)
+    assert Properties.decode(legacy_properties(props, headers)) == expected
+    assert legacy_properties(props, headers) == expected.encode()
+    assert Properties.decode(legacy_properties('{"message_id": "m"}', None)) == Properties(
+        message_id="m"
+    )
 
 
 # ---------------------------------------------------------------- journal in SQL
@@ -90,7 +106,10 @@ def _store(tmp_path) -> DelayStore:
 
 
 def _insert(mid: int, due: int, topic: str = "t", key: str | None = None) -> Insert:
-    return Insert(mid, due, topic, "rk", key, f"m{mid}", "{}", None, b"x")
+    return Insert(mid, due, topic, "rk", key, f"m{mid}", PROPS, b"x")
+
+
+PROPS = Properties(delivery_mode=2).encode()
 
 
 def test_apply_inserts_deletes_and_key_replacement(tmp_path) -> None:
@@ -209,7 +228,7 @@ def test_a_version_1_file_is_migrated_and_its_rows_keep_their_exchange(tmp_path)
                 "SELECT value FROM bridge_meta WHERE key = 'schema_version'"
             ).fetchone()[0]
         )
-        assert version == str(SCHEMA_VERSION) == "2"
+        assert version == str(SCHEMA_VERSION) == "3"
         new = _insert(3, 3000, "acme")
         new.exchange = "orders"
         store.db.run_sync(lambda c: _apply(store, c, [new]))
@@ -231,6 +250,68 @@ def test_a_version_1_file_is_migrated_and_its_rows_keep_their_exchange(tmp_path)
             reader.close()
     finally:
         store.close()
-    reopened = DelayStore(tmp_path)  # now a version 2 file: nothing more to migrate
+    reopened = DelayStore(tmp_path)  # now a version 3 file: nothing more to migrate
+    assert reopened.db.migrated_from is None
+    reopened.close()
+
+
+def write_v2_file(directory, rows: list[tuple[int, int, str, str, bytes | None]]) -> None:
+    """A version 2 state file as the release before encoded properties wrote it, with
+    ``(mid, due_ms, topic, props JSON, headers table)`` rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(directory / "delay.sqlite3")
+    for statement in V1_SCHEMA[:-1]:
+        conn.execute(statement)
+    conn.execute("ALTER TABLE pending ADD COLUMN exchange TEXT")
+    conn.execute("INSERT INTO bridge_meta VALUES ('worker', 'delay'), ('schema_version', '2')")
+    conn.executemany(
+        "INSERT INTO pending (mid, due_ms, topic, routing_key, key, message_id, props, headers,"
+        " body, exchange) VALUES (?, ?, ?, 'rk', NULL, ?, ?, ?, x'6869', NULL)",
+        [(mid, due, topic, f"m{mid}", props, headers) for mid, due, topic, props, headers in rows],
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_2_file_is_migrated_and_its_rows_publish_their_stored_properties(
+    tmp_path,
+) -> None:
+    table = bytes(pamqp.encode.field_table({"tenant": "acme", "n": 7}))
+    write_v2_file(
+        tmp_path,
+        [
+            (1, 1000, "orders", '{"message_id":"m1","delivery_mode":2,"user_id":"u"}', table),
+            (2, 2000, "billing", '{"message_id":"m2","content_type":"a/b"}', None),
+        ],
+    )
+    store = DelayStore(tmp_path)
+    try:
+        assert store.db.migrated_from == 2
+        new = _insert(3, 3000, "orders")
+        new.props = stored_properties(
+            Properties(message_id="m3", headers={"x-delay": 1}), {"k": b"\xff"}, "m3"
+        )
+        store.db.run_sync(lambda c: _apply(store, c, [new]))
+        reader = open_reader(store.path)
+        try:
+            rows = fetch_messages(reader, [1, 2, 3])
+        finally:
+            reader.close()
+        decoded = {mid: Properties.decode(r.properties) for mid, r in rows.items()}
+        assert decoded == {
+            1: Properties(
+                message_id="m1", delivery_mode=2, user_id="u", headers={"tenant": "acme", "n": 7}
+            ),
+            2: Properties(message_id="m2", content_type="a/b"),
+            3: Properties(message_id="m3", headers={"k": b"\xff"}),
+        }
+        assert {m: (r.exchange, r.body, r.message_id) for m, r in rows.items()} == {
+            1: ("orders", b"hi", "m1"),
+            2: ("billing", b"hi", "m2"),
+            3: ("orders", b"x", "m3"),
+        }
+    finally:
+        store.close()
+    reopened = DelayStore(tmp_path)
     assert reopened.db.migrated_from is None
     reopened.close()
