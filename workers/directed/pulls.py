@@ -177,6 +177,12 @@ class Pulls:
         reply(self.replies, message, _encode(replies.encode_reply, topic, result, entries))
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
 
+    @property
+    def in_progress(self) -> int:
+        """Pulls received and not answered yet (long polls and pulls waiting for their
+        commit included)."""
+        return self._active
+
     def _begin(self) -> None:
         self._active += 1
 
