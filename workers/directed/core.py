@@ -125,8 +125,13 @@ class DirectedCore(CoreState):
                 self._recalled_ids(buf),
             )
         recalled_ids = () if buf is None else self._recalled_ids(buf)
-        acked = () if buf is None else self._acknowledge(target, t, buf, now_ms)
+        acked = () if buf is None else self._acknowledge(t, buf, now_ms)
+        mark = len(self._journal)
         made = self._take(target, t, n, new_record_id) if n > 0 else None
+        if buf is not None and (made is None or buf.missed):
+            # A new batch replaces the acknowledged one (SetBuffer): one write instead of a
+            # delete and an insert, unless the old one's gap has to go too.
+            self._journal.insert(mark, ClearBuffer(target))
         if not t.mids and t.buffer is None and not t.missed:
             del self._targets[target]
         self._flush()
@@ -248,7 +253,9 @@ class DirectedCore(CoreState):
             self._journal.append(SetGap(key, 0, ()))
         return buf
 
-    def _acknowledge(self, key: str, t: Target, buf: Buffer, now_ms: int) -> tuple[int, ...]:
+    def _acknowledge(self, t: Target, buf: Buffer, now_ms: int) -> tuple[int, ...]:
+        """The messages of ``buf`` acknowledged by ``t``; the caller journals the buffer's
+        end (a :class:`ClearBuffer`, or the :class:`SetBuffer` of the next batch)."""
         details = self._details
         acked: list[int] = []
         for mid in buf.mids:
@@ -262,7 +269,6 @@ class DirectedCore(CoreState):
             if d.remaining == 0:
                 self._die(d, now_ms)
         t.buffer = None
-        self._journal.append(ClearBuffer(key))
         return tuple(acked)
 
     def _drop_head(self, key: str, t: Target, now_ms: int, dropped: list[tuple[str, int]]) -> None:

@@ -106,6 +106,10 @@ class Dequeue:
 
 @dataclass(slots=True, frozen=True)
 class SetBuffer:
+    """``target``'s batch is now this one, replacing the one it had. The replaced batch never
+    reported a gap (a batch that did is ended by a :class:`ClearBuffer` first), so a batch
+    without a gap has nothing to remove."""
+
     target: str
     record_id: str
     mids: tuple[int, ...]

@@ -7,6 +7,12 @@ batch if the record id matches, else send it again; take the next ids), the long
 commit before the answer (:mod:`~workers.directed.ledger`), the contents from the cache or the
 store, the reply (:mod:`~workers.directed.replies`).
 
+An AMQP pull that does not wait runs without a task: the delivery is handled in the consumer's
+callback and the reply is sent from the callback of the group commit that holds its cursor
+(:meth:`~workers.directed.ledger.Ledger.on_committed`), its messages encoded once per message
+and shared by every target (:class:`~workers.directed.ledger.ContentCache`). A long poll, and
+a reply whose content has to be read from the store, run as a coroutine.
+
 On a sharded worker a pull for another shard's target is forwarded to the owner's queue (an
 AMQP pull that the consistent-hash ring sent astray) or relayed to it through the pull
 exchange and its answer returned (an HTTP pull).
@@ -15,11 +21,12 @@ exchange and its answer returned (an HTTP pull).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from bridge.amqp.consumer import Lease
@@ -77,23 +84,19 @@ class Pulls:
         self._active = 0  # pull handlers running, long polls included
         self._record_ids = record_ids()
         self._forward_warned = False
+        self._idle: asyncio.Future[None] | None = None  # set by drain(), resolved at 0 active
+        self._loads: set[asyncio.Task[None]] = set()  # replies whose content is being read
 
     # -- AMQP --------------------------------------------------------------------------
 
-    async def on_delivery(self, message: Delivery) -> None:
-        self._active += 1
-        try:
-            await self._pull(message)
-        finally:
-            self._active -= 1
-
-    async def _pull(self, message: Delivery) -> None:
+    def on_delivery(self, message: Delivery) -> Coroutine[Any, Any, None] | None:
+        """A pull from the pull queue: answered through :meth:`_answer` once its commit is
+        done; a coroutine (which the consumer runs) only for what has to wait."""
         started = time.perf_counter()
         if not message.reply_to:
-            await self.dead.reject(
+            return self.dead.reject(
                 message, "missing_reply_to", "a pull needs reply_to to be answered"
             )
-            return
         forwarded = self.shard.sharded and H_FORWARDED_FROM in (message.headers or {})
         routing_key: str | None = message.routing_key
         if forwarded:
@@ -105,13 +108,93 @@ class Pulls:
         except WireError as exc:
             self.metrics.pull_kind["error"].inc()
             reply(self.replies, message, encode_error(exc.code, exc.message))
-            return
+            return None
         if self.shard.sharded and not self.shard.owns(pull.topic):
             self._forward(message, pull.topic, forwarded)
+            return None
+        result = self._cursor(pull.topic, pull.record_id, pull.max)
+        if self._must_wait(pull, result):
+            return self._wait_then_answer(message, pull, started)
+        self._answer(message, pull, result, started)
+        return None
+
+    async def _wait_then_answer(self, message: Delivery, pull: wire.Pull, started: float) -> None:
+        self._begin()
+        try:
+            self._answer(message, pull, await self._long_poll(pull), started)
+        finally:
+            self._end()
+
+    def _answer(
+        self, message: Delivery, pull: wire.Pull, result: PullResult, started: float
+    ) -> None:
+        """Reply once the commit that holds what the pull changed is done."""
+        self._begin()
+        self.ledger.on_committed(
+            functools.partial(self._committed, message, pull.topic, result, started)
+        )
+
+    def _committed(
+        self,
+        message: Delivery,
+        topic: str,
+        result: PullResult,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        if error is not None:  # the store is closing and cannot commit: no answer, the
+            self._end()  # target retries with the same record id (nothing was acknowledged)
+            log.info("pull not answered", extra={"topic": topic, "error": str(error)})
             return
-        body = await self._serve(pull)
-        reply(self.replies, message, body)
+        entries = self.ledger.encoded_cached(result.mids)
+        if entries is None:  # content evicted from the cache: read it from the store
+            task = asyncio.ensure_future(self._load_then_reply(message, topic, result, started))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
+            return
+        self._reply(message, topic, result, entries, started)
+
+    async def _load_then_reply(
+        self, message: Delivery, topic: str, result: PullResult, started: float
+    ) -> None:
+        try:
+            entries = await self.ledger.encoded(result.mids)
+        except Exception as exc:
+            self._end()
+            log.error("pull not answered: content unreadable", extra={"error": str(exc)})
+            return
+        self._reply(message, topic, result, entries, started)
+
+    def _reply(
+        self,
+        message: Delivery,
+        topic: str,
+        result: PullResult,
+        entries: list[bytes],
+        started: float,
+    ) -> None:
+        self._end()
+        reply(self.replies, message, _encode(replies.encode_reply, topic, result, entries))
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
+
+    def _begin(self) -> None:
+        self._active += 1
+
+    def _end(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every pull in progress has its answer sent
+        (the consumers' drain does not see the pulls waiting for a commit)."""
+        if self._active == 0:
+            return
+        self._idle = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        except TimeoutError:
+            log.warning("pulls still unanswered at stop", extra={"pulls": self._active})
 
     def _forward(self, message: Delivery, topic: str, forwarded: bool) -> None:
         """A pull for another shard's target: hand it to the owner's queue (the ring of the
@@ -172,7 +255,7 @@ class Pulls:
                 "takes over; retry later (or at the owner)",
             )
         started = time.perf_counter()
-        self._active += 1
+        self._begin()
         try:
             try:
                 self._admit()
@@ -185,11 +268,20 @@ class Pulls:
                 return (
                     replies.json_reply_to_binary(relayed) if binary else replies.json_dumps(relayed)
                 )
-            answer = await self._serve(pull, binary=binary)
+            result = self._cursor(pull.topic, pull.record_id, pull.max)
+            if self._must_wait(pull, result):
+                result = await self._long_poll(pull)
+            await self.ledger.committed()
+            if binary:
+                messages = await self.ledger.messages(result.mids)
+                answer = _encode(replies.encode_binary_reply, pull.topic, result, messages)
+            else:
+                entries = await self.ledger.encoded(result.mids)
+                answer = _encode(replies.encode_reply, pull.topic, result, entries)
             self.metrics.pull_seconds.observe(time.perf_counter() - started)
             return answer
         finally:
-            self._active -= 1
+            self._end()
 
     async def _relay(self, pull: wire.Pull) -> dict[str, Any]:
         """An HTTP pull for another shard's target: published to the pull exchange under the
@@ -238,28 +330,33 @@ class Pulls:
             self.metrics.acks.inc(len(result.acked))
         return result
 
-    async def _serve(self, pull: wire.Pull, *, binary: bool = False) -> bytes:
-        """The reply to a pull: JSON, or with ``binary`` the length-prefixed form
-        (:func:`replies.encode_binary_reply`) whose contents are not base64-encoded."""
-        result = self._cursor(pull.topic, pull.record_id, pull.max)
-        if result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self.stopping:
-            await self.ledger.committed()  # the acknowledgement is durable before we wait
-            # a message accepted during that commit found no waiter to wake: no wait then
-            if self.ledger.core.backlog(pull.topic) == 0:
-                await self.waiters.wait(pull.topic, pull.wait_ms)
-            result = self._cursor(pull.topic, None, pull.max)
-        await self.ledger.committed()
-        messages = await self.ledger.messages(result.mids)
-        encode = replies.encode_binary_reply if binary else replies.encode_reply
-        return encode(
-            pull.topic,
-            result.record_id,
-            result.redelivered,
-            messages,
-            missed=result.missed,
-            missed_ids=result.missed_ids,
-            recalled_ids=result.recalled_ids,
-        )
+    def _must_wait(self, pull: wire.Pull, result: PullResult) -> bool:
+        """Nothing to hand out and the pull asks to wait for it (a long poll)."""
+        return result.record_id is None and pull.wait_ms > 0 and pull.max > 0 and not self.stopping
+
+    async def _long_poll(self, pull: wire.Pull) -> PullResult:
+        """Wait until a message for the target is accepted or ``wait_ms`` passed, then the
+        cursor step again."""
+        await self.ledger.committed()  # the acknowledgement is durable before we wait
+        # a message accepted during that commit found no waiter to wake: no wait then
+        if self.ledger.core.backlog(pull.topic) == 0:
+            await self.waiters.wait(pull.topic, pull.wait_ms)
+        return self._cursor(pull.topic, None, pull.max)
+
+
+def _encode(encode: Callable[..., bytes], topic: str, result: PullResult, items: Any) -> bytes:
+    """The reply to a pull whose cursor step gave ``result``: ``encode`` is
+    :func:`replies.encode_reply` (``items``: encoded messages) or
+    :func:`replies.encode_binary_reply` (``items``: messages)."""
+    return encode(
+        topic,
+        result.record_id,
+        result.redelivered,
+        items,
+        missed=result.missed,
+        missed_ids=result.missed_ids,
+        recalled_ids=result.recalled_ids,
+    )
 
 
 def _forward_done(fut: asyncio.Future[None]) -> None:

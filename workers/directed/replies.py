@@ -26,19 +26,26 @@ def encode_reply(
     topic: str,
     record_id: str | None,
     redelivered: bool,
-    messages: Sequence[dict[str, Any] | Message],
+    messages: Sequence[bytes],
     *,
     missed: int = 0,
     missed_ids: Sequence[str] = (),
     recalled_ids: Sequence[str] = (),
 ) -> bytes:
-    """A pull's reply; ``missed``/``missed_ids`` only when the batch reports a gap,
-    ``recalled`` only when messages of the batch were recalled after it was handed out."""
-    doc = _reply_head(topic, record_id, redelivered, missed, missed_ids, recalled_ids)
-    doc["messages"] = [
-        encode_message(m.id, m.body, m.props) if isinstance(m, Message) else m for m in messages
-    ]
-    return json.dumps(doc, separators=(",", ":"), default=str).encode()
+    """A pull's reply, its ``messages`` already encoded (:func:`encode_message`, done once per
+    message and shared by every target that pulls it); ``missed``/``missed_ids`` only when
+    the batch reports a gap, ``recalled`` only when messages of the batch were recalled after
+    it was handed out. The bytes are those of ``json.dumps`` of the whole reply with
+    ``separators=(",", ":")``, the keys in the order of :func:`_reply_head`."""
+    head = json_dumps({"topic": topic, "record_id": record_id, "redelivered": redelivered})
+    tail: dict[str, Any] = {}
+    if missed:
+        tail["missed"] = missed
+        tail["missed_ids"] = list(missed_ids)
+    if recalled_ids:
+        tail["recalled"] = list(recalled_ids)
+    end = b"," + json_dumps(tail)[1:] if tail else b"}"
+    return b"".join((head[:-1], b',"messages":[', b",".join(messages), b"]", end))
 
 
 def encode_binary_reply(
@@ -121,13 +128,16 @@ def _reply_head(
     return doc
 
 
-def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": message_id,
-        "body": base64.b64encode(body).decode("ascii"),
-        "content_type": props.get("content_type"),
-        "headers": props.get("headers") or {},
-    }
+def encode_message(message_id: str, body: bytes, props: Mapping[str, Any]) -> bytes:
+    """One message of a JSON reply, encoded: its id, base64 body, content type and headers."""
+    return json_dumps(
+        {
+            "id": message_id,
+            "body": base64.b64encode(body).decode("ascii"),
+            "content_type": props.get("content_type"),
+            "headers": props.get("headers") or {},
+        }
+    )
 
 
 def json_safe(value: Any) -> Any:

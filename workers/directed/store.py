@@ -171,11 +171,18 @@ class DirectedStore:
         ]
         if fresh:
             self._new_tids(conn, list(dict.fromkeys(fresh)))
+        # Counts are absolute: only the last of each message in this transaction is written
+        # (10,000 targets acknowledging the same message in one commit: one UPDATE).
+        last_counts = {
+            op.mid: op for batch in batches for op in batch.ops if isinstance(op, m.Counts)
+        }
         enqueue: list[tuple[int, int, int]] = []
         for batch in batches:
             for op in batch.ops:
                 if isinstance(op, m.Enqueue):
                     enqueue.append((tids[op.target], op.seq, op.mid))
+                    continue
+                if isinstance(op, m.Counts) and last_counts[op.mid] is not op:
                     continue
                 if enqueue:  # keep order: flush the run of enqueues before any other op
                     conn.executemany("INSERT INTO entries VALUES (?, ?, ?)", enqueue)
@@ -223,7 +230,8 @@ class DirectedStore:
                 "INSERT OR REPLACE INTO buffers VALUES (?, ?, ?)",
                 (tid, op.record_id, json.dumps(list(op.mids))),
             )
-            self._set_gap(conn, tid, GAP_BUFFER, op.missed, op.missed_ids)
+            if op.missed:  # else there is no gap of the buffer to remove (see SetBuffer)
+                self._set_gap(conn, tid, GAP_BUFFER, op.missed, op.missed_ids)
         elif isinstance(op, m.SetGap):
             self._set_gap(conn, self._tid(conn, op.target), GAP_PENDING, op.missed, op.missed_ids)
         elif isinstance(op, m.ClearBuffer):

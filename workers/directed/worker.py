@@ -259,6 +259,8 @@ class DirectedWorker:
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 await self.ledger.committer.close()
+        if self.pulls is not None:  # replies sent from commit callbacks, or reading content
+            await self.pulls.drain(max(grace - 1, 1))
         if self._ring is not None:
             await self._ring.close()
         if self._rpc is not None:

@@ -61,7 +61,8 @@ class ReplayStore:
                     if not q:
                         del self.queues[op.target]
                 case SetBuffer():
-                    assert op.target not in self.buffers
+                    old = self.buffers.get(op.target)
+                    assert old is None or not old.missed, "a batch with a gap is cleared first"
                     assert op.mids or op.missed, "a batch has messages or a gap"
                     assert len(op.missed_ids) == min(op.missed, 100)
                     self.buffers[op.target] = Buffer(

@@ -249,7 +249,7 @@ PULL_TABLE = [
         (2,),
         False,
         (1,),
-        [ClearBuffer("t"), *TAKE_2, *ACK_1],
+        [*TAKE_2, *ACK_1],  # the new batch replaces the acknowledged one: no ClearBuffer
         0,
     ),
     ("present", "zz", 0, "resend", "r1", (1,), True, (), [], 1),
