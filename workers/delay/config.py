@@ -155,7 +155,7 @@ class DelaySettings(ShardFields, BaseSettings):
         "lane that reports gets work at once",
     )
     ingress_commit_linger_ms: float = Field(
-        default=1.0,
+        default=10.0,
         ge=0,
         description="how long an ingress delivery may wait for others to share its commit "
         "(its acknowledgement waits for that commit)",

@@ -71,6 +71,10 @@ class Ingress:
         self.broker_version = broker_version
         self.topic_rule = settings.topic_rule
         self.consumer: Consumer | None = None
+        # the shared commit the latest deliveries wait for, and those deliveries: one
+        # callback per commit acknowledges them all
+        self._commit: asyncio.Future[None] | None = None
+        self._waiting: list[tuple[Delivery, Insert, KeyDelete | None]] = []
 
     def on_delivery(self, delivered: Delivery) -> Coroutine[Any, Any, None] | None:
         """One ingress delivery. The common path (stored, then acknowledged after the
@@ -132,34 +136,44 @@ class Ingress:
             body=delivered.body,
         )
         ledger.append(op)
-        ledger.stored().add_done_callback(functools.partial(self._stored, delivered, op, replace))
+        commit = ledger.stored()
+        if commit is not self._commit:
+            self._commit, self._waiting = commit, []
+            commit.add_done_callback(functools.partial(self._stored, self._waiting))
+        self._waiting.append((delivered, op, replace))
         return None
 
     def _stored(
         self,
-        delivered: Delivery,
-        op: Insert,
-        replace: KeyDelete | None,
+        waiting: list[tuple[Delivery, Insert, KeyDelete | None]],
         stored: asyncio.Future[None],
     ) -> None:
-        """The commit that holds ``op`` is done (or failed: the delivery goes back)."""
+        """The commit that holds the ``waiting`` deliveries' inserts is done (or failed: the
+        deliveries go back to the queue)."""
         consumer = self.consumer
         assert consumer is not None
+        if self._commit is stored:
+            self._commit = None
         error = None if stored.cancelled() else stored.exception()
         if stored.cancelled() or error is not None:
             log.error(
-                "ingress commit failed; the message goes back to its queue",
-                extra={"error": repr(error) if error else "cancelled"},
+                "ingress commit failed; the messages go back to their queue",
+                extra={"error": repr(error) if error else "cancelled", "messages": len(waiting)},
             )
-            consumer.nack(delivered, requeue=True)
+            for delivered, _, _ in waiting:
+                consumer.nack(delivered, requeue=True)
             return
-        if op.in_window:
-            self.ledger.admit(op.mid, op.due_ms, op.topic, op.key)
+        admitted = False
+        for delivered, op, replace in waiting:
+            if op.in_window:
+                self.ledger.admit(op.mid, op.due_ms, op.topic, op.key)
+                admitted = True
+            if replace is not None and replace.deleted:
+                self.replaced.inc(replace.deleted)
+            consumer.ack(delivered)
+        self._accepted.inc(len(waiting))
+        if admitted:
             self.kick()
-        if replace is not None and replace.deleted:
-            self.replaced.inc(replace.deleted)
-        self._accepted.inc()
-        consumer.ack(delivered)
 
     def _owner(self, delivered: Delivery, keyed: bool) -> tuple[int, str | None]:
         """The shard that owns a message and, for a keyless one without an id, the stable id
