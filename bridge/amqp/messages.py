@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 from bridge.amqp import frames as F
 from bridge.amqp.consumer import Consumer
-from bridge.amqp.poison import H_DEAD_EXCEPTION
+from bridge.amqp.poison import H_DEAD_DETAIL, H_DEAD_EXCEPTION, H_DEAD_REASON
 from bridge.amqp.publisher import Publisher
 from bridge.errors import PublishFailed
 
@@ -43,41 +43,47 @@ def _reply_done(fut: object) -> None:
 def dead_letter_properties(
     delivery: F.Delivery,
     reason: str,
-    detail: str,
+    detail: str | None,
     *,
-    reason_header: str,
-    detail_header: str,
     extra: dict[str, object] | None = None,
+    **changes: Any,
 ) -> F.Properties:
-    """The delivery's properties for a dead-letter exchange: persistent, with the reason
-    and a readable detail added to its headers. Headers that could not be decoded (the
-    delivery's ``properties.error``) or cannot be encoded again (a value AMQP's types do
-    not hold as decoded) are replaced by the reason alone, and the detail says so: a dead
-    letter must not fail for the very headers that made it one."""
+    """The delivery's properties for a dead letter: persistent, with ``x-dead-reason`` and
+    (when there is one) a readable ``x-dead-detail`` added to its headers, and ``changes``
+    to other properties. Headers that could not be decoded (the delivery's
+    ``properties.error``) or cannot be encoded again (a value AMQP's types do not hold as
+    decoded) are replaced by the reason alone, and the detail says so: a dead letter must
+    not fail for the very headers that made it one."""
     props = delivery.properties
     headers = dict(props.headers or {})
     if props.error:
-        detail = f"{detail[:400]} (original headers dropped: {props.error})"
-    headers[reason_header] = reason
-    headers[detail_header] = detail[:500]
+        detail = _dropped(detail, props.error)
+    headers[H_DEAD_REASON] = reason
+    if detail is not None:
+        headers[H_DEAD_DETAIL] = detail[:500]
     if extra:
         headers.update(extra)
-    out = props.copy(headers=headers, delivery_mode=2)
+    out = props.copy(headers=headers, delivery_mode=2, **changes)
     try:
         out.encode()
     except F.EncodeError as exc:
         headers = {
             **(extra or {}),
-            reason_header: reason,
-            detail_header: f"{detail[:400]} (original headers dropped: {exc})"[:500],
+            H_DEAD_REASON: reason,
+            H_DEAD_DETAIL: _dropped(detail, exc)[:500],
         }
-        out = props.copy(headers=headers, delivery_mode=2)
+        out = props.copy(headers=headers, delivery_mode=2, **changes)
     return out
+
+
+def _dropped(detail: str | None, why: object) -> str:
+    note = f"original headers dropped: {why}"
+    return f"{detail[:400]} ({note})" if detail else note
 
 
 class DeadLetters:
     """A worker's dead-letter exchange for the deliveries it refuses: the delivery is
-    published there (confirmed) with ``reason_header``/``detail_header`` and ``stamp`` added
+    published there (confirmed) with ``x-dead-reason``/``x-dead-detail`` and ``stamp`` added
     to its headers, then acknowledged on its consumer; if that publish fails, it is requeued
     (after a second, so a broken dead-letter exchange does not spin). A ``user_id`` that is
     not ``user``, the worker's own login, is dropped: RabbitMQ closes the channel on a
@@ -91,8 +97,6 @@ class DeadLetters:
         counter: Counter,
         *,
         user: str | None,
-        reason_header: str,
-        detail_header: str,
         logger: logging.Logger,
         stamp: dict[str, object] | None = None,
     ) -> None:
@@ -100,8 +104,6 @@ class DeadLetters:
         self.exchange = exchange
         self.counter = counter
         self.user = user
-        self.reason_header = reason_header
-        self.detail_header = detail_header
         self.log = logger
         self.stamp = dict(stamp or {})
 
@@ -142,8 +144,6 @@ class DeadLetters:
             delivered,
             reason,
             detail,
-            reason_header=self.reason_header,
-            detail_header=self.detail_header,
             extra={**self.stamp, **(extra or {})} or None,
         )
         try:

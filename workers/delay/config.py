@@ -13,12 +13,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from bridge.amqp.consumer import DELIVERY_LIMIT_REASON, PROCESSING_FAILED
+from bridge.amqp.poison import H_DEAD_DETAIL as H_DEAD_DETAIL
+from bridge.amqp.poison import H_DEAD_REASON as H_DEAD_REASON
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
 from workers.delay.wire import INVALID_HEADERS, REJECT_REASONS, TopicBy
 
-H_DEAD_REASON = "x-dead-reason"
-H_DEAD_DETAIL = "x-dead-detail"
 REPLY_CONTENT_TYPE = "application/json"
 
 # Reasons a due message is dead-lettered instead of delivered (ingress reasons come from the

@@ -42,7 +42,7 @@ from bridge.host import WorkerContext
 from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
 from bridge.store import GroupCommitter
-from workers.delay.config import H_DEAD_DETAIL, H_DEAD_REASON, DelaySettings
+from workers.delay.config import DelaySettings
 from workers.delay.control import ControlServer
 from workers.delay.core import Scheduler
 from workers.delay.dispatch import Dispatcher
@@ -148,8 +148,6 @@ class DelayWorker:
             s.dead_exchange,
             metrics.dead_letters,
             user=link.endpoint.user,
-            reason_header=H_DEAD_REASON,
-            detail_header=H_DEAD_DETAIL,
             logger=log,
         )
         control = ControlServer(

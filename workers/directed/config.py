@@ -12,14 +12,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
+from bridge.amqp.poison import H_DEAD_DETAIL as H_DEAD_DETAIL
+from bridge.amqp.poison import H_DEAD_REASON as H_DEAD_REASON
 from bridge.settings import worker_settings_config
 from bridge.sharding import ShardFields
 
 H_TARGETS = "x-targets"
 H_TARGET_GROUPS = "x-target-groups"
 H_TTL = "x-ttl-ms"
-H_DEAD_REASON = "x-dead-reason"
-H_DEAD_DETAIL = "x-dead-detail"
 H_SHARD = "x-shard"
 H_FORWARDED_FROM = "x-forwarded-from"
 H_ORIGINAL_ROUTING_KEY = "x-routing-key"

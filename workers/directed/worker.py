@@ -34,7 +34,7 @@ from bridge.host import WorkerContext
 from bridge.ring import RingKeeper, ensure_chx_exchange
 from bridge.rpc import RpcClient
 from bridge.sharding import CHX_TYPE, Shard, resolve_shard, shard_queue
-from workers.directed.config import H_DEAD_DETAIL, H_DEAD_REASON, H_SHARD, DirectedSettings
+from workers.directed.config import H_SHARD, DirectedSettings
 from workers.directed.control import ControlServer
 from workers.directed.http_api import PullApi
 from workers.directed.ledger import Ledger
@@ -94,8 +94,6 @@ class DirectedWorker:
             s.dead_exchange,
             metrics.dead_letters,
             user=link.endpoint.user,
-            reason_header=H_DEAD_REASON,
-            detail_header=H_DEAD_DETAIL,
             logger=log,
             stamp={H_SHARD: self.shard.index} if self.shard.sharded else None,
         )

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
+from bridge.amqp.poison import H_DEAD_DETAIL as H_DEAD_DETAIL
+from bridge.amqp.poison import H_DEAD_REASON as H_DEAD_REASON
 from bridge.settings import worker_settings_config
 from workers.gateway.identity import CertIdSource, UnprovenPolicy
 
@@ -26,8 +28,6 @@ H_CLIENT_ID = "x-client-id"
 H_CLIENT_ADDR = "x-client-addr"
 H_GATEWAY = "x-gateway"
 H_CLOSE = "x-close"
-H_DEAD_REASON = "x-dead-reason"
-H_DEAD_DETAIL = "x-dead-detail"
 H_MOVED_FROM = "x-moved-from"  # on the connect of a client moved off a server that is gone
 H_CLIENT_AUTH = "x-client-auth"  # how the client was identified: token, cert, shared, none
 

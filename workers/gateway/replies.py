@@ -14,6 +14,7 @@ from typing import Any
 from bridge.amqp import header_str
 from bridge.amqp.consumer import H_DEAD_EXCEPTION
 from bridge.amqp.frames import Delivery, EncodeError
+from bridge.amqp.messages import dead_letter_properties
 from bridge.amqp.publisher import Publisher
 from workers.gateway.config import (
     DEAD_INVALID_HEADERS,
@@ -21,8 +22,6 @@ from workers.gateway.config import (
     DEAD_SESSION_GONE,
     DEAD_TOO_LARGE,
     H_CLOSE,
-    H_DEAD_DETAIL,
-    H_DEAD_REASON,
     H_SESSION,
     GatewaySettings,
 )
@@ -108,22 +107,19 @@ class Replies:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """Keep a reply nobody can take in ``gateway.undeliverable``: its body, properties
-        and headers (none if they could not be decoded), persistent, with ``x-dead-reason``
-        (and ``x-dead-detail`` when there is one). ``reply_to``, ``expiration``, ``user_id``
+        and headers, persistent, with ``x-dead-reason`` (and ``x-dead-detail`` when there is
+        one), as every dead letter (:func:`bridge.amqp.messages.dead_letter_properties`:
+        headers that cannot be decoded or written again are dropped, the detail says so). ``reply_to``, ``expiration``, ``user_id``
         and ``cluster_id``
         are not carried over: the kept reply answers nobody, must not expire on the
         server's TTL, and a ``user_id`` other than the gateway's would make the broker
         close the publishing channel."""
         self.metrics.undeliverable.labels(reason).inc()
-        original = delivery.properties
-        headers = dict(original.headers or {})  # none when they could not be decoded
-        headers[H_DEAD_REASON] = reason
-        if detail is not None:
-            headers[H_DEAD_DETAIL] = detail[:500]
-        headers.update(extra or {})
-        properties = original.copy(
-            headers=headers,
-            delivery_mode=2,
+        properties = dead_letter_properties(
+            delivery,
+            reason,
+            detail,
+            extra=extra,
             reply_to=None,
             expiration=None,
             user_id=None,
