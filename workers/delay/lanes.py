@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from bridge.amqp.endpoint import Endpoint
 from bridge.amqp.frames import Properties
 from bridge.amqp.link import Link
 from bridge.amqp.publisher import Publisher
@@ -142,11 +142,6 @@ def _outcome(error: BaseException) -> Outcome:
     return RETRY, f"{type(error).__name__}: {error}"
 
 
-def login_user(url: str) -> str | None:
-    user = urlsplit(url).username
-    return unquote(user) if user else None
-
-
 _USER_ID_FLAG = 0x0010  # in the low byte of the property flags
 
 
@@ -190,7 +185,7 @@ class Lane:
         self._report = report
         self._observe_lateness = observe_lateness
         self._add_busy = add_busy
-        self._user = login_user(host.amqp_url)
+        self._user = Endpoint.parse(host.amqp_url).user  # the lanes' login, as the link's
         self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
