@@ -108,6 +108,11 @@ async def run_schedule(
             "cpu_pressure_some_avg60_pct": cpu_pressure(),
             "arrivals": arrivals,
             "worker_view": worker.lateness_from_histogram(),
+            # per consumer group (hot and cold): the worker's part of each group's lateness
+            "worker_view_by_group": {
+                ",".join(g): worker.lateness_from_histogram(f"{tag}.{t}" for t in g)
+                for g in (groups or [topics])
+            },
             "worker_cpu_cores": round(cpu, 2),
             "worker_cpu_us_per_message": round(worker_s * 1e6 / len(messages), 1),
             "broker_cpu_us_per_message": (

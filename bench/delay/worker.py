@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +147,17 @@ class Worker:
     def summary(self) -> dict[str, Any]:
         return dict(json.loads(self.process.http("/admin/delay/summary")[1]))
 
-    def lateness_from_histogram(self) -> dict[str, Any]:
-        """Upper bucket bounds of p50/p99 of the worker's lateness histogram (publish - due)."""
+    def lateness_from_histogram(self, topics: Iterable[str] | None = None) -> dict[str, Any]:
+        """Upper bucket bounds of p50/p99 of the worker's lateness histogram (publish - due),
+        of every topic or of ``topics`` only (their series: the first topics stored)."""
         samples = self.process.metrics().get("bridge_delay_lateness_seconds_bucket", {})
+        only = None if topics is None else set(topics)
         by_le: dict[float, float] = {}  # one series per topic: added up per bucket
         for labels, value in samples.items():
-            le = float(dict(labels)["le"])
+            label = dict(labels)
+            if only is not None and label.get("topic") not in only:
+                continue
+            le = float(label["le"])
             by_le[le] = by_le.get(le, 0.0) + value
         buckets = sorted(by_le.items())
         total = buckets[-1][1] if buckets else 0

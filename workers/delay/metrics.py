@@ -52,8 +52,7 @@ OTHER = "other"  # the label of every topic beyond the bound
 
 class TopicLabels:
     """The first ``limit`` topics asked for keep their own label; later ones are ``other``.
-    Thread-safe (the lanes ask from their threads). A topic literally named ``other`` shares
-    that series."""
+    Thread-safe. A topic literally named ``other`` shares that series."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
