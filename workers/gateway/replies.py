@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.amqp import header_str
 from bridge.amqp.consumer import H_DEAD_EXCEPTION
-from bridge.amqp.frames import Delivery, EncodeError
+from bridge.amqp.frames import Delivery
 from bridge.amqp.messages import dead_letter_properties
 from bridge.amqp.publisher import Publisher
 from workers.gateway.config import (
@@ -109,11 +109,11 @@ class Replies:
         """Keep a reply nobody can take in ``gateway.undeliverable``: its body, properties
         and headers, persistent, with ``x-dead-reason`` (and ``x-dead-detail`` when there is
         one), as every dead letter (:func:`bridge.amqp.messages.dead_letter_properties`:
-        headers that cannot be decoded or written again are dropped, the detail says so). ``reply_to``, ``expiration``, ``user_id``
-        and ``cluster_id``
-        are not carried over: the kept reply answers nobody, must not expire on the
-        server's TTL, and a ``user_id`` other than the gateway's would make the broker
-        close the publishing channel."""
+        headers that cannot be decoded or written again are dropped, the detail says so).
+        ``reply_to``, ``expiration``, ``user_id`` and ``cluster_id`` are not carried over:
+        the kept reply answers nobody, must not expire on the server's TTL, and a
+        ``user_id`` other than the gateway's would make the broker close the publishing
+        channel."""
         self.metrics.undeliverable.labels(reason).inc()
         properties = dead_letter_properties(
             delivery,
@@ -125,16 +125,10 @@ class Replies:
             user_id=None,
             cluster_id=None,
         )
-        try:
-            fut = self.publisher.publish(
-                "", self.settings.undeliverable_queue, delivery.body, properties.encode()
-            )
-        except EncodeError as exc:
-            log.error(
-                "undeliverable reply could not be kept",
-                extra={"reason": reason, "error": f"{type(exc).__name__}: {exc}"},
-            )
-            return
+        # encodable: dead_letter_properties dropped whatever headers were not
+        fut = self.publisher.publish(
+            "", self.settings.undeliverable_queue, delivery.body, properties.encode()
+        )
         fut.add_done_callback(functools.partial(_undeliverable_done, reason))
 
 
