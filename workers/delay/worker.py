@@ -251,13 +251,12 @@ class DelayWorker:
                 s.shards_exchange, CHX_TYPE, durable=True, arguments=args
             )
             await shards_ex.bind(in_ex, routing_key="#")
-            for i in range(self.shard.count):  # in shard order: bucket i is shard i
-                await declare_quorum_queue(ch, shard_queue(s.in_queue, i), bind=(shards_ex, "1"))
-            ingress = QueueSpec(
-                self._in_queue, arguments=quorum, bindings=((s.shards_exchange, "1"),)
-            )
+            # unbound: the ring keeper binds them, in shard order (bucket i is shard i)
+            for i in range(self.shard.count):
+                await declare_quorum_queue(ch, shard_queue(s.in_queue, i))
+            ingress = QueueSpec(self._in_queue, arguments=quorum)
             ring = RingKeeper(
-                lambda: broker.channel(confirms=False),
+                broker.url,
                 s.shards_exchange,
                 [shard_queue(s.in_queue, i) for i in range(self.shard.count)],
                 worker=self.name,

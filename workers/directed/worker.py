@@ -200,17 +200,14 @@ class DirectedWorker:
             await ensure_chx_exchange(broker.url, self.name, s.pull_shards_exchange)
             shards_ex = await ch.declare_exchange(s.pull_shards_exchange, CHX_TYPE, durable=True)
             await shards_ex.bind(pull_ex, routing_key=pull_key)
-            for i in range(shard.count):  # in shard order: bucket i is shard i
-                q = QueueSpec(
-                    shard_queue(s.pull_queue, i),
-                    arguments=pull_args,
-                    bindings=((s.pull_shards_exchange, "1"),),
-                )
+            # unbound: the ring keeper binds them, in shard order (bucket i is shard i)
+            for i in range(shard.count):
+                q = QueueSpec(shard_queue(s.pull_queue, i), arguments=pull_args)
                 await self._declare(q)
                 if i == shard.index:
                     pull_q = q
             ring = RingKeeper(
-                lambda: broker.channel(confirms=False),
+                broker.url,
                 s.pull_shards_exchange,
                 [shard_queue(s.pull_queue, i) for i in range(shard.count)],
                 worker=self.name,

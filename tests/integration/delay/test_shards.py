@@ -255,3 +255,35 @@ async def _stored(client: DelayClient, total: int) -> bool:
             return True
         await asyncio.sleep(0.1)
     raise AssertionError(f"{total} messages were not stored")
+
+
+async def test_a_deleted_shard_queue_is_declared_again_and_put_back_in_the_ring(
+    chx_broker, tmp_path, unique
+):
+    """The ring keeper owns the shard queues' bindings: a shard queue deleted under its shard
+    is declared again unbound, and the repair that follows binds it in its place, so keys
+    of both buckets reach their own shard again."""
+    async with running_shards(chx_broker, tmp_path, unique) as (s, procs, conn, sinks):
+        sink = await make_sink(conn, unique, "keyed")
+        sinks.append(sink)
+        ch = await conn.channel()
+        await ch.queue_delete(shard_queue(s.in_queue, 0))
+        deadline = time.monotonic() + 20
+        while (
+            "reason=the ingress queue was declared again"
+            not in (tmp_path / "shard-0.log").read_text()
+        ):
+            assert time.monotonic() < deadline, "no repair after the queue was declared again"
+            await asyncio.sleep(0.2)
+
+        client = await DelayClient(conn, s).open()
+        keys = [f"again-{k}" for k in range(10)]
+        assert {chx_header_bucket(k, SHARDS) for k in keys} == {0, 1}
+        for k in keys:
+            await client.send(b"v", sink.exchange, delay_ms=100, key=k, message_id=k)
+        await sink.wait_for(len(keys), timeout=30)
+        assert sorted(sink.ids()) == sorted(keys)
+        accepted = [metric(p, "bridge_delay_received_total", 'outcome="accepted"') for p in procs]
+        assert accepted[0] > 0 and accepted[1] > 0, accepted
+        forwarded = [metric(p, "bridge_delay_received_total", 'outcome="forwarded"') for p in procs]
+        assert forwarded == [0, 0], forwarded  # each key reached its owner: the ring is in order

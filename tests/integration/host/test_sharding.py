@@ -57,29 +57,75 @@ async def test_python_routing_matches_the_broker(chx_broker, unique, shards):
         await conn.close()
 
 
+async def _ring_fixture(ch, unique: str, n: int = 4):
+    ex = await ch.declare_exchange(f"{unique}.chx", CHX_TYPE)
+    names = [f"{unique}.q{i}" for i in range(n)]
+    # not exclusive: the keeper binds them from a connection of its own
+    queues = [await ch.declare_queue(name) for name in names]
+    return ex, names, queues
+
+
+async def _drop(ch, ex, names) -> None:
+    for name in names:
+        await ch.queue_delete(name)
+    await ch.exchange_delete(ex.name)
+
+
 async def test_ring_repair_restores_shard_order(chx_broker, unique):
-    broker_url = chx_broker
-    conn = await aio_pika.connect_robust(broker_url)
+    conn = await aio_pika.connect_robust(chx_broker)
+    ch = await conn.channel()
+    ex, names, queues = await _ring_fixture(ch, unique)
     try:
-        ch = await conn.channel()
-        ex = await ch.declare_exchange(f"{unique}.chx", CHX_TYPE, auto_delete=True)
-        names = [f"{unique}.q{i}" for i in range(4)]
-        queues = [await ch.declare_queue(n, exclusive=True) for n in names]
-        for i in (2, 0, 3, 1):  # bound out of order
+        for i in (2, 0, 3):  # bound out of order, queue 1 not at all (as a restored queue)
             await queues[i].bind(ex, "1")
         keys = [f"k{i}" for i in range(120)]
-        before = await route(ch, ex, queues, keys)
+        before = await route(ch, ex, queues[:1] + queues[2:], keys)
         assert any(before[k] != chx_bucket(k, 4) for k in keys)
 
-        ring = RingKeeper(lambda: conn.channel(), ex.name, names, worker="test")
-        # two shards repairing at the same time still end in shard order
+        # two shards repairing at the same time end in shard order, every queue in the ring
         await asyncio.gather(
-            ring.repair("test"),
-            RingKeeper(lambda: conn.channel(), ex.name, names, worker="test").repair("test"),
+            RingKeeper(chx_broker, ex.name, names, worker="test").repair("test"),
+            RingKeeper(chx_broker, ex.name, names, worker="test").repair("test"),
         )
         after = await route(ch, ex, queues, keys)
         assert all(after[k] == chx_bucket(k, 4) for k in keys)
     finally:
+        await _drop(ch, ex, names)
+        await conn.close()
+
+
+async def test_ring_repairs_never_overlap(chx_broker, unique):
+    """Rounds of two keepers repairing at once: every queue stays in the ring (on RabbitMQ
+    3.10 overlapping unbind/bind pairs leave a queue bound but without a bucket), and a
+    repair waits while another connection holds the ring lock."""
+    conn = await aio_pika.connect_robust(chx_broker)
+    ch = await conn.channel()
+    ex, names, queues = await _ring_fixture(ch, unique)
+    keepers = [RingKeeper(chx_broker, ex.name, names, worker=f"test{i}") for i in range(2)]
+    keys = [f"k{i}" for i in range(40)]
+    assert {chx_bucket(k, 4) for k in keys} == {0, 1, 2, 3}
+    try:
+        for _ in range(15):
+            await asyncio.gather(*(k.repair("test") for k in keepers))
+            got = await route(ch, ex, queues, keys)
+            assert all(got[k] == chx_bucket(k, 4) for k in keys)
+
+        holder = await aio_pika.connect(chx_broker)
+        await (await holder.channel()).declare_queue(keepers[0].lock_queue, exclusive=True)
+        await queues[0].unbind(ex, "1")  # queue 0 out of the ring while the lock is held
+        waiting = asyncio.create_task(keepers[0].repair("test"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        with pytest.raises(TimeoutError, match="ring-lock"):
+            await RingKeeper(chx_broker, ex.name, names, worker="t", lock_wait_s=0.2).repair("test")
+        got = await route(ch, ex, queues[1:], keys)  # nothing reaches queue 0 yet
+        assert set(got.values()) == {0, 1, 2}
+        await holder.close()  # the lock goes with the connection
+        await asyncio.wait_for(waiting, 10)
+        got = await route(ch, ex, queues, keys)
+        assert all(got[k] == chx_bucket(k, 4) for k in keys)
+    finally:
+        await _drop(ch, ex, names)
         await conn.close()
 
 
