@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
 from bench.delay.traffic import Arrivals, ConsumerGroup
 from bench.delay.worker import Worker, delete_worker_names, now_ms, summary
-from bench.harness.broker import delete_names
+from bench.harness.broker import broker_info_cached, delete_names
+from bench.harness.cpu import CpuWatch
 from bench.harness.report import broker_url, progress
+from bridge.amqp.frames import Properties
+from bridge.amqp.link import Link
+from bridge.amqp.publisher import Publisher
 
 
 async def steady_round(
@@ -33,32 +36,30 @@ async def steady_round(
     topics = [f"t{i}" for i in range(10)]
     tag = f"bs-{uuid.uuid4().hex[:6]}"
     worker = Worker(tag, tmp / tag, tree=tree).start()
-    conn = await aio_pika.connect_robust(broker_url())
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
+    link = Link(broker_url(), name="bench publisher")
+    publisher = Publisher(link, window=1000)
     try:
         await group.start(deadline=time.time() + seconds + 60)
-        channel = await conn.channel(publisher_confirms=True)
-        ex = await channel.get_exchange(worker.names["in_exchange"], ensure=False)
+        await link.start()
+        in_exchange = worker.names["in_exchange"]
 
-        async def one(i: int) -> None:
-            await ex.publish(
-                _message(
-                    i,
-                    {
-                        "x-delay": delay_ms,
-                        "x-target-exchange": f"{tag}.{topics[i % 10]}",
-                        "bench-due": now_ms() + delay_ms,
-                    },
-                ),
-                routing_key="bench",
-            )
+        def one(i: int) -> asyncio.Future[None]:
+            headers = {
+                "x-delay": delay_ms,
+                "x-target-exchange": f"{tag}.{topics[i % 10]}",
+                "bench-due": now_ms() + delay_ms,
+            }
+            return publisher.publish(in_exchange, "bench", BODY, _properties(i, headers))
 
+        watch = _watch(group)
         cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
         publish_s = await _publish_at(rate, n, one)
         arrivals = Arrivals()
         arrivals.merge(await group.result())
         wall = time.perf_counter() - t0
+        machine = watch.stop()
         cpu = worker.cpu_seconds() - cpu0
         late = list(arrivals.late.values())
         return {
@@ -72,33 +73,40 @@ async def steady_round(
             "worker_view": worker.lateness_from_histogram(),
             "worker_cpu_cores": round(cpu / wall, 3),
             "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
+            "others": machine,
         }
     finally:
         group.kill()
-        await conn.close()
+        await link.close()
         worker.stop()
         await delete_worker_names(worker, topics)
 
 
-def _message(i: int, headers: dict[str, Any]) -> aio_pika.Message:
-    return aio_pika.Message(
-        b"x" * 100,
-        headers=headers,
-        message_id=f"{i}",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+def _watch(group: ConsumerGroup) -> CpuWatch:
+    """The load generator's CPU (this process publishing, the consumers' process) and the
+    broker's, beside the worker's: on two cores they all compete."""
+    pids = {"publisher": os.getpid()}
+    if group.proc is not None:
+        pids["consumers"] = group.proc.pid
+    info = broker_info_cached()
+    if info:
+        pids["broker"] = info["pid"]
+    return CpuWatch(pids, no_runqueue=("broker",)).start()
 
 
-async def _publish_at(rate: int, n: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """``one(i)`` for i < n at ``rate``/s (a tick of 10 ms), at most 1,000 unconfirmed;
-    returns the seconds the publishing took (all confirmed)."""
-    slots = asyncio.Semaphore(1000)
-    pending: set[asyncio.Task[None]] = set()
+BODY = b"x" * 100
 
-    async def slot(i: int) -> None:
-        async with slots:
-            await one(i)
 
+def _properties(i: int, headers: dict[str, Any]) -> Properties:
+    return Properties(headers=headers, message_id=f"{i}", delivery_mode=2)
+
+
+async def _publish_at(rate: int, n: int, one: Callable[[int], asyncio.Future[None]]) -> float:
+    """``one(i)`` for i < n at ``rate``/s (a tick of 10 ms; the publisher keeps at most
+    1,000 unconfirmed); returns the seconds the publishing took (all confirmed). The
+    publisher is the project's own (:mod:`bridge.amqp`): on two cores the load generator
+    should take as little CPU from the broker and the worker as it can."""
+    pending: list[asyncio.Future[None]] = []
     t0 = time.perf_counter()
     per_tick = max(1, round(rate * 0.01))
     i = 0
@@ -107,9 +115,7 @@ async def _publish_at(rate: int, n: int, one: Callable[[int], Awaitable[None]]) 
         if wait > 0:
             await asyncio.sleep(wait)
         for _ in range(min(per_tick, n - i)):
-            task = asyncio.ensure_future(slot(i))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            pending.append(one(i))
             i += 1
     publish_s = time.perf_counter() - t0
     await asyncio.gather(*pending)
@@ -124,15 +130,19 @@ async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
     tag = f"bf-{uuid.uuid4().hex[:6]}"
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
-    conn = await aio_pika.connect_robust(broker_url())
+    link = Link(broker_url(), name="bench publisher")
+    publisher = Publisher(link, window=1000)
     try:
         await group.start(deadline=time.time() + seconds + 60)  # declares the topics
-        channel = await conn.channel(publisher_confirms=True)
-        exchanges = [await channel.get_exchange(f"{tag}.{t}", ensure=False) for t in topics]
+        await link.start()
 
-        async def one(i: int) -> None:
-            await exchanges[i % 10].publish(_message(i, {"bench-due": now_ms()}), "bench")
+        def one(i: int) -> asyncio.Future[None]:
+            headers = {"bench-due": now_ms()}
+            return publisher.publish(
+                f"{tag}.{topics[i % 10]}", "bench", BODY, _properties(i, headers)
+            )
 
+        watch = _watch(group)
         publish_s = await _publish_at(rate, n, one)
         arrivals = Arrivals()
         arrivals.merge(await group.result())
@@ -142,10 +152,11 @@ async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
             "delivered": len(late),
             "expected": n,
             "end_to_end": summary(late),
+            "others": watch.stop(),
         }
     finally:
         group.kill()
-        await conn.close()
+        await link.close()
         await delete_names(
             broker_url(), [f"{tag}.{t}" for t in topics], [f"{tag}.{t}.q" for t in topics]
         )
