@@ -73,7 +73,7 @@ async def steady_round(
             "worker_view": worker.lateness_from_histogram(),
             "worker_cpu_cores": round(cpu / wall, 3),
             "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
-            "others": machine,
+            "others": {**machine, "consumers_cores": round(arrivals.cpu_s / wall, 3)},
         }
     finally:
         group.kill()
@@ -85,9 +85,7 @@ async def steady_round(
 def _watch(group: ConsumerGroup) -> CpuWatch:
     """The load generator's CPU (this process publishing, the consumers' process) and the
     broker's, beside the worker's: on two cores they all compete."""
-    pids = {"publisher": os.getpid()}
-    if group.proc is not None:
-        pids["consumers"] = group.proc.pid
+    pids = {"publisher": os.getpid()}  # the consumers report their own
     info = broker_info_cached()
     if info:
         pids["broker"] = info["pid"]
@@ -143,6 +141,7 @@ async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
             )
 
         watch = _watch(group)
+        t0 = time.perf_counter()
         publish_s = await _publish_at(rate, n, one)
         arrivals = Arrivals()
         arrivals.merge(await group.result())
@@ -152,7 +151,10 @@ async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
             "delivered": len(late),
             "expected": n,
             "end_to_end": summary(late),
-            "others": watch.stop(),
+            "others": {
+                **watch.stop(),
+                "consumers_cores": round(arrivals.cpu_s / (time.perf_counter() - t0), 3),
+            },
         }
     finally:
         group.kill()

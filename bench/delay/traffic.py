@@ -52,6 +52,7 @@ class Arrivals:
         self.late: dict[str, float] = {}
         self.duplicates = 0
         self.early = 0
+        self.cpu_s = 0.0  # the consumer processes' CPU, start-up included
 
     def merge(self, doc: dict[str, Any]) -> None:
         for mid, lateness in doc["late"].items():
@@ -61,6 +62,7 @@ class Arrivals:
                 self.late[mid] = lateness
         self.duplicates += doc["duplicates"]
         self.early += doc["early"]
+        self.cpu_s += doc.get("cpu_s", 0.0)
 
 
 async def consume_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +117,7 @@ async def consume_child(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait_for(done.wait(), max(0.0, spec["deadline"] - time.time()))
     for link in links:
         await link.close()
-    return {"late": late, **counts}
+    return {"late": late, **counts, "cpu_s": time.process_time()}
 
 
 class ConsumerGroup:

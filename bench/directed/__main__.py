@@ -42,7 +42,8 @@ from bench.harness.report import emit, progress
 from bench.harness.stats import rnd
 
 GOAL_COMMIT_MS = 100.0
-GOAL_PULLS_PER_S = 2000.0
+GOAL_PULLS_PER_S = 2500.0  # issue 11: at least 2,500 pulls/s
+GOAL_WORKER_US_PER_PULL = 150.0  # and at most 150 us of worker CPU per pull
 GOAL_BYTES_PER_TARGET = 64.0
 
 
@@ -75,9 +76,18 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
             )
     if result.get("pull"):
         pulls = {q: r["pulls_per_s_median"] for q, r in result["pull"].items()}
-        out["pulls_at_least_2000_per_s"] = {
+        out["pulls_at_least_2500_per_s"] = {
             "pulls_per_s": pulls,
             "met": {q: v >= GOAL_PULLS_PER_S for q, v in pulls.items()},
+        }
+        worker_us = {
+            q: round(r["cpu_ms_per_pull_median"]["worker"] * 1000, 1)
+            for q, r in result["pull"].items()
+            if "worker" in r.get("cpu_ms_per_pull_median", {})
+        }
+        out["worker_cpu_at_most_150_us_per_pull"] = {
+            "worker_us_per_pull": worker_us,
+            "met": {q: v <= GOAL_WORKER_US_PER_PULL for q, v in worker_us.items()},
         }
     return out
 
