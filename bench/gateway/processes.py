@@ -90,86 +90,18 @@ async def _until_signalled() -> None:
 
 
 async def role_echo_backend(server_id: str) -> None:
-    """The echo backend of every path (gateway, STOMP), on the project's own data path
-    (:mod:`bridge.amqp`): the contract of :class:`workers.gateway.backend.BackendServer`
-    (register and heartbeat on the servers exchange, consume ``<prefix>.server.<id>``,
-    answer each message to its ``reply_to`` with its ``x-session`` and ``correlation_id``,
-    acknowledge it once the broker confirmed the answer), without aio-pika's cost per
-    message: on two cores the reference backend took about as much CPU per round trip as
-    the gateway and the broker together, for every path alike."""
-    import json
-
-    from bridge.amqp.consumer import Consumer, QueueSpec
-    from bridge.amqp.frames import Delivery, Properties
-    from bridge.amqp.link import Link
-    from bridge.amqp.publisher import Publisher
+    """The echo backend of every path (gateway, STOMP): the reference
+    :class:`~workers.gateway.backend.BackendServer`, on the project's own data path."""
     from workers.gateway.backend import BackendServer
-    from workers.gateway.config import (
-        H_SESSION,
-        OP_DEREGISTER,
-        OP_HEARTBEAT,
-        OP_REGISTER,
-        GatewaySettings,
+    from workers.gateway.config import GatewaySettings
+
+    server = BackendServer(
+        broker_url(), server_id, settings=GatewaySettings(), heartbeat_s=2.0, prefetch=512
     )
-
-    settings = GatewaySettings()
-    # declarations (the servers exchange, the quorum queue) as the reference backend makes them
-    declared = BackendServer(broker_url(), server_id, settings=settings)
-    await declared.start()
-    await declared.stop(deregister=False)
-    link = Link(broker_url(), name=f"bench echo backend {server_id}")
-    replies = Publisher(link, name="replies")
-    consumer: Consumer | None = None
-
-    def on_message(delivery: Delivery) -> None:
-        props = delivery.properties
-        session = (props.headers or {}).get(H_SESSION)
-        if not props.reply_to:
-            assert consumer is not None
-            consumer.ack(delivery)
-            return
-        answer = Properties(
-            headers={H_SESSION: session} if session is not None else {},
-            correlation_id=props.correlation_id,
-        )
-        sent = replies.publish("", props.reply_to, delivery.body, answer, mandatory=False)
-        sent.add_done_callback(lambda f: _settle(f, delivery))
-
-    def _settle(f: asyncio.Future[None], delivery: Delivery) -> None:
-        assert consumer is not None
-        if f.cancelled() or f.exception() is not None:
-            consumer.nack(delivery, requeue=True)
-        else:
-            consumer.ack(delivery)
-
-    consumer = Consumer(
-        link,
-        QueueSpec(settings.server_queue(server_id), arguments={"x-queue-type": "quorum"}),
-        on_message,
-        prefetch=512,
-    )
-    await link.start()
-
-    def announce(op: str) -> asyncio.Future[None]:
-        body = json.dumps({"op": op, "server_id": server_id}).encode()
-        props = Properties(content_type="application/json")
-        return replies.publish(settings.servers_exchange, "", body, props, mandatory=False)
-
-    await announce(OP_REGISTER)
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            with contextlib.suppress(Exception):
-                await announce(OP_HEARTBEAT)
-
-    beating = asyncio.get_running_loop().create_task(beat())
+    await server.start()
     print("ready", flush=True)
     await _until_signalled()
-    beating.cancel()
-    with contextlib.suppress(Exception):
-        await announce(OP_DEREGISTER)
-    await link.close()
+    await server.stop()
 
 
 class _DirectEcho(asyncio.Protocol):

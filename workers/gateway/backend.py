@@ -15,6 +15,11 @@ use it as their backend:
 A message without ``x-event`` is treated as data and answered to its ``reply_to`` as is, so
 the same backend also serves plain AMQP or STOMP request/reply clients.
 
+Messages are handled as they arrive, several at a time (an awaitable handler runs as a task
+of its own), on the project's own data path (:mod:`bridge.amqp`): each one is acknowledged
+once the broker confirmed its answers, and goes back to the queue if the handler raises or
+an answer cannot be published. The declarations go through aio-pika, once, at start.
+
 Run it with ``rabbitmq-bridge gateway echo-server --id s1``.
 """
 
@@ -30,15 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
 
-from bridge.amqp import header_str
+from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
+from bridge.amqp.consumer import Consumer, QueueSpec
+from bridge.amqp.frames import Delivery, Properties
+from bridge.amqp.link import Link
+from bridge.amqp.publisher import Publisher
 from workers.gateway.config import (
     EVENT_DATA,
     H_CLIENT_ADDR,
@@ -98,7 +100,6 @@ class BackendServer:
         handler: Handler = echo,
         prefetch: int = 256,
         keep_events: bool = False,
-        connection: AbstractRobustConnection | None = None,
     ) -> None:
         self.url = url
         self.server_id = server_id
@@ -109,12 +110,9 @@ class BackendServer:
         self.keep_events = keep_events
         self.events: list[ServerEvent] = []
         self.handled = 0
-        self._own_connection = connection is None
-        self._connection = connection
-        self._channel: AbstractChannel | None = None
-        self._servers: AbstractExchange | None = None
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
+        self._link: Link | None = None
+        self._publisher: Publisher | None = None
+        self._consumer: Consumer | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
     @property
@@ -122,26 +120,34 @@ class BackendServer:
         return self.settings.server_queue(self.server_id)
 
     async def start(self) -> BackendServer:
-        if self._connection is None:
-            self._connection = await aio_pika.connect_robust(self.url)
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
-        self._servers = await self._channel.declare_exchange(
-            self.settings.servers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        quorum = {"x-queue-type": "quorum"}
+        conn = await aio_pika.connect(self.url)
+        try:
+            channel = await conn.channel()
+            await declare_exchange(channel, self.settings.servers_exchange, "fanout")
+            await declare_quorum_queue(channel, self.queue_name)
+        finally:
+            await conn.close()
+        link = Link(self.url, name=f"backend {self.server_id}")
+        self._publisher = Publisher(link, name="answers")
+        self._consumer = Consumer(
+            link,
+            QueueSpec(self.queue_name, arguments=quorum),
+            self._on_delivery,
+            prefetch=self.prefetch,
         )
-        self._queue = await self._channel.declare_queue(
-            self.queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        self._tag = await self._queue.consume(self._on_message)
+        self._link = link
+        await link.start()
         await self.announce(OP_REGISTER)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         return self
 
     async def announce(self, op: str) -> None:
-        assert self._servers is not None
+        assert self._publisher is not None, "start() first"
         body = json.dumps({"op": op, "server_id": self.server_id}).encode()
-        await self._servers.publish(
-            aio_pika.Message(body, content_type="application/json"), routing_key=""
+        props = Properties(content_type="application/json")
+        await self._publisher.publish(
+            self.settings.servers_exchange, "", body, props, mandatory=False
         )
 
     async def _beat(self) -> None:
@@ -162,73 +168,101 @@ class BackendServer:
     async def stop(self, *, deregister: bool = True) -> None:
         """Leave; ``deregister=False`` just goes silent, like a crashed server."""
         await self.stop_heartbeats()
-        if deregister:
+        if deregister and self._publisher is not None:
             with contextlib.suppress(Exception):
-                await self.announce(OP_DEREGISTER)
-        if self._queue is not None and self._tag is not None:
+                await asyncio.wait_for(self.announce(OP_DEREGISTER), 5)
+        if self._consumer is not None:
             with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag)
-        if self._channel is not None:
+                await self._consumer.cancel()
+        if self._link is not None:
             with contextlib.suppress(Exception):
-                await self._channel.close()
-        if self._own_connection and self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
-            self._connection = None
+                await self._link.close()
+            self._link = None
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        headers = dict(message.headers or {})
+    def _on_delivery(self, delivery: Delivery) -> Awaitable[None] | None:
+        props = delivery.properties
+        headers = dict(props.headers or {})
         event = ServerEvent(
             event=header_str(headers.get(H_EVENT)) or EVENT_DATA,
             session=header_str(headers.get(H_SESSION)),
             client_id=header_str(headers.get(H_CLIENT_ID)),
             client_addr=header_str(headers.get(H_CLIENT_ADDR)),
             gateway=header_str(headers.get(H_GATEWAY)),
-            body=message.body,
-            reply_to=message.reply_to,
+            body=delivery.body,
+            reply_to=props.reply_to,
             headers=headers,
-            redelivered=bool(message.redelivered),
+            redelivered=delivery.redelivered,
         )
         if self.keep_events:
             self.events.append(event)
-        try:
-            result = self.handler(event)
-            replies = await result if inspect.isawaitable(result) else result
-            for reply in replies:
-                await self.reply(event, reply.body, close=reply.close, message=message)
-        except Exception:
-            log.exception("handler failed; message goes back to the queue")
-            await message.nack(requeue=True)
-            return
-        self.handled += 1
-        await message.ack()
+        # a raising handler: the consumer logs it and the message goes back to the queue
+        result = self.handler(event)
+        if inspect.isawaitable(result):
+            return self._answer_later(delivery, event, result)
+        self._answer(delivery, event, result)
+        return None
 
-    async def reply(
+    async def _answer_later(
+        self, delivery: Delivery, event: ServerEvent, result: Awaitable[Iterable[Reply]]
+    ) -> None:
+        self._answer(delivery, event, await result)
+
+    def _answer(self, delivery: Delivery, event: ServerEvent, replies: Iterable[Reply]) -> None:
+        """Publish the answers; acknowledge the message once all are confirmed (or send it
+        back to the queue if one could not be published)."""
+        consumer = self._consumer
+        assert consumer is not None
+        corr = delivery.properties.correlation_id
+        sent: list[asyncio.Future[None]] = []
+        for r in replies:
+            fut = self.reply(event, r.body, close=r.close, correlation_id=corr)
+            if fut is not None:
+                sent.append(fut)
+        if not sent:
+            self.handled += 1
+            consumer.ack(delivery)
+            return
+        waiting = len(sent)
+        failed = False
+
+        def settled(fut: asyncio.Future[None]) -> None:
+            nonlocal waiting, failed
+            waiting -= 1
+            if fut.cancelled() or fut.exception() is not None:
+                failed = True
+            if waiting:
+                return
+            if failed:
+                log.warning("an answer was not published; the message goes back to the queue")
+                consumer.nack(delivery, requeue=True)
+            else:
+                self.handled += 1
+                consumer.ack(delivery)
+
+        for fut in sent:
+            fut.add_done_callback(settled)
+
+    def reply(
         self,
         event: ServerEvent,
         body: bytes,
         *,
         close: bool = False,
-        message: AbstractIncomingMessage | None = None,
-    ) -> None:
-        """Send ``body`` back to the client that sent ``event``."""
+        correlation_id: str | None = None,
+    ) -> asyncio.Future[None] | None:
+        """Send ``body`` back to the client that sent ``event``: a future resolved once the
+        broker confirmed it (None, with a warning, for an event without ``reply_to``)."""
         if not event.reply_to:
             log.warning("message without reply_to; not answered")
-            return
-        assert self._channel is not None
+            return None
+        assert self._publisher is not None, "start() first"
         headers: dict[str, Any] = {}
         if event.session is not None:
             headers[H_SESSION] = event.session
         if close:
             headers[H_CLOSE] = True
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                headers=headers,
-                correlation_id=message.correlation_id if message is not None else None,
-            ),
-            routing_key=event.reply_to,
-        )
+        props = Properties(headers=headers, correlation_id=correlation_id)
+        return self._publisher.publish("", event.reply_to, body, props, mandatory=False)
 
     async def wait_events(
         self, predicate: Callable[[list[ServerEvent]], bool], timeout: float = 10.0
