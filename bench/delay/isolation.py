@@ -88,10 +88,21 @@ def burst_report(
         for m, v in arrivals.late.items()
         if not m.startswith("hot-") and 0 <= _offset(m, schedule) - burst_at <= burst_end
     ]
+    # the latest cold messages, with when they were due (ms after the burst's due time):
+    # a stall of the worker or the broker shows as a run of neighbouring due times
+    worst = sorted(
+        (
+            (round(v, 1), _offset(m, schedule) - burst_at)
+            for m, v in arrivals.late.items()
+            if not m.startswith("hot-")
+        ),
+        reverse=True,
+    )[:10]
     return {
         "cold": summary(cold),
         "cold_due_during_burst": summary(during),
         "hot_burst_drained_ms": round(burst_end, 0),
+        "cold_latest_ms_and_due_after_burst_ms": worst,
     }
 
 
