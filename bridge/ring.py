@@ -112,7 +112,9 @@ class RingKeeper:
 
         async with self._lock:
             conn = await aio_pika.connect(
-                self.url, client_properties={"connection_name": f"bridge {self.worker} ring"}
+                self.url,
+                timeout=10,  # a broker that does not answer must not hold the keeper's lock
+                client_properties={"connection_name": f"bridge {self.worker} ring"},
             )
             try:
                 channel = await self._hold_lock(conn)

@@ -36,7 +36,7 @@ from typing import Any
 
 import aio_pika
 
-from bridge.amqp import declare_exchange, declare_quorum_queue, header_str
+from bridge.amqp import QUORUM, declare_exchange, declare_quorum_queue, header_str
 from bridge.amqp.consumer import Consumer, QueueSpec
 from bridge.amqp.frames import Delivery, Properties
 from bridge.amqp.link import Link
@@ -120,7 +120,6 @@ class BackendServer:
         return self.settings.server_queue(self.server_id)
 
     async def start(self) -> BackendServer:
-        quorum = {"x-queue-type": "quorum"}
         conn = await aio_pika.connect(self.url)
         try:
             channel = await conn.channel()
@@ -132,7 +131,7 @@ class BackendServer:
         self._publisher = Publisher(link, name="answers")
         self._consumer = Consumer(
             link,
-            QueueSpec(self.queue_name, arguments=quorum),
+            QueueSpec(self.queue_name, arguments=dict(QUORUM)),
             self._on_delivery,
             prefetch=self.prefetch,
         )
