@@ -83,9 +83,10 @@ async def steady_round(
 
 
 def _watch(group: ConsumerGroup) -> CpuWatch:
-    """The load generator's CPU (this process publishing, the consumers' process) and the
-    broker's, beside the worker's: on two cores they all compete."""
-    pids = {"publisher": os.getpid()}  # the consumers report their own
+    """This process's CPU (the publisher) and the broker's, beside the worker's: on two
+    cores they all compete. The consumer process reports its own (it has ended, and been
+    reaped, before the watch stops)."""
+    pids = {"publisher": os.getpid()}
     info = broker_info_cached()
     if info:
         pids["broker"] = info["pid"]

@@ -58,8 +58,9 @@ async def _pullers(
 ) -> None:
     """``pullers`` nodes in this process, each draining its share of ``targets`` with the
     cursor protocol (docs/wire.md), on the project's own data path (:mod:`bridge.amqp`):
-    pull requests published mandatory (a return counts as an error), replies consumed
-    no-ack from an exclusive queue of this process. On two cores the load generator should
+    pull requests published without confirms (a request nothing routed gets no reply and
+    counts as a timeout after 10 s), replies consumed no-ack from an exclusive queue of
+    this process. On two cores the load generator should
     take as little CPU from the broker and the worker as it can (the aio-pika client
     helper, which also waits for a confirm of every request, cost about 0.4 ms per pull)."""
     from bridge.amqp.consumer import Consumer, QueueSpec
@@ -98,7 +99,7 @@ async def _pullers(
         )
         sent = publisher.publish(s.pull_exchange, target, json.dumps(doc).encode(), props)
         try:
-            await sent  # without confirms: done once written, or failed (returned)
+            await sent  # without confirms: done once written (fails if the link is lost)
             return await asyncio.wait_for(fut, 10.0)
         finally:
             futures.pop(corr, None)
@@ -118,7 +119,7 @@ async def _pullers(
                 except TimeoutError:
                     counts["timeouts"] += 1
                     continue
-                except Exception:  # returned: nothing routed it
+                except Exception:  # the request could not be written (link lost)
                     counts["errors"] += 1
                     break
                 latencies.append(time.perf_counter() - t0)

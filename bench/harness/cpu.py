@@ -62,16 +62,14 @@ class CpuWatch:
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._wall
         busy, total = machine_cpu()
-        out: dict[str, Any] = {}
-        for name, pid in self.pids.items():
-            try:
-                out[f"{name}_cores"] = rnd((cpu_seconds(pid) - self._start[name]) / wall)
-            except FileNotFoundError:  # it ended before the watch: its own report says
-                out[f"{name}_cores"] = None
+        out: dict[str, Any] = {
+            f"{name}_cores": rnd((cpu_seconds(pid) - self._start[name]) / wall)
+            for name, pid in self.pids.items()
+        }
         # A main thread (an event loop) that waits for a CPU much of the time is starved by
         # the other processes on the machine, not slow by itself.
         for name, pid in self.pids.items():
-            if name in self.no_runqueue or out[f"{name}_cores"] is None:
+            if name in self.no_runqueue:
                 continue
             waited = runqueue_wait_seconds(pid) - self._wait[name]
             out[f"{name}_main_thread_runqueue_wait_share"] = rnd(waited / wall)

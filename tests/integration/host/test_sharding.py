@@ -104,13 +104,13 @@ async def test_ring_repairs_never_overlap(chx_broker, unique):
     keepers = [RingKeeper(chx_broker, ex.name, names, worker=f"test{i}") for i in range(2)]
     keys = [f"k{i}" for i in range(40)]
     assert {chx_bucket(k, 4) for k in keys} == {0, 1, 2, 3}
+    holder = await aio_pika.connect(chx_broker)
     try:
         for _ in range(15):
             await asyncio.gather(*(k.repair("test") for k in keepers))
             got = await route(ch, ex, queues, keys)
             assert all(got[k] == chx_bucket(k, 4) for k in keys)
 
-        holder = await aio_pika.connect(chx_broker)
         await (await holder.channel()).declare_queue(keepers[0].lock_queue, exclusive=True)
         await queues[0].unbind(ex, "1")  # queue 0 out of the ring while the lock is held
         waiting = asyncio.create_task(keepers[0].repair("test"))
@@ -125,6 +125,8 @@ async def test_ring_repairs_never_overlap(chx_broker, unique):
         got = await route(ch, ex, queues, keys)
         assert all(got[k] == chx_bucket(k, 4) for k in keys)
     finally:
+        if not holder.is_closed:
+            await holder.close()
         await _drop(ch, ex, names)
         await conn.close()
 
