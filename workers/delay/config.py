@@ -68,6 +68,14 @@ class DelaySettings(ShardFields, BaseSettings):
     batch: int = Field(
         default=500, ge=1, le=100_000, description="most messages a topic sends per lane turn"
     )
+    lane_pack: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="a lane turn whose first topic has fewer due messages than this also "
+        "takes other due topics, up to this many messages in all: small batches of many topics "
+        "share one socket write and one confirm wait (1: a turn per topic)",
+    )
     lane_grow_ms: float = Field(
         default=10.0,
         ge=0,

@@ -4,6 +4,9 @@
 The topic of a message is its target exchange. A topic holds at most one lane at a time, for
 at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
 100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
+A lane's turn may carry several topics' small batches together, up to ``pack`` messages in
+all (one socket write and one confirm wait for all of them instead of one per topic); a
+topic is still on one lane at a time, in order.
 
 Time comes in as integer epoch milliseconds. No I/O: the adapters own the SQLite store and
 the AMQP channels; they feed events in (``add``, ``remove``, ``complete``) and act on the
@@ -34,7 +37,10 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Lane ``lane`` is to publish ``entries`` (all of ``topic``, in order) and then complete()."""
+    """Lane ``lane`` is to publish ``entries`` (all of ``topic``, in order) and then complete().
+
+    One assign() may give a lane several assignments (a packed turn, one per topic); each is
+    completed on its own."""
 
     lane: int
     topic: str
@@ -62,12 +68,11 @@ class _Topic:
 
 
 class _Lane:
-    __slots__ = ("mids", "size", "topic")
+    __slots__ = ("size", "topic")
 
-    def __init__(self, topic: _Topic, mids: list[int]) -> None:
+    def __init__(self, topic: _Topic, size: int) -> None:
         self.topic = topic
-        self.mids = mids
-        self.size = len(mids)
+        self.size = size
 
 
 class Scheduler:
@@ -77,11 +82,16 @@ class Scheduler:
     for due topics is O(log t) per topic, never a scan of entries.
     """
 
-    def __init__(self, *, lanes: int = 8, batch: int = 500) -> None:
-        if lanes < 1 or batch < 1:
-            raise ValueError(f"lanes and batch must be >= 1, got lanes={lanes} batch={batch}")
+    def __init__(self, *, lanes: int = 8, batch: int = 500, pack: int = 1) -> None:
+        if lanes < 1 or batch < 1 or pack < 1:
+            raise ValueError(
+                f"lanes, batch and pack must be >= 1, got lanes={lanes} batch={batch} pack={pack}"
+            )
         self._n_lanes = lanes
         self._batch = batch
+        # A lane turn whose first topic took fewer than this many entries takes more waiting
+        # topics, until the turn holds this many (see the module).
+        self._pack = pack
         self._entries: dict[int, Entry] = {}  # pending and in flight
         self._flight: dict[int, int] = {}  # mid -> lane; at most lanes * batch items
         self._topics: dict[str, _Topic] = {}
@@ -89,7 +99,7 @@ class Scheduler:
         self._armed: list[tuple[int, str]] = []
         self._waiting: deque[_Topic] = deque()
         self._returned: list[_Topic] = []
-        self._lanes: list[_Lane | None] = [None] * lanes
+        self._lanes: list[list[_Lane]] = [[] for _ in range(lanes)]  # a batch per topic
         self._free: list[int] = list(range(lanes))  # heap: lowest idle lane first
         # Lanes numbered >= this get no new batch (the adapter starts lanes as needed).
         self._active = lanes
@@ -151,55 +161,78 @@ class Scheduler:
         return "unknown", None
 
     def assign(self, now_ms: int) -> list[Assignment]:
-        """Give idle lanes to due topics, round-robin; each gets up to ``batch`` due entries."""
+        """Give idle lanes to due topics, round-robin; each gets up to ``batch`` due entries.
+        A lane whose first topic took fewer than ``pack`` entries takes the next waiting
+        topics too, up to ``pack`` entries in all (the last one may get fewer than it has
+        due: it waits for its next turn with the rest)."""
         self._refresh(now_ms)
         out: list[Assignment] = []
         while self._free and self._free[0] < self._active and self._waiting:
-            topic = self._waiting.popleft()
-            if topic.state != _WAITING:
+            lane = self._free[0]
+            taken = self._take(lane, now_ms, self._batch)
+            if taken is None:
                 continue
-            head = self._head(topic)
-            if head is None or head > now_ms:
-                # Its due entries were cancelled while it waited (or the clock went back).
-                topic.state = _IDLE
-                if head is not None:
-                    self._arm(topic, head)
-                continue
-            lane = heappop(self._free)
-            batch: list[Entry] = []
-            heap = topic.heap
-            while len(batch) < self._batch:
-                head = self._head(topic)
-                if head is None or head > now_ms:
-                    break
-                entry = self._entries[heappop(heap)[1]]
-                self._flight[entry.mid] = lane
-                key = entry.key
-                if key is not None:
-                    if self._keyed.get(key) == entry.mid:
-                        del self._keyed[key]
-                    self._flight_keys.setdefault(key, set()).add(entry.mid)
-                batch.append(entry)
-            topic.pending -= len(batch)
-            topic.state = _LANE
-            topic.lane = lane
-            self._lanes[lane] = _Lane(topic, [e.mid for e in batch])
-            out.append(Assignment(lane, topic.name, tuple(batch)))
+            heappop(self._free)
+            out.append(taken)
+            total = len(taken.entries)
+            while total < self._pack and self._waiting:
+                taken = self._take(lane, now_ms, min(self._batch, self._pack - total))
+                if taken is not None:
+                    out.append(taken)
+                    total += len(taken.entries)
         return out
 
-    def complete(self, lane: int, done: Iterable[int], retry: Iterable[int] = ()) -> None:
-        """Lane ``lane`` finished its batch: ``done`` mids leave, ``retry`` mids are pending again.
+    def _take(self, lane: int, now_ms: int, limit: int) -> Assignment | None:
+        """The next waiting topic's due entries (at most ``limit``) for ``lane``; None if
+        the topic popped from the waiting line has nothing due any more."""
+        topic = self._waiting.popleft()
+        if topic.state != _WAITING:
+            return None
+        head = self._head(topic)
+        if head is None or head > now_ms:
+            # Its due entries were cancelled while it waited (or the clock went back).
+            topic.state = _IDLE
+            if head is not None:
+                self._arm(topic, head)
+            return None
+        batch: list[Entry] = []
+        heap = topic.heap
+        while len(batch) < limit:
+            head = self._head(topic)
+            if head is None or head > now_ms:
+                break
+            entry = self._entries[heappop(heap)[1]]
+            self._flight[entry.mid] = lane
+            key = entry.key
+            if key is not None:
+                if self._keyed.get(key) == entry.mid:
+                    del self._keyed[key]
+                self._flight_keys.setdefault(key, set()).add(entry.mid)
+            batch.append(entry)
+        topic.pending -= len(batch)
+        topic.state = _LANE
+        topic.lane = lane
+        self._lanes[lane].append(_Lane(topic, len(batch)))
+        return Assignment(lane, topic.name, tuple(batch))
 
-        Together ``done`` and ``retry`` must name exactly the batch; anything else is an adapter bug and
-        raises ValueError without changing state. Retried entries keep their due time, so they
-        go out first when the topic next gets a lane.
+    def complete(self, lane: int, done: Iterable[int], retry: Iterable[int] = ()) -> None:
+        """Lane ``lane`` finished one of its batches: ``done`` mids leave, ``retry`` mids are
+        pending again. The lane is free once every batch of its turn is complete.
+
+        Together ``done`` and ``retry`` must name exactly one batch of the lane; anything else
+        is an adapter bug and raises ValueError without changing state. Retried entries keep
+        their due time, so they go out first when the topic next gets a lane.
         """
-        record = self._record(lane)
         done = list(done)
         retry = list(retry)
+        record = self._record(lane, done[0] if done else retry[0] if retry else None)
         seen: set[int] = set()
         for mid in (*done, *retry):
-            if mid in seen or self._flight.get(mid) != lane:
+            if (
+                mid in seen
+                or self._flight.get(mid) != lane
+                or self._entries[mid].topic != record.topic.name
+            ):
                 raise ValueError(f"mid {mid!r} is not in lane {lane}'s batch or named twice")
             seen.add(mid)
         if len(seen) != record.size:
@@ -226,8 +259,10 @@ class Scheduler:
             heappush(topic.heap, (entry.due_ms, mid))
             topic.pending += 1
 
-        self._lanes[lane] = None
-        heappush(self._free, lane)
+        records = self._lanes[lane]
+        records.remove(record)
+        if not records:
+            heappush(self._free, lane)
         topic.lane = None
         if topic.pending:
             topic.state = _RETURNED
@@ -235,13 +270,18 @@ class Scheduler:
         else:
             self._forget(topic)
 
-    def _record(self, lane: object) -> _Lane:
-        record: _Lane | None = None
-        if isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane < self._n_lanes:
-            record = self._lanes[lane]
-        if record is None:
+    def _record(self, lane: object, mid: int | None) -> _Lane:
+        """The batch of ``lane`` that holds ``mid`` (the batch of its topic)."""
+        if not (isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane < self._n_lanes):
             raise ValueError(f"lane {lane!r} holds no batch")
-        return record
+        records = self._lanes[lane]
+        if not records:
+            raise ValueError(f"lane {lane!r} holds no batch")
+        entry = None if mid is None else self._entries.get(mid)
+        for record in records:
+            if entry is not None and record.topic.name == entry.topic:
+                return record
+        raise ValueError(f"mid {mid!r} is not in lane {lane}'s batch or named twice")
 
     # ---- views
 
@@ -306,7 +346,7 @@ class Scheduler:
         return bool(self._free) and self._free[0] < self._active
 
     def busy_lanes(self) -> set[int]:
-        return {i for i, record in enumerate(self._lanes) if record is not None}
+        return {i for i, records in enumerate(self._lanes) if records}
 
     def __len__(self) -> int:
         """Entries held: pending plus in flight."""

@@ -107,10 +107,15 @@ class Dispatcher:
         tick_ms = self.settings.dispatch_interval_ms
         while self.running:
             now = now_ms()
+            turns: set[int] = set()
             for assignment in scheduler.assign(now):
-                self._lane_used[assignment.lane] = time.monotonic()
-                self._lane_batch[assignment.lane] = len(assignment.entries)
-                self.lanes[assignment.lane].submit(assignment)
+                lane = assignment.lane
+                if lane not in turns:  # a new turn (several topics' batches may share it)
+                    turns.add(lane)
+                    self._lane_used[lane] = time.monotonic()
+                    self._lane_batch[lane] = 0
+                self._lane_batch[lane] += len(assignment.entries)
+                self.lanes[lane].submit(assignment)
             nxt = scheduler.next_due_ms()
             wake_at: float | None = None
             if nxt is not None:

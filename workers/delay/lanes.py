@@ -5,9 +5,10 @@ Each lane is a task with its own AMQP connection (a :class:`bridge.amqp.link.Lin
 confirm-mode :class:`~bridge.amqp.publisher.Publisher`) and its own read-only SQLite
 connection. Lanes are tasks rather than threads: a batch is handed over and reported back
 without a hand-off between event loops (``call_soon_threadsafe`` both ways, per batch), and
-lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane one
-:class:`~workers.delay.core.Assignment` at a time (one topic, at most ``batch`` messages in
-due order); the lane reads the rows, publishes them with ``mandatory`` (the publisher writes
+lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane a turn: one
+:class:`~workers.delay.core.Assignment` (one topic, at most ``batch`` messages in due order)
+or, under a light load, several small ones of different topics (``LANE_PACK``), which go
+out together: one read, one socket write, one wait for the confirms. The lane reads the rows, publishes them with ``mandatory`` (the publisher writes
 up to ``publish_window`` unconfirmed publishes per socket write and resolves each one's
 outcome from the broker's confirms and returns), dead-letters what the broker could not
 route, and reports per message what happened. A lane never raises out of a batch: a channel
@@ -48,6 +49,7 @@ from workers.delay.config import (
 )
 from workers.delay.core import Assignment, Entry
 from workers.delay.store import StoredMessage, fetch_messages, open_reader
+from workers.delay.targets import Verified, carried_properties
 from workers.delay.wire import X_DELAY_KEY, X_DELIVER_AT, X_TARGET_EXCHANGE
 
 log = logging.getLogger("bridge.delay.lane")
@@ -55,46 +57,6 @@ log = logging.getLogger("bridge.delay.lane")
 OK = "ok"
 RETRY = "retry"
 Outcome = tuple[str, str]  # (OK | RETRY | UNROUTABLE | EXCHANGE_NOT_FOUND | ACCESS_REFUSED, detail)
-_VERIFIED_MAX = 10_000
-
-
-class Verified:
-    """Target exchanges that a publish proved to exist, shared by the lanes of a worker.
-
-    A topic's first batch on any lane is probed with one publish alone on its channel (a
-    publish to a missing exchange makes the broker close the channel); once one lane saw it
-    confirmed, the others pipeline to it right away. Bounded: the oldest are forgotten.
-
-    It also counts the probes the broker refused (403: the worker's user may not publish
-    there) per topic, until one is confirmed: an operator may grant the permission, so a
-    refusal is retried ``ACCESS_REFUSED_ATTEMPTS`` times before messages are dead-lettered.
-    """
-
-    def __init__(self, limit: int = _VERIFIED_MAX) -> None:
-        self._topics: dict[str, None] = {}
-        self._refused: dict[str, int] = {}
-        self._limit = limit
-
-    def __contains__(self, topic: object) -> bool:
-        return topic in self._topics
-
-    def add(self, topic: str) -> None:
-        self._topics.pop(topic, None)
-        self._topics[topic] = None
-        while len(self._topics) > self._limit:
-            del self._topics[next(iter(self._topics))]
-        self._refused.pop(topic, None)
-
-    def refused(self, topic: str) -> int:
-        """One more refused probe of ``topic``; how many in a row so far."""
-        count = self._refused.pop(topic, 0) + 1
-        self._refused[topic] = count
-        while len(self._refused) > self._limit:
-            del self._refused[next(iter(self._refused))]
-        return count
-
-    def discard(self, topic: str) -> None:
-        self._topics.pop(topic, None)
 
 
 @dataclass(slots=True)
@@ -140,25 +102,6 @@ def _outcome(error: BaseException) -> Outcome:
             return EXCHANGE_NOT_FOUND, f"not a valid AMQP name: {error.detail}"
         return RETRY, f"{error.reason}: {error.detail}"
     return RETRY, f"{type(error).__name__}: {error}"
-
-
-_USER_ID_FLAG = 0x0010  # in the low byte of the property flags
-
-
-def carried_properties(properties: bytes, user: str | None) -> bytes:
-    """The stored (encoded) properties to publish with, minus a ``user_id`` the broker
-    would refuse; decoded only when they carry a ``user_id`` at all.
-
-    RabbitMQ closes the channel on a ``user_id`` that is not the publishing connection's
-    user; the producer's claim was checked when it published, and cannot be carried onward
-    by another user.
-    """
-    if not properties[1] & _USER_ID_FLAG:
-        return properties
-    decoded = Properties.decode(properties)
-    if decoded.user_id == user:
-        return properties
-    return decoded.copy(user_id=None).encode()
 
 
 class Lane:
@@ -272,21 +215,55 @@ class Lane:
         reader = self._reader
         assert reader is not None
         try:
-            while True:
+            stop = False
+            while not stop:
                 assignment = await self._queue.get()
                 if assignment is None:
                     break
-                try:
-                    report = await self._run(assignment, reader)
-                except Exception:  # pragma: no cover - _run catches everything
-                    log.exception("lane crashed", extra={"lane": self.index})
-                    report = LaneReport(self.index, assignment.topic)
-                    report.retry = [e.mid for e in assignment.entries]
-                report.assignment = assignment
-                self.batches += 1
-                self._report(report)
+                # The dispatcher hands a packed turn over at once: its batches go out
+                # together (one read, one socket write, one confirm wait).
+                turn = [assignment]
+                while not self._queue.empty():
+                    more = self._queue.get_nowait()
+                    if more is None:
+                        stop = True
+                        break
+                    turn.append(more)
+                for report in await self._run_turn(turn, reader):
+                    self.batches += 1
+                    self._report(report)
         finally:
             await self._close()
+
+    async def _run_turn(
+        self, turn: list[Assignment], reader: sqlite3.Connection
+    ) -> list[LaneReport]:
+        """Every batch of a turn, concurrently (each topic in its own order); a report each."""
+        rows: dict[int, StoredMessage] | None = None
+        error = None
+        try:
+            rows = fetch_messages(reader, [e.mid for a in turn for e in a.entries])
+        except sqlite3.Error as exc:
+            error = f"store read failed: {exc}"
+        runs: list[LaneReport | BaseException]
+        if len(turn) == 1:  # the common case under a light load: no task
+            try:
+                runs = [await self._run(turn[0], rows, error)]
+            except Exception as exc:  # pragma: no cover - _run catches everything
+                runs = [exc]
+        else:
+            runs = await asyncio.gather(
+                *(self._run(a, rows, error) for a in turn), return_exceptions=True
+            )
+        reports = []
+        for assignment, report in zip(turn, runs, strict=True):
+            if not isinstance(report, LaneReport):  # pragma: no cover - _run catches everything
+                log.error("lane crashed", extra={"lane": self.index}, exc_info=report)
+                report = LaneReport(self.index, assignment.topic)
+                report.retry = [e.mid for e in assignment.entries]
+            report.assignment = assignment
+            reports.append(report)
+        return reports
 
     async def _close(self) -> None:
         reader, self._reader = self._reader, None
@@ -298,14 +275,16 @@ class Lane:
             with contextlib.suppress(Exception):
                 await self.link.close()
 
-    async def _run(self, a: Assignment, reader: sqlite3.Connection) -> LaneReport:
+    async def _run(
+        self, a: Assignment, rows: dict[int, StoredMessage] | None, error: str | None
+    ) -> LaneReport:
+        """One batch of a turn: ``rows`` read for the whole turn (None: the read failed
+        with ``error``, and the batch is retried)."""
         started = time.perf_counter()
         report = LaneReport(self.index, a.topic)
-        try:
-            rows = fetch_messages(reader, [e.mid for e in a.entries])
-        except sqlite3.Error as exc:
+        if rows is None:
             report.retry = [e.mid for e in a.entries]
-            report.error = f"store read failed: {exc}"
+            report.error = error
         else:
             items: list[_Item] = []
             for entry in a.entries:

@@ -55,7 +55,7 @@ class Ledger:
         s = settings
         self.settings = s
         self.store = store
-        self.scheduler = Scheduler(lanes=s.lanes, batch=s.batch)
+        self.scheduler = Scheduler(lanes=s.lanes, batch=s.batch, pack=s.lane_pack)
         if s.lane_grow_ms > 0:
             self.scheduler.set_active_lanes(1)
         # stored messages per topic (committed), for metrics and the admin view

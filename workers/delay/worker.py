@@ -47,11 +47,12 @@ from workers.delay.control import ControlServer
 from workers.delay.core import Scheduler
 from workers.delay.dispatch import Dispatcher
 from workers.delay.ingress import Ingress
-from workers.delay.lanes import Lane, Verified, start_lanes
+from workers.delay.lanes import Lane, start_lanes
 from workers.delay.ledger import Ledger
 from workers.delay.metrics import DelayMetrics
 from workers.delay.shards import DelayShards, chx_arguments
 from workers.delay.store import DelayStore, Op
+from workers.delay.targets import Verified
 
 log = logging.getLogger("bridge.delay")
 

@@ -116,6 +116,53 @@ def test_batch_bound_and_topic_keeps_one_lane() -> None:
     assert _shape(s.assign(0)) == [(0, "a", [7])]
 
 
+def test_a_turn_packs_small_batches_of_several_topics() -> None:
+    s = Scheduler(lanes=2, batch=4, pack=5)
+    for mid, topic in enumerate(("a", "a", "b", "c", "c", "c", "d"), start=1):
+        s.add(Entry(mid, topic, 0))
+    got = s.assign(0)
+    # lane 0: a's two, b's one, then c gets the room left (2 of its 3); lane 1: d, and c
+    # keeps its lane 0 (a topic is on one lane at a time): its third waits
+    assert _shape(got) == [
+        (0, "a", [1, 2]),
+        (0, "b", [3]),
+        (0, "c", [4, 5]),
+        (1, "d", [7]),
+    ]
+    assert s.busy_lanes() == {0, 1}
+    assert s.counts()["c"] == (1, 0)
+    # each batch completes on its own; the lane is free after its last
+    s.complete(0, [3])
+    s.complete(0, [1, 2])
+    assert s.busy_lanes() == {0, 1}
+    assert s.assign(0) == [], "lane 0 still holds c's batch"
+    s.complete(0, [4], retry=[5])
+    assert s.busy_lanes() == {1}
+    assert _shape(s.assign(0)) == [(0, "c", [5, 6])]
+
+
+def test_a_full_batch_is_not_packed() -> None:
+    s = Scheduler(lanes=1, batch=3, pack=3)
+    for mid in range(1, 5):
+        s.add(Entry(mid, "hot", 0))
+    s.add(Entry(5, "cold", 1))
+    assert _shape(s.assign(1)) == [(0, "hot", [1, 2, 3])]
+
+
+def test_complete_names_one_batch_of_a_packed_turn() -> None:
+    s = Scheduler(lanes=1, batch=4, pack=4)
+    s.add(Entry(1, "a", 0))
+    s.add(Entry(2, "b", 0))
+    s.assign(0)
+    with pytest.raises(ValueError):
+        s.complete(0, [1, 2])
+    with pytest.raises(ValueError):
+        s.complete(0, [])
+    s.complete(0, [2])
+    s.complete(0, [1])
+    assert s.busy_lanes() == set()
+
+
 def test_round_robin_between_due_topics() -> None:
     s = _sched(lanes=1, batch=2)
     mid = 0
@@ -381,6 +428,8 @@ def test_duplicate_mid_and_bad_config() -> None:
         Scheduler(lanes=0)
     with pytest.raises(ValueError):
         Scheduler(batch=0)
+    with pytest.raises(ValueError):
+        Scheduler(pack=0)
 
 
 # ---- views and housekeeping
@@ -459,19 +508,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.mids: list[int] = []
         self.entries: dict[int, Entry] = {}  # pending and in flight
         self.flight: dict[int, int] = {}  # mid -> lane
-        self.lanes: dict[int, tuple[str, list[int]]] = {}  # lane -> (topic, mids)
+        self.lanes: dict[int, list[tuple[str, list[int]]]] = {}  # lane -> [(topic, mids)]
         self.keyed: dict[str, int] = {}
         self.accepted: set[int] = set()
         self.completed: list[int] = []
         self.retried: set[int] = set()
         self.order: dict[str, list[Entry]] = {}
 
-    @initialize(lanes=st.integers(1, 3), batch=st.integers(1, 4))
-    def setup(self, lanes: int, batch: int) -> None:
+    @initialize(lanes=st.integers(1, 3), batch=st.integers(1, 4), pack=st.integers(1, 6))
+    def setup(self, lanes: int, batch: int, pack: int) -> None:
         self.n_lanes = lanes
         self.active = lanes
         self.batch = batch
-        self.s = Scheduler(lanes=lanes, batch=batch)
+        self.pack = pack
+        self.s = Scheduler(lanes=lanes, batch=batch, pack=pack)
 
     def _pending(self, topic: str | None = None) -> list[Entry]:
         return sorted(
@@ -485,7 +535,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _lane_topics(self) -> set[str]:
         """Topics with a batch out on a lane."""
-        return {topic for topic, _ in self.lanes.values()}
+        return {topic for batches in self.lanes.values() for topic, _ in batches}
 
     @rule(
         topic=st.sampled_from(TOPICS),
@@ -555,14 +605,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._check_assign(self.s.assign(self.now))
 
     def _check_assign(self, got: list[Assignment]) -> None:
+        turns: dict[int, int] = {}  # lane -> entries of the turn this assign() gave it
         for a in got:
-            assert a.lane not in self.lanes, "a lane holds two batches"
+            if a.lane in turns:  # packed into the lane's new turn
+                limit = min(self.batch, self.pack - turns[a.lane])
+                assert limit > 0, "a turn packed beyond pack"
+            else:
+                assert a.lane not in self.lanes, "a busy lane got another turn"
+                limit = self.batch
             assert a.lane < self.active, "an inactive lane got a batch"
             assert a.topic not in self._lane_topics(), "a topic holds two lanes"
             due = [e for e in self._pending(a.topic) if e.due_ms <= self.now]
-            assert list(a.entries) == due[: self.batch]
+            assert list(a.entries) == due[:limit]
             assert a.entries, "an empty batch wastes a lane"
-            self.lanes[a.lane] = (a.topic, [e.mid for e in a.entries])
+            self.lanes.setdefault(a.lane, []).append((a.topic, [e.mid for e in a.entries]))
+            turns[a.lane] = turns.get(a.lane, 0) + len(a.entries)
             for e in a.entries:
                 assert e.due_ms <= self.now, "assigned early"
                 self.flight[e.mid] = a.lane
@@ -571,7 +628,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         # work-conserving: no idle active lane while a lane-less topic has something due
         idle = [lane for lane in range(self.active) if lane not in self.lanes]
         assert self.s.has_idle_lane() == bool(idle)
-        if idle:
+        # a new turn with room left packed every lane-less topic with something due
+        if idle or any(total < self.pack for total in turns.values()):
             busy = self._lane_topics()
             assert not [e for e in self._pending() if e.due_ms <= self.now and e.topic not in busy]
 
@@ -579,7 +637,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
         lane = data.draw(st.sampled_from(sorted(self.lanes)))
-        topic, mids = self.lanes.pop(lane)
+        batches = self.lanes[lane]
+        topic, mids = batches.pop(data.draw(st.integers(0, len(batches) - 1)))
+        if not batches:
+            del self.lanes[lane]
         retry = set(data.draw(st.lists(st.sampled_from(mids), unique=True, max_size=len(mids))))
         done = [m for m in mids if m not in retry]
         self.s.complete(lane, done, sorted(retry))
@@ -600,17 +661,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def complete_wrongly(self, data: st.DataObject) -> None:
         lane = data.draw(st.sampled_from(sorted(self.lanes)))
-        _, mids = self.lanes[lane]
-        wrong = data.draw(
-            st.sampled_from(
-                [
-                    (lane, mids[1:], []),
-                    (lane, [*mids, 10**9], []),
-                    (lane, mids, mids[:1]),
-                    (self.n_lanes, mids, []),
-                ]
-            )
-        )
+        batches = self.lanes[lane]
+        _, mids = batches[0]
+        cases = [
+            (lane, mids[1:], []),
+            (lane, [*mids, 10**9], []),
+            (lane, mids, mids[:1]),
+            (self.n_lanes, mids, []),
+        ]
+        if len(batches) > 1:  # two topics' batches of one turn named as one
+            cases.append((lane, [*mids, *batches[1][1]], []))
+        wrong = data.draw(st.sampled_from(cases))
         try:
             self.s.complete(*wrong)
         except ValueError:
@@ -624,8 +685,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         assert len(self.s) == len(self.entries)
         assert self.s.busy_lanes() == set(self.lanes)
-        for lane, (topic, _) in self.lanes.items():
-            assert self.s.lane_of(topic) == lane
+        for lane, batches in self.lanes.items():
+            for topic, _ in batches:
+                assert self.s.lane_of(topic) == lane
         busy = self._lane_topics()
         free_dues = [e.due_ms for e in self._pending() if e.topic not in busy]
         assert self.s.next_due_ms() == (min(free_dues) if free_dues else None)
@@ -652,13 +714,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._check_assign(got)
             if not self.lanes:
                 break
-            for lane, (topic, mids) in list(self.lanes.items()):
-                self.s.complete(lane, mids)
+            for lane, batches in list(self.lanes.items()):
+                for topic, mids in batches:
+                    self.s.complete(lane, mids)
+                    for mid in mids:
+                        del self.flight[mid]
+                        self.completed.append(mid)
+                        self.order.setdefault(topic, []).append(self.entries.pop(mid))
                 self.lanes.pop(lane, None)
-                for mid in mids:
-                    del self.flight[mid]
-                    self.completed.append(mid)
-                    self.order.setdefault(topic, []).append(self.entries.pop(mid))
         assert len(self.s) == 0 and not self.entries
         assert len(self.completed) == len(set(self.completed)), "completed twice"
         assert set(self.completed) == self.accepted, "lost or extra entries"
