@@ -38,6 +38,22 @@ UNENCODABLE = "unencodable"
 _Queued = tuple[str, str, bytes, bytes, "str | None", bool, "asyncio.Future[None]", float]
 
 
+async def settled(futures: list[asyncio.Future[None]]) -> list[BaseException | None]:
+    """Wait until every publish in ``futures`` has its outcome; each one's error or None.
+
+    Cheaper than ``gather`` for a batch: confirms mostly settle in publish order, so one
+    await on the last (the others are done by then, or awaited in turn) instead of a
+    callback per future. A publish future is never cancelled, so only the waiting caller's
+    own cancellation ends this early."""
+    for fut in reversed(futures):
+        if not fut.done():
+            try:  # not contextlib.suppress: it costs more, once per batch on a hot path
+                await fut
+            except Exception:  # its outcome is read below
+                pass
+    return [fut.exception() for fut in futures]
+
+
 class Publisher(Channel):
     """One publishing channel of a link (see the module)."""
 

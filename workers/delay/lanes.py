@@ -35,7 +35,7 @@ from typing import Any
 from bridge.amqp.endpoint import Endpoint
 from bridge.amqp.frames import Properties
 from bridge.amqp.link import Link
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import Publisher, settled
 from bridge.errors import BrokerUnavailable, PublishFailed
 from bridge.settings import HostSettings
 from workers.delay.config import (
@@ -117,7 +117,7 @@ class Lane:
         settings: DelaySettings,
         db_path: Path,
         report: Callable[[LaneReport], None],
-        observe_lateness: Callable[[str, float], None],
+        observe_lateness: Callable[[str, list[float]], None],
         add_busy: Callable[[int, float], None],
         verified: Verified | None = None,
     ) -> None:
@@ -397,23 +397,20 @@ class Lane:
         assert publisher is not None
         user = self._user
         now = time.time()
-        observe = self._observe_lateness
+        # one topic per batch (the scheduler's), however many exchanges it sends into
+        self._observe_lateness(items[0].entry.topic, [now - i.entry.due_ms / 1000 for i in items])
         publish = publisher.publish
-        futures = []
-        for item in items:
-            row = item.row
-            observe(item.entry.topic, now - item.entry.due_ms / 1000)
-            futures.append(
-                publish(
-                    topic,
-                    row.routing_key,
-                    row.body,
-                    carried_properties(row.properties, user),
-                    message_id=row.message_id,
-                )
+        futures = [
+            publish(
+                topic,
+                item.row.routing_key,
+                item.row.body,
+                carried_properties(item.row.properties, user),
+                message_id=item.row.message_id,
             )
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        return [(OK, "") if r is None else _outcome(r) for r in results]
+            for item in items
+        ]
+        return [(OK, "") if r is None else _outcome(r) for r in await settled(futures)]
 
     async def _dead_letter(
         self, topic: str, dead: list[tuple[_Item, str, str]], report: LaneReport
@@ -442,8 +439,7 @@ class Lane:
                     mandatory=False,
                 )
             )
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for (item, reason, _), result in zip(dead, results, strict=True):
+        for (item, reason, _), result in zip(dead, await settled(futures), strict=True):
             if result is None:
                 report.dead.append((item.entry.mid, reason))
             else:

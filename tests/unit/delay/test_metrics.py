@@ -39,7 +39,7 @@ def test_stored_topics_get_a_zero_lateness_series_within_the_bound() -> None:
 
     metrics = DelayMetrics(CollectorRegistry(), DelaySettings(lateness_metric_topics=2))
     metrics.track_topics(["a", "b", "c"])
-    metrics.observe_lateness("d", 0.5)
+    metrics.observe_lateness("d", [0.5])
     text = generate_latest(metrics.registry).decode()
     assert 'bridge_delay_lateness_seconds_count{topic="a"} 0.0' in text
     assert 'bridge_delay_lateness_seconds_count{topic="b"} 0.0' in text
