@@ -8,7 +8,8 @@ without a hand-off between event loops (``call_soon_threadsafe`` both ways, per 
 lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane a turn: one
 :class:`~workers.delay.core.Assignment` (one topic, at most ``batch`` messages in due order)
 or, under a light load, several small ones of different topics (``LANE_PACK``), which go
-out together: one read, one socket write, one wait for the confirms. The lane reads the rows, publishes them with ``mandatory`` (the publisher writes
+out together (one store read, one socket write); each is reported once its own outcomes
+are in. The lane reads the rows, publishes them with ``mandatory`` (the publisher writes
 up to ``publish_window`` unconfirmed publishes per socket write and resolves each one's
 outcome from the broker's confirms and returns), dead-letters what the broker could not
 route, and reports per message what happened. A lane never raises out of a batch: a channel
@@ -221,7 +222,7 @@ class Lane:
                 if assignment is None:
                     break
                 # The dispatcher hands a packed turn over at once: its batches go out
-                # together (one read, one socket write, one confirm wait).
+                # together (one store read, one socket write).
                 turn = [assignment]
                 while not self._queue.empty():
                     more = self._queue.get_nowait()
@@ -229,41 +230,49 @@ class Lane:
                         stop = True
                         break
                     turn.append(more)
-                for report in await self._run_turn(turn, reader):
-                    self.batches += 1
-                    self._report(report)
+                await self._run_turn(turn, reader)
         finally:
             await self._close()
 
-    async def _run_turn(
-        self, turn: list[Assignment], reader: sqlite3.Connection
-    ) -> list[LaneReport]:
-        """Every batch of a turn, concurrently (each topic in its own order); a report each."""
+    async def _run_turn(self, turn: list[Assignment], reader: sqlite3.Connection) -> None:
+        """Every batch of a turn, concurrently (each topic in its own order). Each batch
+        is reported as soon as its own outcomes are in: a topic whose confirms came back
+        does not wait for another topic's (the broker confirms per queue)."""
         rows: dict[int, StoredMessage] | None = None
         error = None
         try:
             rows = fetch_messages(reader, [e.mid for a in turn for e in a.entries])
         except sqlite3.Error as exc:
             error = f"store read failed: {exc}"
-        runs: list[LaneReport | BaseException]
         if len(turn) == 1:  # the common case under a light load: no task
-            try:
-                runs = [await self._run(turn[0], rows, error)]
-            except Exception as exc:  # pragma: no cover - _run catches everything
-                runs = [exc]
-        else:
-            runs = await asyncio.gather(
-                *(self._run(a, rows, error) for a in turn), return_exceptions=True
-            )
-        reports = []
-        for assignment, report in zip(turn, runs, strict=True):
-            if not isinstance(report, LaneReport):  # pragma: no cover - _run catches everything
-                log.error("lane crashed", extra={"lane": self.index}, exc_info=report)
-                report = LaneReport(self.index, assignment.topic)
-                report.retry = [e.mid for e in assignment.entries]
-            report.assignment = assignment
-            reports.append(report)
-        return reports
+            await self._run_and_report(turn[0], rows, error)
+            return
+        # A batch to an exchange no publish has proved yet goes first and alone: its probe
+        # may make the broker close the channel, which would take other topics' publishes
+        # in flight with it (sent again: twice).
+        verified = self._verified
+        proven: list[Assignment] = []
+        for a in turn:
+            if rows is None or all(
+                rows[e.mid].exchange in verified for e in a.entries if e.mid in rows
+            ):
+                proven.append(a)
+            else:
+                await self._run_and_report(a, rows, error)
+        await asyncio.gather(*(self._run_and_report(a, rows, error) for a in proven))
+
+    async def _run_and_report(
+        self, a: Assignment, rows: dict[int, StoredMessage] | None, error: str | None
+    ) -> None:
+        try:
+            report = await self._run(a, rows, error)
+        except Exception:  # pragma: no cover - _run catches everything
+            log.exception("lane crashed", extra={"lane": self.index})
+            report = LaneReport(self.index, a.topic)
+            report.retry = [e.mid for e in a.entries]
+        report.assignment = a
+        self.batches += 1
+        self._report(report)
 
     async def _close(self) -> None:
         reader, self._reader = self._reader, None

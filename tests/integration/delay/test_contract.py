@@ -553,3 +553,37 @@ async def test_batch_written_in_windows_keeps_order_and_matches_returns_by_publi
                 break
             await asyncio.sleep(0.05)
         assert (await client.counts())["total"] == 0
+
+
+async def test_a_missing_exchange_in_a_packed_turn_sends_no_other_topic_twice(
+    broker_url, amqp, tmp_path, unique
+):
+    """Topics due at one instant share a lane turn (LANE_PACK). The first publish to an
+    exchange that does not exist makes the broker close the lane's channel; the other
+    topics' publishes must not be in flight on it then (routed, their confirms lost, and
+    sent again: twice). Each topic here is new to the worker, so each batch is a probe."""
+    s = delay_settings(unique, lane_pack=100, lanes=1, lane_grow_ms=0)
+    sinks = [await make_sink(amqp, unique, f"t{i}") for i in range(8)]
+    missing = f"{unique}.t4-missing"  # sorts among the sinks' names: in the middle of the turn
+    async with delay_worker(
+        broker_url,
+        tmp_path,
+        s,
+        amqp,
+        exchanges=[sink.exchange for sink in sinks],
+        queues=[sink.queue for sink in sinks],
+    ) as (_, client):
+        at = now_ms() + 1000
+        for sink in sinks:
+            for n in range(3):
+                await client.send(
+                    b"m", sink.exchange, deliver_at_ms=at, message_id=f"{sink.exchange}-{n}"
+                )
+        await client.send(b"x", missing, deliver_at_ms=at, message_id="missing")
+        dead = await dead_letters(amqp, s, 1, timeout=15)
+        assert header(dead[0], "x-dead-reason") == "exchange_not_found"
+        for sink in sinks:
+            await sink.wait_for(3)
+        await asyncio.sleep(1.0)  # a message sent twice would arrive by now
+        for sink in sinks:
+            assert sorted(sink.ids()) == [f"{sink.exchange}-{n}" for n in range(3)], sink.ids()
