@@ -5,8 +5,8 @@ The topic of a message is its target exchange. A topic holds at most one lane at
 at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
 100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
 A lane's turn may carry several topics' small batches together, up to ``pack`` messages in
-all (one socket write and one confirm wait for all of them instead of one per topic); a
-topic is still on one lane at a time, in order.
+all (one socket write for all of them instead of one per topic; each batch is completed
+on its own); a topic is still on one lane at a time, in order.
 
 Time comes in as integer epoch milliseconds. No I/O: the adapters own the SQLite store and
 the AMQP channels; they feed events in (``add``, ``remove``, ``complete``) and act on the

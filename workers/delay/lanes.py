@@ -5,20 +5,21 @@ Each lane is a task with its own AMQP connection (a :class:`bridge.amqp.link.Lin
 confirm-mode :class:`~bridge.amqp.publisher.Publisher`) and its own read-only SQLite
 connection. Lanes are tasks rather than threads: a batch is handed over and reported back
 without a hand-off between event loops (``call_soon_threadsafe`` both ways, per batch), and
-lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane a turn: one
-:class:`~workers.delay.core.Assignment` (one topic, at most ``batch`` messages in due order)
-or, under a light load, several small ones of different topics (``LANE_PACK``), which go
-out together (one store read, one socket write); each is reported once its own outcomes
-are in. The lane reads the rows, publishes them with ``mandatory`` (the publisher writes
-up to ``publish_window`` unconfirmed publishes per socket write and resolves each one's
-outcome from the broker's confirms and returns), dead-letters what the broker could not
-route, and reports per message what happened. A lane never raises out of a batch: a channel
+lanes do not take turns on the GIL with the ingress. The worker's scheduler hands a lane a
+turn: one :class:`~workers.delay.core.Assignment` (one topic, at most ``batch`` messages in
+due order) or, under a light load, several small ones of different topics (``LANE_PACK``),
+which go out together (one store read, one socket write); each is reported once its own
+outcomes are in. The lane reads the rows, publishes them with ``mandatory`` (the publisher
+writes up to ``publish_window`` unconfirmed publishes per socket write and resolves each
+one's outcome from the broker's confirms and returns), dead-letters what the broker could
+not route, and reports per message what happened. A lane never raises out of a batch: a channel
 the broker closed (404 for a missing exchange) is reopened by the link and the lane goes on.
 
 The broker closes the channel on a publish to a missing exchange, and publishes pipelined
 before it on that channel may have been routed without their confirm ever arriving (they
 would be sent twice). So the first message to a topic no lane has yet seen confirmed goes
-out alone; only after it proved the exchange exists is the rest of the batch pipelined.
+out alone, with nothing else in flight on the lane (in a packed turn, such a batch runs
+first, on its own); only after it proved the exchange exists is the rest pipelined.
 """
 
 from __future__ import annotations
