@@ -74,7 +74,8 @@ class DelaySettings(ShardFields, BaseSettings):
         le=100_000,
         description="a lane turn whose first topic has fewer due messages than this also "
         "takes other due topics, up to this many messages in all: small batches of many topics "
-        "share one socket write and one confirm wait (1: a turn per topic)",
+        "share one store read and one socket write, each reported on its own confirms (1: a "
+        "turn per topic)",
     )
     lane_grow_ms: float = Field(
         default=10.0,

@@ -270,17 +270,18 @@ class Scheduler:
         else:
             self._forget(topic)
 
-    def _record(self, lane: object, mid: int | None) -> _Lane:
+    def _record(self, lane: int, mid: int | None) -> _Lane:
         """The batch of ``lane`` that holds ``mid`` (the batch of its topic)."""
-        if not (isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane < self._n_lanes):
-            raise ValueError(f"lane {lane!r} holds no batch")
-        records = self._lanes[lane]
-        if not records:
+        if (
+            not (isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane < self._n_lanes)
+            or not self._lanes[lane]
+        ):
             raise ValueError(f"lane {lane!r} holds no batch")
         entry = None if mid is None else self._entries.get(mid)
-        for record in records:
-            if entry is not None and record.topic.name == entry.topic:
-                return record
+        if entry is not None:
+            for record in self._lanes[lane]:
+                if record.topic.name == entry.topic:
+                    return record
         raise ValueError(f"mid {mid!r} is not in lane {lane}'s batch or named twice")
 
     # ---- views
