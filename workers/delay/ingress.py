@@ -114,7 +114,9 @@ class Ingress:
         # before any change of state: the consumer requeues it, then gives it up (poison).
         # A stable id: a re-publish after a crash carries the same one.
         message_id = properties.message_id or uuid.uuid4().hex
-        props = stored_properties(properties, strip_control_headers(headers), message_id)
+        props = stored_properties(
+            properties, strip_control_headers(headers), message_id, delivered.raw_properties
+        )
         mid = ledger.next_mid()
         key = decision.key
         replace: KeyDelete | None = None

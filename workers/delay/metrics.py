@@ -1,8 +1,10 @@
 """Prometheus metrics of the delay worker (names ``bridge_delay_*``).
 
 Everything is updated on the worker's loop, the lanes' lateness histogram and busy counter
-included; the scrape reads from the HTTP server's side (prometheus_client metrics are
-thread-safe).
+included, and the scrape runs on that loop too (the HTTP server's handler). The lateness
+histogram is observed once per delivered message: it is this module's own
+:class:`BatchHistogram` (plain counts per batch) rather than prometheus_client's
+``Histogram`` (two locked increments per value), with the same exposition.
 
 Topics are labels with bounded cardinality (``BRIDGE_DELAY__TOPIC_BY`` can make one per
 tenant): the scheduled gauge shows the N largest topics and adds the rest up as ``other``;
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import heapq
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from workers.delay.config import DEAD_REASONS, DelaySettings
 from workers.delay.ledger import Ledger
@@ -80,6 +84,50 @@ def top_and_other(counts: dict[str, int], n: int) -> list[tuple[str, int]]:
     if len(top) < len(counts):
         top.append((OTHER, rest))
     return top
+
+
+class BatchHistogram(Collector):
+    """A histogram with one label, observed a batch at a time: per series a plain list of
+    bucket counts and the sum, no lock per value (prometheus_client's ``Histogram`` takes
+    two per observation; the lanes observe every delivered message). Observed on the
+    worker's loop only; a scrape copies each series first, so its buckets, count and sum
+    are one consistent snapshot."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Iterable[float]):
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = tuple(float(b) for b in buckets)
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        # per label value: one count per bucket (the last: above every bound), then the sum
+        self._series: dict[str, list[float]] = {}
+
+    def series(self, value: str) -> list[float]:
+        """The series of ``value`` (created at zero)."""
+        series = self._series.get(value)
+        if series is None:
+            series = self._series[value] = [0] * (len(self.bounds) + 1) + [0.0]
+        return series
+
+    def observe(self, value: str, amounts: Iterable[float]) -> None:
+        series = self._series.get(value) or self.series(value)
+        bounds = self.bounds
+        total = 0.0
+        for amount in amounts:
+            series[bisect_left(bounds, amount)] += 1  # the first bucket with le >= amount
+            total += amount
+        series[-1] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, series in list(self._series.items()):
+            snapshot = list(series)
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, snapshot, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric([value], buckets, sum_value=snapshot[-1])
+        yield family
 
 
 class _StateCollector(Collector):
@@ -180,14 +228,14 @@ class DelayMetrics:
             "publishes that failed transiently and will be retried",
             registry=registry,
         )
-        self.lateness = Histogram(
+        self.lateness = BatchHistogram(
             "bridge_delay_lateness_seconds",
             "publish time minus due time, per topic (the first N topics stored, "
             "BRIDGE_DELAY__LATENESS_METRIC_TOPICS; the rest as 'other')",
-            ["topic"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            "topic",
+            LATENCY_BUCKETS,
         )
+        registry.register(self.lateness)
         self._lateness_label = TopicLabels(settings.lateness_metric_topics)
         self.lane_busy = Counter(
             "bridge_delay_lane_busy_seconds_total",
@@ -215,13 +263,11 @@ class DelayMetrics:
         for topic in topics:
             if label.full:
                 return
-            self.lateness.labels(label(topic))
+            self.lateness.series(label(topic))
 
     def observe_lateness(self, topic: str, seconds: Iterable[float]) -> None:
         """The lateness of a batch of one topic's messages (one label lookup for all)."""
-        observe = self.lateness.labels(self._lateness_label(topic)).observe
-        for value in seconds:
-            observe(value)
+        self.lateness.observe(self._lateness_label(topic), seconds)
 
     def add_busy(self, lane: int, seconds: float) -> None:
         self._busy_children[lane].inc(seconds)

@@ -92,12 +92,25 @@ PROP_FIELDS = (
 
 
 def stored_properties(
-    properties: frames.Properties, headers: dict[str, Any], message_id: str
+    properties: frames.Properties, headers: dict[str, Any], message_id: str, raw: bytes
 ) -> bytes:
     """What a row keeps of a delivery's properties, encoded: every basic property as it came
     (``cluster_id`` aside, a field AMQP 0-9-1 deprecated), ``headers`` instead of its headers,
-    and ``message_id``. Raises :class:`bridge.amqp.frames.EncodeError` for a header value
-    that cannot be written again."""
+    and ``message_id``. ``raw``: the delivery's properties as received (``properties`` is
+    their decoding). Raises :class:`bridge.amqp.frames.EncodeError` for a header value that
+    cannot be written again."""
+    p = properties
+    if (
+        p.message_id == message_id
+        and p.cluster_id is None
+        # an empty string is not sent again (as pamqp): encode those the long way
+        and "" not in (p.content_type, p.content_encoding, p.correlation_id, p.reply_to)
+        and "" not in (p.expiration, p.type, p.user_id, p.app_id)
+    ):
+        # the common case: only the headers change; every other field as received
+        spliced = frames.replace_headers(raw, headers)
+        if spliced is not None:
+            return spliced
     # Encoded from the delivery's own object, the three fields swapped in and back: a copy
     # of every property per message cost more than the swap.
     kept = properties.headers, properties.message_id, properties.cluster_id

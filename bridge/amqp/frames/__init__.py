@@ -74,6 +74,7 @@ from bridge.amqp.frames.methods import QueueDeclareOk as QueueDeclareOk
 from bridge.amqp.frames.methods import UnknownMethod as UnknownMethod
 from bridge.amqp.frames.properties import PROPERTY_NAMES as PROPERTY_NAMES
 from bridge.amqp.frames.properties import Properties as Properties
+from bridge.amqp.frames.properties import replace_headers as replace_headers
 from bridge.amqp.frames.tables import FRAME_BODY as FRAME_BODY
 from bridge.amqp.frames.tables import FRAME_END as FRAME_END
 from bridge.amqp.frames.tables import FRAME_HEADER as FRAME_HEADER

@@ -190,3 +190,30 @@ class Properties:
         if pos != n:
             raise DecodeError("content header: bytes after its properties")
         return props
+
+
+def replace_headers(raw: bytes, headers: dict[str, Any] | None) -> bytes | None:
+    """Encoded properties ``raw`` (a content header's, property flags first, as
+    :meth:`Properties.decode` read them) with the headers table replaced by ``headers``
+    (None or empty: no headers) and every other field kept byte for byte: what a worker
+    that only changes headers sends on, without encoding every property again. None when
+    ``raw`` has property flag continuation words (AMQP 0-9-1 defines none): encode those.
+    Raises :class:`EncodeError` for a header value that cannot be written."""
+    flags = _U16.unpack_from(raw, 0)[0]
+    if flags & 1:
+        return None
+    pos = 2
+    if flags & 0x8000:  # content_type
+        pos += 1 + raw[pos]
+    if flags & 0x4000:  # content_encoding
+        pos += 1 + raw[pos]
+    start = pos
+    if flags & 0x2000:
+        pos += 4 + _unpack_u32(raw, pos)[0]
+    if headers:
+        try:
+            table = encode_table(headers)
+        except (EncodeError, struct.error, TypeError, AttributeError) as exc:
+            raise EncodeError(f"property headers: {exc}") from exc
+        return _U16.pack(flags | 0x2000) + raw[2:start] + table + raw[pos:]
+    return _U16.pack(flags & ~0x2000) + raw[2:start] + raw[pos:]

@@ -321,10 +321,10 @@ async def test_a_message_whose_processing_raises_is_dead_lettered_after_bounded_
 
     real = ingress.stored_properties
 
-    def failing(properties: Any, headers: Any, message_id: str) -> Any:
+    def failing(properties: Any, headers: Any, message_id: str, raw: bytes) -> Any:
         if headers and "boom" in headers:
             raise ValueError("injected: cannot store this message")
-        return real(properties, headers, message_id)
+        return real(properties, headers, message_id, raw)
 
     monkeypatch.setattr(ingress, "stored_properties", failing)
     s = delay_settings(unique)

@@ -455,6 +455,25 @@ def test_properties_pamqp_refuses_round_trip(fields: dict[str, Any]) -> None:
     assert typed(decoded.headers) == typed(expected.headers)
 
 
+@MEDIUM
+@given(fields=our_property_fields, headers=st.one_of(st.none(), our_tables))
+def test_replacing_the_headers_of_encoded_properties_is_encoding_them_with_those_headers(
+    fields: dict[str, Any], headers: dict[str, Any] | None
+) -> None:
+    """Every other field byte for byte: the same bytes as encoding the properties with the
+    new headers (none: no headers field at all)."""
+    raw = frames.Properties(**fields).encode()
+    expected = frames.Properties(**{**fields, "headers": headers or None}).encode()
+    assert frames.replace_headers(raw, headers) == expected
+
+
+def test_replacing_headers_refuses_a_value_it_cannot_write() -> None:
+    raw = frames.Properties(message_id="m", headers={"a": 1}).encode()
+    with pytest.raises(frames.EncodeError, match="property headers"):
+        frames.replace_headers(raw, {"a": object()})
+    assert frames.replace_headers(b"\x00\x01\x00\x00", {"a": 1}) is None  # continuation
+
+
 def test_empty_strings_are_not_sent_as_pamqp() -> None:
     props = frames.Properties(content_type="", message_id="", headers={})
     assert (

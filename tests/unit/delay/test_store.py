@@ -6,8 +6,10 @@ import datetime as dt
 import decimal
 import json
 import sqlite3
+from typing import Any
 
 import pamqp.encode
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,13 +66,41 @@ INCOMING = Properties(
 
 
 def test_stored_properties_are_the_delivery_s_with_its_carried_headers_and_id() -> None:
-    stored = stored_properties(INCOMING, HEADERS, "m2")
+    raw = INCOMING.encode()
+    stored = stored_properties(INCOMING, HEADERS, "m2", raw)
     back = Properties.decode(stored)
     assert back.headers == HEADERS  # types kept, binary values stay long strings of bytes
     assert back == INCOMING.copy(headers=HEADERS, message_id="m2", cluster_id=None)
     assert stored == back.encode()  # what a lane publishes, byte for byte
-    assert Properties.decode(stored_properties(INCOMING, {}, "m")).headers is None
+    assert Properties.decode(stored_properties(INCOMING, {}, "m", raw)).headers is None
     assert INCOMING.headers == {"x-delay": 5}  # the delivery itself is left as it came
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # only the headers change: the received bytes are spliced
+        {"message_id": None},  # an id is given to it
+        {"cluster_id": "old"},  # a deprecated field is dropped
+        {"content_type": ""},  # an empty string is not sent again
+        {"headers": None},
+    ],
+)
+def test_stored_properties_are_the_same_bytes_whichever_way_they_are_built(
+    changes: dict[str, Any],
+) -> None:
+    incoming = INCOMING.copy(**{"cluster_id": None, **changes})
+    # what the broker delivers: an empty string on the wire, which decodes as one
+    raw = incoming.encode() if incoming.content_type != "" else _with_empty_content_type(incoming)
+    decoded = Properties.decode(raw)
+    stored = stored_properties(decoded, HEADERS, "m", raw)
+    assert stored == decoded.copy(headers=HEADERS, message_id="m", cluster_id=None).encode()
+
+
+def _with_empty_content_type(props: Properties) -> bytes:
+    rest = props.copy(content_type=None).encode()
+    flags = int.from_bytes(rest[:2], "big") | 0x8000
+    return flags.to_bytes(2, "big") + b"\x00" + rest[2:]
 
 
 def test_a_version_2_row_reads_as_the_properties_it_was_stored_from() -> None:
@@ -288,9 +318,8 @@ def test_a_version_2_file_is_migrated_and_its_rows_publish_their_stored_properti
     try:
         assert store.db.migrated_from == 2
         new = _insert(3, 3000, "orders")
-        new.props = stored_properties(
-            Properties(message_id="m3", headers={"x-delay": 1}), {"k": b"\xff"}, "m3"
-        )
+        incoming = Properties(message_id="m3", headers={"x-delay": 1})
+        new.props = stored_properties(incoming, {"k": b"\xff"}, "m3", incoming.encode())
         store.db.run_sync(lambda c: _apply(store, c, [new]))
         reader = open_reader(store.path)
         try:
