@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -66,7 +65,7 @@ from bench.gateway.processes import (
 from bench.harness.broker import broker_info
 from bench.harness.procs import WorkerProcess, free_port
 from bench.harness.profiler import Profiler
-from bench.harness.report import emit, progress, unique
+from bench.harness.report import emit, interpreter, progress, unique
 from bench.harness.stats import median, rnd
 
 
@@ -84,7 +83,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "machine": {
             "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            "python": interpreter(),
             "rabbitmq": info["version"],
         },
     }
