@@ -41,6 +41,19 @@ _PROPERTIES = (
 )
 PROPERTY_NAMES = tuple(name for name, _, _ in _PROPERTIES)
 
+# property flags -> the (name, type) of each property they announce, in wire order: a
+# decode walks only the fields that are there (at most 2**14 combinations of the 14 bits)
+_FIELDS: dict[int, tuple[tuple[str, str], ...]] = {}
+
+
+def _fields(flags: int) -> tuple[tuple[str, str], ...]:
+    fields = _FIELDS.get(flags)
+    if fields is None:
+        fields = _FIELDS[flags] = tuple(
+            (name, kind) for name, kind, bit in _PROPERTIES if flags & bit
+        )
+    return fields
+
 
 class Properties:
     """Basic content properties. An attribute that is None (or ``""``, as pamqp) is not sent.
@@ -152,9 +165,7 @@ class Properties:
         props.delivery_mode = props.priority = props.correlation_id = props.reply_to = None
         props.expiration = props.message_id = props.timestamp = props.type = None
         props.user_id = props.app_id = props.cluster_id = props.error = None
-        for name, kind, bit in _PROPERTIES:
-            if not flags & bit:
-                continue
+        for name, kind in _FIELDS.get(flags & 0xFFFC) or _fields(flags & 0xFFFC):
             if kind == "shortstr":
                 end = pos + 1 + data[pos]
                 if end > n:
