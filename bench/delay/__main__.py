@@ -117,6 +117,13 @@ def cli() -> None:
         "commit), interleaved, and report the ratio",
     )
     parser.add_argument(
+        "--message-ids",
+        choices=("counter", "uuid"),
+        default="counter",
+        help="steady part: the messages' ids, 0, 1, 2... (default) or random UUIDs as most "
+        "producers send them (every store insert and delete on another index page)",
+    )
+    parser.add_argument(
         "--only",
         type=lambda v: [p for p in v.split(",") if p],
         default=list(PARTS),

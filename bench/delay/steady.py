@@ -51,7 +51,9 @@ async def steady_round(
                 "x-target-exchange": f"{tag}.{topics[i % 10]}",
                 "bench-due": now_ms() + delay_ms,
             }
-            return publisher.publish(in_exchange, "bench", BODY, _properties(i, headers))
+            return publisher.publish(
+                in_exchange, "bench", BODY, _properties(i, headers, args.message_ids)
+            )
 
         watch = _watch(group)
         cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
@@ -96,8 +98,12 @@ def _watch(group: ConsumerGroup) -> CpuWatch:
 BODY = b"x" * 100
 
 
-def _properties(i: int, headers: dict[str, Any]) -> Properties:
-    return Properties(headers=headers, message_id=f"{i}", delivery_mode=2)
+def _properties(i: int, headers: dict[str, Any], ids: str = "counter") -> Properties:
+    """``ids``: ``counter`` (0, 1, 2...: the store's message_id index grows at one end and
+    shrinks at the other) or ``uuid`` (random, as most producers send them: every insert
+    and delete lands on another page of that index)."""
+    message_id = uuid.uuid4().hex if ids == "uuid" else f"{i}"
+    return Properties(headers=headers, message_id=message_id, delivery_mode=2)
 
 
 async def _publish_at(rate: int, n: int, one: Callable[[int], asyncio.Future[None]]) -> float:
@@ -191,6 +197,7 @@ async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             )
     out: dict[str, Any] = {
         "rate_per_s": rate,
+        "message_ids": args.message_ids,
         "publish_seconds": seconds,
         "rounds": rounds,
         "floor": floor,
