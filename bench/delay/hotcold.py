@@ -131,7 +131,7 @@ async def run_plugin(tag: str, schedule: list[tuple[str, int]], lead_ms: int) ->
         start = now_ms() + lead_ms
         last_due = start + max(o for _, o in schedule)
         for group in consumers:
-            await group.start(deadline=last_due / 1000 + 120)
+            await group.start(deadline=last_due / 1000 + 120, report_after=last_due / 1000 + 1)
         ex = await channel.declare_exchange(
             plugin, "x-delayed-message", durable=True, arguments={"x-delayed-type": "direct"}
         )

@@ -67,7 +67,7 @@ async def run_schedule(
         start = now_ms() + lead_ms
         last_due = start + max(o for _, o in schedule)
         for group in consumers:
-            await group.start(deadline=last_due / 1000 + settle_s)
+            await group.start(deadline=last_due / 1000 + settle_s, report_after=last_due / 1000 + 1)
         messages = []
         for i, (topic, offset) in enumerate(schedule):
             due = start + offset
