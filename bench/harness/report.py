@@ -40,13 +40,9 @@ def emit(doc: Any) -> None:
 
 def interpreter() -> dict[str, Any]:
     """The Python that ran the benchmark and the workers it started (they run on
-    ``sys.executable``): CPU per operation depends on how it was built. Seen on the
-    project's 2-core machine: pyenv's 3.11.7 (configured without ``--enable-optimizations``
-    or ``--with-lto``, libpython a shared library) ran the frame code's microbenchmarks
-    22-25 % slower than Debian's ``python3.11`` (profile-guided optimisation and LTO,
-    libpython linked in; Debian does not record them in ``sysconfig``), and the delay worker
-    with about 8 % more CPU per message. The official ``python`` images of the Dockerfile
-    are built with both."""
+    ``sys.executable``): CPU per operation depends on how it was built (profile-guided
+    optimisation, LTO, a shared libpython; what that made of the delay worker on this
+    project's machine: docs/delay.md, "Interpreter")."""
     try:
         with open("/proc/self/maps") as maps:
             shared = any("libpython" in line for line in maps)

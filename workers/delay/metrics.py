@@ -89,9 +89,8 @@ def top_and_other(counts: dict[str, int], n: int) -> list[tuple[str, int]]:
 class BatchHistogram(Collector):
     """A histogram with one label, observed a batch at a time: per series a plain list of
     bucket counts and the sum, no lock per value (prometheus_client's ``Histogram`` takes
-    two per observation; the lanes observe every delivered message). Observed on the
-    worker's loop only; a scrape copies each series first, so its buckets, count and sum
-    are one consistent snapshot."""
+    two per observation; the lanes observe every delivered message). Observed and
+    scraped on the worker's loop only, so a scrape never sees half a batch."""
 
     def __init__(self, name: str, documentation: str, label: str, buckets: Iterable[float]):
         self.name = name
@@ -120,13 +119,12 @@ class BatchHistogram(Collector):
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
-        for value, series in list(self._series.items()):
-            snapshot = list(series)
+        for value, series in self._series.items():
             cumulative, buckets = 0.0, []
-            for le, count in zip(self._les, snapshot, strict=False):
+            for le, count in zip(self._les, series, strict=False):  # the sum is left out
                 cumulative += count
                 buckets.append((le, cumulative))
-            family.add_metric([value], buckets, sum_value=snapshot[-1])
+            family.add_metric([value], buckets, sum_value=series[-1])
         yield family
 
 

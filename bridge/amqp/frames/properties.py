@@ -41,6 +41,10 @@ _PROPERTIES = (
 )
 PROPERTY_NAMES = tuple(name for name, _, _ in _PROPERTIES)
 
+# the flag bits of the short strings before the headers table, and the table's own
+_BEFORE_HEADERS = tuple(bit for name, _, bit in _PROPERTIES[: PROPERTY_NAMES.index("headers")])
+_HEADERS_BIT = _PROPERTIES[PROPERTY_NAMES.index("headers")][2]
+
 # property flags -> the (name, type) of each property they announce, in wire order: a
 # decode walks only the fields that are there (at most 2**14 combinations of the 14 bits)
 _FIELDS: dict[int, tuple[tuple[str, str], ...]] = {}
@@ -214,17 +218,16 @@ def replace_headers(raw: bytes, headers: dict[str, Any] | None) -> bytes | None:
     if flags & 1:
         return None
     pos = 2
-    if flags & 0x8000:  # content_type
-        pos += 1 + raw[pos]
-    if flags & 0x4000:  # content_encoding
-        pos += 1 + raw[pos]
+    for bit in _BEFORE_HEADERS:  # content_type, content_encoding: short strings
+        if flags & bit:
+            pos += 1 + raw[pos]
     start = pos
-    if flags & 0x2000:
+    if flags & _HEADERS_BIT:
         pos += 4 + _unpack_u32(raw, pos)[0]
     if headers:
         try:
             table = encode_table(headers)
         except (EncodeError, struct.error, TypeError, AttributeError) as exc:
             raise EncodeError(f"property headers: {exc}") from exc
-        return _U16.pack(flags | 0x2000) + raw[2:start] + table + raw[pos:]
-    return _U16.pack(flags & ~0x2000) + raw[2:start] + raw[pos:]
+        return _U16.pack(flags | _HEADERS_BIT) + raw[2:start] + table + raw[pos:]
+    return _U16.pack(flags & ~_HEADERS_BIT) + raw[2:start] + raw[pos:]
