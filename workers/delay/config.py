@@ -114,6 +114,14 @@ class DelaySettings(ShardFields, BaseSettings):
         ge=1,
         description="memory bound: most pending messages held in memory at once",
     )
+    window_content_mb: float = Field(
+        default=32.0,
+        ge=0,
+        description="memory bound: MiB of message content (properties, body and ~200 bytes "
+        "of bookkeeping each) the window keeps for messages accepted when already due within "
+        "WINDOW_MS, so their lane publishes them without reading them back from the store; "
+        "beyond it (and for what the loader brings in) the lane reads the store",
+    )
     load_chunk: int = Field(default=20_000, ge=1, description="rows read per loader step")
     load_interval_s: float = Field(
         default=0.5, gt=0, description="how often the loader checks whether to refill"

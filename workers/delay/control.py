@@ -117,7 +117,10 @@ class ControlServer:
     async def _cancel(self, request: wire.Cancel) -> dict[str, Any]:
         ledger = self.ledger
         store, scheduler, committer = ledger.store, ledger.scheduler, ledger.committer
-        await committer.barrier()  # messages consumed before this request are stored
+        # Messages consumed before this request are stored, and in the window if they are
+        # due soon (their commits' waiters have run): one admitted later than this look
+        # would be sent although its row is cancelled.
+        await ledger.commit_now()
         rows = await store.read(DelayStore.select, request.by, request.value)
         doomed: list[tuple[int, str]] = []
         in_flight = False

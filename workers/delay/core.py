@@ -1,16 +1,15 @@
 """Pure core of the ``delay`` worker: which topic sends next.
 
 ``Scheduler`` holds the near-term window of pending messages and hands out sender lanes.
-The topic of a message is its target exchange. A topic holds at most one lane at a time, for
-at most ``batch`` messages, and idle lanes go round-robin to topics with due messages, so
-100,000 messages due at once on one topic cannot make another topic's message late (seed 004).
+A topic (the adapter's business topic) holds at most one lane at a time, for at most
+``batch`` messages; idle lanes go round-robin to topics with due messages, so 100,000 due at
+once on one topic cannot make another topic's message late (seed 004).
 A lane's turn may carry several topics' small batches together, up to ``pack`` messages in
 all (one socket write for all of them instead of one per topic; each batch is completed
 on its own); a topic is still on one lane at a time, in order.
 
-Time comes in as integer epoch milliseconds. No I/O: the adapters own the SQLite store and
-the AMQP channels; they feed events in (``add``, ``remove``, ``complete``) and act on the
-decisions that come out (``Assignment``, replaced entries).
+Time is integer epoch milliseconds. No I/O: the adapters own the store and the channels,
+feed events in (``add``, ``remove``, ``complete``) and act on what comes out.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ from typing import Literal
 class Entry:
     """One pending message in the window. ``mid`` is the store rowid, increasing with arrival.
 
+    ``content`` is the adapter's (the stored message, if kept in memory); the scheduler adds
+    up the ``content_bytes`` of what it holds (:attr:`Scheduler.content_bytes`).
+
     Once added, an entry belongs to the scheduler: changing its fields would orphan it.
     """
 
@@ -33,6 +35,8 @@ class Entry:
     topic: str
     due_ms: int
     key: str | None = None
+    content: object = None
+    content_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,7 @@ class Scheduler:
         # key -> every mid held with that key (pending, in flight, or retried after a newer
         # same-key message took the key), so the adapter knows which stored rows to spare.
         self._by_key: dict[str, set[int]] = {}
+        self.content_bytes = 0  # of the entries held (pending and in flight)
 
     # ---- events
 
@@ -133,6 +138,7 @@ class Scheduler:
             self._keyed[entry.key] = entry.mid
             self._by_key.setdefault(entry.key, set()).add(entry.mid)
         self._entries[entry.mid] = entry
+        self.content_bytes += entry.content_bytes
         topic = self._topics.get(entry.topic)
         if topic is None:
             topic = self._topics[entry.topic] = _Topic(entry.topic)
@@ -244,6 +250,7 @@ class Scheduler:
         for mid in done:
             del self._flight[mid]
             entry = self._entries.pop(mid)
+            self.content_bytes -= entry.content_bytes
             if entry.key is not None:
                 self._unfly_key(entry.key, mid)
                 self._unkey(entry.key, mid)
@@ -458,6 +465,7 @@ class Scheduler:
 
     def _drop_pending(self, entry: Entry) -> None:
         del self._entries[entry.mid]
+        self.content_bytes -= entry.content_bytes
         if entry.key is not None:
             if self._keyed.get(entry.key) == entry.mid:
                 del self._keyed[entry.key]

@@ -239,12 +239,22 @@ class Lane:
         """Every batch of a turn, concurrently (each topic in its own order). Each batch
         is reported as soon as its own outcomes are in: a topic whose confirms came back
         does not wait for another topic's (the broker confirms per queue)."""
-        rows: dict[int, StoredMessage] | None = None
+        found: dict[int, StoredMessage] = {}
+        unread: list[int] = []
+        for a in turn:
+            for e in a.entries:
+                content = e.content
+                if isinstance(content, StoredMessage):  # kept since the ingress stored it
+                    found[e.mid] = content
+                else:
+                    unread.append(e.mid)
+        rows: dict[int, StoredMessage] | None = found
         error = None
-        try:
-            rows = fetch_messages(reader, [e.mid for a in turn for e in a.entries])
-        except sqlite3.Error as exc:
-            error = f"store read failed: {exc}"
+        if unread:
+            try:
+                found.update(fetch_messages(reader, unread))
+            except sqlite3.Error as exc:
+                rows, error = None, f"store read failed: {exc}"
         if len(turn) == 1:  # the common case under a light load: no task
             await self._run_and_report(turn[0], rows, error)
             return

@@ -10,7 +10,8 @@ Order of effects, which is what makes a ``kill -9`` safe:
   ``message_id`` (at-least-once);
 - the window (:class:`~workers.delay.core.Scheduler`) holds hints ``(mid, topic, due, key)``
   for the near-term only; the row in SQLite is the truth, and a lane skips a hint whose row
-  is gone.
+  is gone. A hint admitted by the ingress may carry its committed row (see :meth:`admit`):
+  rows never change, and a row is deleted only after its hint left the window.
 
 Everything here runs on the worker's event loop, except :meth:`Ledger.admit_extra` (the
 store's writer thread asks it during a commit).
@@ -27,7 +28,11 @@ from typing import Any
 from bridge.store import GroupCommitter
 from workers.delay.config import DelaySettings
 from workers.delay.core import Entry, Scheduler
-from workers.delay.store import DelayStore, Delete, Op
+from workers.delay.store import DelayStore, Delete, Op, StoredMessage
+
+# What a window entry's kept content costs beyond its properties and body (the entry's
+# fields and the row object), counted against WINDOW_CONTENT_MB.
+CONTENT_OVERHEAD = 200
 
 
 def now_ms() -> int:
@@ -76,6 +81,7 @@ class Ledger:
         self._on_commit_seconds = on_commit_seconds
         # A message due now may enter a window capped by a backlog, up to this many extra.
         self._extra_cap = s.window_max_entries + max(1000, s.window_max_entries // 10)
+        self._content_cap = int(s.window_content_mb * 1024 * 1024)
         store.admit_extra = self.admit_extra
         self.committer: GroupCommitter[Op] = GroupCommitter(
             store.db, self._take, store.apply, on_commit=self._on_commit
@@ -195,12 +201,31 @@ class Ledger:
 
     # -- the window --------------------------------------------------------------------
 
-    def admit(self, mid: int, due_ms: int, topic: str, key: str | None) -> None:
-        """Put a stored message into the window (unless it is there or being deleted)."""
+    def admit(
+        self,
+        mid: int,
+        due_ms: int,
+        topic: str,
+        key: str | None,
+        content: StoredMessage | None = None,
+    ) -> None:
+        """Put a stored message into the window (unless it is there or being deleted).
+
+        ``content``: the committed row itself (the ingress has it in hand), kept with the
+        entry while the window's content stays within ``WINDOW_CONTENT_MB``; its lane then
+        publishes it without a store read. That is safe because a row is never changed, and
+        every delete of a row removes its entry from the window first (cancel, replace by
+        key), or comes after its lane sent it."""
         scheduler = self.scheduler
         if mid in scheduler or mid in self.deleting:
             return
-        replaced = scheduler.add(Entry(mid, self._topics.setdefault(topic, topic), due_ms, key))
+        entry = Entry(mid, self._topics.setdefault(topic, topic), due_ms, key)
+        if content is not None:
+            size = CONTENT_OVERHEAD + len(content.properties) + len(content.body)
+            if scheduler.content_bytes + size <= self._content_cap:
+                entry.content = content
+                entry.content_bytes = size
+        replaced = scheduler.add(entry)
         if replaced is not None:  # a same-key race; the row may already be gone
             self._journal.append(Delete([(replaced.mid, replaced.topic)]))
             self.commit_soon()

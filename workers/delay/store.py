@@ -154,6 +154,17 @@ class Insert:
     exchange: str | None = None  # the target exchange when it is not ``topic``
     in_window: bool = False
 
+    def stored(self) -> StoredMessage:
+        """The row as a lane reads it back (:func:`fetch_messages`)."""
+        return StoredMessage(
+            self.mid,
+            self.topic if self.exchange is None else self.exchange,
+            self.routing_key,
+            self.message_id,
+            self.props,
+            self.body,
+        )
+
     def row(self) -> tuple[Any, ...]:
         return (
             self.mid,

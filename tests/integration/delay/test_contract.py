@@ -257,6 +257,33 @@ async def test_cancel_by_message_id_and_key_and_replace_by_key(broker_url, amqp,
         assert (await client.counts())["total"] == 0
 
 
+async def test_cancel_while_the_message_waits_for_its_commit(broker_url, amqp, tmp_path, unique):
+    """A cancel that finds a message stored before the ingress's shared commit has put it
+    into the window (its waiters run when the linger ends): the cancel waits for them, so the
+    message is taken out of the window and never sent (the window keeps the row it was
+    stored with: an entry admitted after the cancel's look would be sent)."""
+    s = delay_settings(unique, ingress_commit_linger_ms=400)
+    sink = await make_sink(amqp, unique, "cancel-early")
+    async with delay_worker(
+        broker_url, tmp_path, s, amqp, exchanges=[sink.exchange], queues=[sink.queue]
+    ) as (worker, client):
+        await client.send(b"a", sink.exchange, delay_ms=1000, message_id="early")
+        channel = await amqp.channel()
+        for _ in range(100):  # consumed (unacknowledged: the commit lingers)
+            declared = await channel.declare_queue(s.in_queue, passive=True)
+            if declared.declaration_result.message_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert len(worker.scheduler) == 0, "admitted already: the race is not exercised"
+        assert await client.cancel(message_id="early") == {"cancelled": True, "count": 1}
+        await client.send(b"b", sink.exchange, delay_ms=1000, message_id="after")
+        got = await sink.wait_for(1, timeout=10)
+        await asyncio.sleep(0.3)
+        assert [r.message.message_id for r in got] == ["after"]
+        await channel.close()
+
+
 async def test_replace_by_key_outside_the_memory_window(broker_url, amqp, tmp_path, unique):
     # A tiny window: the first message is only in SQLite when its replacement arrives.
     s = delay_settings(unique, window_ms=100, window_max_entries=5)

@@ -294,13 +294,15 @@ def test_replacement_by_key(state: str, replaced: bool) -> None:
 
 def test_replacement_across_topics_and_out_of_order() -> None:
     s = _sched()
-    old = Entry(5, "a", 10, key="k")
+    old = Entry(5, "a", 10, key="k", content_bytes=100)
     s.add(old)
-    late = Entry(3, "b", 10, key="k")
+    late = Entry(3, "b", 10, key="k", content_bytes=10)
     assert s.add(late) is late, "an older message loses to a newer one already here"
     assert len(s) == 1
-    newer = Entry(9, "b", 20, key="k")
+    assert s.content_bytes == 100, "the loser's content is not counted"
+    newer = Entry(9, "b", 20, key="k", content_bytes=1)
     assert s.add(newer) is old
+    assert s.content_bytes == 1
     assert s.counts() == {"b": (1, 20)}
     assert _shape(s.assign(20)) == [(0, "b", [9])]
 
@@ -541,9 +543,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         topic=st.sampled_from(TOPICS),
         offset=st.integers(0, 40),
         key=st.none() | st.sampled_from(KEYS),
+        content_bytes=st.integers(0, 500),
     )
-    def add(self, topic: str, offset: int, key: str | None) -> None:
-        entry = Entry(self.next_mid, topic, self.now + offset, key)
+    def add(self, topic: str, offset: int, key: str | None, content_bytes: int) -> None:
+        entry = Entry(self.next_mid, topic, self.now + offset, key, content_bytes=content_bytes)
         self.next_mid += 1
         self.mids.append(entry.mid)
         got = self.s.add(entry)
@@ -684,6 +687,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "s"):
             return
         assert len(self.s) == len(self.entries)
+        # the content the window keeps is counted exactly, however entries leave
+        assert self.s.content_bytes == sum(e.content_bytes for e in self.entries.values())
         assert self.s.busy_lanes() == set(self.lanes)
         for lane, batches in self.lanes.items():
             for topic, _ in batches:

@@ -106,3 +106,51 @@ async def test_commit_now_returns_after_the_waiters_of_a_lingering_commit_ran(tm
     finally:
         await ledger.committer.close()
         store.close()
+
+
+async def test_admitted_content_is_kept_within_its_budget_and_counted_until_it_leaves(
+    tmp_path,
+) -> None:
+    """A row the ingress has in hand rides with its window entry while the window's
+    content stays within WINDOW_CONTENT_MB; past it, entries are plain hints (their lane
+    reads the store). What leaves the window gives its budget back."""
+    from workers.delay.ledger import CONTENT_OVERHEAD
+
+    body = b"x" * 1000
+    each = CONTENT_OVERHEAD + 2 + len(body)
+    settings = DelaySettings(window_content_mb=(2.5 * each) / (1024 * 1024))
+    store = DelayStore(tmp_path)
+    ledger = Ledger(store, settings, next_mid=1, topic_counts={}, on_commit_seconds=lambda s: None)
+    scheduler = ledger.scheduler
+    ops = [Insert(mid, 1000, "t", "rk", None, f"m{mid}", b"\x00\x00", body) for mid in (1, 2, 3)]
+    for op in ops:
+        ledger.admit(op.mid, op.due_ms, op.topic, op.key, op.stored())
+    kept = [scheduler.entry(op.mid).content for op in ops]
+    assert kept[0] == ops[0].stored() and kept[1] == ops[1].stored()
+    assert kept[2] is None, "beyond the budget the entry is a hint"
+    assert scheduler.content_bytes == 2 * each
+
+    (a,) = scheduler.assign(2000)
+    scheduler.complete(a.lane, [e.mid for e in a.entries])
+    assert scheduler.content_bytes == 0
+    store.close()
+
+
+def test_a_row_read_back_from_the_window_is_the_row_the_store_returns(tmp_path) -> None:
+    """Insert.stored() is what fetch_messages reads for the same row: the target exchange
+    (the topic when it is not stored apart, and the default exchange "" kept as such)."""
+    from workers.delay.store import fetch_messages, open_reader
+
+    store = DelayStore(tmp_path)
+    ops = [
+        Insert(1, 1000, "t", "rk", None, "m1", b"\x00\x00", b"a"),
+        Insert(2, 1000, "tenant-a", "rk", None, None, b"\x00\x00", b"b", exchange="orders"),
+        Insert(3, 1000, "tenant-b", "q", None, "m3", b"\x00\x00", b"", exchange=""),
+    ]
+    store.db.run_sync(lambda c: store.apply(c, ops))
+    reader = open_reader(store.path)
+    try:
+        assert fetch_messages(reader, [1, 2, 3]) == {op.mid: op.stored() for op in ops}
+    finally:
+        reader.close()
+        store.close()
