@@ -124,6 +124,20 @@ def cli() -> None:
         "producers send them (every store insert and delete on another index page)",
     )
     parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="steady part with --against: run both checkouts' rounds at the same time (each "
+        "its own publisher, consumers and rate), so both see the same machine",
+    )
+    parser.add_argument(
+        "--stored",
+        type=int,
+        default=0,
+        help="steady part: messages already stored (due hours ahead, beyond the window) "
+        "when each round's worker starts, written straight into its SQLite file; their ids "
+        "follow --message-ids (m0, m1... or UUIDs)",
+    )
+    parser.add_argument(
         "--only",
         type=lambda v: [p for p in v.split(",") if p],
         default=list(PARTS),

@@ -18,8 +18,11 @@ from bridge.amqp.frames import Properties
 from workers.delay.store import SCHEMA, SCHEMA_VERSION
 
 
-def bulk_store(path: Path, n: int, *, first_due: int, spread_ms: int) -> float:
-    """Write ``n`` pending rows straight into a delay store file (bench-only fast path)."""
+def bulk_store(
+    path: Path, n: int, *, first_due: int, spread_ms: int, uuid_ids: bool = False
+) -> float:
+    """Write ``n`` pending rows straight into a delay store file (bench-only fast path);
+    message ids ``m0``, ``m1``... or random UUIDs (``uuid_ids``)."""
     started = time.perf_counter()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -43,7 +46,7 @@ def bulk_store(path: Path, n: int, *, first_due: int, spread_ms: int) -> float:
                 f"topic{i % 100}",
                 "bench",
                 None,
-                f"m{i}",
+                uuid.uuid4().hex if uuid_ids else f"m{i}",
                 props,
                 body,
             )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.delay.scale import bulk_store
 from bench.delay.traffic import Arrivals, ConsumerGroup
 from bench.delay.worker import Worker, delete_worker_names, now_ms, summary
 from bench.harness.broker import broker_info_cached, delete_names
@@ -35,6 +36,20 @@ async def steady_round(
     delay_ms = 1000
     topics = [f"t{i}" for i in range(10)]
     tag = f"bs-{uuid.uuid4().hex[:6]}"
+    stored: dict[str, Any] = {}
+    if args.stored:
+        # Written before the worker starts, due from 2 h ahead over 2 h: beyond the window,
+        # so they only weigh on the store (its indexes, its page cache) while the round runs.
+        (tmp / tag / "delay").mkdir(parents=True)
+        path = tmp / tag / "delay" / "delay.sqlite3"
+        bulk_s = bulk_store(
+            path,
+            args.stored,
+            first_due=now_ms() + 7_200_000,
+            spread_ms=7_200_000,
+            uuid_ids=args.message_ids == "uuid",
+        )
+        stored = {"stored_before": args.stored, "bulk_insert_s": round(bulk_s, 1)}
     worker = Worker(tag, tmp / tag, tree=tree).start()
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
@@ -66,6 +81,7 @@ async def steady_round(
         late = list(arrivals.late.values())
         return {
             "tree": str(tree) if tree else "this checkout",
+            **stored,
             "published_per_s": round(n / publish_s, 1),
             "delivered": len(late),
             "expected": n,
@@ -185,19 +201,29 @@ async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             f"  floor p99 {floor[-1]['end_to_end']['p99_ms']} ms, "
             f"delivered {floor[-1]['delivered']}/{floor[-1]['expected']}"
         )
+        if args.side_by_side and args.against is not None:
+            # Both checkouts at once, each with its own publisher, consumers and rate: the
+            # machine's speed, which drifts by +-15 % between rounds, is the same for both.
+            progress(f"steady round {r}: {rate}/s each for {seconds:g} s, side by side")
+            both = await asyncio.gather(
+                steady_round(args, tmp, None, rate, seconds),
+                steady_round(args, tmp, args.against, rate, seconds),
+            )
+            for name, res in zip(("worker", "against"), both, strict=True):
+                rounds[name].append(res)
+                _report_round(name, res)
+            continue
         for name, tree in (("worker", None), ("against", args.against)):
             if name == "against" and tree is None:
                 continue
             progress(f"steady round {r}: {rate}/s for {seconds:g} s, x-delay 1 s, {name}")
             rounds[name].append(await steady_round(args, tmp, tree, rate, seconds))
-            res = rounds[name][-1]
-            progress(
-                f"  cpu {res['worker_cpu_us_per_message']} us/msg, p99 "
-                f"{res['end_to_end']['p99_ms']} ms, delivered {res['delivered']}/{res['expected']}"
-            )
+            _report_round(name, rounds[name][-1])
     out: dict[str, Any] = {
         "rate_per_s": rate,
+        "side_by_side": bool(args.side_by_side and args.against is not None),
         "message_ids": args.message_ids,
+        "stored_before_each_round": args.stored,
         "publish_seconds": seconds,
         "rounds": rounds,
         "floor": floor,
@@ -224,3 +250,10 @@ async def bench_steady(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             2,
         )
     return out
+
+
+def _report_round(name: str, res: dict[str, Any]) -> None:
+    progress(
+        f"  {name}: cpu {res['worker_cpu_us_per_message']} us/msg, p99 "
+        f"{res['end_to_end']['p99_ms']} ms, delivered {res['delivered']}/{res['expected']}"
+    )
