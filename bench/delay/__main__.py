@@ -130,6 +130,13 @@ def cli() -> None:
         "its own publisher, consumers and rate), so both see the same machine",
     )
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="steady part: run this checkout's worker under bench.delay.parts and report "
+        "the CPU time of its parts per message (thread CPU time around its callbacks and "
+        "task steps; the measuring adds its own cost: not for comparing CPU per message)",
+    )
+    parser.add_argument(
         "--stored",
         type=int,
         default=0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
@@ -50,7 +51,8 @@ async def steady_round(
             uuid_ids=args.message_ids == "uuid",
         )
         stored = {"stored_before": args.stored, "bulk_insert_s": round(bulk_s, 1)}
-    worker = Worker(tag, tmp / tag, tree=tree).start()
+    parts = tmp / f"{tag}.parts.json" if args.parts and tree is None else None
+    worker = Worker(tag, tmp / tag, tree=tree, parts=parts).start()
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
     link = Link(broker_url(), name="bench publisher")
@@ -79,7 +81,7 @@ async def steady_round(
         machine = watch.stop()
         cpu = worker.cpu_seconds() - cpu0
         late = list(arrivals.late.values())
-        return {
+        result = {
             "tree": str(tree) if tree else "this checkout",
             **stored,
             "published_per_s": round(n / publish_s, 1),
@@ -98,6 +100,9 @@ async def steady_round(
         await link.close()
         worker.stop()
         await delete_worker_names(worker, topics)
+    if parts is not None:  # written by the worker as it stopped
+        result["parts"] = json.loads(parts.read_text()) if parts.exists() else None
+    return result
 
 
 def _watch(group: ConsumerGroup) -> CpuWatch:

@@ -116,8 +116,17 @@ def broker_pid() -> int | None:
 class Worker:
     """``rabbitmq-bridge run delay`` as a subprocess with its own names and state directory."""
 
-    def __init__(self, tag: str, state: Path, tree: Path | None = None, **settings: Any) -> None:
-        """``tree``: run another checkout's code (a git worktree of an earlier commit)."""
+    def __init__(
+        self,
+        tag: str,
+        state: Path,
+        tree: Path | None = None,
+        parts: Path | None = None,
+        **settings: Any,
+    ) -> None:
+        """``tree``: run another checkout's code (a git worktree of an earlier commit);
+        ``parts``: run it under :mod:`bench.delay.parts`, which writes the CPU time of its
+        parts to that file when it stops (this checkout's code only)."""
         self.tag = tag
         self.state = state
         self.names = {
@@ -129,8 +138,16 @@ class Worker:
             "control_queue": f"{tag}.control",
         }
         env = {f"BRIDGE_DELAY__{k.upper()}": str(v) for k, v in {**self.names, **settings}.items()}
+        env["BRIDGE_LOG_LEVEL"] = "WARNING"
+        if parts is not None:
+            assert tree is None, "parts are measured in this checkout only"
+            env["BENCH_PARTS_OUT"] = str(parts)
         self.process = WorkerProcess(
-            ["delay"], state_dir=state, env={"BRIDGE_LOG_LEVEL": "WARNING", **env}, tree=tree
+            ["delay"],
+            state_dir=state,
+            env=env,
+            tree=tree,
+            module="bridge.cli" if parts is None else "bench.delay.parts",
         )
         self.ready_s: float | None = None
 

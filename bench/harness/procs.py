@@ -53,11 +53,14 @@ class WorkerProcess:
         broker_url: str | None = None,
         log: Path | None = None,
         tree: Path | None = None,
+        module: str = "bridge.cli",
     ) -> None:
         """``env`` goes last (it may override any variable set here); ``log`` defaults to
         ``state_dir/worker.log``; ``tree``: run the code of another checkout (a git worktree
-        of an earlier commit, for a side-by-side comparison in the same run)."""
+        of an earlier commit, for a side-by-side comparison in the same run); ``module``:
+        what ``python -m`` runs (a measuring wrapper of ``bridge.cli``, for example)."""
         self.workers = workers
+        self.module = module
         self.state_dir = state_dir
         self.tree = tree
         self.port = free_port()
@@ -90,7 +93,7 @@ class WorkerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "run", *self.workers],
+                [sys.executable, "-m", self.module, "run", *self.workers],
                 env=self.env,
                 cwd=self.tree,
                 stdout=out,
