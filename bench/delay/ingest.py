@@ -12,7 +12,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.delay.traffic import publish_all
+from bench.delay.traffic import bench_publisher, publish_all
 from bench.delay.worker import Worker, broker_pid, now_ms, stored
 from bench.harness.broker import delete_names
 from bench.harness.cpu import cpu_seconds
@@ -22,10 +22,10 @@ from bench.harness.report import broker_url, progress
 async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = 5_000 if args.quick else 30_000
     tag = f"bd-{uuid.uuid4().hex[:6]}"
-    conn = await aio_pika.connect_robust(broker_url())
+    conn = await aio_pika.connect_robust(broker_url())  # topology only
     out: dict[str, Any] = {"messages": n, "publish_window": 500, "body_bytes": 100}
     try:
-        channel = await conn.channel(publisher_confirms=True)
+        channel = await conn.channel()
         far = now_ms() + 3_600_000
         messages = [
             ({"x-deliver-at": far, "x-target-exchange": f"{tag}.t", "bench-due": far}, f"m{i}")
@@ -54,7 +54,8 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await queue.bind(plain, "#")
             progress(f"ingest: plain confirmed publish into a quorum queue, round {round_ + 1}")
             b0, p0 = (cpu_seconds(broker) if broker else 0.0), cpu_seconds(me)
-            baseline_rates.append(round(await publish_all(channel, q, messages), 0))
+            async with bench_publisher(500) as publisher:
+                baseline_rates.append(round(await publish_all(publisher, q, messages), 0))
             charge("plain", "producer", cpu_seconds(me) - p0)
             if broker:
                 charge("plain", "broker", cpu_seconds(broker) - b0)
@@ -66,7 +67,10 @@ async def bench_ingest(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 cpu0 = worker.cpu_seconds()
                 b0, p0 = (cpu_seconds(broker) if broker else 0.0), cpu_seconds(me)
                 started = time.perf_counter()
-                publish_rate = await publish_all(channel, worker.names["in_exchange"], messages)
+                async with bench_publisher(500) as publisher:
+                    publish_rate = await publish_all(
+                        publisher, worker.names["in_exchange"], messages
+                    )
                 done = await stored(worker, n, 300)
                 elapsed = done - started
                 charge("worker", "producer", cpu_seconds(me) - p0)

@@ -11,9 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
-from bench.delay.traffic import Arrivals, ConsumerGroup, publish_all
+from bench.delay.traffic import Arrivals, ConsumerGroup, bench_publisher, publish_all
 from bench.delay.worker import (
     NoiseProbe,
     Worker,
@@ -25,7 +23,7 @@ from bench.delay.worker import (
     summary,
 )
 from bench.harness.cpu import cpu_seconds
-from bench.harness.report import broker_url, progress
+from bench.harness.report import progress
 
 
 async def run_schedule(
@@ -50,7 +48,6 @@ async def run_schedule(
     worker = Worker(tag, state, lanes=lanes, **settings).start()
     if on_started is not None:
         on_started(worker.pid)
-    conn = await aio_pika.connect_robust(broker_url())
     topics = sorted({t for t, _ in schedule})
     per_topic: dict[str, int] = {}
     for topic, _ in schedule:
@@ -63,7 +60,6 @@ async def run_schedule(
     ]
     arrivals = Arrivals()
     try:
-        channel = await conn.channel(publisher_confirms=True)
         start = now_ms() + lead_ms
         last_due = start + max(o for _, o in schedule)
         for group in consumers:
@@ -83,7 +79,8 @@ async def run_schedule(
                     f"{topic}-{i}",
                 )
             )
-        await publish_all(channel, worker.names["in_exchange"], messages)
+        async with bench_publisher(500) as publisher:
+            await publish_all(publisher, worker.names["in_exchange"], messages)
         await stored(worker, len(messages), 600)
         slack = start - now_ms()
         progress(f"  {len(messages)} stored {slack} ms before the first falls due")
@@ -127,7 +124,6 @@ async def run_schedule(
     finally:
         for group in consumers:
             group.kill()
-        await conn.close()
         worker.stop()
         await delete_worker_names(worker, topics)
 
