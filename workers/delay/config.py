@@ -174,11 +174,18 @@ class DelaySettings(ShardFields, BaseSettings):
     ingress_commit_linger_ms: float = Field(
         default=10.0,
         ge=0,
-        description="how long an ingress delivery may wait for others to share its commit "
-        "(its acknowledgement waits for that commit)",
+        description="how long an ingress delivery due soon may wait for others to share its "
+        "commit (its acknowledgement, and its entering the window, wait for that commit)",
+    )
+    ingress_commit_linger_max_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="how long an ingress delivery due later may wait for its commit: a "
+        "twentieth of the time until it is due, at least INGRESS_COMMIT_LINGER_MS and at most "
+        "this; a commit is asked for at once when PREFETCH / 4 deliveries wait for it",
     )
     delete_commit_delay_ms: float = Field(
-        default=20.0,
+        default=100.0,
         ge=0,
         description="how long deletes of confirmed messages may wait to share a commit; a "
         "crash within this time re-publishes them (at-least-once, same message_id)",

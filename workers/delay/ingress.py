@@ -24,7 +24,7 @@ from bridge.amqp.publisher import UNENCODABLE, Publisher
 from bridge.errors import PublishFailed
 from bridge.sharding import Shard, chx_header_bucket, header_hash_typed, shard_queue
 from workers.delay.config import DelaySettings
-from workers.delay.ledger import Ledger, now_ms
+from workers.delay.ledger import Ledger, ingress_linger_ms, now_ms
 from workers.delay.shards import H_FORWARDED_FROM, digest_id, forwarded_headers
 from workers.delay.store import Insert, KeyDelete, stored_properties
 from workers.delay.wire import (
@@ -88,11 +88,12 @@ class Ingress:
         assert consumer is not None
         properties = delivered.properties
         headers = properties.headers
+        now = now_ms()
         if properties.error:
             decision: Any = Reject(INVALID_HEADERS, f"not decodable: {properties.error}")
         else:
             decision = parse_ingress(
-                headers, now_ms(), horizon_ms=s.horizon_ms, default_target=s.default_target
+                headers, now, horizon_ms=s.horizon_ms, default_target=s.default_target
             )
         if isinstance(decision, Reject):
             self.received.labels("rejected").inc()
@@ -138,7 +139,8 @@ class Ingress:
             body=delivered.body,
         )
         ledger.append(op)
-        commit = ledger.stored()
+        waiting = len(self._waiting) if self._commit is not None else 0
+        commit = ledger.stored(ingress_linger_ms(s, decision.due_ms - now, waiting))
         if commit is not self._commit:
             self._commit, self._waiting = commit, []
             commit.add_done_callback(functools.partial(self._stored, self._waiting))

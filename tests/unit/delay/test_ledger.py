@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from workers.delay.config import DelaySettings
-from workers.delay.ledger import Ledger
+from workers.delay.ledger import Ledger, ingress_linger_ms
 from workers.delay.store import DelayStore, Insert
 
 
@@ -30,14 +30,16 @@ async def test_deletes_and_ingress_share_one_commit(tmp_path) -> None:
     try:
         ledger.append(_insert(1))
         ledger.append(_insert(2))
-        await ledger.stored()
+        await ledger.stored(settings.ingress_commit_linger_ms)
         commits = ledger.committer.commits
         assert _rows(store) == [1, 2]
 
         ledger.delete_done([(1, "t")])  # would wait up to 1 s on its own
         assert 1 in ledger.deleting
         ledger.append(_insert(3))
-        await asyncio.wait_for(ledger.stored(), 5)  # well before the deletes' delay
+        await asyncio.wait_for(
+            ledger.stored(settings.ingress_commit_linger_ms), 5
+        )  # well before the deletes' delay
 
         assert ledger.committer.commits == commits + 1
         assert _rows(store) == [2, 3]
@@ -56,7 +58,7 @@ async def test_deletes_alone_are_committed_within_their_delay(tmp_path) -> None:
     ledger.committer.start()
     try:
         ledger.append(_insert(1))
-        await ledger.stored()
+        await ledger.stored(settings.ingress_commit_linger_ms)
         ledger.delete_done([(1, "t")])
         for _ in range(500):  # the commit comes by itself, without an ingress to share it
             if not ledger.deleting:
@@ -78,7 +80,7 @@ async def test_close_commits_a_shared_commit_still_waiting_and_settles_it(tmp_pa
     ledger.committer.start()
     try:
         ledger.append(_insert(1))
-        stored = ledger.stored()
+        stored = ledger.stored(settings.ingress_commit_linger_ms)
         await asyncio.wait_for(ledger.close(), 10)
         await asyncio.sleep(0)
         assert stored.done() and stored.exception() is None
@@ -99,7 +101,9 @@ async def test_commit_now_returns_after_the_waiters_of_a_lingering_commit_ran(tm
     try:
         for mid in (1, 2):
             ledger.append(_insert(mid))
-            ledger.stored().add_done_callback(lambda _, mid=mid: acked.append(mid))
+            ledger.stored(settings.ingress_commit_linger_ms).add_done_callback(
+                lambda _, mid=mid: acked.append(mid)
+            )
         await asyncio.wait_for(ledger.commit_now(), 5)  # not the linger's minute
         assert acked == [1, 2]
         assert _rows(store) == [1, 2]
@@ -154,3 +158,20 @@ def test_a_row_read_back_from_the_window_is_the_row_the_store_returns(tmp_path) 
     finally:
         reader.close()
         store.close()
+
+
+def test_a_delivery_due_later_may_wait_longer_for_its_commit() -> None:
+    """A twentieth of the time until due, between the minimum and the maximum linger, and
+    no wait once a quarter of PREFETCH waits (the broker stops at PREFETCH unacked)."""
+    s = DelaySettings(ingress_commit_linger_ms=10, ingress_commit_linger_max_ms=50, prefetch=1000)
+    assert ingress_linger_ms(s, 0, 0) == 10, "due now: the minimum"
+    assert ingress_linger_ms(s, -5000, 0) == 10, "overdue: the minimum"
+    assert ingress_linger_ms(s, 600, 0) == 30
+    assert ingress_linger_ms(s, 1000, 0) == 50
+    assert ingress_linger_ms(s, 3_600_000, 0) == 50, "due in an hour: the maximum"
+    assert ingress_linger_ms(s, 3_600_000, 249) == 50
+    assert ingress_linger_ms(s, 3_600_000, 250) == 0, "a quarter of PREFETCH waits"
+    flat = DelaySettings(ingress_commit_linger_ms=10, ingress_commit_linger_max_ms=10)
+    assert ingress_linger_ms(flat, 3_600_000, 0) == 10
+    longer = DelaySettings(ingress_commit_linger_ms=400, ingress_commit_linger_max_ms=50)
+    assert ingress_linger_ms(longer, 0, 0) == 400, "the minimum wins over a smaller maximum"
