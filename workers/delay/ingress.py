@@ -174,7 +174,7 @@ class Ingress:
                 # A keyless message's row goes into the window with it (its lane need not
                 # read it back); a keyed one may be replaced by a row deleted in a later
                 # commit, so its lane reads the store, which says whether it is still there.
-                admit(op.mid, op.due_ms, op.topic, op.key, None if op.key else op.stored())
+                admit(op.mid, op.due_ms, op.topic, op.key, None if op.key else op.read_back())
                 admitted = True
             if replace is not None and replace.deleted:
                 self.replaced.inc(replace.deleted)

@@ -47,9 +47,9 @@ def ingress_linger_ms(settings: DelaySettings, due_in_ms: float, waiting: int) -
     nothing once a quarter of ``PREFETCH`` waits (the broker stops delivering at
     ``PREFETCH`` unacknowledged). Fewer, larger commits: each costs the writer about
     300 µs of CPU whatever it holds."""
-    if waiting >= settings.prefetch // 4:
-        return 0.0
     s = settings
+    if waiting >= s.prefetch // 4:
+        return 0.0
     return max(s.ingress_commit_linger_ms, min(s.ingress_commit_linger_max_ms, due_in_ms / 20))
 
 

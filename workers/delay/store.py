@@ -154,7 +154,7 @@ class Insert:
     exchange: str | None = None  # the target exchange when it is not ``topic``
     in_window: bool = False
 
-    def stored(self) -> StoredMessage:
+    def read_back(self) -> StoredMessage:
         """The row as a lane reads it back (:func:`fetch_messages`)."""
         return StoredMessage(
             self.mid,

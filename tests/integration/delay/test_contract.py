@@ -284,6 +284,28 @@ async def test_cancel_while_the_message_waits_for_its_commit(broker_url, amqp, t
         await channel.close()
 
 
+async def test_a_fast_producer_is_not_held_back_by_the_commit_linger(
+    broker_url, amqp, tmp_path, unique
+):
+    """Messages due in an hour may wait up to INGRESS_COMMIT_LINGER_MAX_MS for their commit
+    (ten minutes here), but a commit is asked for at once when PREFETCH / 4 deliveries wait:
+    the broker stops delivering at PREFETCH unacknowledged, so without that the ingress
+    would stall for the whole linger."""
+    s = delay_settings(unique, prefetch=8, ingress_commit_linger_max_ms=600_000)
+    async with delay_worker(broker_url, tmp_path, s, amqp) as (_, client):
+        far = now_ms() + 3_600_000
+        for i in range(30):
+            await client.send(b"x", "topic.far", deliver_at_ms=far + i, message_id=f"f{i}")
+        total = 0
+        for _ in range(200):
+            total = (await client.counts())["total"]
+            if total >= 24:
+                break
+            await asyncio.sleep(0.05)
+        # every third delivery asks for the commit; the last one or two may wait their linger
+        assert total >= 24, f"only {total} of 30 stored: the linger held the ingress back"
+
+
 async def test_replace_by_key_outside_the_memory_window(broker_url, amqp, tmp_path, unique):
     # A tiny window: the first message is only in SQLite when its replacement arrives.
     s = delay_settings(unique, window_ms=100, window_max_entries=5)

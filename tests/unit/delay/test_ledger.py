@@ -128,9 +128,9 @@ async def test_admitted_content_is_kept_within_its_budget_and_counted_until_it_l
     scheduler = ledger.scheduler
     ops = [Insert(mid, 1000, "t", "rk", None, f"m{mid}", b"\x00\x00", body) for mid in (1, 2, 3)]
     for op in ops:
-        ledger.admit(op.mid, op.due_ms, op.topic, op.key, op.stored())
+        ledger.admit(op.mid, op.due_ms, op.topic, op.key, op.read_back())
     kept = [scheduler.entry(op.mid).content for op in ops]
-    assert kept[0] == ops[0].stored() and kept[1] == ops[1].stored()
+    assert kept[0] == ops[0].read_back() and kept[1] == ops[1].read_back()
     assert kept[2] is None, "beyond the budget the entry is a hint"
     assert scheduler.content_bytes == 2 * each
 
@@ -141,7 +141,7 @@ async def test_admitted_content_is_kept_within_its_budget_and_counted_until_it_l
 
 
 def test_a_row_read_back_from_the_window_is_the_row_the_store_returns(tmp_path) -> None:
-    """Insert.stored() is what fetch_messages reads for the same row: the target exchange
+    """Insert.read_back() is what fetch_messages reads for the same row: the target exchange
     (the topic when it is not stored apart, and the default exchange "" kept as such)."""
     from workers.delay.store import fetch_messages, open_reader
 
@@ -154,7 +154,7 @@ def test_a_row_read_back_from_the_window_is_the_row_the_store_returns(tmp_path) 
     store.db.run_sync(lambda c: store.apply(c, ops))
     reader = open_reader(store.path)
     try:
-        assert fetch_messages(reader, [1, 2, 3]) == {op.mid: op.stored() for op in ops}
+        assert fetch_messages(reader, [1, 2, 3]) == {op.mid: op.read_back() for op in ops}
     finally:
         reader.close()
         store.close()
