@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.delay.scale import bulk_store
-from bench.delay.traffic import Arrivals, ConsumerGroup
+from bench.delay.traffic import Arrivals, ConsumerGroup, bench_publisher
 from bench.delay.worker import Worker, delete_worker_names, now_ms, summary
 from bench.harness.broker import broker_info_cached, delete_names
 from bench.harness.cpu import CpuWatch
 from bench.harness.report import broker_url, progress
 from bridge.amqp.frames import Properties
-from bridge.amqp.link import Link
-from bridge.amqp.publisher import Publisher
 
 
 async def steady_round(
@@ -55,49 +53,46 @@ async def steady_round(
     worker = Worker(tag, tmp / tag, tree=tree, parts=parts).start()
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
-    link = Link(broker_url(), name="bench publisher")
-    publisher = Publisher(link, window=1000)
     try:
         await group.start(deadline=time.time() + seconds + 60)
-        await link.start()
-        in_exchange = worker.names["in_exchange"]
+        async with bench_publisher(1000) as publisher:
+            in_exchange = worker.names["in_exchange"]
 
-        def one(i: int) -> asyncio.Future[None]:
-            headers = {
-                "x-delay": delay_ms,
-                "x-target-exchange": f"{tag}.{topics[i % 10]}",
-                "bench-due": now_ms() + delay_ms,
+            def one(i: int) -> asyncio.Future[None]:
+                headers = {
+                    "x-delay": delay_ms,
+                    "x-target-exchange": f"{tag}.{topics[i % 10]}",
+                    "bench-due": now_ms() + delay_ms,
+                }
+                return publisher.publish(
+                    in_exchange, "bench", BODY, _properties(i, headers, args.message_ids)
+                )
+
+            watch = _watch(group)
+            cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
+            publish_s = await _publish_at(rate, n, one)
+            arrivals = Arrivals()
+            arrivals.merge(await group.result())
+            wall = time.perf_counter() - t0
+            machine = watch.stop()
+            cpu = worker.cpu_seconds() - cpu0
+            late = list(arrivals.late.values())
+            result = {
+                "tree": str(tree) if tree else "this checkout",
+                **stored,
+                "published_per_s": round(n / publish_s, 1),
+                "delivered": len(late),
+                "expected": n,
+                "duplicates": arrivals.duplicates,
+                "early": arrivals.early,
+                "end_to_end": summary(late),
+                "worker_view": worker.lateness_from_histogram(),
+                "worker_cpu_cores": round(cpu / wall, 3),
+                "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
+                "others": {**machine, "consumers_cores": round(arrivals.cpu_s / wall, 3)},
             }
-            return publisher.publish(
-                in_exchange, "bench", BODY, _properties(i, headers, args.message_ids)
-            )
-
-        watch = _watch(group)
-        cpu0, t0 = worker.cpu_seconds(), time.perf_counter()
-        publish_s = await _publish_at(rate, n, one)
-        arrivals = Arrivals()
-        arrivals.merge(await group.result())
-        wall = time.perf_counter() - t0
-        machine = watch.stop()
-        cpu = worker.cpu_seconds() - cpu0
-        late = list(arrivals.late.values())
-        result = {
-            "tree": str(tree) if tree else "this checkout",
-            **stored,
-            "published_per_s": round(n / publish_s, 1),
-            "delivered": len(late),
-            "expected": n,
-            "duplicates": arrivals.duplicates,
-            "early": arrivals.early,
-            "end_to_end": summary(late),
-            "worker_view": worker.lateness_from_histogram(),
-            "worker_cpu_cores": round(cpu / wall, 3),
-            "worker_cpu_us_per_message": round(cpu / max(len(late), 1) * 1e6, 1),
-            "others": {**machine, "consumers_cores": round(arrivals.cpu_s / wall, 3)},
-        }
     finally:
         group.kill()
-        await link.close()
         worker.stop()
         await delete_worker_names(worker, topics)
     if parts is not None:  # written by the worker as it stopped
@@ -156,37 +151,34 @@ async def floor_round(rate: int, seconds: float) -> dict[str, Any]:
     tag = f"bf-{uuid.uuid4().hex[:6]}"
     n = int(rate * seconds)
     group = ConsumerGroup([(f"{tag}.{t}.q", f"{tag}.{t}") for t in topics], n)
-    link = Link(broker_url(), name="bench publisher")
-    publisher = Publisher(link, window=1000)
     try:
         await group.start(deadline=time.time() + seconds + 60)  # declares the topics
-        await link.start()
+        async with bench_publisher(1000) as publisher:
 
-        def one(i: int) -> asyncio.Future[None]:
-            headers = {"bench-due": now_ms()}
-            return publisher.publish(
-                f"{tag}.{topics[i % 10]}", "bench", BODY, _properties(i, headers)
-            )
+            def one(i: int) -> asyncio.Future[None]:
+                headers = {"bench-due": now_ms()}
+                return publisher.publish(
+                    f"{tag}.{topics[i % 10]}", "bench", BODY, _properties(i, headers)
+                )
 
-        watch = _watch(group)
-        t0 = time.perf_counter()
-        publish_s = await _publish_at(rate, n, one)
-        arrivals = Arrivals()
-        arrivals.merge(await group.result())
-        late = list(arrivals.late.values())
-        return {
-            "published_per_s": round(n / publish_s, 1),
-            "delivered": len(late),
-            "expected": n,
-            "end_to_end": summary(late),
-            "others": {
-                **watch.stop(),
-                "consumers_cores": round(arrivals.cpu_s / (time.perf_counter() - t0), 3),
-            },
-        }
+            watch = _watch(group)
+            t0 = time.perf_counter()
+            publish_s = await _publish_at(rate, n, one)
+            arrivals = Arrivals()
+            arrivals.merge(await group.result())
+            late = list(arrivals.late.values())
+            return {
+                "published_per_s": round(n / publish_s, 1),
+                "delivered": len(late),
+                "expected": n,
+                "end_to_end": summary(late),
+                "others": {
+                    **watch.stop(),
+                    "consumers_cores": round(arrivals.cpu_s / (time.perf_counter() - t0), 3),
+                },
+            }
     finally:
         group.kill()
-        await link.close()
         await delete_names(
             broker_url(), [f"{tag}.{t}" for t in topics], [f"{tag}.{t}.q" for t in topics]
         )
