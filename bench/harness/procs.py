@@ -4,6 +4,7 @@ fault suite and the integration tests that kill -9 or SIGTERM it."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,10 +21,33 @@ from bench.harness.report import broker_url as default_broker_url
 Scrape = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free to listen on, for a process started next. Taken below the kernel's
+    ephemeral range: a port the kernel handed out with ``bind(0)`` is handed out again to the
+    next outgoing connection (a client's or the broker's), which then holds it when the
+    process tries to listen (EADDRINUSE, seen in CI). Picked at random so that test runs in
+    parallel rarely collide, and checked by binding it."""
+    low, _ = _ephemeral_range()
+    first = 20000 if low > 21000 else 1024
+    last = max(first + 1000, low - 1)
+    for _ in range(200):
+        port = random.randint(first, last)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {first} and {last}")
 
 
 def settings_env(
