@@ -57,7 +57,7 @@ from bench.delay.scale import bench_scale
 from bench.delay.steady import bench_steady
 from bench.delay.topics import bench_topics
 from bench.delay.worker import cpu_pressure, machine_load
-from bench.harness.report import emit, interpreter
+from bench.harness.report import emit, interpreter, machine
 
 PARTS = {
     "steady": bench_steady,
@@ -78,6 +78,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python -m bench.delay", *sys.argv[1:]]),
         "cpus": os.cpu_count(),
         "python": interpreter(),
+        "machine": machine(),
         "load_average_at_start": machine_load(),
         "cpu_pressure_some_avg60_pct_at_start": cpu_pressure(),
     }

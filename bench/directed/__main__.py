@@ -37,7 +37,7 @@ from bench.directed.baseline import bench_baseline
 from bench.directed.fanout import bench_fanout
 from bench.directed.pull import bench_pulls
 from bench.harness.broker import broker_info_cached
-from bench.harness.report import emit, interpreter, progress
+from bench.harness.report import emit, interpreter, machine, progress
 from bench.harness.stats import rnd
 
 GOAL_COMMIT_MS = 100.0
@@ -142,6 +142,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "environment": {
             "cpus": os.cpu_count(),
             "python": interpreter(),
+            "machine": machine(),
             "rabbitmq": info.get("version") if info else None,
             "loadavg_start": os.getloadavg(),
         },

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import sys
 import tempfile
@@ -65,7 +64,7 @@ from bench.gateway.processes import (
 from bench.harness.broker import broker_info
 from bench.harness.procs import WorkerProcess, free_port
 from bench.harness.profiler import Profiler
-from bench.harness.report import emit, interpreter, progress, unique
+from bench.harness.report import emit, interpreter, machine, progress, unique
 from bench.harness.stats import median, rnd
 
 
@@ -82,7 +81,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "repeats": args.repeats,
         "machine": {
-            "cpus": os.cpu_count(),
+            **machine(),
             "python": interpreter(),
             "rabbitmq": info["version"],
         },
