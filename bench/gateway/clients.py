@@ -192,6 +192,14 @@ async def echo_load(
         if client.transport is not None:
             client.transport.close()
     rtts = recorder.rtts
+    if not rtts:
+        # A path that carried nothing is a set-up error (for the STOMP paths: --stomp-port
+        # names another broker's plugin than the one at BRIDGE_AMQP_URL), not a result.
+        raise SystemExit(
+            f"{name}: no round trip completed in {args.seconds:g} s through port {port} "
+            f"({recorder.errors} errors); for the STOMP paths --stomp-port must be the "
+            "plugin's port on the broker at BRIDGE_AMQP_URL"
+        )
     rate = len(rtts) / elapsed
     # CPU time per round trip of each of our processes: much steadier than the rates when
     # other jobs share the machine, and it says where the work goes.
