@@ -27,6 +27,10 @@ Prints one JSON object on stdout (progress on stderr). Measured in one run, on o
 Messages/s and round-trip p50/p99 are measured after a warm-up, by the load generator
 (this process, uvloop). Every process shares the machine's cores, so CPU use per process is
 reported next to each figure. ``--profile`` records the gateway with py-spy during (1).
+Each round trip is also split in two by the clocks in its payload (the client's send time;
+the echo backend writes the time it got the message): ``legs_ms.to_backend`` (client to the
+backend's handler: through the gateway or the STOMP plugin, and the server's quorum queue)
+and ``legs_ms.from_backend`` (the answer's way back), p50 and p99 of each.
 
 ``--against TREE`` also runs the gateway of another checkout (a ``git worktree`` of the
 commit before a change), with its own echo backend, interleaved with (1) and (2), and
@@ -221,6 +225,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         k: round(median(r["cpu_us_per_round_trip"][k] for r in results))
         for k in results[0]["cpu_us_per_round_trip"]
     }
+    if all("legs_ms" in r for r in results):
+        summary["legs_ms"] = {
+            leg: {q: rnd(median(r["legs_ms"][leg][q] for r in results), 3) for q in quantiles}
+            for leg, quantiles in results[0]["legs_ms"].items()
+        }
     summary["runs"] = results
     return summary
 

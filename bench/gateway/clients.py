@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,29 @@ from bench.harness.stats import percentile, rnd
 from workers.gateway.wire import PONG_FRAME, FrameDecoder, FrameType, encode_data, encode_hello
 
 PAYLOAD = b"p" * 256
+# Every echo payload starts with two clocks (CLOCK_MONOTONIC, nanoseconds, big-endian; the
+# same clock in every process of the machine): when the client sent it, and when the echo
+# backend got it (the backend writes it, see processes.stamp_echo). The client splits each
+# round trip into its two legs with them: client -> backend and backend -> client.
+STAMP = struct.Struct(">QQ")
+
+
+def stamped(payload: bytes = PAYLOAD) -> bytes:
+    """``payload`` with the send clock in front (its first 16 bytes replaced)."""
+    return STAMP.pack(time.monotonic_ns(), 0) + payload[STAMP.size :]
+
+
+def legs(echoed: bytes, now_ns: int) -> tuple[float, float] | None:
+    """The two legs of a round trip in seconds, from an echoed payload; None if the echo
+    did not pass the stamping backend (the direct TCP echo server)."""
+    if len(echoed) < STAMP.size:
+        return None
+    sent, at_backend = STAMP.unpack_from(echoed)
+    if not sent or not at_backend:
+        return None
+    return (at_backend - sent) / 1e9, (now_ns - at_backend) / 1e9
+
+
 STOMP_PORT = 61613
 
 
@@ -31,12 +55,18 @@ class Recorder:
         self.measuring = False
         self.running = True
         self.rtts: list[float] = []
+        self.to_backend: list[float] = []
+        self.from_backend: list[float] = []
         self.errors = 0
 
-    def done(self, rtt: float) -> bool:
+    def done(self, rtt: float, echoed: bytes) -> bool:
         """Record one round trip; True if the client should send again."""
         if self.measuring:
             self.rtts.append(rtt)
+            split = legs(echoed, time.monotonic_ns())
+            if split is not None:
+                self.to_backend.append(split[0])
+                self.from_backend.append(split[1])
         return self.running
 
 
@@ -49,7 +79,6 @@ class FramedClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sent_at = 0.0
-        self.frame = encode_data(PAYLOAD)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is only alike
@@ -59,16 +88,16 @@ class FramedClient(asyncio.Protocol):
     def start(self) -> None:
         assert self.transport is not None
         self.sent_at = time.perf_counter()
-        self.transport.write(self.frame)
+        self.transport.write(encode_data(stamped()))
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         for frame in self.decoder.feed(data):
             if frame.type is FrameType.DATA:
                 now = time.perf_counter()
-                if self.recorder.done(now - self.sent_at):
+                if self.recorder.done(now - self.sent_at, frame.payload):
                     self.sent_at = now
-                    self.transport.write(self.frame)
+                    self.transport.write(encode_data(stamped()))
             elif frame.type is FrameType.WELCOME:
                 self.ready.set_result(None)
             elif frame.type is FrameType.PING:
@@ -100,14 +129,14 @@ class StompClient(asyncio.Protocol):
         self.sent_at = 0.0
         self.receipts = 0
         extra = "persistent:true\nreceipt:r\n" if confirmed else ""
-        self.frame = (
-            (
-                f"SEND\ndestination:/amq/queue/{queue}\nreply-to:/temp-queue/r\n{extra}"
-                f"content-length:{len(PAYLOAD)}\n\n"
-            ).encode()
-            + PAYLOAD
-            + b"\x00"
-        )
+        self.head = (
+            f"SEND\ndestination:/amq/queue/{queue}\nreply-to:/temp-queue/r\n{extra}"
+            f"content-length:{len(PAYLOAD)}\n\n"
+        ).encode()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.head + stamped() + b"\x00")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is only alike
@@ -118,9 +147,8 @@ class StompClient(asyncio.Protocol):
         )
 
     def start(self) -> None:
-        assert self.transport is not None
         self.sent_at = time.perf_counter()
-        self.transport.write(self.frame)
+        self.send()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -141,13 +169,14 @@ class StompClient(asyncio.Protocol):
                 end = self.buf.find(b"\x00", head_end + 2)
                 if end < 0:
                     return
+            body = bytes(self.buf[head_end + 2 : end])
             del self.buf[: end + 1]
             command = lines[0]
             if command == "MESSAGE":
                 now = time.perf_counter()
-                if self.recorder.done(now - self.sent_at):
+                if self.recorder.done(now - self.sent_at, body):
                     self.sent_at = now
-                    self.transport.write(self.frame)
+                    self.send()
             elif command == "RECEIPT":
                 self.receipts += 1
             elif command == "CONNECTED":
@@ -213,12 +242,32 @@ async def echo_load(
         "p50_ms": rnd(percentile(rtts, 50) * 1000, 3),
         "p99_ms": rnd(percentile(rtts, 99) * 1000, 3),
         "round_trips": len(rtts),
+        **legs_summary(recorder),
         "errors": recorder.errors,
         "cpu_us_per_round_trip": {**per_rt, "total": sum(per_rt.values())},
         "cpu": cpu,
     }
     progress(name, result)
     return result
+
+
+def legs_summary(recorder: Recorder) -> dict[str, Any]:
+    """Where a round trip's time goes: client -> echo backend (through the gateway and the
+    server's queue, or the STOMP plugin and the same queue) and back, p50 and p99 each."""
+    if not recorder.to_backend:
+        return {}
+    return {
+        "legs_ms": {
+            name: {
+                "p50": rnd(percentile(values, 50) * 1000, 3),
+                "p99": rnd(percentile(values, 99) * 1000, 3),
+            }
+            for name, values in (
+                ("to_backend", recorder.to_backend),
+                ("from_backend", recorder.from_backend),
+            )
+        }
+    }
 
 
 # -- processes --------------------------------------------------------------------------

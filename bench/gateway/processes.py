@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import cast
 
+from bench.gateway.clients import STAMP
 from bench.harness.broker import delete_names
 from bench.harness.procs import WorkerProcess
 from bench.harness.report import broker_url
+from workers.gateway.backend import Reply, ServerEvent
+from workers.gateway.config import EVENT_DATA
 from workers.gateway.wire import (
     PONG_FRAME,
     FrameDecoder,
@@ -89,14 +92,33 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+def stamp_echo(event: ServerEvent) -> list[Reply]:
+    """The reference echo, with the time the message reached the backend written into the
+    payload's second clock (``bench.gateway.clients.STAMP``) for the client's split of the
+    round trip."""
+    if event.event != EVENT_DATA:
+        return []
+    body = event.body
+    if len(body) >= STAMP.size:
+        sent, _ = STAMP.unpack_from(body)
+        body = STAMP.pack(sent, time.monotonic_ns()) + body[STAMP.size :]
+    return [Reply(body)]
+
+
 async def role_echo_backend(server_id: str) -> None:
     """The echo backend of every path (gateway, STOMP): the reference
-    :class:`~workers.gateway.backend.BackendServer`, on the project's own data path."""
+    :class:`~workers.gateway.backend.BackendServer`, on the project's own data path, with
+    :func:`stamp_echo` as its handler."""
     from workers.gateway.backend import BackendServer
     from workers.gateway.config import GatewaySettings
 
     server = BackendServer(
-        broker_url(), server_id, settings=GatewaySettings(), heartbeat_s=2.0, prefetch=512
+        broker_url(),
+        server_id,
+        settings=GatewaySettings(),
+        heartbeat_s=2.0,
+        prefetch=512,
+        handler=stamp_echo,
     )
     await server.start()
     print("ready", flush=True)
