@@ -19,9 +19,13 @@ Prints one JSON object on stdout (progress on stderr). Measured in one run, on o
    ``persistent:true`` with a ``receipt`` (published with confirms, RECEIPT once the broker
    has it), into the same quorum queue (``--stomp-port`` names the plugin's port, e.g. of
    another broker: 61614 for the CI's RabbitMQ 4.3);
-3. ``direct_tcp``: the same clients against an echo server speaking the gateway framing
+3. ``amqp_direct``: the same sessions as AMQP clients of the project's data path, no
+   gateway and no STOMP: each message published as the gateway publishes it (persistent,
+   confirmed, ``x-session``, ``reply_to``) into the same quorum queue, the echoes taken from
+   an exclusive queue; the broker's share of a round trip, without the gateway's hop;
+4. ``direct_tcp``: the same clients against an echo server speaking the gateway framing
    with no broker at all (the limit of the machine, the clients and the framing);
-4. ``idle``: RSS of a fresh gateway process before and after 10,000 connected idle clients
+5. ``idle``: RSS of a fresh gateway process before and after 10,000 connected idle clients
    (HELLO, WELCOME, connect event published), in bytes per connection.
 
 Messages/s and round-trip p50/p99 are measured after a warm-up, by the load generator
@@ -51,6 +55,7 @@ from bench.gateway.clients import (
     STOMP_PORT,
     FramedClient,
     StompClient,
+    amqp_echo_load,
     echo_load,
     enable_stomp,
 )
@@ -118,6 +123,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "against": [],
             "stomp": [],
             "stomp_confirmed": [],
+            "amqp_direct": [],
         }
         # Interleaved, so that a change in what else runs on the machine hits every path.
         # The gateways stay up (idle) during the other runs: one tick a second.
@@ -174,6 +180,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 if backend_profiler is not None and repeat == 0:
                     out["backend_profile"]["stomp"] = backend_profiler.stop(30)
+            runs["amqp_direct"].append(
+                await amqp_echo_load(
+                    "amqp_direct", queue, args, {"backend": backend.pid, "broker": info["pid"]}
+                )
+            )
         for name, results in runs.items():
             if results:
                 out[name] = summarise(results)
@@ -266,6 +277,14 @@ def goals(out: dict[str, Any]) -> dict[str, Any]:
         result["cpu_per_round_trip_vs_stomp"] = rnd(
             gw["cpu_us_per_round_trip"]["total"] / stomp["cpu_us_per_round_trip"]["total"], 2
         )
+    direct = out.get("amqp_direct")
+    if gw and direct:
+        # what the gateway's hop costs: the same messages straight into the queue
+        result["vs_amqp_direct"] = {
+            "throughput": rnd(gw["messages_per_s"] / direct["messages_per_s"], 2),
+            "p50": rnd(gw["p50_ms"] / direct["p50_ms"], 2),
+            "p99": rnd(gw["p99_ms"] / direct["p99_ms"], 2),
+        }
     base = out.get("against")
     if gw and base:
         # this tree's gateway / the other checkout's, medians of the interleaved runs

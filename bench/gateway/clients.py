@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from bench.harness.cpu import CpuWatch
-from bench.harness.report import progress
+from bench.harness.report import broker_url, progress
 from bench.harness.stats import percentile, rnd
 from workers.gateway.wire import PONG_FRAME, FrameDecoder, FrameType, encode_data, encode_hello
 
@@ -207,6 +207,71 @@ async def echo_load(
     await asyncio.wait_for(asyncio.gather(*(c.ready for c in clients)), 30)
     for client in clients:
         client.start()
+
+    def close() -> None:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+
+    return await _measure(name, f"port {port}", recorder, args, pids, close)
+
+
+async def amqp_echo_load(
+    name: str, queue: str, args: argparse.Namespace, pids: dict[str, int]
+) -> dict[str, Any]:
+    """The echo workload with no gateway and no STOMP: the clients are AMQP clients of the
+    project's data path (one connection, ``args.clients`` sessions on it), publishing each
+    message as the gateway does (persistent, confirmed, into the same quorum queue, with
+    ``x-session`` and ``reply_to``) and taking the echoes from an exclusive queue of their
+    own. The broker's share of the other paths: what is left of a round trip without the
+    gateway's hop."""
+    from bridge.amqp.consumer import Consumer, QueueSpec
+    from bridge.amqp.frames import Delivery, Properties
+    from bridge.amqp.link import Link
+    from bridge.amqp.publisher import Publisher
+    from workers.gateway.config import H_SESSION
+
+    recorder = Recorder()
+    reply_queue = f"{queue}.amqp-echo.{os.getpid()}"
+    link = Link(broker_url(), name="bench amqp echo clients")
+    publisher = Publisher(link)
+    sent_at = [0.0] * args.clients
+    prepared = [
+        Properties(headers={H_SESSION: str(i)}, reply_to=reply_queue, delivery_mode=2).encode()
+        for i in range(args.clients)
+    ]
+
+    def send(i: int) -> None:
+        sent_at[i] = time.perf_counter()
+        publisher.publish("", queue, stamped(), prepared[i], mandatory=False)
+
+    def on_echo(delivery: Delivery) -> None:
+        session = (delivery.properties.headers or {}).get(H_SESSION)
+        i = int(session.decode() if isinstance(session, bytes) else session)
+        now = time.perf_counter()
+        if recorder.done(now - sent_at[i], delivery.body):
+            send(i)
+
+    spec = QueueSpec(reply_queue, durable=False, exclusive=True, auto_delete=True)
+    Consumer(link, spec, on_echo, prefetch=1000, no_ack=True, declare=True)
+    await asyncio.wait_for(link.start(), 30)
+    for i in range(args.clients):
+        send(i)
+    try:
+        return await _measure(name, f"queue {queue}", recorder, args, pids, lambda: None)
+    finally:
+        await link.close()
+
+
+async def _measure(
+    name: str,
+    where: str,
+    recorder: Recorder,
+    args: argparse.Namespace,
+    pids: dict[str, int],
+    close: Callable[[], None],
+) -> dict[str, Any]:
+    """Warm up, then count the round trips of ``args.seconds`` with the CPU of ``pids``."""
     await asyncio.sleep(args.warmup)
     watch = CpuWatch({**pids, "loadgen": os.getpid()}).start()
     recorder.measuring = True
@@ -217,15 +282,13 @@ async def echo_load(
     cpu = watch.stop()
     recorder.running = False
     await asyncio.sleep(0.5)
-    for client in clients:
-        if client.transport is not None:
-            client.transport.close()
+    close()
     rtts = recorder.rtts
     if not rtts:
         # A path that carried nothing is a set-up error (for the STOMP paths: --stomp-port
         # names another broker's plugin than the one at BRIDGE_AMQP_URL), not a result.
         raise SystemExit(
-            f"{name}: no round trip completed in {args.seconds:g} s through port {port} "
+            f"{name}: no round trip completed in {args.seconds:g} s through {where} "
             f"({recorder.errors} errors); for the STOMP paths --stomp-port must be the "
             "plugin's port on the broker at BRIDGE_AMQP_URL"
         )
