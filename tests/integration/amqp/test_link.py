@@ -252,8 +252,11 @@ async def test_confirmed_publishes_consumed_once_in_order_with_batched_acks(
     assert [d.body for d in inbox.got] == [b"m%d" % i for i in range(n)]
     assert not any(d.redelivered for d in inbox.got)
     assert cons.delivered == n
-    # acknowledgements batched: a few multiple-acks, not one frame per delivery
-    assert 1 <= acks.frames < n // 10, f"{acks.frames} basic.ack frames for {n} deliveries"
+    # acknowledgements batched: a few multiple-acks, not one frame per delivery. One frame
+    # per event-loop turn that settled deliveries, so the count follows how many deliveries
+    # each socket read carries (about 10 here, 9.9 once on RabbitMQ 4.3 in CI): the bound
+    # says "batched", not how well the broker's writes happened to coalesce.
+    assert 1 <= acks.frames < n // 4, f"{acks.frames} basic.ack frames for {n} deliveries"
     assert acks.multiple >= 1
     assert await queue_counts(amqp, q) == (0, 1)
 
